@@ -1,0 +1,65 @@
+"""The LightningDataModule that loads one matrix and paces the training loop.
+
+NMF trains on the whole matrix at every update, so X is not batched: the module keeps
+X on its device, and each item of the training dataloader is just a tick that asks the
+module for its next block of updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from nmf_lightning.data.sources import Matrix
+from nmf_lightning.validation import check_matrix
+
+
+class _Ticks(Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(i)
+
+
+class NMFDataModule(L.LightningDataModule):
+    """Load X once with ``loader(**options)``, check it, and feed ticks to the trainer.
+
+    ``loader`` is any callable returning a :class:`Matrix` (the Hydra configs in
+    ``configs/data/`` name one per data set); ``options`` are its keyword arguments,
+    so ``data.archive=PATH`` on the command line reaches the loader directly.
+    """
+
+    def __init__(self, loader: Callable[..., Matrix], **options: Any):
+        super().__init__()
+        self.loader = loader
+        self.options = options
+        self.matrix: Matrix | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and check X; later calls reuse it."""
+        if self.matrix is not None:
+            return
+        matrix = self.loader(**self.options)
+        if not isinstance(matrix, Matrix):
+            raise TypeError(f"data loader {self.loader} returned {type(matrix).__name__}, expected a Matrix.")
+        check_matrix(matrix.X)
+        self.matrix = matrix
+
+    def train_dataloader(self) -> DataLoader:
+        """One tick per ``training_step``: enough for ``max_steps`` updates in one epoch."""
+        n = 1
+        trainer = self.trainer
+        if trainer is not None:
+            inner = max(1, int(getattr(trainer.lightning_module, "inner_steps", 1)))
+            max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 10**9
+            n = math.ceil(max_steps / inner)
+        return DataLoader(_Ticks(n), batch_size=None, shuffle=False)

@@ -1,0 +1,114 @@
+"""A user's matrix from disk: .npy, .npz (dense or scipy sparse), .csv/.tsv, .mtx, .pt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import scipy.sparse as sp
+
+from nmf_lightning.data.sources import Matrix
+
+SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".mtx", ".pt", ".pth")
+
+
+def from_file(path: str, key: str | None = None, skip_header: int = 0, delimiter: str | None = None) -> Matrix:
+    """Load X from ``path``; the format is chosen by the file extension.
+
+    ``key`` picks an array in a multi-array .npz or a dict saved in .pt; ``skip_header``
+    and ``delimiter`` apply to text files (empty cells and ``nan`` become missing).
+    """
+    if path is None or str(path) == "":
+        raise ValueError("data=file needs data.path=PATH to a matrix file.")
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f"data.path={str(path)!r} has an unknown extension {suffix or '(none)'!r}; "
+            f"supported: {', '.join(SUFFIXES)}."
+        )
+    if not p.is_file():
+        raise FileNotFoundError(f"data.path={str(path)!r} does not exist or is not a file.")
+    try:
+        X = _READERS[suffix](p, key=key, skip_header=skip_header, delimiter=delimiter)
+    except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError) as err:
+        raise ValueError(f"could not read data.path={str(path)!r} as {suffix}: {err}") from err
+    if sp.issparse(X):
+        X = sp.csr_matrix(X)
+    else:
+        X = np.asarray(X)
+        if X.dtype == object or not np.issubdtype(X.dtype, np.number):
+            raise ValueError(f"data.path={str(path)!r} does not hold numbers (dtype {X.dtype}).")
+    return Matrix(X, name=p.stem)
+
+
+def _npy(p: Path, **_) -> np.ndarray:
+    return np.load(p, allow_pickle=False)
+
+
+def _npz(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
+    with np.load(p, allow_pickle=False) as z:
+        if {"format", "shape", "data"} <= set(z.files):  # written by scipy.sparse.save_npz
+            return sp.load_npz(p)
+        if key is None:
+            if len(z.files) != 1:
+                raise ValueError(f"it holds arrays {z.files}; pick one with data.key=NAME")
+            key = z.files[0]
+        return z[key]
+
+
+def _text(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) -> np.ndarray:
+    if delimiter is None:
+        delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
+    header = _first_line(p, skip_header).split(delimiter)
+    if skip_header == 0 and not all(_is_number(c) for c in header):
+        raise ValueError(f"its first line {header[:5]} is not numbers; if it is a header, set data.skip_header=1")
+    X = np.genfromtxt(p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan)
+    if X.ndim == 1 and X.size:  # a single row or column is still a (1, m) or (n, 1) matrix
+        X = X[None, :] if len(header) > 1 else X[:, None]
+    return X
+
+
+def _first_line(p: Path, skip_header: int) -> str:
+    with open(p) as f:
+        lines = [line for line in f if line.strip()]
+    if len(lines) <= skip_header:
+        raise ValueError("it has no data rows")
+    return lines[skip_header].strip()
+
+
+def _is_number(cell: str) -> bool:
+    cell = cell.strip()
+    if cell == "":
+        return True  # an empty cell is a missing entry
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _mtx(p: Path, **_) -> np.ndarray | sp.csr_matrix:
+    return scipy.io.mmread(str(p))
+
+
+def _pt(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
+    import torch
+
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        if key is None:
+            raise ValueError(f"it holds a dict with keys {list(obj)}; pick one with data.key=NAME")
+        obj = obj[key]
+    if not isinstance(obj, torch.Tensor):
+        raise TypeError(f"expected a tensor, found {type(obj).__name__}")
+    if obj.layout != torch.strided:
+        csr = obj.to_sparse_csr().to(torch.float64)
+        return sp.csr_matrix(
+            (csr.values().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()), shape=tuple(obj.shape)
+        )
+    return obj.detach().to(torch.float64).numpy()
+
+
+_READERS = {".npy": _npy, ".npz": _npz, ".csv": _text, ".tsv": _text, ".txt": _text, ".mtx": _mtx, ".pt": _pt, ".pth": _pt}

@@ -1,0 +1,86 @@
+"""Built-in matrices: the notebooks' toy and known-factor matrices, a planted low-rank
+generator and scikit-learn's digits. Each source returns a :class:`Matrix`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class Matrix:
+    """A data matrix X (n, m) with NaN for missing entries, plus what helps read its factors.
+
+    ``col_names`` names the columns (e.g. the vocabulary of a TF-IDF matrix) so each
+    row of H can be read as a topic; ``image_shape`` says how a row of H folds into
+    an image (digits: 8 x 8); ``W_true``/``H_true`` hold planted factors when known.
+    """
+
+    X: np.ndarray | sp.csr_matrix
+    name: str = "matrix"
+    col_names: list[str] | None = None
+    image_shape: tuple[int, int] | None = None
+    W_true: np.ndarray | None = None
+    H_true: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.X.shape)
+
+
+def toy() -> Matrix:
+    """The masked notebook's 4 x 3 ratings matrix with its entry (0, 0) missing."""
+    A = np.array([[3, 4, 5, 2], [4, 4, 3, 3], [5, 5, 4, 3]], dtype=np.float64).T
+    A[0, 0] = np.nan
+    return Matrix(A, name="toy")
+
+
+def known_factors() -> Matrix:
+    """The ALS notebook's 12 x 10 matrix: three known columns times random 0/1 weights."""
+    factors = np.array(
+        [
+            [0, 0, 9, 5, 3, 2, 1, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 3, 2, 1, 1, 0, 0, 0],
+            [0, 5, 5, 6, 6, 7, 4, 2, 1, 0.5, 0, 0],
+        ],
+        dtype=np.float64,
+    ).T  # (12, 3)
+    weights = np.random.RandomState(1).randint(0, 2, size=(3, 10)).astype(np.float64)
+    return Matrix(factors @ weights, name="known_factors", W_true=factors, H_true=weights)
+
+
+def synthetic(
+    n_rows: int = 500,
+    n_cols: int = 400,
+    true_rank: int = 20,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> Matrix:
+    """A random non-negative rank-``true_rank`` matrix ``W0 H0`` plus optional noise.
+
+    W0, H0 are uniform on [0, 1); ``noise`` is the standard deviation of additive
+    Gaussian noise relative to the standard deviation of ``W0 H0``; the sum is clipped
+    at 0 so X stays non-negative.
+    """
+    for key, value in (("n_rows", n_rows), ("n_cols", n_cols), ("true_rank", true_rank)):
+        if value < 1:
+            raise ValueError(f"data.{key} must be >= 1, got {value}.")
+    if noise < 0:
+        raise ValueError(f"data.noise must be >= 0, got {noise}.")
+    rng = np.random.default_rng(seed)
+    W0 = rng.random((n_rows, true_rank))
+    H0 = rng.random((true_rank, n_cols))
+    X = W0 @ H0
+    if noise > 0:
+        X = np.clip(X + noise * X.std() * rng.standard_normal(X.shape), 0, None)
+    return Matrix(X, name="synthetic", W_true=W0, H_true=H0, info={"noise": noise})
+
+
+def digits() -> Matrix:
+    """scikit-learn's bundled 8 x 8 digits, 1797 images as rows of 64 pixels (no download)."""
+    from sklearn.datasets import load_digits
+
+    return Matrix(load_digits().data.astype(np.float64), name="digits", image_shape=(8, 8))

@@ -1,0 +1,349 @@
+"""NMFModule: W and H as parameters of a LightningModule, trained by manual optimization.
+
+Each ``training_step`` runs a block of ``inner_steps`` optimizer updates on the full
+matrix with no host synchronisation inside the block, then computes the metrics once
+on the device and logs them. ``trainer.max_steps`` counts updates, not blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import lightning as L
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+
+from nmf_lightning.data.sources import Matrix
+from nmf_lightning.init import INITS, SVD_INITS, initialize
+from nmf_lightning.objective import (
+    LOSSES,
+    frobenius_sq,
+    l1,
+    l21,
+    negativity_penalty,
+    reconstruction,
+    relative_error,
+    sq_error_gram,
+    sq_error_residual,
+    transpose_sparse,
+)
+from nmf_lightning.validation import NMFInputError, check_rank
+
+LOSS_FORMS = ("auto", "residual", "gram")
+_PRECISION_DTYPES = {
+    "64": torch.float64,
+    "64-true": torch.float64,
+    "bf16-true": torch.bfloat16,
+    "16-true": torch.float16,
+}
+#: auto mode leaves the Gram form when the relative error falls below this many sqrt(eps)
+_GRAM_SAFETY = 10.0
+
+
+class DivergenceError(RuntimeError):
+    """The objective became NaN or infinite; carries the last finite factors."""
+
+    def __init__(self, message: str, step: int, W: np.ndarray, H: np.ndarray):
+        super().__init__(message)
+        self.step, self.W, self.H = step, W, H
+
+
+class NMFModule(L.LightningModule):
+    """X ~ W H with W (n, k), H (k, m) trained on a penalised reconstruction loss.
+
+    objective = reconstruction(loss) + lam * (mean(clamp(-W, 0)) + mean(clamp(-H, 0)))
+                + l1_W * |W|_1 + l1_H * |H|_1 + l21_H * mean_j |H[:, j]|_2
+
+    ``optimizer`` is a factory ``params -> torch.optim.Optimizer`` (a Hydra
+    ``_partial_`` config); ``project`` clamps W, H to >= 0 after every update.
+    """
+
+    def __init__(
+        self,
+        rank: int = 10,
+        optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None,
+        loss: str = "fro",
+        lam: float = 0.0,
+        l1_W: float = 0.0,
+        l1_H: float = 0.0,
+        l21_H: float = 0.0,
+        project: bool = True,
+        init: str = "random",
+        init_scale: float = 0.01,
+        loss_form: str = "auto",
+        inner_steps: int | str = "auto",
+        seed: int = 0,
+    ):
+        super().__init__()
+        check_rank(rank)
+        _check_choice("model.loss", loss, LOSSES)
+        _check_choice("model.init", init, INITS)
+        _check_choice("model.loss_form", loss_form, LOSS_FORMS)
+        for key, value in (("lam", lam), ("l1_W", l1_W), ("l1_H", l1_H), ("l21_H", l21_H)):
+            if value < 0:
+                raise NMFInputError(f"model.{key} is a penalty weight and must be >= 0, got {value}.")
+        if init == "normal_abs" and init_scale <= 0:
+            raise NMFInputError(f"model.init_scale must be > 0 for init=normal_abs, got {init_scale}.")
+        if inner_steps != "auto" and (isinstance(inner_steps, bool) or int(inner_steps) < 1):
+            raise NMFInputError(f"model.inner_steps must be 'auto' or an integer >= 1, got {inner_steps!r}.")
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.9))
+        self.automatic_optimization = False
+        self.W = nn.Parameter(torch.empty(0, rank))
+        self.H = nn.Parameter(torch.empty(rank, 0))
+        self.matrix: Matrix | None = None
+        self.final_metrics: dict[str, float] = {}
+        self.stop_reason = "max_steps"
+        self._gram_safe = True
+        self._last_time: float | None = None
+
+    # ------------------------------------------------------------------ data
+    def setup(self, stage: str | None = None) -> None:
+        """Take X from the datamodule, move it to the training dtype and initialise W, H."""
+        if self.matrix is not None:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "matrix"):
+            raise TypeError("NMFModule trains on an NMFDataModule: trainer.fit(module, datamodule=...).")
+        datamodule.setup(stage)
+        self.set_matrix(datamodule.matrix, dtype=_PRECISION_DTYPES.get(str(self.trainer.precision)))
+
+    def set_matrix(self, matrix: Matrix, dtype: torch.dtype | None = None) -> None:
+        """Store X as (non-checkpointed) buffers and draw the initial factors."""
+        dtype = dtype or torch.float32
+        n, m = matrix.shape
+        k = self.hparams.rank
+        check_rank(k, (n, m))
+        if self.hparams.init in SVD_INITS and k > min(n, m):
+            raise NMFInputError(
+                f"model.init={self.hparams.init} needs model.rank <= min(n, m) = {min(n, m)}, "
+                f"got {k}; lower the rank or use model.init=random."
+            )
+        X, mask = _to_tensor(matrix.X, dtype)
+        sparse = X.layout == torch.sparse_csr
+        if sparse and self.hparams.loss_form == "residual":
+            warnings.warn(
+                "model.loss_form=residual densifies the sparse X at every update; "
+                "loss_form=auto keeps it sparse.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if mask is not None and self.hparams.loss_form == "gram":
+            raise NMFInputError(
+                "model.loss_form=gram cannot skip missing entries; X has NaN entries, "
+                "so use model.loss_form=auto or residual."
+            )
+        self.matrix = matrix
+        self.register_buffer("X", X, persistent=False)
+        self.register_buffer("Xt", transpose_sparse(X) if sparse else None, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("X_sq", frobenius_sq(X, mask).to(dtype), persistent=False)
+        self.n_obs = int(mask.sum()) if mask is not None else n * m
+        generator = torch.Generator().manual_seed(int(self.hparams.seed))
+        Xf = X if X.dtype in (torch.float32, torch.float64) else X.float()
+        W, H = initialize(
+            Xf, k, self.hparams.init, generator=generator, mask=mask, scale=self.hparams.init_scale
+        )
+        self.W = nn.Parameter(W.to(dtype))
+        self.H = nn.Parameter(H.to(dtype))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Shape W and H like the checkpoint's before Lightning copies the values in."""
+        state = checkpoint["state_dict"]
+        self.W = nn.Parameter(torch.empty_like(state["W"]))
+        self.H = nn.Parameter(torch.empty_like(state["H"]))
+
+    # ------------------------------------------------------------- objective
+    def objective(self, all_terms: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and its unweighted terms; ``all_terms`` adds terms whose weight is 0."""
+        hp = self.hparams
+        W, H = self.W, self.H
+        terms = {"reconstruction": reconstruction(self._sq_error(W, H), self.n_obs, hp.loss)}
+        total = terms["reconstruction"]
+        for name, weight, fn in (
+            ("penalty", hp.lam, lambda: negativity_penalty(W, H)),
+            ("l1_W", hp.l1_W, lambda: l1(W)),
+            ("l1_H", hp.l1_H, lambda: l1(H)),
+            ("l21_H", hp.l21_H, lambda: l21(H)),
+        ):
+            if weight or all_terms:
+                terms[name] = fn()
+            if weight:
+                total = total + weight * terms[name]
+        return total, terms
+
+    def _sq_error(self, W: Tensor, H: Tensor) -> Tensor:
+        if self._use_gram():
+            return sq_error_gram(self.X, W, H, self.X_sq, self.Xt)
+        return sq_error_residual(self.X, W, H, self.mask)
+
+    def _use_gram(self) -> bool:
+        form = self.hparams.loss_form
+        if form != "auto":
+            return form == "gram"
+        if self.mask is not None:
+            return False
+        return self.Xt is not None or self._gram_safe
+
+    # -------------------------------------------------------------- training
+    @property
+    def inner_steps(self) -> int:
+        """Updates per ``training_step``; 'auto' aims at about 100 logged points per run."""
+        k = self.hparams.inner_steps
+        if k != "auto":
+            return int(k)
+        max_steps = self._trainer.max_steps if self._trainer is not None else -1
+        return max(1, min(1000, math.ceil(max_steps / 100))) if max_steps > 0 else 100
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Build the configured optimizer over W and H."""
+        return self.optimizer_factory([self.W, self.H])
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Run one block of updates, then check, measure and log once."""
+        start_step = self.global_step
+        n = self.inner_steps
+        if self.trainer.max_steps > 0:
+            n = min(n, self.trainer.max_steps - start_step)
+        W0, H0 = self.W.detach().clone(), self.H.detach().clone()
+        losses = self._run_updates(self.optimizers().optimizer, n)
+        self._advance_global_step(n)
+        metrics = self.compute_metrics()
+        if not bool(torch.isfinite(metrics["train/loss"])):  # sync point, once per block
+            self._diverged(losses, start_step, W0, H0)
+        now = time.perf_counter()
+        if self._last_time is not None:
+            metrics["perf/updates_per_sec"] = torch.tensor(n / max(now - self._last_time, 1e-9))
+        self._last_time = now
+        self._update_gram_safety(metrics["train/relative_error"])
+        self.log("step", float(self.global_step), on_step=True, batch_size=1)
+        for key in ("train/loss", "train/relative_error"):
+            self.log(key, metrics.pop(key), prog_bar=True, on_step=True, batch_size=1)
+        self.log_dict(metrics, on_step=True, batch_size=1)
+
+    def _run_updates(self, optimizer: torch.optim.Optimizer, n: int) -> Tensor:
+        """``n`` optimizer updates; the per-update losses stay on the device."""
+        losses = torch.empty(n, device=self.W.device, dtype=torch.float32)
+        for i in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = self.objective()
+            loss.backward()
+            optimizer.step()
+            if self.hparams.project:
+                self._project()
+            losses[i] = loss.detach()
+        return losses
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        self.W.clamp_(min=0)
+        self.H.clamp_(min=0)
+
+    def _advance_global_step(self, n: int) -> None:
+        # The raw optimizer bypasses LightningOptimizer.step (and its per-call hooks), so
+        # count the n updates in the progress tracker that trainer.global_step reads.
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        for tracker in (progress.total, progress.current):
+            tracker.ready += n
+            tracker.completed += n
+
+    def _diverged(self, losses: Tensor, start_step: int, W0: Tensor, H0: Tensor) -> None:
+        bad = (~torch.isfinite(losses)).nonzero()
+        offset = int(bad[0]) if len(bad) else len(losses) - 1
+        step = start_step + offset + 1
+        value = float(losses[offset]) if len(bad) else float("nan")
+        lr = self.optimizers().optimizer.param_groups[0].get("lr")
+        hint = f"lower the learning rate (e.g. optimizer.lr={lr / 10:g})" if lr else "lower the learning rate"
+        raise DivergenceError(
+            f"the loss became {value} at update {step}; {hint}, or set model.project=true.",
+            step=step,
+            W=W0.float().cpu().numpy() if W0.dtype == torch.bfloat16 else W0.cpu().numpy(),
+            H=H0.float().cpu().numpy() if H0.dtype == torch.bfloat16 else H0.cpu().numpy(),
+        )
+
+    def _update_gram_safety(self, rel_err: Tensor) -> None:
+        eps = torch.finfo(self.W.dtype).eps
+        if self.hparams.loss_form == "auto" and self.Xt is None and self.mask is None:
+            # Gram-form cancellation: near sqrt(eps) relative error, switch to the residual.
+            self._gram_safe = bool(rel_err > _GRAM_SAFETY * math.sqrt(eps))
+
+    # ---------------------------------------------------------------- metrics
+    @torch.no_grad()
+    def compute_metrics(self) -> dict[str, Tensor]:
+        """Objective terms, relative error, RMSE and factor statistics, on the device."""
+        loss, terms = self.objective(all_terms=True)
+        metrics = {"train/loss": loss}
+        metrics.update({f"train/{name}": value for name, value in terms.items()})
+        sparse = self.Xt is not None
+        if sparse:
+            sq = sq_error_gram(self.X, self.W, self.H, self.X_sq, self.Xt)
+        else:
+            sq = sq_error_residual(self.X, self.W, self.H, self.mask)
+        metrics["train/relative_error"] = relative_error(sq.double(), self.X_sq.double())
+        metrics["train/rmse"] = torch.sqrt(sq.double().clamp_min(0) / self.n_obs)
+        for name, A in (("W", self.W), ("H", self.H)):
+            A = A.detach()
+            neg = A < 0
+            metrics[f"factors/{name}_neg_fraction"] = neg.float().mean()
+            metrics[f"factors/{name}_neg_mean"] = torch.clamp(-A, min=0).float().mean()
+            top = A.abs().max()
+            metrics[f"factors/{name}_sparsity"] = (A.abs() <= 1e-6 * top).float().mean()
+        return metrics
+
+    def on_train_end(self) -> None:
+        """Keep the final metrics as plain floats (one sync) for metrics.json."""
+        final = {k: float(v) for k, v in self.compute_metrics().items()}
+        final["steps"] = int(self.global_step)
+        self.final_metrics = final
+        if not self.hparams.project:
+            negs = {n: final[f"factors/{n}_neg_fraction"] for n in ("W", "H")}
+            if any(v > 0 for v in negs.values()):
+                warnings.warn(
+                    f"the factors keep negative entries (W {negs['W']:.1%}, H {negs['H']:.1%}); "
+                    "set model.project=true or raise model.lam for strictly non-negative factors.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """W (n, k) and H (k, m) as numpy arrays in the trained dtype (bf16/fp16 as float32)."""
+        return _to_numpy(self.W), _to_numpy(self.H)
+
+
+def _to_numpy(A: Tensor) -> np.ndarray:
+    A = A.detach()
+    if A.dtype in (torch.bfloat16, torch.float16):
+        A = A.float()
+    return A.cpu().numpy()
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise NMFInputError(f"{key}={value!r} is not supported; choose one of {choices}.")
+
+
+def _to_tensor(X: np.ndarray | sp.spmatrix, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Dense X with NaN -> (X with 0 at NaN, observed mask); sparse X -> CSR tensor, no mask."""
+    if sp.issparse(X):
+        X = sp.csr_matrix(X)
+        X.sum_duplicates()
+        return (
+            torch.sparse_csr_tensor(
+                torch.from_numpy(X.indptr.astype(np.int64)),
+                torch.from_numpy(X.indices.astype(np.int64)),
+                torch.from_numpy(X.data).to(dtype),
+                size=X.shape,
+            ),
+            None,
+        )
+    Xn = np.asarray(X, dtype=np.float64)
+    missing = np.isnan(Xn)
+    if missing.any():
+        return torch.from_numpy(np.where(missing, 0.0, Xn)).to(dtype), torch.from_numpy(~missing)
+    return torch.from_numpy(Xn).to(dtype), None

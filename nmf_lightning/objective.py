@@ -1,0 +1,134 @@
+"""Reconstruction terms and penalties of the NMF objective, as pure functions of tensors.
+
+Shapes: X (n, m), W (n, k), H (k, m); `mask` is a boolean (n, m) tensor, True where
+X is observed. Missing entries of X are stored as 0 and masked out.
+
+The squared error ``||X - WH||^2`` has two forms. The residual form builds the n x m
+residual; the Gram form expands it as ``||X||^2 - 2<X H^T, W> + <W^T W, H H^T>`` and
+needs only X H^T, W^T X and k x k products (sparse-friendly, no n x m temporary), but
+loses precision once the relative error nears sqrt(eps) of the dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LOSSES = ("fro", "fro2", "rmse")
+
+
+def sq_error_residual(X: Tensor, W: Tensor, H: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Sum of squared residuals over observed entries, via the explicit residual."""
+    if X.is_sparse or X.layout == torch.sparse_csr:
+        X = X.to_dense()
+    R = X - W @ H  # (n, m)
+    if mask is not None:
+        R = R * mask
+    return (R * R).sum()
+
+
+class _GramSqError(torch.autograd.Function):
+    """``||X - WH||_F^2`` in the Gram form with hand-written gradients.
+
+    Forward needs X H^T (n, k) and two k x k Grams; backward needs W^T X, taken as
+    (X^T W)^T so a sparse X is multiplied in its stored layout.
+    """
+
+    @staticmethod
+    def forward(ctx, W: Tensor, H: Tensor, X: Tensor, Xt: Tensor, X_sq: Tensor) -> Tensor:
+        XHt = X @ H.T  # (n, k)
+        WtW = W.T @ W  # (k, k)
+        HHt = H @ H.T  # (k, k)
+        sq = X_sq - 2 * (XHt * W).sum() + (WtW * HHt).sum()
+        ctx.save_for_backward(W, H, Xt, XHt, WtW, HHt)
+        return sq.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        W, H, Xt, XHt, WtW, HHt = ctx.saved_tensors
+        dW = dH = None
+        if ctx.needs_input_grad[0]:
+            dW = (2 * g) * (W @ HHt - XHt)
+        if ctx.needs_input_grad[1]:
+            WtX = (Xt @ W).T  # (k, m)
+            dH = (2 * g) * (WtW @ H - WtX)
+        return dW, dH, None, None, None
+
+
+def sq_error_gram(
+    X: Tensor, W: Tensor, H: Tensor, X_sq: Tensor | None = None, Xt: Tensor | None = None
+) -> Tensor:
+    """Sum of squared residuals of an unmasked X in the Gram form (no n x m temporary).
+
+    ``X_sq`` (= ||X||^2) and ``Xt`` (X transposed, stored row-major when sparse) may be
+    precomputed once per run; they are derived from X when omitted.
+    """
+    if X_sq is None:
+        X_sq = frobenius_sq(X).to(W.dtype)
+    if Xt is None:
+        Xt = X.T if not _is_sparse(X) else transpose_sparse(X)
+    return _GramSqError.apply(W, H, X, Xt, X_sq)
+
+
+def reconstruction(sq: Tensor, n_obs: int, loss: str) -> Tensor:
+    """Turn a sum of squared residuals into the configured reconstruction term.
+
+    ``fro`` = ||X - WH||_F (the 20 newsgroups notebook), ``fro2`` = 1/2 ||X - WH||_F^2
+    (scikit-learn's objective), ``rmse`` = sqrt(mean over observed entries) (the
+    masked notebook).
+    """
+    if loss == "fro":
+        return _safe_sqrt(sq)
+    if loss == "fro2":
+        return 0.5 * sq
+    if loss == "rmse":
+        return _safe_sqrt(sq / n_obs)
+    raise ValueError(f"model.loss={loss!r} is not a known loss; choose one of {LOSSES}.")
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    # sqrt has an infinite derivative at 0 (an exact fit); keep the gradient finite.
+    return torch.sqrt(x.clamp_min(torch.finfo(x.dtype).tiny))
+
+
+def negativity_penalty(W: Tensor, H: Tensor) -> Tensor:
+    """``mean(clamp(-W, 0)) + mean(clamp(-H, 0))``: the notebooks' soft non-negativity term."""
+    return torch.clamp(-W, min=0).mean() + torch.clamp(-H, min=0).mean()
+
+
+def l1(A: Tensor) -> Tensor:
+    """Entry-wise L1 norm ``sum |A|``, which pushes entries of A to exactly zero."""
+    return A.abs().sum()
+
+
+def l21(H: Tensor) -> Tensor:
+    """L2,1 norm of H as in the masked notebook: mean over columns of each column's L2 norm.
+
+    Penalising it switches whole columns of H off, i.e. it sparsifies the loadings.
+    """
+    return torch.linalg.vector_norm(H, dim=0).mean()
+
+
+def relative_error(sq: Tensor, X_sq: Tensor) -> Tensor:
+    """``||X - WH||_F / ||X||_F`` over observed entries (the ALS notebook's headline metric)."""
+    return torch.sqrt(sq.clamp_min(0) / X_sq)
+
+
+def frobenius_sq(X: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``||X||_F^2`` over observed entries, accumulated in float64 for an honest denominator."""
+    if _is_sparse(X):
+        values = X.coalesce().values() if X.is_sparse else X.values()
+        return (values.double() ** 2).sum()
+    Xd = X.double()
+    if mask is not None:
+        Xd = Xd * mask
+    return (Xd * Xd).sum()
+
+
+def transpose_sparse(X: Tensor) -> Tensor:
+    """X^T as a row-compressed (CSR) tensor, so X^T @ W runs as a row-major sparse product."""
+    return X.t().to_sparse_csr() if X.layout == torch.sparse_csr else X.t().coalesce()
+
+
+def _is_sparse(X: Tensor) -> bool:
+    return X.is_sparse or X.layout == torch.sparse_csr

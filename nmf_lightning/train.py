@@ -1,0 +1,128 @@
+"""The Hydra entry point: compose -> check -> instantiate -> fit -> save.
+
+Run ``nmf-train`` (or ``python -m nmf_lightning.train``) with Hydra overrides, e.g.
+``nmf-train data=digits model.rank=16 optimizer=sgd optimizer.lr=0.01``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from nmf_lightning.module import DivergenceError, NMFModule
+from nmf_lightning.validation import check_accelerator
+
+log = logging.getLogger(__name__)
+
+
+def config_dir() -> str:
+    """The config tree: inside the installed package (wheel), else the repository's ``configs/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"nmf-lightning's configs/ were not found next to {here}; reinstall the package.")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one NMF as configured and write factors.npz and metrics.json to the output dir.
+
+    Returns the final metrics (the contents of metrics.json).
+    """
+    out = Path(cfg.paths.output_dir)
+    check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
+    if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
+        raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    log.info("Loading data <%s>", cfg.data.get("loader"))
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")  # load and check X now, before anything is trained or written
+    matrix = datamodule.matrix
+    log.info("X: %s x %s %s", *matrix.shape, "sparse" if not isinstance(matrix.X, np.ndarray) else "dense")
+
+    model: NMFModule = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer, _convert_="all"))
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for logger in loggers:
+        logger.log_hyperparams(hparams(cfg), metrics={f"hp/{k}": math.nan for k in HP_METRICS})
+
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except DivergenceError as err:
+        path = out / "factors_last_finite.npz"
+        np.savez(path, W=err.W, H=err.H)
+        raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
+
+    metrics = {k.split("/", 1)[-1]: v for k, v in model.final_metrics.items()}
+    metrics["stop_reason"] = model.stop_reason
+    if trainer.interrupted:
+        metrics["stop_reason"] = "interrupted"
+    for logger in loggers:
+        logger.log_metrics({f"hp/{k}": metrics[k] for k in HP_METRICS}, step=trainer.global_step)
+        logger.finalize("success")
+    W, H = model.factors()
+    np.savez(out / "factors.npz", W=W, H=H)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "relative error %.6g, loss %.6g after %d updates; wrote %s",
+        metrics["relative_error"],
+        metrics["loss"],
+        metrics["steps"],
+        out,
+    )
+    return metrics
+
+
+#: final metrics shown in TensorBoard's HPARAMS tab
+HP_METRICS = ("loss", "relative_error", "rmse", "reconstruction")
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The flat hyperparameters a sweep compares: rank, lambda, optimizer, lr, loss, data."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    opt = cfg.optimizer
+    return {
+        "data": choices.get("data", str(cfg.data.get("loader"))),
+        "optimizer": choices.get("optimizer", str(opt.get("_target_"))),
+        "lr": float(opt.get("lr", math.nan)),
+        "rank": int(cfg.model.rank),
+        "lam": float(cfg.model.lam),
+        "loss": str(cfg.model.loss),
+        "init": str(cfg.model.init),
+        "project": bool(cfg.model.project),
+        "l1_W": float(cfg.model.l1_W),
+        "l1_H": float(cfg.model.l1_H),
+        "l21_H": float(cfg.model.l21_H),
+        "max_steps": int(cfg.trainer.max_steps),
+        "precision": str(cfg.trainer.precision),
+        "seed": int(cfg.seed),
+    }
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point; returns ``optimized_metric`` for Hydra sweepers."""
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    metrics = train(cfg)
+    key = cfg.get("optimized_metric")
+    if key is None:
+        return None
+    if key not in metrics:
+        raise KeyError(f"optimized_metric={key!r} is not a final metric; choose one of {sorted(metrics)}.")
+    return float(metrics[key])
+
+
+if __name__ == "__main__":
+    main()

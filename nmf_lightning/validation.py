@@ -1,0 +1,94 @@
+"""Input checks shared by the CLI, the module and the data loaders.
+
+Every check runs before training starts and raises with a message that names the
+problem, the value found and the way out.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+class NMFInputError(ValueError):
+    """Bad data or configuration, detected before any training work."""
+
+
+def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X") -> None:
+    """Check that X is a 2-D, non-empty, finite, non-negative matrix with observed entries.
+
+    NaN marks a missing entry in a dense X; sparse X must not hold NaN (its implicit
+    zeros are observed values, so a missing entry cannot be told apart).
+    """
+    sparse = sp.issparse(X)
+    if not sparse and not isinstance(X, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or a scipy sparse matrix, got {type(X)}.")
+    if X.ndim != 2:
+        raise NMFInputError(
+            f"{name} must be a 2-D matrix, got {X.ndim}-D with shape {X.shape}; "
+            "reshape it to (rows, columns) first."
+        )
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")
+    values = X.data if sparse else X
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise NMFInputError(f"{name} must hold real numbers, got dtype {values.dtype}.")
+    values = values.astype(np.float64, copy=False)
+    nan = np.isnan(values)
+    if sparse and nan.any():
+        raise NMFInputError(
+            f"{name} is sparse and holds {int(nan.sum())} NaN entries; missing entries are only "
+            "supported in a dense matrix (store X dense with NaN where a value is missing)."
+        )
+    n_inf = int(np.isinf(values).sum())
+    if n_inf:
+        raise NMFInputError(
+            f"{name} has {n_inf} infinite entries; NMF needs finite values: replace them "
+            "(or mark them missing with NaN)."
+        )
+    if not sparse and nan.all():
+        raise NMFInputError(f"{name} has no observed entries: all {X.size} are missing (NaN).")
+    observed = values[~nan]
+    n_neg = int((observed < 0).sum())
+    if n_neg:
+        raise NMFInputError(
+            f"{name} has {n_neg} negative entries (min {observed.min():.4g}); NMF needs "
+            f"{name} >= 0: clip or shift the data first."
+        )
+
+
+def check_rank(rank: int, shape: tuple[int, int] | None = None) -> None:
+    """Reject rank < 1; warn when the rank exceeds min(n, m), which is legal but redundant."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise NMFInputError(f"model.rank must be an integer >= 1, got {rank!r}.")
+    if rank < 1:
+        raise NMFInputError(f"model.rank must be >= 1, got {rank}; set model.rank=1 or more.")
+    if shape is not None and rank > min(shape):
+        warnings.warn(
+            f"model.rank={rank} exceeds min(n, m) = {min(shape)} for X of shape "
+            f"{shape[0]}x{shape[1]}; the factorization is over-complete (allowed, as in the "
+            "masked notebook), and a lower rank fits as well.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def check_accelerator(accelerator: str | None, devices: int | str | list | None = None) -> None:
+    """Fail at once when a GPU is requested but CUDA cannot see one."""
+    acc = str(accelerator or "auto").lower()
+    if acc not in ("gpu", "cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise NMFInputError(
+            f"trainer.accelerator={accelerator} but no CUDA device is visible "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+            "use trainer.accelerator=cpu or trainer.accelerator=auto."
+        )
+    if isinstance(devices, int) and devices > torch.cuda.device_count():
+        raise NMFInputError(
+            f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are "
+            "visible; lower trainer.devices."
+        )

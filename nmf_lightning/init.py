@@ -74,8 +74,9 @@ def _nndsvd(
     mask: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """NNDSVD: each singular pair split into its positive and negative parts, keeping the
-    part with the larger norm product. Sign-invariant, so any SVD routine will do.
+    """NNDSVD: split each singular pair into positive and negative parts, keep the larger.
+
+    Sign-invariant, so any SVD routine will do.
     """
     n, m = X.shape
     if rank > min(n, m):
@@ -92,16 +93,20 @@ def _nndsvd(
     m_p, m_n = xp_nrm * yp_nrm, xn_nrm * yn_nrm
     pos = m_p > m_n
     tiny = torch.finfo(X.dtype).tiny
-    u = torch.where(pos[:, None], x_p / xp_nrm.clamp_min(tiny)[:, None], x_n / xn_nrm.clamp_min(tiny)[:, None])
-    v = torch.where(pos[:, None], y_p / yp_nrm.clamp_min(tiny)[:, None], y_n / yn_nrm.clamp_min(tiny)[:, None])
+    u = torch.where(
+        pos[:, None], x_p / xp_nrm.clamp_min(tiny)[:, None], x_n / xn_nrm.clamp_min(tiny)[:, None]
+    )
+    v = torch.where(
+        pos[:, None], y_p / yp_nrm.clamp_min(tiny)[:, None], y_n / yn_nrm.clamp_min(tiny)[:, None]
+    )
     lbd = torch.sqrt(S * torch.where(pos, m_p, m_n))
     W = (lbd[:, None] * u).T.contiguous()
     H = lbd[:, None] * v
     # the leading singular pair is non-negative up to sign
     W[:, 0] = torch.sqrt(S[0]) * U[:, 0].abs()
     H[0, :] = torch.sqrt(S[0]) * V[:, 0].abs()
-    W[W < eps] = 0
-    H[H < eps] = 0
+    W[eps > W] = 0
+    H[eps > H] = 0
     if variant == "nndsvda":
         avg = _mean(X, mask)
         W[W == 0] = avg

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import hydra
 import lightning as L
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,16 +45,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
-        raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
+        raise ValueError(
+            f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}."
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    log.info("Loading data <%s>", cfg.data.get("loader"))
-    datamodule = instantiate(cfg.data, _convert_="all")
+    log.info("Loading data <%s>", _choice("data", cfg.data.get("loader", {}).get("path")))
+    datamodule = _build(cfg.data, _convert_="all")
     datamodule.setup("fit")  # load and check X now, before anything is trained or written
     matrix = datamodule.matrix
     log.info("X: %s x %s %s", *matrix.shape, "sparse" if not isinstance(matrix.X, np.ndarray) else "dense")
 
-    model: NMFModule = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer, _convert_="all"))
+    model: NMFModule = _build(cfg.model, optimizer=_build(cfg.optimizer, _convert_="all"))
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -63,7 +68,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except DivergenceError as err:
         path = out / "factors_last_finite.npz"
         np.savez(path, W=err.W, H=err.H)
-        raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
+        raise DivergenceError(
+            f"{err} The last finite factors are in {path}.", err.step, err.W, err.H
+        ) from None
 
     metrics = {k.split("/", 1)[-1]: v for k, v in model.final_metrics.items()}
     metrics["stop_reason"] = model.stop_reason
@@ -85,17 +92,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _build(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate`` that lets our own input errors through unwrapped, so users read them."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
+            raise err.__cause__ from None
+        raise
+
+
 #: final metrics shown in TensorBoard's HPARAMS tab
 HP_METRICS = ("loss", "relative_error", "rmse", "reconstruction")
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The flat hyperparameters a sweep compares: rank, lambda, optimizer, lr, loss, data."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     opt = cfg.optimizer
     return {
-        "data": choices.get("data", str(cfg.data.get("loader"))),
-        "optimizer": choices.get("optimizer", str(opt.get("_target_"))),
+        "data": _choice("data", cfg.data.get("loader", {}).get("path")),
+        "optimizer": _choice("optimizer", opt.get("_target_")),
         "lr": float(opt.get("lr", math.nan)),
         "rank": int(cfg.model.rank),
         "lam": float(cfg.model.lam),
@@ -111,11 +127,23 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _choice(group: str, fallback: Any) -> str:
+    """The config name picked for ``group`` (e.g. data=digits), or a fallback outside Hydra."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return str(choices.get(group) or fallback)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns ``optimized_metric`` for Hydra sweepers."""
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except (ValueError, FileNotFoundError, DivergenceError) as err:
+        log.error("%s: %s", type(err).__name__, err)
+        if HydraConfig.get().mode == RunMode.RUN:
+            sys.exit(f"error: {err}")  # a plain message, not a traceback, for a single run
+        raise
     key = cfg.get("optimized_metric")
     if key is None:
         return None

@@ -5,4 +5,13 @@ from nmf_lightning.data.files import from_file
 from nmf_lightning.data.newsgroups import newsgroups
 from nmf_lightning.data.sources import Matrix, digits, known_factors, synthetic, toy
 
-__all__ = ["Matrix", "NMFDataModule", "digits", "from_file", "known_factors", "newsgroups", "synthetic", "toy"]
+__all__ = [
+    "Matrix",
+    "NMFDataModule",
+    "digits",
+    "from_file",
+    "known_factors",
+    "newsgroups",
+    "synthetic",
+    "toy",
+]

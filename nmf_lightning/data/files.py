@@ -13,7 +13,9 @@ from nmf_lightning.data.sources import Matrix
 SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".mtx", ".pt", ".pth")
 
 
-def from_file(path: str, key: str | None = None, skip_header: int = 0, delimiter: str | None = None) -> Matrix:
+def from_file(
+    path: str, key: str | None = None, skip_header: int = 0, delimiter: str | None = None
+) -> Matrix:
     """Load X from ``path``; the format is chosen by the file extension.
 
     ``key`` picks an array in a multi-array .npz or a dict saved in .pt; ``skip_header``
@@ -63,8 +65,12 @@ def _text(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) -> n
         delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
     header = _first_line(p, skip_header).split(delimiter)
     if skip_header == 0 and not all(_is_number(c) for c in header):
-        raise ValueError(f"its first line {header[:5]} is not numbers; if it is a header, set data.skip_header=1")
-    X = np.genfromtxt(p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan)
+        raise ValueError(
+            f"its first line {header[:5]} is not numbers; if it is a header, set data.skip_header=1"
+        )
+    X = np.genfromtxt(
+        p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan
+    )
     if X.ndim == 1 and X.size:  # a single row or column is still a (1, m) or (n, 1) matrix
         X = X[None, :] if len(header) > 1 else X[:, None]
     return X
@@ -106,9 +112,19 @@ def _pt(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
     if obj.layout != torch.strided:
         csr = obj.to_sparse_csr().to(torch.float64)
         return sp.csr_matrix(
-            (csr.values().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()), shape=tuple(obj.shape)
+            (csr.values().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()),
+            shape=tuple(obj.shape),
         )
     return obj.detach().to(torch.float64).numpy()
 
 
-_READERS = {".npy": _npy, ".npz": _npz, ".csv": _text, ".tsv": _text, ".txt": _text, ".mtx": _mtx, ".pt": _pt, ".pth": _pt}
+_READERS = {
+    ".npy": _npy,
+    ".npz": _npz,
+    ".csv": _text,
+    ".tsv": _text,
+    ".txt": _text,
+    ".mtx": _mtx,
+    ".pt": _pt,
+    ".pth": _pt,
+}

@@ -41,7 +41,9 @@ def newsgroups(
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    texts, target_names = load_documents(categories, subset, remove, archive, data_home, shuffle, random_state)
+    texts, target_names = load_documents(
+        categories, subset, remove, archive, data_home, shuffle, random_state
+    )
     options = {"stop_words": "english"} if vectorizer is None else dict(vectorizer)
     tfidf = TfidfVectorizer(**options)
     X = tfidf.fit_transform(texts).tocsr()
@@ -94,30 +96,30 @@ def _read_archive(path: Path, folders: tuple[str, ...]) -> tuple[list[str], np.n
             "or drop data.archive to use scikit-learn's fetcher."
         )
     try:
-        tar = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as err:
+        with tarfile.open(path, "r:*") as tar:
+            # one sequential pass: random access into a gzip stream would re-read it per post
+            contents = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar if m.isfile()}
+    except (tarfile.TarError, OSError, EOFError) as err:
         raise ValueError(f"data.archive={str(path)!r} is not a readable tar archive: {err}") from err
     texts: list[str] = []
     target: list[int] = []
-    with tar:
-        members = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isfile()}
-        names: list[str] = []
-        for top in folders:
-            groups = sorted({n.split("/")[1] for n in members if n.startswith(top + "/") and n.count("/") == 2})
-            if not groups:
-                raise ValueError(f"data.archive={str(path)!r} has no {top}/<group>/<post> files.")
-            names = groups
-            files = [
-                (label, name)
-                for label, group in enumerate(groups)
-                for name in sorted(n for n in members if n.startswith(f"{top}/{group}/") and n.count("/") == 2)
-            ]
-            order = np.arange(len(files))
-            np.random.RandomState(0).shuffle(order)  # load_files' default shuffle
-            for i in order:
-                label, name = files[i]
-                texts.append(tar.extractfile(members[name]).read().decode("latin1"))
-                target.append(label)
+    names: list[str] = []
+    for top in folders:
+        posts = [n for n in contents if n.startswith(top + "/") and n.count("/") == 2]
+        groups = sorted({n.split("/")[1] for n in posts})
+        if not groups:
+            raise ValueError(f"data.archive={str(path)!r} has no {top}/<group>/<post> files.")
+        names = groups
+        by_group: dict[str, list[str]] = {g: [] for g in groups}
+        for n in posts:
+            by_group[n.split("/")[1]].append(n)
+        files = [(label, name) for label, g in enumerate(groups) for name in sorted(by_group[g])]
+        order = np.arange(len(files))
+        np.random.RandomState(0).shuffle(order)  # load_files' default shuffle
+        for i in order:
+            label, name = files[i]
+            texts.append(contents[name].decode("latin1"))
+            target.append(label)
     return texts, np.asarray(target), names
 
 

@@ -1,5 +1,8 @@
-"""Built-in matrices: the notebooks' toy and known-factor matrices, a planted low-rank
-generator and scikit-learn's digits. Each source returns a :class:`Matrix`."""
+"""Built-in matrices, each returned as a :class:`Matrix`.
+
+The notebooks' toy and known-factor matrices, a planted low-rank generator and
+scikit-learn's digits.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class Matrix:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(n, m) of X."""
         return tuple(self.X.shape)
 
 

@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from nmf_lightning.train import config_dir
+
+# keep CPU tests quiet and small on 2-core machines
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose the real train.yaml with overrides, shrunk for a fast CPU run into tmp_path."""
+
+    def _make(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(
+                config_name="train",
+                overrides=[
+                    f"paths.output_dir={tmp_path}",
+                    "trainer.accelerator=cpu",
+                    "++trainer.enable_progress_bar=false",
+                    "++callbacks.progress_bar=null",
+                    *overrides,
+                ],
+            )
+        with open_dict(cfg):
+            cfg.trainer.enable_checkpointing = True
+        return cfg
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real entry point in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "nmf_lightning.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"},
+    )

@@ -1,0 +1,201 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ("callbacks.progress_bar.refresh_rate=0",)
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def _curve(run: Path, tag: str = "train/loss") -> list[float]:
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.value for e in ea.Scalars(tag)]
+
+
+@pytest.mark.parametrize("data", ["toy", "synthetic"])
+def test_cli_trains_end_to_end(tmp_path, data):
+    run = tmp_path / "run"
+    proc = run_cli(
+        f"data={data}",
+        "model.rank=3",
+        "trainer.max_steps=300",
+        "optimizer.lr=0.02",
+        "trainer.accelerator=cpu",
+        f"hydra.run.dir={run}",
+        *QUIET,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("factors.npz", "metrics.json", ".hydra/config.yaml", "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = _metrics(run)
+    assert metrics["steps"] == 300 and 0 <= metrics["relative_error"] < 0.3
+    loss = _curve(run)
+    assert loss[-1] < loss[0]
+
+
+def test_toy_masked_l21_predicts_the_notebook_matrix(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("experiment=toy_masked_l21", f"hydra.run.dir={run}", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with np.load(run / "factors.npz") as f:
+        pred = f["W"] @ f["H"]
+    assert pred.shape == (4, 3)
+    observed = np.array([[np.nan, 4, 5], [4, 4, 5], [5, 3, 4], [2, 3, 3]])
+    mask = ~np.isnan(observed)
+    assert np.abs(pred - np.nan_to_num(observed))[mask].max() < 0.5
+    # the notebook's rounded prediction, its guess for the missing entry (4) included
+    np.testing.assert_array_equal(np.round(pred), [[4, 4, 5], [4, 4, 5], [5, 3, 4], [2, 3, 3]])
+
+
+def test_synthetic_known_factors_beats_the_notebook_als(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("experiment=synthetic_known_factors", f"hydra.run.dir={run}", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    metrics = _metrics(run)
+    assert metrics["relative_error"] < 0.01  # the notebook's ALS stalled at 0.696
+    with np.load(run / "factors.npz") as f:
+        assert f["W"].dtype == np.float64 and (f["W"] >= 0).all() and (f["H"] >= 0).all()
+
+
+def test_multirun_sweep_runs_every_combination_in_its_own_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m",
+        "data=toy",
+        "model.rank=1,2",
+        "optimizer=adam,sgd",
+        "trainer.max_steps=20",
+        "trainer.accelerator=cpu",
+        f"hydra.sweep.dir={sweep}",
+        *QUIET,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").exists())
+    assert len(jobs) == 4
+    # job folders are named by their overrides, so TensorBoard lists runs by what changed
+    for job, (rank, opt) in zip(jobs, [(1, "adam"), (1, "sgd"), (2, "adam"), (2, "sgd")], strict=True):
+        assert f"model.rank={rank}" in job.name and f"optimizer={opt}" in job.name
+    for job in jobs:
+        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        with np.load(job / "factors.npz") as f:
+            assert f["W"].shape[1] == int(job.name.split("rank=")[1][0])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("data=file", "data.path=NEG"), "X has 1 negative entries"),
+        (("data=file", "data.path=INF"), "X has 1 infinite entries"),
+        (("data=file", "data.path=EMPTY"), "X is empty"),
+        (("data=file", "data.path=ONED"), "X must be a 2-D matrix"),
+        (("data=file", "data.path=ALLNAN"), "X has no observed entries"),
+        (("data=file", "data.path=BAD.xyz"), "unknown extension '.xyz'"),
+        (("data=file", "data.path=GARBAGE"), "could not read data.path="),
+        (("data=toy", "model.rank=0"), "model.rank must be >= 1"),
+        (("data=nope",), "Could not find 'data/nope'"),
+        (("optimizer=nope",), "Could not find 'optimizer/nope'"),
+    ],
+)
+def test_bad_input_fails_with_a_clear_message_and_no_results(tmp_path, args, message):
+    files = {
+        "NEG": np.array([[1.0, -1.0], [2.0, 3.0]]),
+        "INF": np.array([[1.0, np.inf], [2.0, 3.0]]),
+        "EMPTY": np.zeros((0, 4)),
+        "ONED": np.ones(4),
+        "ALLNAN": np.full((3, 3), np.nan),
+    }
+    resolved = []
+    for arg in args:
+        key = arg.split("=", 1)[1]
+        if key in files:
+            np.save(tmp_path / f"{key}.npy", files[key])
+            arg = f"data.path={tmp_path / key}.npy"
+        elif key == "GARBAGE":
+            (tmp_path / "garbage.npy").write_bytes(b"\x00not an array")
+            arg = f"data.path={tmp_path / 'garbage.npy'}"
+        resolved.append(arg)
+    run = tmp_path / "run"
+    proc = run_cli(*resolved, f"hydra.run.dir={run}", "trainer.accelerator=cpu", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not (run / "factors.npz").exists() and not (run / "metrics.json").exists()
+
+
+def test_installed_console_script_finds_its_configs(tmp_path):
+    exe = shutil.which("nmf-train")
+    assert exe is not None, "nmf-train is not installed: pip install -e ."
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            exe,
+            "data=toy",
+            "model.rank=2",
+            "trainer.max_steps=10",
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={run}",
+            *QUIET,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _metrics(run)["steps"] == 10
+
+
+def test_wheel_ships_the_config_tree(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0 and "No module named" in proc.stderr:
+        pytest.skip(f"cannot build a wheel here: {proc.stderr[-200:]}")
+    assert proc.returncode == 0, proc.stderr
+    wheel = next(tmp_path.glob("nmf_lightning-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {
+        n.split("nmf_lightning/configs/", 1)[1] for n in names if n.startswith("nmf_lightning/configs/")
+    }
+    expected = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
+    assert expected <= shipped
+    # installed from the wheel (not the source tree), the entry point resolves its configs
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    code = "from nmf_lightning.train import config_dir; print(config_dir())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
+    assert out.stdout.strip() == str(target / "nmf_lightning" / "configs"), out.stderr

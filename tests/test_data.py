@@ -1,0 +1,206 @@
+import codecs
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.sparse as sp
+import torch
+
+from nmf_lightning.data import NMFDataModule, digits, from_file, known_factors, newsgroups, synthetic, toy
+from nmf_lightning.data.newsgroups import load_documents
+from nmf_lightning.validation import NMFInputError, check_matrix
+
+GROUPS = ["alt.atheism", "comp.graphics", "sci.space", "talk.religion.misc"]
+WORDS = {
+    "alt.atheism": "god belief atheism argument morality",
+    "comp.graphics": "image pixel render polygon graphics",
+    "sci.space": "orbit shuttle launch nasa rocket",
+    "talk.religion.misc": "church bible faith prophecy scripture",
+}
+
+
+def test_toy_is_the_masked_notebook_matrix():
+    X = toy().X
+    assert X.shape == (4, 3)
+    assert np.isnan(X[0, 0]) and np.isnan(X).sum() == 1
+    np.testing.assert_array_equal(X[1:], [[4, 4, 5], [5, 3, 4], [2, 3, 3]])
+
+
+def test_known_factors_reproduce_the_als_notebook_matrix():
+    m = known_factors()
+    assert m.X.shape == (12, 10)
+    # first rows printed by the notebook
+    np.testing.assert_array_equal(m.X[1], [0, 5, 0, 0, 5, 0, 0, 0, 5, 0])
+    np.testing.assert_array_equal(m.X[2], [9, 14, 0, 0, 14, 9, 9, 9, 14, 0])
+    np.testing.assert_allclose(m.W_true @ m.H_true, m.X)
+
+
+def test_synthetic_has_the_requested_shape_rank_and_noise():
+    clean = synthetic(n_rows=60, n_cols=40, true_rank=4, noise=0.0, seed=1)
+    assert clean.X.shape == (60, 40)
+    assert np.linalg.matrix_rank(clean.X) == 4
+    noisy = synthetic(n_rows=60, n_cols=40, true_rank=4, noise=0.1, seed=1)
+    assert (noisy.X >= 0).all() and np.linalg.matrix_rank(noisy.X) > 4
+    np.testing.assert_array_equal(
+        synthetic(n_rows=5, n_cols=4, seed=3).X, synthetic(n_rows=5, n_cols=4, seed=3).X
+    )
+    with pytest.raises(ValueError, match="data.true_rank must be >= 1"):
+        synthetic(true_rank=0)
+
+
+def test_digits_is_sklearn_bundled_data():
+    m = digits()
+    assert m.X.shape == (1797, 64) and m.image_shape == (8, 8)
+
+
+# ---------------------------------------------------------------- files
+@pytest.fixture
+def matrix():
+    return np.arange(12, dtype=np.float64).reshape(4, 3)
+
+
+@pytest.mark.parametrize(
+    "suffix", [".npy", ".npz", ".npz-sparse", ".csv", ".tsv", ".mtx", ".pt", ".pt-sparse"]
+)
+def test_file_formats_load_with_the_right_shape_and_values(tmp_path, matrix, suffix):
+    path = tmp_path / ("x" + suffix.split("-")[0])
+    if suffix == ".npy":
+        np.save(path, matrix)
+    elif suffix == ".npz":
+        np.savez(path, X=matrix)
+    elif suffix == ".npz-sparse":
+        sp.save_npz(path, sp.csr_matrix(matrix))
+    elif suffix in (".csv", ".tsv"):
+        np.savetxt(path, matrix, delimiter="," if suffix == ".csv" else "\t")
+    elif suffix == ".mtx":
+        scipy.io.mmwrite(str(path), sp.coo_matrix(matrix))
+    elif suffix == ".pt":
+        torch.save(torch.from_numpy(matrix), path)
+    elif suffix == ".pt-sparse":
+        torch.save(torch.from_numpy(matrix).to_sparse(), path)
+    X = from_file(str(path)).X
+    assert X.shape == (4, 3)
+    dense = X.toarray() if sp.issparse(X) else X
+    np.testing.assert_allclose(dense, matrix)
+    assert sp.issparse(X) == suffix.endswith("sparse") or suffix == ".mtx"
+
+
+def test_csv_empty_cells_are_missing_and_headers_are_caught(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("a,b,c\n1,,3\n4,5,6\n")
+    with pytest.raises(ValueError, match=r"data.skip_header=1"):
+        from_file(str(path))
+    X = from_file(str(path), skip_header=1).X
+    assert X.shape == (2, 3) and np.isnan(X[0, 1]) and X[1, 2] == 6
+
+
+def test_file_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown extension '.xls'.*supported: .npy"):
+        from_file(str(tmp_path / "x.xls"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_file(str(tmp_path / "missing.npy"))
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match=r"could not read data.path=.*bad.npy"):
+        from_file(str(bad))
+    multi = tmp_path / "multi.npz"
+    np.savez(multi, A=np.ones((2, 2)), B=np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"data.key=NAME"):
+        from_file(str(multi))
+    assert from_file(str(multi), key="B").X.shape == (2, 2)
+
+
+# ------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("X", "message"),
+    [
+        (np.array([[1.0, -0.5], [2.0, 3.0]]), r"X has 1 negative entries \(min -0.5\); NMF needs X >= 0"),
+        (np.array([[1.0, np.inf], [2.0, 3.0]]), r"X has 1 infinite entries"),
+        (np.array([[1.0, -np.inf]]), r"X has 1 infinite entries"),
+        (np.zeros((0, 3)), r"X is empty \(shape \(0, 3\)\)"),
+        (np.ones(5), r"X must be a 2-D matrix, got 1-D"),
+        (np.full((2, 2), np.nan), r"X has no observed entries: all 4 are missing"),
+        (sp.csr_matrix(np.array([[1.0, -2.0]])), r"X has 1 negative entries"),
+        (sp.csr_matrix(np.array([[1.0, np.nan]])), r"sparse and holds 1 NaN entries"),
+    ],
+)
+def test_bad_matrices_are_rejected_with_a_clear_message(X, message):
+    with pytest.raises(NMFInputError, match=message):
+        check_matrix(X)
+
+
+def test_datamodule_checks_x_at_setup():
+    dm = NMFDataModule(loader=lambda: type(toy())(np.array([[1.0, -1.0]])))
+    with pytest.raises(NMFInputError, match="negative entries"):
+        dm.setup("fit")
+
+
+# ------------------------------------------------------------ newsgroups
+def _post(group: str, i: int) -> bytes:
+    body = " ".join(WORDS[group].split()[i % 5 :] + WORDS[group].split()[: i % 5])
+    header = f"From: user{i}@example.com\nSubject: post {i}\nOrganization: none\n\n"
+    text = f"{header}{body} caf\xe9 {i}\n\n-- \nsig {i}\n"
+    return text.encode("latin1")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A tiny 20news-bydate tree and its .tar.gz, laid out like the original archive."""
+    root = tmp_path / "extract"
+    for split, n in (("20news-bydate-train", 6), ("20news-bydate-test", 3)):
+        for group in GROUPS:
+            folder = root / split / group
+            folder.mkdir(parents=True)
+            for i in range(n):
+                (folder / str(1000 + 7 * i)).write_bytes(_post(group, i))
+    archive = tmp_path / "20news-bydate.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("20news-bydate-test", "20news-bydate-train"):
+            tar.add(root / split, arcname=split)
+    return root, archive
+
+
+def _write_fetcher_cache(root, data_home):
+    from sklearn.datasets import load_files
+
+    cache = {
+        "train": load_files(root / "20news-bydate-train", encoding="latin1"),
+        "test": load_files(root / "20news-bydate-test", encoding="latin1"),
+    }
+    data_home.mkdir()
+    (data_home / "20news-bydate_py3.pkz").write_bytes(codecs.encode(pickle.dumps(cache), "zlib_codec"))
+
+
+@pytest.mark.parametrize("subset", ["train", "test", "all"])
+def test_archive_gives_exactly_what_the_fetcher_gives(corpus, tmp_path, subset):
+    root, archive = corpus
+    _write_fetcher_cache(root, tmp_path / "sk")
+    cats = ["sci.space", "alt.atheism", "comp.graphics"]
+    from_archive = load_documents(cats, subset, archive=str(archive))
+    from_fetcher = load_documents(cats, subset, data_home=str(tmp_path / "sk"))
+    assert from_archive == from_fetcher
+    texts, names = from_archive
+    assert names == ["alt.atheism", "comp.graphics", "sci.space"]
+    assert all("From:" not in t and "sig" not in t for t in texts)  # headers and footers removed
+
+
+def test_newsgroups_tfidf_shape_and_vocabulary(corpus):
+    _, archive = corpus
+    m = newsgroups(archive=str(archive))
+    assert m.X.shape[0] == 24 and sp.issparse(m.X)
+    assert m.X.shape[1] == len(m.col_names)
+    assert "orbit" in m.col_names and "the" not in m.col_names  # English stop words dropped
+    all_groups = newsgroups(categories=None, archive=str(archive), vectorizer={"max_features": 5})
+    assert all_groups.X.shape == (24, 5)
+
+
+def test_newsgroups_errors_name_the_problem(corpus, tmp_path):
+    _, archive = corpus
+    with pytest.raises(ValueError, match=r"unknown groups \['sci.nope'\]"):
+        newsgroups(categories=["sci.nope"], archive=str(archive))
+    with pytest.raises(FileNotFoundError, match="data.archive=.*does not exist"):
+        newsgroups(archive=str(tmp_path / "nope.tar.gz"))
+    with pytest.raises(ValueError, match="data.subset='dev'"):
+        newsgroups(subset="dev", archive=str(archive))

@@ -1,0 +1,274 @@
+import json
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nmf_lightning.module import DivergenceError, NMFModule
+from nmf_lightning.train import train
+from nmf_lightning.validation import NMFInputError
+
+SMALL = ("data=synthetic", "data.n_rows=40", "data.n_cols=30", "data.true_rank=3", "model.rank=3")
+
+
+def _factors(path):
+    with np.load(path / "factors.npz") as f:
+        return f["W"], f["H"]
+
+
+def test_run_writes_factors_metrics_checkpoint_and_events(make_cfg, tmp_path):
+    metrics = train(make_cfg(*SMALL, "trainer.max_steps=300", "optimizer.lr=0.02"))
+    W, H = _factors(tmp_path)
+    assert W.shape == (40, 3) and H.shape == (3, 30) and W.dtype == np.float32
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert {"loss", "relative_error", "rmse", "steps", "stop_reason"} <= set(saved)
+    assert saved["steps"] == 300 and saved["stop_reason"] == "max_steps"
+    from nmf_lightning.data import synthetic
+
+    Xs = synthetic(n_rows=40, n_cols=30, true_rank=3, seed=0).X
+    assert saved["relative_error"] == pytest.approx(np.linalg.norm(Xs - W @ H) / np.linalg.norm(Xs), rel=1e-4)
+    assert saved["relative_error"] < 0.2
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/reconstruction",
+        "train/penalty",
+        "train/relative_error",
+        "train/rmse",
+        "factors/W_neg_fraction",
+        "factors/H_neg_mean",
+        "factors/W_sparsity",
+        "perf/updates_per_sec",
+        "hp/relative_error",
+        "hp/loss",
+    ):
+        assert tag in tags, tag
+    loss = [e.value for e in ea.Scalars("train/loss")]
+    steps = [e.step for e in ea.Scalars("train/loss")]
+    assert loss[-1] < 0.5 * loss[0]
+    assert steps[-1] == 300  # the x-axis counts updates
+    assert ea.Scalars("hp/relative_error")[-1].value == pytest.approx(saved["relative_error"], rel=1e-5)
+    assert "_hparams_/experiment" in ea.summary_metadata
+
+
+def test_checkpoint_restores_the_factors(make_cfg, tmp_path):
+    train(make_cfg(*SMALL, "trainer.max_steps=20"))
+    module = NMFModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    W, H = _factors(tmp_path)
+    np.testing.assert_array_equal(module.W.detach().numpy(), W)
+    np.testing.assert_array_equal(module.H.detach().numpy(), H)
+
+
+class _Counting(torch.optim.SGD):
+    calls = 0
+
+    def step(self, closure=None):
+        type(self).calls += 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("inner", ["1", "5", "auto", "1000"])
+def test_max_steps_counts_optimizer_updates_exactly(make_cfg, inner):
+    _Counting.calls = 0
+    cfg = make_cfg(*SMALL, "optimizer=sgd", "trainer.max_steps=37", f"model.inner_steps={inner}")
+    cfg.optimizer._target_ = f"{__name__}._Counting"
+    metrics = train(cfg)
+    assert _Counting.calls == 37 and metrics["steps"] == 37
+
+
+def test_fused_inner_steps_give_the_same_factors_as_one_update_per_step(make_cfg, tmp_path):
+    results = []
+    for inner in (1, 8):
+        out = tmp_path / str(inner)
+        out.mkdir()
+        train(
+            make_cfg(*SMALL, "trainer.max_steps=40", f"model.inner_steps={inner}", f"paths.output_dir={out}")
+        )
+        results.append(_factors(out))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
+
+
+def test_same_seed_same_factors_other_seed_other_factors(make_cfg, tmp_path):
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / name
+        out.mkdir()
+        train(make_cfg(*SMALL, "trainer.max_steps=30", f"seed={seed}", f"paths.output_dir={out}"))
+        runs[name] = _factors(out)
+    np.testing.assert_array_equal(runs["a"][0], runs["b"][0])
+    assert not np.array_equal(runs["a"][0], runs["c"][0])
+
+
+class _NonNegativeAfterEveryUpdate(L.Callback):
+    def on_train_batch_end(self, trainer, module, *args):
+        assert (module.W >= 0).all() and (module.H >= 0).all()
+        self.checked = getattr(self, "checked", 0) + 1
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adamw", "rmsprop"])
+def test_projection_keeps_factors_non_negative_after_every_update(optimizer):
+    from nmf_lightning.data import NMFDataModule, synthetic
+
+    check = _NonNegativeAfterEveryUpdate()
+    opt = {
+        "adam": torch.optim.Adam,
+        "sgd": torch.optim.SGD,
+        "adamw": torch.optim.AdamW,
+        "rmsprop": torch.optim.RMSprop,
+    }
+    module = NMFModule(rank=4, project=True, inner_steps=1, optimizer=lambda p: opt[optimizer](p, lr=0.05))
+    trainer = L.Trainer(
+        max_steps=25,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[check],
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=NMFDataModule(synthetic, n_rows=20, n_cols=15, true_rank=4))
+    assert check.checked == 25
+    assert module.final_metrics["factors/W_neg_fraction"] == 0
+
+
+def test_without_projection_negatives_are_reported_and_warned(make_cfg):
+    with pytest.warns(UserWarning, match="factors keep negative entries"):
+        metrics = train(
+            make_cfg(
+                *SMALL,
+                "model.project=false",
+                "trainer.max_steps=200",
+                "optimizer.lr=0.05",
+                "model.init=normal_abs",
+            )
+        )
+    assert metrics["W_neg_fraction"] > 0 or metrics["H_neg_fraction"] > 0
+
+
+@pytest.mark.parametrize("loss", ["fro", "fro2", "rmse"])
+def test_each_loss_trains_and_masked_entries_stay_out(make_cfg, loss):
+    metrics = train(
+        make_cfg(
+            "data=toy", "model.rank=2", f"model.loss={loss}", "trainer.max_steps=400", "optimizer.lr=0.05"
+        )
+    )
+    assert np.isfinite(metrics["loss"]) and metrics["relative_error"] < 0.2
+
+
+def test_penalty_terms_are_logged_with_their_weights(make_cfg):
+    metrics = train(
+        make_cfg(
+            *SMALL,
+            "model.l1_W=0.01",
+            "model.l1_H=0.02",
+            "model.l21_H=0.5",
+            "model.lam=3",
+            "trainer.max_steps=10",
+        )
+    )
+    expected = (
+        metrics["reconstruction"]
+        + 3 * metrics["penalty"]
+        + 0.01 * metrics["l1_W"]
+        + 0.02 * metrics["l1_H"]
+        + 0.5 * metrics["l21_H"]
+    )
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_sparse_x_trains_without_being_densified(tmp_path, make_cfg):
+    X = sp.random(60, 50, density=0.1, random_state=0, format="csr")
+    path = tmp_path / "x.npz"
+    sp.save_npz(path, X)
+    seen = {}
+    orig = NMFModule.set_matrix
+
+    def spy(self, matrix, dtype=None):
+        orig(self, matrix, dtype)
+        seen["layout"] = self.X.layout
+
+    NMFModule.set_matrix = spy
+    try:
+        metrics = train(
+            make_cfg(
+                "data=file", f"data.path={path}", "model.rank=5", "trainer.max_steps=50", "optimizer.lr=0.01"
+            )
+        )
+    finally:
+        NMFModule.set_matrix = orig
+    assert seen["layout"] == torch.sparse_csr
+    W, H = _factors(tmp_path)
+    dense = X.toarray()
+    assert metrics["relative_error"] == pytest.approx(
+        np.linalg.norm(dense - W @ H) / np.linalg.norm(dense), rel=1e-4
+    )
+
+
+def test_float64_precision_trains_in_float64(make_cfg, tmp_path):
+    train(make_cfg(*SMALL, "trainer.precision=64-true", "trainer.max_steps=5"))
+    assert _factors(tmp_path)[0].dtype == np.float64
+
+
+# ------------------------------------------------------------- bad input
+def _no_results(path):
+    return not (path / "factors.npz").exists() and not (path / "metrics.json").exists()
+
+
+def test_divergence_stops_with_the_step_and_keeps_last_finite_factors(make_cfg, tmp_path):
+    cfg = make_cfg(
+        *SMALL,
+        "optimizer=sgd",
+        "optimizer.lr=1e4",
+        "model.project=false",
+        "trainer.max_steps=200",
+        "model.inner_steps=10",
+    )
+    with pytest.raises(
+        DivergenceError,
+        match=r"the loss became (nan|inf) at update \d+; lower the learning rate "
+        r"\(e.g. optimizer.lr=1000\)",
+    ) as info:
+        train(cfg)
+    assert 1 <= info.value.step <= 200
+    assert _no_results(tmp_path)
+    with np.load(tmp_path / "factors_last_finite.npz") as f:
+        assert np.isfinite(f["W"]).all() and np.isfinite(f["H"]).all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (("model.rank=0",), NMFInputError, r"model.rank must be >= 1, got 0"),
+        (("model.loss=l1",), NMFInputError, r"model.loss='l1' is not supported"),
+        (("model.lam=-1",), NMFInputError, r"model.lam is a penalty weight and must be >= 0"),
+        (("trainer.max_steps=0",), ValueError, r"trainer.max_steps must be >= 1"),
+        (("model.init=nndsvd", "model.rank=50"), NMFInputError, r"needs model.rank <= min\(n, m\) = 30"),
+    ],
+)
+def test_bad_configuration_fails_before_training(make_cfg, tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        train(make_cfg(*SMALL, *overrides))
+    assert _no_results(tmp_path)
+
+
+def test_rank_above_min_dimension_is_allowed_with_a_warning(make_cfg):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(make_cfg("data=toy", "model.rank=10", "trainer.max_steps=5"))
+    assert any("exceeds min(n, m) = 3" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_requested_without_cuda_fails_at_once(make_cfg, tmp_path):
+    with pytest.raises(NMFInputError, match=r"trainer.accelerator=gpu but no CUDA device is visible"):
+        train(make_cfg(*SMALL, "trainer.accelerator=gpu"))
+    assert _no_results(tmp_path)

@@ -44,6 +44,8 @@ _PRECISION_DTYPES = {
 }
 #: auto mode leaves the Gram form when the relative error falls below this many sqrt(eps)
 _GRAM_SAFETY = 10.0
+#: inner_steps=auto sizes each block of updates to take about this long (one log point)
+_BLOCK_SECONDS = 0.25
 
 
 class DivergenceError(RuntimeError):
@@ -62,6 +64,8 @@ class NMFModule(L.LightningModule):
 
     ``optimizer`` is a factory ``params -> torch.optim.Optimizer`` (a Hydra
     ``_partial_`` config); ``project`` clamps W, H to >= 0 after every update.
+    ``restarts`` = r trains r initialisations (seeds seed, seed+1, ...) at once as one
+    batched problem, W (r, n, k) and H (r, k, m), and keeps the one with the lowest loss.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class NMFModule(L.LightningModule):
         init_scale: float = 0.01,
         loss_form: str = "auto",
         inner_steps: int | str = "auto",
+        restarts: int = 1,
         seed: int = 0,
     ):
         super().__init__()
@@ -92,16 +97,20 @@ class NMFModule(L.LightningModule):
             raise NMFInputError(f"model.init_scale must be > 0 for init=normal_abs, got {init_scale}.")
         if inner_steps != "auto" and (isinstance(inner_steps, bool) or int(inner_steps) < 1):
             raise NMFInputError(f"model.inner_steps must be 'auto' or an integer >= 1, got {inner_steps!r}.")
+        if isinstance(restarts, bool) or int(restarts) < 1:
+            raise NMFInputError(f"model.restarts must be an integer >= 1, got {restarts!r}.")
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.9))
         self.automatic_optimization = False
-        self.W = nn.Parameter(torch.empty(0, rank))
-        self.H = nn.Parameter(torch.empty(rank, 0))
+        # (n, k) and (k, m); with restarts a leading batch dimension: (r, n, k), (r, k, m)
+        self.W = nn.Parameter(torch.empty(*_batch(restarts), 0, rank))
+        self.H = nn.Parameter(torch.empty(*_batch(restarts), rank, 0))
         self.matrix: Matrix | None = None
         self.final_metrics: dict[str, float] = {}
         self.stop_reason = "max_steps"
         self._gram_safe = True
         self._last_time: float | None = None
+        self._block = 1  # current block size under inner_steps=auto
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -145,23 +154,42 @@ class NMFModule(L.LightningModule):
         self.register_buffer("mask", mask, persistent=False)
         self.register_buffer("X_sq", frobenius_sq(X, mask).to(dtype), persistent=False)
         self.n_obs = int(mask.sum()) if mask is not None else n * m
-        generator = torch.Generator().manual_seed(int(self.hparams.seed))
         Xf = X if X.dtype in (torch.float32, torch.float64) else X.float()
-        W, H = initialize(
-            Xf, k, self.hparams.init, generator=generator, mask=mask, scale=self.hparams.init_scale
-        )
-        self.W = nn.Parameter(W.to(dtype))
-        self.H = nn.Parameter(H.to(dtype))
+        pairs = [
+            initialize(
+                Xf,
+                k,
+                self.hparams.init,
+                generator=torch.Generator().manual_seed(int(self.hparams.seed) + r),
+                mask=mask,
+                scale=self.hparams.init_scale,
+            )
+            for r in range(self.hparams.restarts)
+        ]
+        W = torch.stack([W for W, _ in pairs]).to(dtype)
+        H = torch.stack([H for _, H in pairs]).to(dtype)
+        if self.hparams.restarts == 1:  # plain 2-D factors: no batch overhead in the hot loop
+            W, H = W[0], H[0]
+        self.W = nn.Parameter(W)
+        self.H = nn.Parameter(H)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Shape W and H like the checkpoint's before Lightning copies the values in."""
         state = checkpoint["state_dict"]
         self.W = nn.Parameter(torch.empty_like(state["W"]))
         self.H = nn.Parameter(torch.empty_like(state["H"]))
+        self._best_index = torch.tensor(checkpoint.get("best_restart", 0))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record which restart is best, so a loaded module returns the same factors."""
+        checkpoint["best_restart"] = self._best()
 
     # ------------------------------------------------------------- objective
     def objective(self, all_terms: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss and its unweighted terms; ``all_terms`` adds terms whose weight is 0."""
+        """Total loss and its unweighted terms, one value per restart (shape (r,)).
+
+        ``all_terms`` adds the terms whose weight is 0 (for logging).
+        """
         hp = self.hparams
         W, H = self.W, self.H
         terms = {"reconstruction": reconstruction(self._sq_error(W, H), self.n_obs, hp.loss)}
@@ -194,12 +222,19 @@ class NMFModule(L.LightningModule):
     # -------------------------------------------------------------- training
     @property
     def inner_steps(self) -> int:
-        """Updates per ``training_step``; 'auto' aims at about 100 logged points per run."""
+        """Updates in the next ``training_step``.
+
+        ``auto`` sizes blocks to take about ``_BLOCK_SECONDS`` each, so Lightning's per-step
+        cost and the metric read-back stay a small fraction of the time however fast an
+        update is. Block sizes change only when metrics are logged, never the factors.
+        """
         k = self.hparams.inner_steps
-        if k != "auto":
-            return int(k)
-        max_steps = self._trainer.max_steps if self._trainer is not None else -1
-        return max(1, min(1000, math.ceil(max_steps / 100))) if max_steps > 0 else 100
+        return self._block if k == "auto" else int(k)
+
+    def _resize_block(self, n: int, seconds: float) -> None:
+        if self.hparams.inner_steps == "auto" and seconds > 0:
+            target = n * _BLOCK_SECONDS / seconds
+            self._block = int(min(max(target, 1), 10 * n, 100_000))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Build the configured optimizer over W and H."""
@@ -216,10 +251,14 @@ class NMFModule(L.LightningModule):
         self._advance_global_step(n)
         metrics = self.compute_metrics()
         if not bool(torch.isfinite(metrics["train/loss"])):  # sync point, once per block
-            self._diverged(losses, start_step, W0, H0)
+            best = losses.nan_to_num(nan=float("inf"))
+            self._diverged(best if best.dim() == 1 else best.min(dim=1).values, start_step, W0, H0)
         now = time.perf_counter()
         if self._last_time is not None:
             metrics["perf/updates_per_sec"] = torch.tensor(n / max(now - self._last_time, 1e-9))
+            self._resize_block(n, now - self._last_time)
+        else:  # the first block carries warm-up costs: grow, measure from the next one
+            self._block = 10 * n
         self._last_time = now
         self._update_gram_safety(metrics["train/relative_error"])
         self.log("step", float(self.global_step), on_step=True, batch_size=1)
@@ -229,11 +268,11 @@ class NMFModule(L.LightningModule):
 
     def _run_updates(self, optimizer: torch.optim.Optimizer, n: int) -> Tensor:
         """``n`` optimizer updates; the per-update losses stay on the device."""
-        losses = torch.empty(n, device=self.W.device, dtype=torch.float32)
+        losses = torch.empty(n, *_batch(self.hparams.restarts), device=self.W.device, dtype=torch.float32)
         for i in range(n):
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = self.objective()
-            loss.backward()
+            loss, _ = self.objective()  # (r,): restarts are independent, so sum their losses
+            (loss.sum() if loss.dim() else loss).backward()
             optimizer.step()
             if self.hparams.project:
                 self._project()
@@ -263,8 +302,8 @@ class NMFModule(L.LightningModule):
         raise DivergenceError(
             f"the loss became {value} at update {step}; {hint}, or set model.project=true.",
             step=step,
-            W=W0.float().cpu().numpy() if W0.dtype == torch.bfloat16 else W0.cpu().numpy(),
-            H=H0.float().cpu().numpy() if H0.dtype == torch.bfloat16 else H0.cpu().numpy(),
+            W=_to_numpy(W0 if W0.dim() == 2 else W0[self._best()]),
+            H=_to_numpy(H0 if H0.dim() == 2 else H0[self._best()]),
         )
 
     def _update_gram_safety(self, rel_err: Tensor) -> None:
@@ -276,30 +315,42 @@ class NMFModule(L.LightningModule):
     # ---------------------------------------------------------------- metrics
     @torch.no_grad()
     def compute_metrics(self) -> dict[str, Tensor]:
-        """Objective terms, relative error, RMSE and factor statistics, on the device."""
-        loss, terms = self.objective(all_terms=True)
-        metrics = {"train/loss": loss}
-        metrics.update({f"train/{name}": value for name, value in terms.items()})
-        sparse = self.Xt is not None
-        if sparse:
+        """Objective terms, relative error, RMSE and factor statistics of the best restart.
+
+        Everything stays on the device; with restarts, ``restarts/loss_<r>`` logs each one.
+        """
+        loss, terms = self.objective(all_terms=True)  # (r,) each
+        per_restart = {"train/loss": loss}
+        per_restart.update({f"train/{name}": value for name, value in terms.items()})
+        if self.Xt is not None:
             sq = sq_error_gram(self.X, self.W, self.H, self.X_sq, self.Xt)
         else:
             sq = sq_error_residual(self.X, self.W, self.H, self.mask)
-        metrics["train/relative_error"] = relative_error(sq.double(), self.X_sq.double())
-        metrics["train/rmse"] = torch.sqrt(sq.double().clamp_min(0) / self.n_obs)
-        for name, A in (("W", self.W), ("H", self.H)):
-            A = A.detach()
-            neg = A < 0
-            metrics[f"factors/{name}_neg_fraction"] = neg.float().mean()
-            metrics[f"factors/{name}_neg_mean"] = torch.clamp(-A, min=0).float().mean()
-            top = A.abs().max()
-            metrics[f"factors/{name}_sparsity"] = (A.abs() <= 1e-6 * top).float().mean()
+        per_restart["train/relative_error"] = relative_error(sq.double(), self.X_sq.double())
+        per_restart["train/rmse"] = torch.sqrt(sq.double().clamp_min(0) / self.n_obs)
+        for name, A in (("W", self.W.detach()), ("H", self.H.detach())):
+            per_restart[f"factors/{name}_neg_fraction"] = (A < 0).float().mean(dim=(-2, -1))
+            per_restart[f"factors/{name}_neg_mean"] = torch.clamp(-A, min=0).float().mean(dim=(-2, -1))
+            top = A.abs().amax(dim=(-2, -1), keepdim=True)
+            per_restart[f"factors/{name}_sparsity"] = (A.abs() <= 1e-6 * top).float().mean(dim=(-2, -1))
+        # the best restart has the lowest finite loss; NaN everywhere means all diverged
+        if loss.dim() == 0:
+            return per_restart
+        best = torch.nan_to_num(loss.detach(), nan=float("inf")).argmin()
+        self._best_index = best
+        metrics = {key: value[best] for key, value in per_restart.items()}
+        metrics.update({f"restarts/loss_{r}": loss[r] for r in range(len(loss))})
         return metrics
+
+    def _best(self) -> int:
+        return int(getattr(self, "_best_index", 0))
 
     def on_train_end(self) -> None:
         """Keep the final metrics as plain floats (one sync) for metrics.json."""
         final = {k: float(v) for k, v in self.compute_metrics().items()}
         final["steps"] = int(self.global_step)
+        if self.hparams.restarts > 1:
+            final["best_restart"] = self._best()
         self.final_metrics = final
         if not self.hparams.project:
             negs = {n: final[f"factors/{n}_neg_fraction"] for n in ("W", "H")}
@@ -311,9 +362,20 @@ class NMFModule(L.LightningModule):
                     stacklevel=2,
                 )
 
-    def factors(self) -> tuple[np.ndarray, np.ndarray]:
-        """W (n, k) and H (k, m) as numpy arrays in the trained dtype (bf16/fp16 as float32)."""
-        return _to_numpy(self.W), _to_numpy(self.H)
+    def factors(self, restart: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """W (n, k) and H (k, m) of the best (or the given) restart, in the trained dtype.
+
+        bf16/fp16 factors come back as float32.
+        """
+        if self.W.dim() == 2:
+            return _to_numpy(self.W), _to_numpy(self.H)
+        r = self._best() if restart is None else restart
+        return _to_numpy(self.W[r]), _to_numpy(self.H[r])
+
+
+def _batch(restarts: int) -> tuple[int, ...]:
+    """Leading batch shape of the factors: none for a single start, (r,) for r restarts."""
+    return () if restarts == 1 else (restarts,)
 
 
 def _to_numpy(A: Tensor) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Reconstruction terms and penalties of the NMF objective, as pure functions of tensors.
 
-Shapes: X (n, m), W (n, k), H (k, m); `mask` is a boolean (n, m) tensor, True where
-X is observed. Missing entries of X are stored as 0 and masked out.
+Shapes: X (n, m), W (..., n, k), H (..., k, m); a leading batch dimension (r restarts)
+gives one value per restart. `mask` is a boolean (n, m) tensor, True where X is
+observed. Missing entries of X are stored as 0 and masked out.
 
 The squared error ``||X - WH||^2`` has two forms. The residual form builds the n x m
 residual; the Gram form expands it as ``||X||^2 - 2<X H^T, W> + <W^T W, H H^T>`` and
@@ -19,12 +20,12 @@ LOSSES = ("fro", "fro2", "rmse")
 
 def sq_error_residual(X: Tensor, W: Tensor, H: Tensor, mask: Tensor | None = None) -> Tensor:
     """Sum of squared residuals over observed entries, via the explicit residual."""
-    if X.is_sparse or X.layout == torch.sparse_csr:
+    if _is_sparse(X):
         X = X.to_dense()
-    R = X - W @ H  # (n, m)
+    R = X - W @ H  # (..., n, m)
     if mask is not None:
         R = R * mask
-    return (R * R).sum()
+    return (R * R).sum(dim=(-2, -1))
 
 
 class _GramSqError(torch.autograd.Function):
@@ -36,23 +37,39 @@ class _GramSqError(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W: Tensor, H: Tensor, X: Tensor, Xt: Tensor, X_sq: Tensor) -> Tensor:
-        XHt = X @ H.T  # (n, k)
-        WtW = W.T @ W  # (k, k)
-        HHt = H @ H.T  # (k, k)
-        sq = X_sq - 2 * (XHt * W).sum() + (WtW * HHt).sum()
+        XHt = matmul(X, H.mT)  # (..., n, k)
+        WtW = W.mT @ W  # (..., k, k)
+        HHt = H @ H.mT  # (..., k, k)
+        sq = X_sq - 2 * (XHt * W).sum(dim=(-2, -1)) + (WtW * HHt).sum(dim=(-2, -1))
         ctx.save_for_backward(W, H, Xt, XHt, WtW, HHt)
         return sq.clamp_min(0)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         W, H, Xt, XHt, WtW, HHt = ctx.saved_tensors
+        g2 = 2 * g[..., None, None]
         dW = dH = None
         if ctx.needs_input_grad[0]:
-            dW = (2 * g) * (W @ HHt - XHt)
+            dW = g2 * (W @ HHt - XHt)
         if ctx.needs_input_grad[1]:
-            WtX = (Xt @ W).T  # (k, m)
-            dH = (2 * g) * (WtW @ H - WtX)
+            WtX = matmul(Xt, W).mT  # (..., k, m)
+            dH = g2 * (WtW @ H - WtX)
         return dW, dH, None, None, None
+
+
+def matmul(X: Tensor, B: Tensor) -> Tensor:
+    """X @ B for a dense or sparse X (n, m) and B (m, k) or a batch (r, m, k).
+
+    Sparse kernels take no batch, so a batch is laid side by side as one (m, r k) matrix:
+    one pass over X's non-zeros serves every restart.
+    """
+    if not _is_sparse(X) or B.dim() == 2:
+        return X @ B
+    r, m, k = B.shape
+    if r == 1:
+        return (X @ B[0]).unsqueeze(0)
+    out = X @ B.permute(1, 0, 2).reshape(m, r * k)  # (n, r k)
+    return out.reshape(X.shape[0], r, k).permute(1, 0, 2)
 
 
 def sq_error_gram(
@@ -66,7 +83,7 @@ def sq_error_gram(
     if X_sq is None:
         X_sq = frobenius_sq(X).to(W.dtype)
     if Xt is None:
-        Xt = X.T if not _is_sparse(X) else transpose_sparse(X)
+        Xt = transpose_sparse(X) if _is_sparse(X) else X.T
     return _GramSqError.apply(W, H, X, Xt, X_sq)
 
 
@@ -93,12 +110,12 @@ def _safe_sqrt(x: Tensor) -> Tensor:
 
 def negativity_penalty(W: Tensor, H: Tensor) -> Tensor:
     """``mean(clamp(-W, 0)) + mean(clamp(-H, 0))``: the notebooks' soft non-negativity term."""
-    return torch.clamp(-W, min=0).mean() + torch.clamp(-H, min=0).mean()
+    return torch.clamp(-W, min=0).mean(dim=(-2, -1)) + torch.clamp(-H, min=0).mean(dim=(-2, -1))
 
 
 def l1(A: Tensor) -> Tensor:
     """Entry-wise L1 norm ``sum |A|``, which pushes entries of A to exactly zero."""
-    return A.abs().sum()
+    return A.abs().sum(dim=(-2, -1))
 
 
 def l21(H: Tensor) -> Tensor:
@@ -106,7 +123,7 @@ def l21(H: Tensor) -> Tensor:
 
     Penalising it switches whole columns of H off, i.e. it sparsifies the loadings.
     """
-    return torch.linalg.vector_norm(H, dim=0).mean()
+    return torch.linalg.vector_norm(H, dim=-2).mean(dim=-1)
 
 
 def relative_error(sq: Tensor, X_sq: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 import hydra
 import lightning as L
 import numpy as np
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -49,6 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}."
         )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
 
     log.info("Loading data <%s>", _choice("data", cfg.data.get("loader", {}).get("path")))
     datamodule = _build(cfg.data, _convert_="all")

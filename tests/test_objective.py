@@ -105,3 +105,26 @@ def test_float32_gram_agrees_with_float64_at_notebook_scale():
     sq32 = sq_error_gram(X, W, H).item()
     sq64 = sq_error_residual(X.double(), W.double(), H.double()).item()
     assert np.isclose(sq32, sq64, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr", "masked"])
+def test_batched_restarts_give_one_value_per_restart(layout):
+    X, _, _ = _pair(n=8, m=6, k=3)
+    g = torch.Generator().manual_seed(1)
+    W = torch.rand(4, 8, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    H = torch.rand(4, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(8, 6, generator=g) > 0.3 if layout == "masked" else None
+    if layout == "masked":
+        batched = sq_error_residual(X, W, H, mask)
+    else:
+        batched = sq_error_gram(X.to_sparse_csr() if layout == "csr" else X, W, H)
+    assert batched.shape == (4,)
+    gW, gH = torch.autograd.grad(batched.sum(), (W, H))
+    for r in range(4):
+        Wr, Hr = W[r].detach().requires_grad_(), H[r].detach().requires_grad_()
+        single = sq_error_residual(X, Wr, Hr, mask)
+        torch.testing.assert_close(batched[r], single)
+        sW, sH = torch.autograd.grad(single, (Wr, Hr))
+        torch.testing.assert_close(gW[r], sW)
+        torch.testing.assert_close(gH[r], sH)
+    assert negativity_penalty(W, H).shape == l1(W).shape == l21(H).shape == (4,)

@@ -63,8 +63,9 @@ def test_checkpoint_restores_the_factors(make_cfg, tmp_path):
     train(make_cfg(*SMALL, "trainer.max_steps=20"))
     module = NMFModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     W, H = _factors(tmp_path)
-    np.testing.assert_array_equal(module.W.detach().numpy(), W)
-    np.testing.assert_array_equal(module.H.detach().numpy(), H)
+    W_ckpt, H_ckpt = module.factors()
+    np.testing.assert_array_equal(W_ckpt, W)
+    np.testing.assert_array_equal(H_ckpt, H)
 
 
 class _Counting(torch.optim.SGD):
@@ -272,3 +273,24 @@ def test_gpu_requested_without_cuda_fails_at_once(make_cfg, tmp_path):
     with pytest.raises(NMFInputError, match=r"trainer.accelerator=gpu but no CUDA device is visible"):
         train(make_cfg(*SMALL, "trainer.accelerator=gpu"))
     assert _no_results(tmp_path)
+
+
+def test_batched_restarts_equal_separate_runs_with_the_same_seeds(make_cfg, tmp_path):
+    common = (*SMALL, "data.seed=0", "trainer.max_steps=60", "trainer.precision=64-true", "optimizer.lr=0.01")
+    batched_dir = tmp_path / "batched"
+    batched_dir.mkdir()
+    metrics = train(make_cfg(*common, "model.restarts=3", "seed=5", f"paths.output_dir={batched_dir}"))
+    ea = EventAccumulator(str(batched_dir / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    finals = [ea.Scalars(f"restarts/loss_{r}")[-1].value for r in range(3)]
+    best = metrics["best_restart"]
+    assert best == int(np.argmin(finals))
+    for r in range(3):
+        out = tmp_path / f"single{r}"
+        out.mkdir()
+        single = train(make_cfg(*common, f"seed={5 + r}", f"paths.output_dir={out}"))
+        assert single["loss"] == pytest.approx(finals[r], rel=1e-6)
+        if r == best:
+            for a, b in zip(_factors(out), _factors(batched_dir), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+            assert single["relative_error"] == pytest.approx(metrics["relative_error"], rel=1e-9)

@@ -55,11 +55,14 @@ class NMFDataModule(L.LightningDataModule):
         self.matrix = matrix
 
     def train_dataloader(self) -> DataLoader:
-        """One tick per ``training_step``: enough for ``max_steps`` updates in one epoch."""
-        n = 1
+        """One tick per ``training_step``: enough for ``max_steps`` updates in one epoch.
+
+        Each tick runs at least one update, so ``max_steps`` ticks always suffice; the
+        trainer stops as soon as ``max_steps`` updates are done.
+        """
         trainer = self.trainer
-        if trainer is not None:
-            inner = max(1, int(getattr(trainer.lightning_module, "inner_steps", 1)))
-            max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 10**9
-            n = math.ceil(max_steps / inner)
-        return DataLoader(_Ticks(n), batch_size=None, shuffle=False)
+        max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 10**9
+        module = trainer.lightning_module if trainer is not None else None
+        if module is not None and getattr(module.hparams, "inner_steps", "auto") != "auto":
+            max_steps = math.ceil(max_steps / int(module.hparams.inner_steps))
+        return DataLoader(_Ticks(max_steps), batch_size=None, shuffle=False)

@@ -1,0 +1,65 @@
+"""GPU checks: run with `pytest -m gpu` on a machine with CUDA."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from nmf_lightning.train import train
+
+pytestmark = pytest.mark.gpu
+SMALL = ("data=synthetic", "data.n_rows=300", "data.n_cols=200", "data.true_rank=5", "model.rank=5")
+
+
+def _factors(path):
+    with np.load(path / "factors.npz") as f:
+        return f["W"], f["H"]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
+def test_gpu_run_matches_the_cpu_run(make_cfg, tmp_path, precision):
+    out = {}
+    for acc in ("cpu", "gpu"):
+        d = tmp_path / acc
+        d.mkdir()
+        metrics = train(
+            make_cfg(
+                *SMALL,
+                f"trainer.accelerator={acc}",
+                f"trainer.precision={precision}",
+                "trainer.max_steps=200",
+                "optimizer.lr=0.01",
+                f"paths.output_dir={d}",
+            )
+        )
+        out[acc] = (metrics, _factors(d))
+    tol = 1e-3 if precision == "32-true" else 1e-9
+    assert out["gpu"][0]["relative_error"] == pytest.approx(out["cpu"][0]["relative_error"], rel=tol)
+    np.testing.assert_allclose(out["gpu"][1][0], out["cpu"][1][0], rtol=tol * 10, atol=tol)
+
+
+def test_gpu_sparse_restarts_and_bf16(make_cfg, tmp_path):
+    X = sp.random(400, 300, density=0.05, random_state=0, format="csr")
+    path = tmp_path / "x.npz"
+    sp.save_npz(path, X)
+    metrics = train(
+        make_cfg(
+            "data=file",
+            f"data.path={path}",
+            "model.rank=8",
+            "model.restarts=4",
+            "trainer.accelerator=gpu",
+            "trainer.max_steps=100",
+            "optimizer.lr=0.01",
+        )
+    )
+    assert 0 <= metrics["best_restart"] < 4 and metrics["relative_error"] < 1
+    bf16 = train(
+        make_cfg(
+            *SMALL,
+            "trainer.accelerator=gpu",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=100",
+            "optimizer.lr=0.01",
+        )
+    )
+    assert np.isfinite(bf16["relative_error"]) and bf16["relative_error"] < 0.5

@@ -27,16 +27,18 @@ def initialize(
     mask: Tensor | None = None,
     scale: float = 0.01,
     eps: float = 1e-6,
+    n_obs: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Return (W, H) of shapes (n, k) and (k, m) in X's dtype and device.
 
     ``generator`` is a CPU generator; drawing on the CPU makes a seed give the same
-    factors on every device. ``scale`` is sigma of ``normal_abs``.
+    factors on every device. ``scale`` is sigma of ``normal_abs``. X holds 0 at missing
+    entries; ``mask`` or ``n_obs`` (the number of observed entries) says how many count.
     """
     n, m = X.shape
     dtype, device = X.dtype, X.device
     if init == "random":
-        avg = math.sqrt(_mean(X, mask) / rank)
+        avg = math.sqrt(_mean(X, mask, n_obs) / rank)
         W = avg * _randn((n, rank), generator).abs()
         H = avg * _randn((rank, m), generator).abs()
     elif init == "normal_abs":
@@ -44,7 +46,7 @@ def initialize(
         W = torch.normal(0.0, scale, size=(n, rank), generator=generator).abs()
         H = torch.normal(0.0, scale, size=(rank, m), generator=generator).abs()
     elif init in SVD_INITS:
-        return _nndsvd(X, rank, init, generator=generator, mask=mask, eps=eps)
+        return _nndsvd(X, rank, init, generator=generator, mean=_mean(X, mask, n_obs), eps=eps)
     else:
         raise ValueError(f"model.init={init!r} is not a known init; choose one of {INITS}.")
     return W.to(device=device, dtype=dtype), H.to(device=device, dtype=dtype)
@@ -54,15 +56,18 @@ def _randn(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float64)
 
 
-def _mean(X: Tensor, mask: Tensor | None) -> float:
-    """Mean of the observed entries (sparse zeros count as observed)."""
+def _mean(X: Tensor, mask: Tensor | None, n_obs: int | None = None) -> float:
+    """Mean of the observed entries: X holds 0 at missing ones; ``n_obs`` counts the rest.
+
+    Sparse zeros count as observed unless ``n_obs`` says otherwise.
+    """
     n, m = X.shape
     if X.is_sparse or X.layout == torch.sparse_csr:
         values = X.coalesce().values() if X.is_sparse else X.values()
-        return float(values.double().sum()) / (n * m)
-    if mask is not None:
-        return float(X.double().sum()) / max(int(mask.sum()), 1)
-    return float(X.double().mean())
+        return float(values.double().sum()) / (n_obs or n * m)
+    if n_obs is None and mask is not None:
+        n_obs = int(mask.sum())
+    return float(X.double().sum()) / max(n_obs or n * m, 1)
 
 
 def _nndsvd(
@@ -71,7 +76,7 @@ def _nndsvd(
     variant: str,
     *,
     generator: torch.Generator,
-    mask: Tensor | None,
+    mean: float,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
     """NNDSVD: split each singular pair into positive and negative parts, keep the larger.
@@ -108,15 +113,13 @@ def _nndsvd(
     W[eps > W] = 0
     H[eps > H] = 0
     if variant == "nndsvda":
-        avg = _mean(X, mask)
-        W[W == 0] = avg
-        H[H == 0] = avg
+        W[W == 0] = mean
+        H[H == 0] = mean
     elif variant == "nndsvdar":
-        avg = _mean(X, mask)
         for A in (W, H):
             zeros = A == 0
             noise = _randn((int(zeros.sum()), 1), generator).flatten()
-            A[zeros] = (avg * noise / 100).abs().to(A)
+            A[zeros] = (mean * noise / 100).abs().to(A)
     return W, H
 
 

@@ -30,6 +30,7 @@ from nmf_lightning.objective import (
     reconstruction,
     relative_error,
     sq_error_gram,
+    sq_error_observed,
     sq_error_residual,
     transpose_sparse,
 )
@@ -44,6 +45,8 @@ _PRECISION_DTYPES = {
 }
 #: auto mode leaves the Gram form when the relative error falls below this many sqrt(eps)
 _GRAM_SAFETY = 10.0
+#: masked X with at most this fraction observed is kept as (row, col, value) triplets
+_OBSERVED_FRACTION = 0.1
 #: inner_steps=auto sizes each block of updates to take about this long (one log point)
 _BLOCK_SECONDS = 0.25
 
@@ -136,6 +139,15 @@ class NMFModule(L.LightningModule):
             )
         X, mask = _to_tensor(matrix.X, dtype)
         sparse = X.layout == torch.sparse_csr
+        observed = None  # (rows, cols, values) when only the observed entries are kept
+        if sparse and matrix.unstored_missing:
+            counts = X.crow_indices().diff()
+            rows = torch.repeat_interleave(torch.arange(n), counts)
+            observed = (rows, X.col_indices(), X.values())
+        elif mask is not None and mask.float().mean() <= _OBSERVED_FRACTION:
+            rows, cols = mask.nonzero(as_tuple=True)
+            observed = (rows, cols, X[rows, cols])
+        n_obs = len(observed[2]) if observed is not None else int(mask.sum()) if mask is not None else n * m
         if sparse and self.hparams.loss_form == "residual":
             warnings.warn(
                 "model.loss_form=residual densifies the sparse X at every update; "
@@ -143,17 +155,14 @@ class NMFModule(L.LightningModule):
                 UserWarning,
                 stacklevel=2,
             )
-        if mask is not None and self.hparams.loss_form == "gram":
+        if (mask is not None or observed is not None) and self.hparams.loss_form == "gram":
             raise NMFInputError(
                 "model.loss_form=gram cannot skip missing entries; X has NaN entries, "
                 "so use model.loss_form=auto or residual."
             )
         self.matrix = matrix
-        self.register_buffer("X", X, persistent=False)
-        self.register_buffer("Xt", transpose_sparse(X) if sparse else None, persistent=False)
-        self.register_buffer("mask", mask, persistent=False)
+        self.n_obs = n_obs
         self.register_buffer("X_sq", frobenius_sq(X, mask).to(dtype), persistent=False)
-        self.n_obs = int(mask.sum()) if mask is not None else n * m
         Xf = X if X.dtype in (torch.float32, torch.float64) else X.float()
         pairs = [
             initialize(
@@ -163,9 +172,18 @@ class NMFModule(L.LightningModule):
                 generator=torch.Generator().manual_seed(int(self.hparams.seed) + r),
                 mask=mask,
                 scale=self.hparams.init_scale,
+                n_obs=n_obs,
             )
             for r in range(self.hparams.restarts)
         ]
+        if observed is not None:  # the triplets replace X, its transpose and the mask
+            X = mask = None
+            sparse = False
+        self.register_buffer("X", X, persistent=False)
+        self.register_buffer("Xt", transpose_sparse(X) if sparse else None, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        for name, value in zip(("obs_rows", "obs_cols", "obs_vals"), observed or (None,) * 3, strict=True):
+            self.register_buffer(name, value, persistent=False)
         W = torch.stack([W for W, _ in pairs]).to(dtype)
         H = torch.stack([H for _, H in pairs]).to(dtype)
         if self.hparams.restarts == 1:  # plain 2-D factors: no batch overhead in the hot loop
@@ -207,6 +225,8 @@ class NMFModule(L.LightningModule):
         return total, terms
 
     def _sq_error(self, W: Tensor, H: Tensor) -> Tensor:
+        if self.obs_vals is not None:
+            return sq_error_observed(self.obs_rows, self.obs_cols, self.obs_vals, W, H)
         if self._use_gram():
             return sq_error_gram(self.X, W, H, self.X_sq, self.Xt)
         return sq_error_residual(self.X, W, H, self.mask)
@@ -308,7 +328,7 @@ class NMFModule(L.LightningModule):
 
     def _update_gram_safety(self, rel_err: Tensor) -> None:
         eps = torch.finfo(self.W.dtype).eps
-        if self.hparams.loss_form == "auto" and self.Xt is None and self.mask is None:
+        if self.hparams.loss_form == "auto" and self.X is not None and self.Xt is None and self.mask is None:
             # Gram-form cancellation: near sqrt(eps) relative error, switch to the residual.
             self._gram_safe = bool(rel_err > _GRAM_SAFETY * math.sqrt(eps))
 
@@ -322,7 +342,9 @@ class NMFModule(L.LightningModule):
         loss, terms = self.objective(all_terms=True)  # (r,) each
         per_restart = {"train/loss": loss}
         per_restart.update({f"train/{name}": value for name, value in terms.items()})
-        if self.Xt is not None:
+        if self.obs_vals is not None:
+            sq = sq_error_observed(self.obs_rows, self.obs_cols, self.obs_vals, self.W, self.H)
+        elif self.Xt is not None:
             sq = sq_error_gram(self.X, self.W, self.H, self.X_sq, self.Xt)
         else:
             sq = sq_error_residual(self.X, self.W, self.H, self.mask)

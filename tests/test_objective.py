@@ -128,3 +128,19 @@ def test_batched_restarts_give_one_value_per_restart(layout):
         torch.testing.assert_close(gW[r], sW)
         torch.testing.assert_close(gH[r], sH)
     assert negativity_penalty(W, H).shape == l1(W).shape == l21(H).shape == (4,)
+
+
+def test_observed_entries_form_matches_the_masked_residual():
+    from nmf_lightning.objective import sq_error_observed
+
+    X, W, H = _pair(n=9, m=7, k=3)
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(9, 7, generator=g) < 0.3
+    rows, cols = mask.nonzero(as_tuple=True)
+    for Wb, Hb in ((W, H), (torch.stack([W, 2 * W]), torch.stack([H, H / 3]))):
+        dense = sq_error_residual(X * mask, Wb, Hb, mask)
+        sparse = sq_error_observed(rows, cols, X[rows, cols], Wb, Hb)
+        torch.testing.assert_close(sparse, dense)
+        got = torch.autograd.grad(sparse.sum(), (W, H), retain_graph=True)
+        for a, b in zip(got, torch.autograd.grad(dense.sum(), (W, H)), strict=True):
+            torch.testing.assert_close(a, b)

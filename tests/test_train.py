@@ -294,3 +294,51 @@ def test_batched_restarts_equal_separate_runs_with_the_same_seeds(make_cfg, tmp_
             for a, b in zip(_factors(out), _factors(batched_dir), strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
             assert single["relative_error"] == pytest.approx(metrics["relative_error"], rel=1e-9)
+
+
+def test_ratings_fit_only_their_stored_entries(make_cfg, tmp_path):
+    rng = np.random.default_rng(0)
+    dense = rng.random((50, 40)) * (rng.random((50, 40)) < 0.08)  # about 8% observed
+    ratings = sp.csr_matrix(dense)
+    sp.save_npz(tmp_path / "r.npz", ratings)
+    nan_dense = np.where(dense > 0, dense, np.nan)
+    np.save(tmp_path / "r.npy", nan_dense)
+    seen = {}
+    orig = NMFModule.set_matrix
+
+    def spy(self, matrix, dtype=None):
+        orig(self, matrix, dtype)
+        seen[matrix.name] = (self.X is None, self.obs_vals is not None and len(self.obs_vals))
+
+    NMFModule.set_matrix = spy
+    runs = {}
+    try:
+        for name, extra in (
+            ("sparse", ["data.path=" + str(tmp_path / "r.npz"), "data.unstored=missing"]),
+            ("dense", ["data.path=" + str(tmp_path / "r.npy")]),
+        ):
+            out = tmp_path / name
+            out.mkdir()
+            runs[name] = train(
+                make_cfg(
+                    "data=file",
+                    *extra,
+                    "model.rank=3",
+                    "trainer.max_steps=50",
+                    "optimizer.lr=0.01",
+                    f"paths.output_dir={out}",
+                )
+            )
+    finally:
+        NMFModule.set_matrix = orig
+    # both keep only the ratings as (row, col, value) triplets: no n x m tensor at all
+    assert (
+        seen["r"] == (True, ratings.nnz)
+        if len(seen) == 1
+        else all(v == (True, ratings.nnz) for v in seen.values())
+    )
+    assert runs["sparse"]["relative_error"] == pytest.approx(runs["dense"]["relative_error"], rel=1e-5)
+    W, H = _factors(tmp_path / "sparse")
+    obs = dense > 0
+    expected = np.linalg.norm((dense - W @ H)[obs]) / np.linalg.norm(dense[obs])
+    assert runs["sparse"]["relative_error"] == pytest.approx(expected, rel=1e-4)

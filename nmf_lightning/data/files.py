@@ -14,13 +14,21 @@ SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".mtx", ".pt", ".pth")
 
 
 def from_file(
-    path: str, key: str | None = None, skip_header: int = 0, delimiter: str | None = None
+    path: str,
+    key: str | None = None,
+    skip_header: int = 0,
+    delimiter: str | None = None,
+    unstored: str = "zero",
 ) -> Matrix:
     """Load X from ``path``; the format is chosen by the file extension.
 
     ``key`` picks an array in a multi-array .npz or a dict saved in .pt; ``skip_header``
     and ``delimiter`` apply to text files (empty cells and ``nan`` become missing).
+    ``unstored='missing'`` reads a sparse matrix as ratings: only stored entries are
+    observed (the default, ``'zero'``, treats unstored entries as observed zeros).
     """
+    if unstored not in ("zero", "missing"):
+        raise ValueError(f"data.unstored={unstored!r} must be 'zero' or 'missing'.")
     if path is None or str(path) == "":
         raise ValueError("data=file needs data.path=PATH to a matrix file.")
     p = Path(path).expanduser()
@@ -38,11 +46,15 @@ def from_file(
         raise ValueError(f"could not read data.path={str(path)!r} as {suffix}: {err}") from err
     if sp.issparse(X):
         X = sp.csr_matrix(X)
+        if unstored == "missing" and X.nnz == 0:
+            raise ValueError(
+                f"data.path={str(path)!r} stores no entries, so with data.unstored=missing none is observed."
+            )
     else:
         X = np.asarray(X)
         if X.dtype == object or not np.issubdtype(X.dtype, np.number):
             raise ValueError(f"data.path={str(path)!r} does not hold numbers (dtype {X.dtype}).")
-    return Matrix(X, name=p.stem)
+    return Matrix(X, name=p.stem, unstored_missing=unstored == "missing" and sp.issparse(X))
 
 
 def _npy(p: Path, **_) -> np.ndarray:

@@ -16,15 +16,18 @@ import scipy.sparse as sp
 class Matrix:
     """A data matrix X (n, m) with NaN for missing entries, plus what helps read its factors.
 
-    ``col_names`` names the columns (e.g. the vocabulary of a TF-IDF matrix) so each
-    row of H can be read as a topic; ``image_shape`` says how a row of H folds into
-    an image (digits: 8 x 8); ``W_true``/``H_true`` hold planted factors when known.
+    ``unstored_missing`` marks a sparse X whose unstored entries are missing (ratings),
+    not zeros; only the stored entries are then fitted. ``col_names`` names the columns
+    (e.g. the vocabulary of a TF-IDF matrix) so each row of H can be read as a topic;
+    ``image_shape`` says how a row of H folds into an image (digits: 8 x 8);
+    ``W_true``/``H_true`` hold planted factors when known.
     """
 
     X: np.ndarray | sp.csr_matrix
     name: str = "matrix"
     col_names: list[str] | None = None
     image_shape: tuple[int, int] | None = None
+    unstored_missing: bool = False
     W_true: np.ndarray | None = None
     H_true: np.ndarray | None = None
     info: dict = field(default_factory=dict)

@@ -98,12 +98,8 @@ def _nndsvd(
     m_p, m_n = xp_nrm * yp_nrm, xn_nrm * yn_nrm
     pos = m_p > m_n
     tiny = torch.finfo(X.dtype).tiny
-    u = torch.where(
-        pos[:, None], x_p / xp_nrm.clamp_min(tiny)[:, None], x_n / xn_nrm.clamp_min(tiny)[:, None]
-    )
-    v = torch.where(
-        pos[:, None], y_p / yp_nrm.clamp_min(tiny)[:, None], y_n / yn_nrm.clamp_min(tiny)[:, None]
-    )
+    u = torch.where(pos[:, None], x_p / xp_nrm.clamp_min(tiny)[:, None], x_n / xn_nrm.clamp_min(tiny)[:, None])
+    v = torch.where(pos[:, None], y_p / yp_nrm.clamp_min(tiny)[:, None], y_n / yn_nrm.clamp_min(tiny)[:, None])
     lbd = torch.sqrt(S * torch.where(pos, m_p, m_n))
     W = (lbd[:, None] * u).T.contiguous()
     H = lbd[:, None] * v

@@ -34,6 +34,7 @@ from nmf_lightning.objective import (
     sq_error_residual,
     transpose_sparse,
 )
+from nmf_lightning.solvers import Solver, Target
 from nmf_lightning.validation import NMFInputError, check_rank
 
 LOSS_FORMS = ("auto", "residual", "gram")
@@ -48,7 +49,7 @@ _GRAM_SAFETY = 10.0
 #: masked X with at most this fraction observed is kept as (row, col, value) triplets
 _OBSERVED_FRACTION = 0.1
 #: inner_steps=auto sizes each block of updates to take about this long (one log point)
-_BLOCK_SECONDS = 0.25
+_BLOCK_SECONDS = 1.0
 
 
 class DivergenceError(RuntimeError):
@@ -150,8 +151,7 @@ class NMFModule(L.LightningModule):
         n_obs = len(observed[2]) if observed is not None else int(mask.sum()) if mask is not None else n * m
         if sparse and self.hparams.loss_form == "residual":
             warnings.warn(
-                "model.loss_form=residual densifies the sparse X at every update; "
-                "loss_form=auto keeps it sparse.",
+                "model.loss_form=residual densifies the sparse X at every update; loss_form=auto keeps it sparse.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -203,14 +203,16 @@ class NMFModule(L.LightningModule):
         checkpoint["best_restart"] = self._best()
 
     # ------------------------------------------------------------- objective
-    def objective(self, all_terms: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, all_terms: bool = False, sq: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its unweighted terms, one value per restart (shape (r,)).
 
-        ``all_terms`` adds the terms whose weight is 0 (for logging).
+        ``all_terms`` adds the terms whose weight is 0 (for logging); ``sq`` is a squared
+        error already computed for the current factors.
         """
         hp = self.hparams
         W, H = self.W, self.H
-        terms = {"reconstruction": reconstruction(self._sq_error(W, H), self.n_obs, hp.loss)}
+        sq = self._sq_error(W, H) if sq is None else sq
+        terms = {"reconstruction": reconstruction(sq, self.n_obs, hp.loss)}
         total = terms["reconstruction"]
         for name, weight, fn in (
             ("penalty", hp.lam, lambda: negativity_penalty(W, H)),
@@ -224,12 +226,17 @@ class NMFModule(L.LightningModule):
                 total = total + weight * terms[name]
         return total, terms
 
-    def _sq_error(self, W: Tensor, H: Tensor) -> Tensor:
+    def _sq_error(self, W: Tensor, H: Tensor, exact: bool = False) -> Tensor:
+        """Squared error in the training form; ``exact`` avoids the Gram form on dense X."""
         if self.obs_vals is not None:
             return sq_error_observed(self.obs_rows, self.obs_cols, self.obs_vals, W, H)
-        if self._use_gram():
+        if self.Xt is not None or (self._use_gram() and not exact):
             return sq_error_gram(self.X, W, H, self.X_sq, self.Xt)
         return sq_error_residual(self.X, W, H, self.mask)
+
+    def target(self) -> Target:
+        """X as the closed-form solvers read it."""
+        return Target(self.X, self.Xt, self.mask, self.obs_rows, self.obs_cols, self.obs_vals, self.matrix.shape)
 
     def _use_gram(self) -> bool:
         form = self.hparams.loss_form
@@ -257,8 +264,21 @@ class NMFModule(L.LightningModule):
             self._block = int(min(max(target, 1), 10 * n, 100_000))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Build the configured optimizer over W and H."""
-        return self.optimizer_factory([self.W, self.H])
+        """Build the configured optimizer (or closed-form solver) over W and H."""
+        optimizer = self.optimizer_factory([self.W, self.H])
+        if isinstance(optimizer, Solver):
+            name = type(optimizer).__name__.lower()
+            if self.hparams.l21_H:
+                raise NMFInputError(
+                    f"optimizer={name} has no closed form for the L2,1 penalty (model.l21_H="
+                    f"{self.hparams.l21_H}); use a gradient optimizer such as optimizer=adam."
+                )
+            if self.obs_vals is not None and not optimizer.supports_triplets:
+                raise NMFInputError(
+                    f"optimizer={name} needs a dense mask, but X is kept as observed entries "
+                    "(ratings or mostly-missing data); use optimizer=mu or a gradient optimizer."
+                )
+        return optimizer
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         """Run one block of updates, then check, measure and log once."""
@@ -271,8 +291,9 @@ class NMFModule(L.LightningModule):
         self._advance_global_step(n)
         metrics = self.compute_metrics()
         if not bool(torch.isfinite(metrics["train/loss"])):  # sync point, once per block
-            best = losses.nan_to_num(nan=float("inf"))
-            self._diverged(best if best.dim() == 1 else best.min(dim=1).values, start_step, W0, H0)
+            if losses is not None and losses.dim() == 2:  # restarts: the block failed if all did
+                losses = losses.nan_to_num(nan=float("inf")).min(dim=1).values
+            self._diverged(losses, start_step, W0, H0)
         now = time.perf_counter()
         if self._last_time is not None:
             metrics["perf/updates_per_sec"] = torch.tensor(n / max(now - self._last_time, 1e-9))
@@ -286,8 +307,13 @@ class NMFModule(L.LightningModule):
             self.log(key, metrics.pop(key), prog_bar=True, on_step=True, batch_size=1)
         self.log_dict(metrics, on_step=True, batch_size=1)
 
-    def _run_updates(self, optimizer: torch.optim.Optimizer, n: int) -> Tensor:
+    def _run_updates(self, optimizer: torch.optim.Optimizer, n: int) -> Tensor | None:
         """``n`` optimizer updates; the per-update losses stay on the device."""
+        if isinstance(optimizer, Solver):
+            target, hp = self.target(), self.hparams
+            for _ in range(n):
+                optimizer.update(target, self.W, self.H, hp.l1_W, hp.l1_H)
+            return None
         losses = torch.empty(n, *_batch(self.hparams.restarts), device=self.W.device, dtype=torch.float32)
         for i in range(n):
             optimizer.zero_grad(set_to_none=True)
@@ -312,13 +338,15 @@ class NMFModule(L.LightningModule):
             tracker.ready += n
             tracker.completed += n
 
-    def _diverged(self, losses: Tensor, start_step: int, W0: Tensor, H0: Tensor) -> None:
+    def _diverged(self, losses: Tensor | None, start_step: int, W0: Tensor, H0: Tensor) -> None:
+        if losses is None:  # closed-form solvers keep no per-update losses: blame the block's end
+            losses = torch.full((self.global_step - start_step,), float("nan"))
         bad = (~torch.isfinite(losses)).nonzero()
         offset = int(bad[0]) if len(bad) else len(losses) - 1
         step = start_step + offset + 1
         value = float(losses[offset]) if len(bad) else float("nan")
         lr = self.optimizers().optimizer.param_groups[0].get("lr")
-        hint = f"lower the learning rate (e.g. optimizer.lr={lr / 10:g})" if lr else "lower the learning rate"
+        hint = f"lower the learning rate (e.g. optimizer.lr={lr / 10:g})" if lr else "check X for extreme values"
         raise DivergenceError(
             f"the loss became {value} at update {step}; {hint}, or set model.project=true.",
             step=step,
@@ -339,15 +367,10 @@ class NMFModule(L.LightningModule):
 
         Everything stays on the device; with restarts, ``restarts/loss_<r>`` logs each one.
         """
-        loss, terms = self.objective(all_terms=True)  # (r,) each
+        sq = self._sq_error(self.W, self.H, exact=True)  # (r,): the residual form on dense X
+        loss, terms = self.objective(all_terms=True, sq=sq)
         per_restart = {"train/loss": loss}
         per_restart.update({f"train/{name}": value for name, value in terms.items()})
-        if self.obs_vals is not None:
-            sq = sq_error_observed(self.obs_rows, self.obs_cols, self.obs_vals, self.W, self.H)
-        elif self.Xt is not None:
-            sq = sq_error_gram(self.X, self.W, self.H, self.X_sq, self.Xt)
-        else:
-            sq = sq_error_residual(self.X, self.W, self.H, self.mask)
         per_restart["train/relative_error"] = relative_error(sq.double(), self.X_sq.double())
         per_restart["train/rmse"] = torch.sqrt(sq.double().clamp_min(0) / self.n_obs)
         for name, A in (("W", self.W.detach()), ("H", self.H.detach())):

@@ -83,9 +83,7 @@ def sq_error_observed(rows: Tensor, cols: Tensor, vals: Tensor, W: Tensor, H: Te
     return (R * R).sum(dim=-1)
 
 
-def sq_error_gram(
-    X: Tensor, W: Tensor, H: Tensor, X_sq: Tensor | None = None, Xt: Tensor | None = None
-) -> Tensor:
+def sq_error_gram(X: Tensor, W: Tensor, H: Tensor, X_sq: Tensor | None = None, Xt: Tensor | None = None) -> Tensor:
     """Sum of squared residuals of an unmasked X in the Gram form (no n x m temporary).
 
     ``X_sq`` (= ||X||^2) and ``Xt`` (X transposed, stored row-major when sparse) may be

@@ -46,9 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
-        raise ValueError(
-            f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}."
-        )
+        raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
 
@@ -70,9 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except DivergenceError as err:
         path = out / "factors_last_finite.npz"
         np.savez(path, W=err.W, H=err.H)
-        raise DivergenceError(
-            f"{err} The last finite factors are in {path}.", err.step, err.W, err.H
-        ) from None
+        raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
 
     metrics = {k.split("/", 1)[-1]: v for k, v in model.final_metrics.items()}
     metrics["stop_reason"] = model.stop_reason

@@ -28,8 +28,7 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X") -> N
         raise TypeError(f"{name} must be a numpy array or a scipy sparse matrix, got {type(X)}.")
     if X.ndim != 2:
         raise NMFInputError(
-            f"{name} must be a 2-D matrix, got {X.ndim}-D with shape {X.shape}; "
-            "reshape it to (rows, columns) first."
+            f"{name} must be a 2-D matrix, got {X.ndim}-D with shape {X.shape}; reshape it to (rows, columns) first."
         )
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")

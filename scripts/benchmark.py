@@ -249,9 +249,7 @@ def run_torchnmf(matrix, p: dict, device: str, max_iter: int) -> dict:
     total = time.perf_counter() - t0
     # torchnmf factors V (n, m) ~ H (n, k) @ W (m, k)^T
     Wn, Hn = model.H.detach().cpu().numpy(), model.W.detach().cpu().numpy().T
-    return dict(
-        wall_s=total, curve=None, updates=n_iter, updates_per_s=n_iter / total, W=Wn, H=Hn, form="residual"
-    )
+    return dict(wall_s=total, curve=None, updates=n_iter, updates_per_s=n_iter / total, W=Wn, H=Hn, form="residual")
 
 
 def run_nmf_torch(matrix, p: dict, device: str) -> dict:
@@ -415,9 +413,7 @@ def main() -> None:
     names = list(PROBLEMS) if args.problems == "all" else args.problems.split(",")
     device = args.device
     peak = matmul_rate(device, torch.float32)
-    dev_name = (
-        torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} threads)"
-    )
+    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} threads)"
     print(f"device: {dev_name}, float32 matmul ({args.matmul_precision}): {peak:.0f} GFLOP/s", flush=True)
     print(HEADER)
     rows: list[dict] = []
@@ -439,9 +435,7 @@ def main() -> None:
 
 
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
-    (out / "benchmark.json").write_text(
-        json.dumps(dict(meta=meta, rows=rows), indent=1, default=float) + "\n"
-    )
+    (out / "benchmark.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=float) + "\n")
     md = [
         f"Command: `{meta['command']}`  ",
         f"Device: {meta['device']}, torch {meta['torch']}, {meta['date']}; measured float32 matmul "

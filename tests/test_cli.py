@@ -182,9 +182,7 @@ def test_wheel_ships_the_config_tree(tmp_path):
     assert proc.returncode == 0, proc.stderr
     wheel = next(tmp_path.glob("nmf_lightning-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {
-        n.split("nmf_lightning/configs/", 1)[1] for n in names if n.startswith("nmf_lightning/configs/")
-    }
+    shipped = {n.split("nmf_lightning/configs/", 1)[1] for n in names if n.startswith("nmf_lightning/configs/")}
     expected = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
     assert expected <= shipped
     # installed from the wheel (not the source tree), the entry point resolves its configs

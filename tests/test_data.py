@@ -43,9 +43,7 @@ def test_synthetic_has_the_requested_shape_rank_and_noise():
     assert np.linalg.matrix_rank(clean.X) == 4
     noisy = synthetic(n_rows=60, n_cols=40, true_rank=4, noise=0.1, seed=1)
     assert (noisy.X >= 0).all() and np.linalg.matrix_rank(noisy.X) > 4
-    np.testing.assert_array_equal(
-        synthetic(n_rows=5, n_cols=4, seed=3).X, synthetic(n_rows=5, n_cols=4, seed=3).X
-    )
+    np.testing.assert_array_equal(synthetic(n_rows=5, n_cols=4, seed=3).X, synthetic(n_rows=5, n_cols=4, seed=3).X)
     with pytest.raises(ValueError, match="data.true_rank must be >= 1"):
         synthetic(true_rank=0)
 
@@ -61,9 +59,7 @@ def matrix():
     return np.arange(12, dtype=np.float64).reshape(4, 3)
 
 
-@pytest.mark.parametrize(
-    "suffix", [".npy", ".npz", ".npz-sparse", ".csv", ".tsv", ".mtx", ".pt", ".pt-sparse"]
-)
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".npz-sparse", ".csv", ".tsv", ".mtx", ".pt", ".pt-sparse"])
 def test_file_formats_load_with_the_right_shape_and_values(tmp_path, matrix, suffix):
     path = tmp_path / ("x" + suffix.split("-")[0])
     if suffix == ".npy":

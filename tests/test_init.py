@@ -31,9 +31,7 @@ def test_normal_abs_reproduces_the_notebook_draws():
     torch.manual_seed(42)
     W_nb = torch.abs(torch.normal(0, 0.01, size=(6, 3)))
     H_nb = torch.abs(torch.normal(0, 0.01, size=(3, 4)))
-    W, H = initialize(
-        torch.ones(6, 4), 3, "normal_abs", generator=torch.Generator().manual_seed(42), scale=0.01
-    )
+    W, H = initialize(torch.ones(6, 4), 3, "normal_abs", generator=torch.Generator().manual_seed(42), scale=0.01)
     torch.testing.assert_close(W, W_nb)
     torch.testing.assert_close(H, H_nb)
 

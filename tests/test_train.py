@@ -90,9 +90,7 @@ def test_fused_inner_steps_give_the_same_factors_as_one_update_per_step(make_cfg
     for inner in (1, 8):
         out = tmp_path / str(inner)
         out.mkdir()
-        train(
-            make_cfg(*SMALL, "trainer.max_steps=40", f"model.inner_steps={inner}", f"paths.output_dir={out}")
-        )
+        train(make_cfg(*SMALL, "trainer.max_steps=40", f"model.inner_steps={inner}", f"paths.output_dir={out}"))
         results.append(_factors(out))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
@@ -158,9 +156,7 @@ def test_without_projection_negatives_are_reported_and_warned(make_cfg):
 @pytest.mark.parametrize("loss", ["fro", "fro2", "rmse"])
 def test_each_loss_trains_and_masked_entries_stay_out(make_cfg, loss):
     metrics = train(
-        make_cfg(
-            "data=toy", "model.rank=2", f"model.loss={loss}", "trainer.max_steps=400", "optimizer.lr=0.05"
-        )
+        make_cfg("data=toy", "model.rank=2", f"model.loss={loss}", "trainer.max_steps=400", "optimizer.lr=0.05")
     )
     assert np.isfinite(metrics["loss"]) and metrics["relative_error"] < 0.2
 
@@ -200,18 +196,14 @@ def test_sparse_x_trains_without_being_densified(tmp_path, make_cfg):
     NMFModule.set_matrix = spy
     try:
         metrics = train(
-            make_cfg(
-                "data=file", f"data.path={path}", "model.rank=5", "trainer.max_steps=50", "optimizer.lr=0.01"
-            )
+            make_cfg("data=file", f"data.path={path}", "model.rank=5", "trainer.max_steps=50", "optimizer.lr=0.01")
         )
     finally:
         NMFModule.set_matrix = orig
     assert seen["layout"] == torch.sparse_csr
     W, H = _factors(tmp_path)
     dense = X.toarray()
-    assert metrics["relative_error"] == pytest.approx(
-        np.linalg.norm(dense - W @ H) / np.linalg.norm(dense), rel=1e-4
-    )
+    assert metrics["relative_error"] == pytest.approx(np.linalg.norm(dense - W @ H) / np.linalg.norm(dense), rel=1e-4)
 
 
 def test_float64_precision_trains_in_float64(make_cfg, tmp_path):
@@ -332,11 +324,7 @@ def test_ratings_fit_only_their_stored_entries(make_cfg, tmp_path):
     finally:
         NMFModule.set_matrix = orig
     # both keep only the ratings as (row, col, value) triplets: no n x m tensor at all
-    assert (
-        seen["r"] == (True, ratings.nnz)
-        if len(seen) == 1
-        else all(v == (True, ratings.nnz) for v in seen.values())
-    )
+    assert seen["r"] == (True, ratings.nnz) if len(seen) == 1 else all(v == (True, ratings.nnz) for v in seen.values())
     assert runs["sparse"]["relative_error"] == pytest.approx(runs["dense"]["relative_error"], rel=1e-5)
     W, H = _factors(tmp_path / "sparse")
     obs = dense > 0

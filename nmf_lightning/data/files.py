@@ -77,12 +77,8 @@ def _text(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) -> n
         delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
     header = _first_line(p, skip_header).split(delimiter)
     if skip_header == 0 and not all(_is_number(c) for c in header):
-        raise ValueError(
-            f"its first line {header[:5]} is not numbers; if it is a header, set data.skip_header=1"
-        )
-    X = np.genfromtxt(
-        p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan
-    )
+        raise ValueError(f"its first line {header[:5]} is not numbers; if it is a header, set data.skip_header=1")
+    X = np.genfromtxt(p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan)
     if X.ndim == 1 and X.size:  # a single row or column is still a (1, m) or (n, 1) matrix
         X = X[None, :] if len(header) > 1 else X[:, None]
     return X

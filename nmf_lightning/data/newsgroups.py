@@ -41,9 +41,7 @@ def newsgroups(
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    texts, target_names = load_documents(
-        categories, subset, remove, archive, data_home, shuffle, random_state
-    )
+    texts, target_names = load_documents(categories, subset, remove, archive, data_home, shuffle, random_state)
     options = {"stop_words": "english"} if vectorizer is None else dict(vectorizer)
     tfidf = TfidfVectorizer(**options)
     X = tfidf.fit_transform(texts).tocsr()

@@ -1,0 +1,177 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.decomposition import NMF
+
+from nmf_lightning.data import digits, known_factors
+from nmf_lightning.module import NMFModule
+from nmf_lightning.solvers import HALS, MU, Target, hals, mu
+from nmf_lightning.train import train
+from nmf_lightning.validation import NMFInputError
+
+RULES = {"mu": mu, "hals": hals}
+
+
+def _problem(n=30, m=20, k=4, seed=0, layout="dense"):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, m, generator=g, dtype=torch.float64)
+    W = torch.rand(n, k, generator=g, dtype=torch.float64)
+    H = torch.rand(k, m, generator=g, dtype=torch.float64)
+    mask = rows = cols = vals = None
+    Xt = None
+    if layout == "sparse":
+        X = (X * (X > 0.6)).to_sparse_csr()
+        Xt = X.t().to_sparse_csr()
+    elif layout == "masked":
+        mask = torch.rand(n, m, generator=g) > 0.3
+        X = X * mask
+    elif layout == "triplets":
+        keep = torch.rand(n, m, generator=g) > 0.8
+        rows, cols = keep.nonzero(as_tuple=True)
+        vals, mask = X[rows, cols], keep
+    t = Target(X if layout != "triplets" else None, Xt, mask if layout == "masked" else None, rows, cols, vals, (n, m))
+    dense_mask = mask if mask is not None else torch.ones(n, m, dtype=torch.bool)
+    Xd = X.to_dense() if layout == "sparse" else X
+    return t, W, H, Xd, dense_mask
+
+
+def _objective(Xd, W, H, mask, l1_W=0.0, l1_H=0.0):
+    R = (Xd - W @ H) * mask
+    return 0.5 * float((R * R).sum()) + l1_W * float(W.abs().sum()) + l1_H * float(H.abs().sum())
+
+
+CASES = [
+    (r, lay)
+    for r in ("mu", "hals")
+    for lay in ("dense", "sparse", "masked", "triplets")
+    if (r, lay) != ("hals", "triplets")
+]
+
+
+@pytest.mark.parametrize(("rule", "layout"), CASES, ids=[f"{r}-{lay}" for r, lay in CASES])
+def test_updates_never_increase_the_objective_and_stay_non_negative(rule, layout):
+    t, W, H, Xd, mask = _problem(layout=layout)
+    if layout == "triplets":
+        Xd = torch.zeros_like(mask, dtype=torch.float64).index_put_((t.rows, t.cols), t.vals)
+    l1_W, l1_H = 0.01, 0.02
+    prev = _objective(Xd, W, H, mask, l1_W, l1_H)
+    for _ in range(30):
+        H = RULES[rule].update_h(t, W, H, l1_H)
+        assert (H >= 0).all()
+        mid = _objective(Xd, W, H, mask, l1_W, l1_H)
+        W = RULES[rule].update_w(t, W, H, l1_W)
+        assert (W >= 0).all()
+        cur = _objective(Xd, W, H, mask, l1_W, l1_H)
+        assert mid <= prev * (1 + 1e-12) and cur <= mid * (1 + 1e-12)
+        prev = cur
+
+
+def test_masked_updates_ignore_missing_values():
+    t, W, H, _, mask = _problem(layout="masked")
+    poisoned = Target(t.X + 1e6 * (~mask), None, mask, None, None, None, t.shape)
+    for rule in (mu, hals):
+        torch.testing.assert_close(rule.update_h(poisoned, W, H), rule.update_h(t, W, H))
+        torch.testing.assert_close(rule.update_w(poisoned, W, H), rule.update_w(t, W, H))
+
+
+def test_batched_restarts_update_each_restart_like_a_single_problem():
+    t, W, H, _, _ = _problem()
+    Wb, Hb = torch.stack([W, 2 * W]), torch.stack([H, 0.5 * H])
+    for rule in (mu, hals):
+        Hn = rule.update_h(t, Wb, Hb)
+        torch.testing.assert_close(Hn[1], rule.update_h(t, 2 * W, 0.5 * H))
+
+
+def _fit(solver, matrix, k, steps, init="nndsvda"):
+    module = NMFModule(rank=k, optimizer=solver, init=init)
+    module.set_matrix(matrix, dtype=torch.float64)
+    module._run_updates(module.configure_optimizers(), steps)
+    W, H = module.factors()
+    return np.linalg.norm(matrix.X - W @ H) / np.linalg.norm(matrix.X)
+
+
+def test_hals_recovers_the_known_factors_matrix():
+    assert _fit(HALS, known_factors(), 3, 2000, init="random") < 1e-6  # the notebook's ALS: 0.696
+
+
+def test_mu_converges_on_the_known_factors_matrix_with_more_steps():
+    # MU converges sublinearly: each tenfold of updates cuts the error about tenfold
+    errors = [_fit(MU, known_factors(), 3, steps, init="nndsvda") for steps in (300, 3000)]
+    assert errors[1] < 2e-3 and errors[1] < errors[0] / 5
+
+
+def test_hals_and_mu_match_scikit_learn_on_digits():
+    X = digits().X
+    sk = {}
+    for solver in ("cd", "mu"):
+        est = NMF(16, solver=solver, init="nndsvda", tol=1e-4, max_iter=1000)
+        W = est.fit_transform(X)
+        sk[solver] = np.linalg.norm(X - W @ est.components_) / np.linalg.norm(X)
+    assert _fit(HALS, digits(), 16, 300) <= sk["cd"] * 1.01
+    assert _fit(MU, digits(), 16, 300) <= sk["mu"] * 1.01
+
+
+def test_hals_matches_scikit_learn_on_a_noisy_low_rank_matrix():
+    rng = np.random.default_rng(0)
+    X = rng.random((500, 20)) @ rng.random((20, 400))
+    X = np.clip(X + 0.1 * X.std() * rng.standard_normal(X.shape), 0, None)
+    est = NMF(20, solver="cd", init="nndsvda", tol=1e-4, max_iter=1000)
+    W = est.fit_transform(X)
+    sk = np.linalg.norm(X - W @ est.components_) / np.linalg.norm(X)
+    from nmf_lightning.data import Matrix
+
+    assert _fit(HALS, Matrix(X), 20, 300) <= sk * 1.01
+
+
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_solvers_run_from_the_cli_config(make_cfg, solver, tmp_path):
+    metrics = train(
+        make_cfg(
+            "data=known_factors",
+            "model.rank=3",
+            f"optimizer={solver}",
+            "trainer.max_steps=2000",
+            "trainer.precision=64-true",
+        )
+    )
+    assert metrics["relative_error"] < {"hals": 1e-6, "mu": 0.1}[solver]
+    assert metrics["W_neg_fraction"] == 0 and metrics["H_neg_fraction"] == 0
+    with np.load(tmp_path / "factors.npz") as f:
+        assert (f["W"] >= 0).all() and (f["H"] >= 0).all()
+
+
+def test_solvers_on_sparse_and_ratings_data(make_cfg, tmp_path):
+    X = sp.random(60, 50, density=0.1, random_state=0, format="csr")
+    sp.save_npz(tmp_path / "x.npz", X)
+    for extra in ([], ["data.unstored=missing"]):
+        metrics = train(
+            make_cfg(
+                "data=file",
+                f"data.path={tmp_path / 'x.npz'}",
+                *extra,
+                "model.rank=4",
+                "optimizer=mu",
+                "trainer.max_steps=50",
+            )
+        )
+        assert np.isfinite(metrics["relative_error"]) and metrics["relative_error"] < 1
+
+
+def test_solver_limits_are_named(make_cfg, tmp_path):
+    with pytest.raises(NMFInputError, match=r"optimizer=hals has no closed form for the L2,1 penalty"):
+        train(make_cfg("data=toy", "model.rank=2", "optimizer=hals", "model.l21_H=1", "trainer.max_steps=5"))
+    X = sp.random(30, 20, density=0.1, random_state=0, format="csr")
+    sp.save_npz(tmp_path / "r.npz", X)
+    with pytest.raises(NMFInputError, match=r"optimizer=hals needs a dense mask"):
+        train(
+            make_cfg(
+                "data=file",
+                f"data.path={tmp_path / 'r.npz'}",
+                "data.unstored=missing",
+                "model.rank=2",
+                "optimizer=hals",
+                "trainer.max_steps=5",
+            )
+        )
+    assert not (tmp_path / "metrics.json").exists()

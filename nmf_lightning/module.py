@@ -87,6 +87,8 @@ class NMFModule(L.LightningModule):
         loss_form: str = "auto",
         inner_steps: int | str = "auto",
         restarts: int = 1,
+        tol: float = 0.0,
+        tol_window: int = 10,
         seed: int = 0,
     ):
         super().__init__()
@@ -101,6 +103,8 @@ class NMFModule(L.LightningModule):
             raise NMFInputError(f"model.init_scale must be > 0 for init=normal_abs, got {init_scale}.")
         if inner_steps != "auto" and (isinstance(inner_steps, bool) or int(inner_steps) < 1):
             raise NMFInputError(f"model.inner_steps must be 'auto' or an integer >= 1, got {inner_steps!r}.")
+        if tol < 0 or int(tol_window) < 1:
+            raise NMFInputError(f"model.tol must be >= 0 and model.tol_window >= 1, got {tol} and {tol_window}.")
         if isinstance(restarts, bool) or int(restarts) < 1:
             raise NMFInputError(f"model.restarts must be an integer >= 1, got {restarts!r}.")
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
@@ -115,6 +119,7 @@ class NMFModule(L.LightningModule):
         self._gram_safe = True
         self._last_time: float | None = None
         self._block = 1  # current block size under inner_steps=auto
+        self._tol_prev: Tensor | None = None  # objective at the last convergence check
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -138,7 +143,7 @@ class NMFModule(L.LightningModule):
                 f"model.init={self.hparams.init} needs model.rank <= min(n, m) = {min(n, m)}, "
                 f"got {k}; lower the rank or use model.init=random."
             )
-        X, mask = _to_tensor(matrix.X, dtype)
+        X, mask = matrix_to_tensor(matrix.X, dtype)
         sparse = X.layout == torch.sparse_csr
         observed = None  # (rows, cols, values) when only the observed entries are kept
         if sparse and matrix.unstored_missing:
@@ -278,6 +283,15 @@ class NMFModule(L.LightningModule):
                     f"optimizer={name} needs a dense mask, but X is kept as observed entries "
                     "(ratings or mostly-missing data); use optimizer=mu or a gradient optimizer."
                 )
+            if self.mask is not None and not optimizer.supports_mask:
+                raise NMFInputError(
+                    f"optimizer={name} cannot skip missing entries; X has NaN entries, so use "
+                    "optimizer=hals, mu or als."
+                )
+            if (self.hparams.l1_W or self.hparams.l1_H) and not optimizer.supports_l1:
+                raise NMFInputError(
+                    f"optimizer={name} takes no L1 penalty (model.l1_W, model.l1_H); use hals, mu or als."
+                )
         return optimizer
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -287,7 +301,7 @@ class NMFModule(L.LightningModule):
         if self.trainer.max_steps > 0:
             n = min(n, self.trainer.max_steps - start_step)
         W0, H0 = self.W.detach().clone(), self.H.detach().clone()
-        losses = self._run_updates(self.optimizers().optimizer, n)
+        losses, n = self._run_block(self.optimizers().optimizer, n)
         self._advance_global_step(n)
         metrics = self.compute_metrics()
         if not bool(torch.isfinite(metrics["train/loss"])):  # sync point, once per block
@@ -306,6 +320,36 @@ class NMFModule(L.LightningModule):
         for key in ("train/loss", "train/relative_error"):
             self.log(key, metrics.pop(key), prog_bar=True, on_step=True, batch_size=1)
         self.log_dict(metrics, on_step=True, batch_size=1)
+
+    def _run_block(self, optimizer: torch.optim.Optimizer, n: int) -> tuple[Tensor | None, int]:
+        """Run up to ``n`` updates; with ``model.tol`` stop early once the objective settles.
+
+        The convergence test runs every ``tol_window`` updates, counted from the start of
+        training (so where a run stops does not depend on block sizes): the relative
+        change of the objective over the window below ``tol`` ends the run.
+        """
+        tol, window = self.hparams.tol, int(self.hparams.tol_window)
+        if not tol:
+            return self._run_updates(optimizer, n), n
+        pieces, done = [], 0
+        while done < n:
+            w = min(window - (self.global_step + done) % window, n - done)
+            pieces.append(self._run_updates(optimizer, w))
+            done += w
+            if (self.global_step + done) % window:
+                continue
+            with torch.no_grad():
+                cur = self.objective()[0].detach().min()
+            prev, self._tol_prev = self._tol_prev, cur
+            if prev is not None and bool((prev - cur).abs() <= tol * prev.abs()):  # sync, once per window
+                self.stop_reason = (
+                    f"converged: the objective changed by less than model.tol={tol} (relative) "
+                    f"over the last {window} updates"
+                )
+                self.trainer.should_stop = True
+                break
+        losses = None if any(p is None for p in pieces) else torch.cat(pieces)
+        return losses, done
 
     def _run_updates(self, optimizer: torch.optim.Optimizer, n: int) -> Tensor | None:
         """``n`` optimizer updates; the per-update losses stay on the device."""
@@ -407,6 +451,12 @@ class NMFModule(L.LightningModule):
                     stacklevel=2,
                 )
 
+    def transform(self, X: np.ndarray | sp.spmatrix, solver: str = "hals", **options) -> np.ndarray:
+        """W >= 0 for new rows X (same columns) with this model's H held fixed."""
+        from nmf_lightning.transform import transform
+
+        return transform(X, self.factors()[1], solver, **options)
+
     def factors(self, restart: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """W (n, k) and H (k, m) of the best (or the given) restart, in the trained dtype.
 
@@ -435,7 +485,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise NMFInputError(f"{key}={value!r} is not supported; choose one of {choices}.")
 
 
-def _to_tensor(X: np.ndarray | sp.spmatrix, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def matrix_to_tensor(X: np.ndarray | sp.spmatrix, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """Dense X with NaN -> (X with 0 at NaN, observed mask); sparse X -> CSR tensor, no mask."""
     if sp.issparse(X):
         X = sp.csr_matrix(X)

@@ -81,10 +81,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     np.savez(out / "factors.npz", W=W, H=H)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info(
-        "relative error %.6g, loss %.6g after %d updates; wrote %s",
+        "relative error %.6g, loss %.6g after %d updates (%s); wrote %s",
         metrics["relative_error"],
         metrics["loss"],
         metrics["steps"],
+        metrics["stop_reason"],
         out,
     )
     return metrics

@@ -35,6 +35,7 @@ from nmf_lightning.data import NMFDataModule, digits, newsgroups, synthetic
 from nmf_lightning.init import initialize
 from nmf_lightning.module import NMFModule
 from nmf_lightning.objective import negativity_penalty, sq_error_gram
+from nmf_lightning.solvers import SOLVERS
 
 ARCHIVE = Path(
     os.environ.get(
@@ -122,19 +123,20 @@ def time_to(curve: list[tuple[float, float]], target: float | None) -> float | N
 
 
 # ----------------------------------------------------------------------------- methods
-def run_lightning(matrix, p: dict, device: str, steps: int, restarts: int = 1) -> dict:
-    """nmf-lightning: the real NMFModule + NMFDataModule + Trainer path of nmf-train."""
+def run_lightning(matrix, p: dict, device: str, steps: int, restarts: int = 1, solver: str | None = None) -> dict:
+    """nmf-lightning: the real NMFModule + NMFDataModule + Trainer path of nmf-train.
+
+    ``solver`` (hals, mu) swaps Adam for a closed-form solver with scikit-learn's init and
+    tolerance, so its row compares like with like.
+    """
     r = p["recipe"]
     out = Path(tempfile.mkdtemp(prefix="nmfl-bench-"))
-    model = NMFModule(
-        rank=p["k"],
-        optimizer=partial(torch.optim.Adam, lr=r["lr"], betas=r["betas"]),
-        lam=r["lam"],
-        project=r["project"],
-        init=r["init"],
-        restarts=restarts,
-        seed=0,
-    )
+    if solver is None:
+        opt, extra = partial(torch.optim.Adam, lr=r["lr"], betas=r["betas"]), {}
+        extra = dict(lam=r["lam"], project=r["project"], init=r["init"])
+    else:
+        opt, extra = SOLVERS[solver], dict(init="nndsvda", tol=1e-4)
+    model = NMFModule(rank=p["k"], optimizer=opt, restarts=restarts, seed=0, **extra)
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1,
@@ -158,7 +160,8 @@ def run_lightning(matrix, p: dict, device: str, steps: int, restarts: int = 1) -
     curve = [(e.wall_time - wall0, e.value) for e in events]
     steady = (events[-1].step - events[0].step) / max(events[-1].wall_time - events[0].wall_time, 1e-9)
     W, H = model.factors()
-    return dict(wall_s=total, curve=curve, updates=steps, updates_per_s=steady, W=W, H=H, form=_form(matrix))
+    form = _form(matrix) if solver is None else solver
+    return dict(wall_s=total, curve=curve, updates=model.global_step, updates_per_s=steady, W=W, H=H, form=form)
 
 
 def _form(matrix) -> str:
@@ -299,6 +302,8 @@ def bench_problem(name: str, device: str, peak: float, args) -> list[dict]:
     methods = [
         ("sklearn cd", lambda: run_sklearn(matrix, p, "cd", args.sk_max_iter)),
         ("sklearn mu", lambda: run_sklearn(matrix, p, "mu", args.sk_max_iter)),
+        ("nmf-lightning hals (tol 1e-4)", lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="hals")),
+        ("nmf-lightning mu (tol 1e-4)", lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="mu")),
         ("nmf-lightning adam", lambda: run_lightning(matrix, p, device, steps)),
         (
             "torch loop adam (notebook, residual)",

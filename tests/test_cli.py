@@ -137,6 +137,10 @@ def test_bad_input_fails_with_a_clear_message_and_no_results(tmp_path, args, mes
     assert not (run / "factors.npz").exists() and not (run / "metrics.json").exists()
 
 
+def test_console_scripts_are_installed():
+    assert shutil.which("nmf-train") and shutil.which("nmf-transform"), "pip install -e . first"
+
+
 def test_installed_console_script_finds_its_configs(tmp_path):
     exe = shutil.which("nmf-train")
     assert exe is not None, "nmf-train is not installed: pip install -e ."
@@ -188,7 +192,10 @@ def test_wheel_ships_the_config_tree(tmp_path):
     # installed from the wheel (not the source tree), the entry point resolves its configs
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
-    code = "from nmf_lightning.train import config_dir; print(config_dir())"
+    code = (
+        "import nmf_lightning.transform, nmf_lightning.solvers.hals, nmf_lightning.data.newsgroups; "
+        "from nmf_lightning.train import config_dir; print(config_dir())"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,

@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from nmf_lightning.data import NMFDataModule
 from nmf_lightning.module import NMFModule
-from nmf_lightning.solvers import Solver
+from nmf_lightning.solvers import SOLVERS, Solver
 from nmf_lightning.train import config_dir
 
 CONFIGS = Path(config_dir())
@@ -18,7 +18,7 @@ def _options(group: str) -> list[str]:
 
 def test_every_group_has_its_options():
     assert {"toy", "synthetic", "known_factors", "digits", "newsgroups", "file"} <= set(_options("data"))
-    assert {"adam", "sgd", "adamw", "rmsprop", "mu", "hals"} <= set(_options("optimizer"))
+    assert {"adam", "sgd", "adamw", "rmsprop", *SOLVERS} <= set(_options("optimizer"))
     assert {"newsgroups_adam", "toy_masked_l21", "synthetic_known_factors"} <= set(_options("experiment"))
 
 
@@ -31,7 +31,7 @@ def test_data_configs_compose_and_instantiate(make_cfg, name):
 
 @pytest.mark.parametrize("name", _options("optimizer"))
 def test_optimizer_configs_build_torch_optimizers(make_cfg, name):
-    solver = name in ("mu", "hals")
+    solver = name in SOLVERS
     cfg = make_cfg(f"optimizer={name}", *([] if solver else ["optimizer.lr=0.005"]))
     opt = instantiate(cfg.optimizer, _convert_="all")([torch.nn.Parameter(torch.ones(2))])
     assert isinstance(opt, torch.optim.Optimizer)

@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from nmf_lightning.solvers import hals, mu
+from nmf_lightning.solvers import als, hals, kaczmarz, mu
 from nmf_lightning.solvers.products import Target
 
 
@@ -22,17 +22,27 @@ class Solver(torch.optim.Optimizer):
     """Base class: one ``update`` = one pass over H, then one over W (no gradients, no lr)."""
 
     rule: ModuleType
-    #: whether the rule can fit (row, col, value) ratings triplets
+    #: whether the rule can fit (row, col, value) ratings triplets, a dense mask, L1 weights
     supports_triplets = True
+    supports_mask = True
+    supports_l1 = True
 
-    def __init__(self, params: Iterable[Tensor]):
-        super().__init__(params, defaults={})
+    def __init__(self, params: Iterable[Tensor], **defaults):
+        super().__init__(params, defaults=defaults)
 
     @torch.no_grad()
     def update(self, target: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l1_H: float = 0.0) -> None:
-        """Replace H, then W, in place by the rule's exact updates."""
-        H.copy_(self.rule.update_h(target, W, H, l1_H))
-        W.copy_(self.rule.update_w(target, W, H, l1_W))
+        """Replace H, then W, in place by the rule's updates."""
+        H.copy_(self.update_h(target, W, H, l1_H))
+        W.copy_(self.update_w(target, W, H, l1_W))
+
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1_H: float = 0.0) -> Tensor:
+        """The rule's new H for fixed W."""
+        return self.rule.update_h(target, W, H, l1_H)
+
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1_W: float = 0.0) -> Tensor:
+        """The rule's new W for fixed H."""
+        return self.rule.update_w(target, W, H, l1_W)
 
     def step(self, closure=None):  # noqa: D102 - a solver has no gradient step
         raise RuntimeError(f"{type(self).__name__} is a closed-form solver: NMFModule calls update(), not step().")
@@ -51,4 +61,51 @@ class HALS(Solver):
     supports_triplets = False
 
 
-__all__ = ["HALS", "MU", "Solver", "Target"]
+class ALS(Solver):
+    """Projected alternating least squares (the ALS notebook's method, made correct)."""
+
+    rule = als
+
+    def __init__(self, params: Iterable[Tensor], ridge: float = 1e-6):
+        if ridge < 0:
+            raise ValueError(f"optimizer.ridge must be >= 0, got {ridge}.")
+        super().__init__(params, ridge=ridge)
+
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1_H: float = 0.0) -> Tensor:  # noqa: D102
+        return als.update_h(target, W, H, l1_H, self.defaults["ridge"])
+
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1_W: float = 0.0) -> Tensor:  # noqa: D102
+        return als.update_w(target, W, H, l1_W, self.defaults["ridge"])
+
+
+class Kaczmarz(Solver):
+    """Randomized block Kaczmarz with projection (the ALS notebook's second method)."""
+
+    rule = kaczmarz
+    supports_triplets = False
+    supports_mask = False
+    supports_l1 = False
+
+    def __init__(self, params: Iterable[Tensor], steps: int = 10, block: int = 32, seed: int = 0):
+        if steps < 1 or block < 1:
+            raise ValueError(f"optimizer.steps and optimizer.block must be >= 1, got {steps} and {block}.")
+        super().__init__(params, steps=steps, block=block, seed=seed)
+        self._generator: torch.Generator | None = None
+
+    def _gen(self, like: Tensor) -> torch.Generator:
+        if self._generator is None or self._generator.device != like.device:
+            self._generator = torch.Generator(device=like.device).manual_seed(self.defaults["seed"])
+        return self._generator
+
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1_H: float = 0.0) -> Tensor:  # noqa: D102
+        d = self.defaults
+        return kaczmarz.update_h(target, W, H, self._gen(W), d["steps"], d["block"])
+
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1_W: float = 0.0) -> Tensor:  # noqa: D102
+        d = self.defaults
+        return kaczmarz.update_w(target, W, H, self._gen(W), d["steps"], d["block"])
+
+
+SOLVERS = {"mu": MU, "hals": HALS, "als": ALS, "kaczmarz": Kaczmarz}
+
+__all__ = ["ALS", "HALS", "MU", "SOLVERS", "Kaczmarz", "Solver", "Target"]

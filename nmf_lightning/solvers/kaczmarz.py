@@ -1,0 +1,41 @@
+"""Randomized (block) Kaczmarz row-action updates with projection, as in the ALS notebook.
+
+To fit H in X ~ W H, one Kaczmarz step picks rows i of W with probability proportional
+to ||W_i||^2 and moves every column of H towards the hyperplanes W_i h = X_i:
+``H += W_B^T ((X_B - W_B H) / ||W_B||^2) / |B|``, then clips at 0. A block of rows runs
+as one matrix product, so a GPU does many rows at once; ``steps`` such steps make one
+update of H, and the same on the transposed problem updates W.
+Ref: Strohmer & Vershynin, "A randomized Kaczmarz algorithm with exponential
+convergence", J. Fourier Anal. Appl. 2009.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nmf_lightning.solvers.products import Target
+
+
+def update_h(t: Target, W: Tensor, H: Tensor, generator: torch.Generator, steps: int = 10, block: int = 32) -> Tensor:
+    """``steps`` projected block-Kaczmarz steps on H; W (n, k), H (k, m), X dense or sparse."""
+    X = t.X if t.X.layout == torch.strided else t.X.to_sparse_coo()  # rows are read in blocks
+    row_sq = (W * W).sum(-1)  # (..., n)
+    n = W.shape[-2]
+    b = min(block, n)
+    H = H.clone()
+    for _ in range(steps):
+        p = row_sq if row_sq.dim() == 1 else row_sq.sum(0)
+        idx = torch.multinomial(p.clamp_min(torch.finfo(p.dtype).tiny), b, replacement=True, generator=generator)
+        WB = W[..., idx, :]  # (..., b, k)
+        XB = X[idx] if X.layout == torch.strided else X.index_select(0, idx).to_dense()  # (b, m)
+        R = (XB - WB @ H) / row_sq[..., idx, None].clamp_min(torch.finfo(W.dtype).tiny)  # (..., b, m)
+        H = (H + WB.mT @ R / b).clamp_min(0)
+    return H
+
+
+def update_w(t: Target, W: Tensor, H: Tensor, generator: torch.Generator, steps: int = 10, block: int = 32) -> Tensor:
+    """The same on X^T ~ H^T W^T."""
+    Xt = t.X.mT if t.X.layout == torch.strided else t.Xt
+    tt = Target(Xt, None, None, None, None, None, (t.shape[1], t.shape[0]))
+    return update_h(tt, H.mT, W.mT, generator, steps, block).mT

@@ -214,22 +214,41 @@ class NMFModule(L.LightningModule):
         ``all_terms`` adds the terms whose weight is 0 (for logging); ``sq`` is a squared
         error already computed for the current factors.
         """
-        hp = self.hparams
-        W, H = self.W, self.H
-        sq = self._sq_error(W, H) if sq is None else sq
-        terms = {"reconstruction": reconstruction(sq, self.n_obs, hp.loss)}
+        sq = self._sq_error(self.W, self.H) if sq is None else sq
+        terms = {"reconstruction": reconstruction(sq, self.n_obs, self.hparams.loss)}
         total = terms["reconstruction"]
-        for name, weight, fn in (
-            ("penalty", hp.lam, lambda: negativity_penalty(W, H)),
-            ("l1_W", hp.l1_W, lambda: l1(W)),
-            ("l1_H", hp.l1_H, lambda: l1(H)),
-            ("l21_H", hp.l21_H, lambda: l21(H)),
-        ):
+        for name, weight, fn, args in self._penalties():
             if weight or all_terms:
-                terms[name] = fn()
+                terms[name] = fn(*args)
             if weight:
                 total = total + weight * terms[name]
         return total, terms
+
+    def _penalties(self) -> list[tuple[str, float, Callable[..., Tensor], tuple[Tensor, ...]]]:
+        """(name, weight, function, arguments) of every penalty term of the objective."""
+        hp, W, H = self.hparams, self.W, self.H
+        return [
+            ("penalty", float(hp.lam), negativity_penalty, (W, H)),
+            ("l1_W", float(hp.l1_W), l1, (W,)),
+            ("l1_H", float(hp.l1_H), l1, (H,)),
+            ("l21_H", float(hp.l21_H), l21, (H,)),
+        ]
+
+    def _loss_fn(self) -> Callable[[], Tensor]:
+        """The training loss as one closure over the weighted terms only: the hot loop's body.
+
+        Same value as ``objective()[0]``, without its per-call bookkeeping.
+        """
+        W, H, kind, n_obs = self.W, self.H, self.hparams.loss, self.n_obs
+        active = [(weight, fn, args) for _, weight, fn, args in self._penalties() if weight]
+
+        def loss() -> Tensor:
+            total = reconstruction(self._sq_error(W, H), n_obs, kind)
+            for weight, fn, args in active:
+                total = total + weight * fn(*args)
+            return total
+
+        return loss
 
     def _sq_error(self, W: Tensor, H: Tensor, exact: bool = False) -> Tensor:
         """Squared error in the training form; ``exact`` avoids the Gram form on dense X."""
@@ -359,9 +378,10 @@ class NMFModule(L.LightningModule):
                 optimizer.update(target, self.W, self.H, hp.l1_W, hp.l1_H)
             return None
         losses = torch.empty(n, *_batch(self.hparams.restarts), device=self.W.device, dtype=torch.float32)
+        loss_fn = self._loss_fn()
         for i in range(n):
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = self.objective()  # (r,): restarts are independent, so sum their losses
+            loss = loss_fn()  # (r,): restarts are independent, so sum their losses
             (loss.sum() if loss.dim() else loss).backward()
             optimizer.step()
             if self.hparams.project:

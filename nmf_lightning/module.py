@@ -25,6 +25,7 @@ from nmf_lightning.objective import (
     LOSSES,
     frobenius_sq,
     l1,
+    l2,
     l21,
     negativity_penalty,
     reconstruction,
@@ -64,7 +65,8 @@ class NMFModule(L.LightningModule):
     """X ~ W H with W (n, k), H (k, m) trained on a penalised reconstruction loss.
 
     objective = reconstruction(loss) + lam * (mean(clamp(-W, 0)) + mean(clamp(-H, 0)))
-                + l1_W * |W|_1 + l1_H * |H|_1 + l21_H * mean_j |H[:, j]|_2
+                + l1_W * |W|_1 + l1_H * |H|_1 + l2_W/2 * ||W||^2 + l2_H/2 * ||H||^2
+                + l21_H * mean_j |H[:, j]|_2
 
     ``optimizer`` is a factory ``params -> torch.optim.Optimizer`` (a Hydra
     ``_partial_`` config); ``project`` clamps W, H to >= 0 after every update.
@@ -80,6 +82,8 @@ class NMFModule(L.LightningModule):
         lam: float = 0.0,
         l1_W: float = 0.0,
         l1_H: float = 0.0,
+        l2_W: float = 0.0,
+        l2_H: float = 0.0,
         l21_H: float = 0.0,
         project: bool = True,
         init: str = "random",
@@ -96,7 +100,8 @@ class NMFModule(L.LightningModule):
         _check_choice("model.loss", loss, LOSSES)
         _check_choice("model.init", init, INITS)
         _check_choice("model.loss_form", loss_form, LOSS_FORMS)
-        for key, value in (("lam", lam), ("l1_W", l1_W), ("l1_H", l1_H), ("l21_H", l21_H)):
+        weights = {"lam": lam, "l1_W": l1_W, "l1_H": l1_H, "l2_W": l2_W, "l2_H": l2_H, "l21_H": l21_H}
+        for key, value in weights.items():
             if value < 0:
                 raise NMFInputError(f"model.{key} is a penalty weight and must be >= 0, got {value}.")
         if init == "normal_abs" and init_scale <= 0:
@@ -231,6 +236,8 @@ class NMFModule(L.LightningModule):
             ("penalty", float(hp.lam), negativity_penalty, (W, H)),
             ("l1_W", float(hp.l1_W), l1, (W,)),
             ("l1_H", float(hp.l1_H), l1, (H,)),
+            ("l2_W", float(hp.l2_W), l2, (W,)),
+            ("l2_H", float(hp.l2_H), l2, (H,)),
             ("l21_H", float(hp.l21_H), l21, (H,)),
         ]
 
@@ -307,9 +314,10 @@ class NMFModule(L.LightningModule):
                     f"optimizer={name} cannot skip missing entries; X has NaN entries, so use "
                     "optimizer=hals, mu or als."
                 )
-            if (self.hparams.l1_W or self.hparams.l1_H) and not optimizer.supports_l1:
+            hp = self.hparams
+            if (hp.l1_W or hp.l1_H or hp.l2_W or hp.l2_H) and not optimizer.supports_penalties:
                 raise NMFInputError(
-                    f"optimizer={name} takes no L1 penalty (model.l1_W, model.l1_H); use hals, mu or als."
+                    f"optimizer={name} takes no L1/L2 penalty (model.l1_W, l1_H, l2_W, l2_H); use hals, mu or als."
                 )
         return optimizer
 
@@ -374,8 +382,9 @@ class NMFModule(L.LightningModule):
         """``n`` optimizer updates; the per-update losses stay on the device."""
         if isinstance(optimizer, Solver):
             target, hp = self.target(), self.hparams
+            l1_, l2_ = (hp.l1_W, hp.l1_H), (hp.l2_W, hp.l2_H)
             for _ in range(n):
-                optimizer.update(target, self.W, self.H, hp.l1_W, hp.l1_H)
+                optimizer.update(target, self.W, self.H, l1_, l2_)
             return None
         losses = torch.empty(n, *_batch(self.hparams.restarts), device=self.W.device, dtype=torch.float32)
         loss_fn = self._loss_fn()

@@ -127,6 +127,11 @@ def l1(A: Tensor) -> Tensor:
     return A.abs().sum(dim=(-2, -1))
 
 
+def l2(A: Tensor) -> Tensor:
+    """Half the squared Frobenius norm ``1/2 ||A||_F^2`` (ridge), scikit-learn's L2 term."""
+    return 0.5 * (A * A).sum(dim=(-2, -1))
+
+
 def l21(H: Tensor) -> Tensor:
     """L2,1 norm of H as in the masked notebook: mean over columns of each column's L2 norm.
 

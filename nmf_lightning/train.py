@@ -119,6 +119,8 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
         "project": bool(cfg.model.project),
         "l1_W": float(cfg.model.l1_W),
         "l1_H": float(cfg.model.l1_H),
+        "l2_W": float(cfg.model.get("l2_W", 0.0)),
+        "l2_H": float(cfg.model.get("l2_H", 0.0)),
         "l21_H": float(cfg.model.l21_H),
         "max_steps": int(cfg.trainer.max_steps),
         "precision": str(cfg.trainer.precision),

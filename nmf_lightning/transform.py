@@ -63,7 +63,7 @@ def transform(
     W = torch.full((X.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=dtype, device=device)
     with torch.no_grad():
         for _ in range(max_iter):
-            W_new = rule.update_w(target, W, Ht, 0.0)
+            W_new = rule.update_w(target, W, Ht)
             change = torch.linalg.norm(W_new - W) / torch.linalg.norm(W_new).clamp_min(torch.finfo(dtype).tiny)
             W = W_new
             if float(change) < tol:

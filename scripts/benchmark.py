@@ -304,6 +304,11 @@ def bench_problem(name: str, device: str, peak: float, args) -> list[dict]:
         ("sklearn mu", lambda: run_sklearn(matrix, p, "mu", args.sk_max_iter)),
         ("nmf-lightning hals (tol 1e-4)", lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="hals")),
         ("nmf-lightning mu (tol 1e-4)", lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="mu")),
+        ("nmf-lightning als (tol 1e-4)", lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="als")),
+        (
+            "nmf-lightning kaczmarz (tol 1e-4)",
+            lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="kaczmarz"),
+        ),
         ("nmf-lightning adam", lambda: run_lightning(matrix, p, device, steps)),
         (
             "torch loop adam (notebook, residual)",

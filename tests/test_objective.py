@@ -7,6 +7,7 @@ import torch
 from nmf_lightning.objective import (
     frobenius_sq,
     l1,
+    l2,
     l21,
     negativity_penalty,
     reconstruction,
@@ -48,6 +49,7 @@ def test_penalties_match_hand_computation():
     # mean(clamp(-W)) = (1 + 3) / 4 = 1; mean(clamp(-H)) = 2 / 6
     assert negativity_penalty(W, H).item() == pytest.approx(1 + 2 / 6)
     assert l1(W).item() == pytest.approx(6.0)
+    assert l2(W).item() == pytest.approx(0.5 * (1 + 4 + 9))
     # column norms of H: 5, 0, 2 -> mean 7/3
     assert l21(H).item() == pytest.approx(7 / 3)
 

@@ -36,9 +36,10 @@ def _problem(n=30, m=20, k=4, seed=0, layout="dense"):
     return t, W, H, Xd, dense_mask
 
 
-def _objective(Xd, W, H, mask, l1_W=0.0, l1_H=0.0):
+def _objective(Xd, W, H, mask, l1_W=0.0, l1_H=0.0, l2_W=0.0, l2_H=0.0):
     R = (Xd - W @ H) * mask
-    return 0.5 * float((R * R).sum()) + l1_W * float(W.abs().sum()) + l1_H * float(H.abs().sum())
+    l2 = 0.5 * (l2_W * float((W * W).sum()) + l2_H * float((H * H).sum()))
+    return 0.5 * float((R * R).sum()) + l1_W * float(W.abs().sum()) + l1_H * float(H.abs().sum()) + l2
 
 
 CASES = [
@@ -54,15 +55,15 @@ def test_updates_never_increase_the_objective_and_stay_non_negative(rule, layout
     t, W, H, Xd, mask = _problem(layout=layout)
     if layout == "triplets":
         Xd = torch.zeros_like(mask, dtype=torch.float64).index_put_((t.rows, t.cols), t.vals)
-    l1_W, l1_H = 0.01, 0.02
-    prev = _objective(Xd, W, H, mask, l1_W, l1_H)
+    l1_W, l1_H, l2_W, l2_H = 0.01, 0.02, 0.03, 0.04
+    prev = _objective(Xd, W, H, mask, l1_W, l1_H, l2_W, l2_H)
     for _ in range(30):
-        H = RULES[rule].update_h(t, W, H, l1_H)
+        H = RULES[rule].update_h(t, W, H, l1_H, l2_H)
         assert (H >= 0).all()
-        mid = _objective(Xd, W, H, mask, l1_W, l1_H)
-        W = RULES[rule].update_w(t, W, H, l1_W)
+        mid = _objective(Xd, W, H, mask, l1_W, l1_H, l2_W, l2_H)
+        W = RULES[rule].update_w(t, W, H, l1_W, l2_W)
         assert (W >= 0).all()
-        cur = _objective(Xd, W, H, mask, l1_W, l1_H)
+        cur = _objective(Xd, W, H, mask, l1_W, l1_H, l2_W, l2_H)
         assert mid <= prev * (1 + 1e-12) and cur <= mid * (1 + 1e-12)
         prev = cur
 
@@ -112,7 +113,7 @@ def test_hals_and_mu_match_scikit_learn_on_digits():
     assert _fit(MU, digits(), 16, 300) <= sk["mu"] * 1.01
 
 
-def test_hals_matches_scikit_learn_on_a_noisy_low_rank_matrix():
+def test_hals_and_mu_match_scikit_learn_on_a_noisy_low_rank_matrix():
     rng = np.random.default_rng(0)
     X = rng.random((500, 20)) @ rng.random((20, 400))
     X = np.clip(X + 0.1 * X.std() * rng.standard_normal(X.shape), 0, None)
@@ -122,6 +123,10 @@ def test_hals_matches_scikit_learn_on_a_noisy_low_rank_matrix():
     from nmf_lightning.data import Matrix
 
     assert _fit(HALS, Matrix(X), 20, 300) <= sk * 1.01
+    est = NMF(20, solver="mu", init="nndsvda", tol=1e-4, max_iter=1000)
+    W = est.fit_transform(X)
+    sk_mu = np.linalg.norm(X - W @ est.components_) / np.linalg.norm(X)
+    assert _fit(MU, Matrix(X), 20, 300) <= sk_mu * 1.01
 
 
 @pytest.mark.parametrize("solver", ["mu", "hals"])
@@ -262,3 +267,13 @@ def test_transform_recovers_the_rows_of_a_planted_matrix(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "w.npy"), W0[:5], atol=1e-5)
     with pytest.raises(NMFInputError, match=r"H has shape \(3, 25\) but X has 7 columns"):
         transform(np.ones((2, 7)), H0)
+
+
+def test_l2_penalty_matches_scikit_learn_folding():
+    # HALS with l2 equals coordinate descent on W^T W + l2 I: check the fixed point by hand
+    t, W, H, Xd, _ = _problem(n=12, m=9, k=2)
+    for _ in range(500):
+        H = hals.update_h(t, W, H, 0.0, 0.5)
+        W = hals.update_w(t, W, H, 0.0, 0.5)
+    gH = W.T @ (W @ H - Xd) + 0.5 * H  # projected gradient of the penalised objective vanishes
+    assert torch.where(H > 0, gH.abs(), (-gH).clamp_min(0)).max() < 1e-6

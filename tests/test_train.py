@@ -168,6 +168,8 @@ def test_penalty_terms_are_logged_with_their_weights(make_cfg):
             "model.l1_W=0.01",
             "model.l1_H=0.02",
             "model.l21_H=0.5",
+            "model.l2_W=0.3",
+            "model.l2_H=0.4",
             "model.lam=3",
             "trainer.max_steps=10",
         )
@@ -178,6 +180,8 @@ def test_penalty_terms_are_logged_with_their_weights(make_cfg):
         + 0.01 * metrics["l1_W"]
         + 0.02 * metrics["l1_H"]
         + 0.5 * metrics["l21_H"]
+        + 0.3 * metrics["l2_W"]
+        + 0.4 * metrics["l2_H"]
     )
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
 

@@ -1,7 +1,7 @@
 """Closed-form NMF update rules, chosen like optimizers: ``optimizer=mu`` or ``optimizer=hals``.
 
-Each rule is a pair of pure functions ``update_h(target, W, H, l1)`` and
-``update_w(target, W, H, l1)`` in its own module; the classes here wrap them as
+Each rule is a pair of pure functions ``update_h(target, W, H, l1, l2)`` and
+``update_w(target, W, H, l1, l2)`` in its own module; the classes here wrap them as
 ``torch.optim.Optimizer`` objects so Lightning checkpoints and configures them like Adam,
 while :class:`~nmf_lightning.module.NMFModule` drives them without gradients.
 """
@@ -22,27 +22,29 @@ class Solver(torch.optim.Optimizer):
     """Base class: one ``update`` = one pass over H, then one over W (no gradients, no lr)."""
 
     rule: ModuleType
-    #: whether the rule can fit (row, col, value) ratings triplets, a dense mask, L1 weights
+    #: whether the rule can fit (row, col, value) ratings triplets, a dense mask, L1/L2 weights
     supports_triplets = True
     supports_mask = True
-    supports_l1 = True
+    supports_penalties = True
 
     def __init__(self, params: Iterable[Tensor], **defaults):
         super().__init__(params, defaults=defaults)
 
     @torch.no_grad()
-    def update(self, target: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l1_H: float = 0.0) -> None:
-        """Replace H, then W, in place by the rule's updates."""
-        H.copy_(self.update_h(target, W, H, l1_H))
-        W.copy_(self.update_w(target, W, H, l1_W))
+    def update(
+        self, target: Target, W: Tensor, H: Tensor, l1: tuple[float, float] = (0, 0), l2: tuple[float, float] = (0, 0)
+    ) -> None:
+        """Replace H, then W, in place by the rule's updates; ``l1``, ``l2`` are (W, H) weights."""
+        H.copy_(self.update_h(target, W, H, l1[1], l2[1]))
+        W.copy_(self.update_w(target, W, H, l1[0], l2[0]))
 
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1_H: float = 0.0) -> Tensor:
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """The rule's new H for fixed W."""
-        return self.rule.update_h(target, W, H, l1_H)
+        return self.rule.update_h(target, W, H, l1, l2)
 
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1_W: float = 0.0) -> Tensor:
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """The rule's new W for fixed H."""
-        return self.rule.update_w(target, W, H, l1_W)
+        return self.rule.update_w(target, W, H, l1, l2)
 
     def step(self, closure=None):  # noqa: D102 - a solver has no gradient step
         raise RuntimeError(f"{type(self).__name__} is a closed-form solver: NMFModule calls update(), not step().")
@@ -71,11 +73,11 @@ class ALS(Solver):
             raise ValueError(f"optimizer.ridge must be >= 0, got {ridge}.")
         super().__init__(params, ridge=ridge)
 
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1_H: float = 0.0) -> Tensor:  # noqa: D102
-        return als.update_h(target, W, H, l1_H, self.defaults["ridge"])
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return als.update_h(target, W, H, l1, l2, self.defaults["ridge"])
 
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1_W: float = 0.0) -> Tensor:  # noqa: D102
-        return als.update_w(target, W, H, l1_W, self.defaults["ridge"])
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return als.update_w(target, W, H, l1, l2, self.defaults["ridge"])
 
 
 class Kaczmarz(Solver):
@@ -84,7 +86,7 @@ class Kaczmarz(Solver):
     rule = kaczmarz
     supports_triplets = False
     supports_mask = False
-    supports_l1 = False
+    supports_penalties = False
 
     def __init__(self, params: Iterable[Tensor], steps: int = 10, block: int = 32, seed: int = 0):
         if steps < 1 or block < 1:
@@ -97,11 +99,11 @@ class Kaczmarz(Solver):
             self._generator = torch.Generator(device=like.device).manual_seed(self.defaults["seed"])
         return self._generator
 
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1_H: float = 0.0) -> Tensor:  # noqa: D102
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
         d = self.defaults
         return kaczmarz.update_h(target, W, H, self._gen(W), d["steps"], d["block"])
 
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1_W: float = 0.0) -> Tensor:  # noqa: D102
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
         d = self.defaults
         return kaczmarz.update_w(target, W, H, self._gen(W), d["steps"], d["block"])
 

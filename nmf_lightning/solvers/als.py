@@ -15,25 +15,25 @@ from torch import Tensor
 from nmf_lightning.solvers.products import Target, gram
 
 
-def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, ridge: float = 1e-6) -> Tensor:
-    """H <- max(0, (W^T W + ridge I)^-1 (W^T X - l1_H)); W (..., n, k), H (..., k, m)."""
+def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, ridge: float = 1e-6) -> Tensor:
+    """H <- max(0, (W^T W + (l2_H + ridge) I)^-1 (W^T X - l1_H)); W (..., n, k), H (..., k, m)."""
     k = W.shape[-1]
     eye = torch.eye(k, dtype=W.dtype, device=W.device)
     rhs = t.WtX(W) - l1_H  # (..., k, m)
     if not t.masked:
         G = gram(W, left=True)
-        G = G + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1.0) * eye
+        G = G + (l2_H + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1.0)) * eye
         return _solve_psd(G, rhs).clamp_min(0)
     G = _masked_grams(t, W)  # (..., m, k, k)
-    G = G + ridge * eye
+    G = G + (l2_H + ridge) * eye
     return _solve_psd(G, rhs.mT[..., None]).squeeze(-1).mT.clamp_min(0)
 
 
-def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, ridge: float = 1e-6) -> Tensor:
+def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, ridge: float = 1e-6) -> Tensor:
     """W <- max(0, (X H^T - l1_W) (H H^T + ridge I)^-1), the mirror of :func:`update_h`."""
     from nmf_lightning.solvers.hals import _transposed
 
-    return update_h(_transposed(t), H.mT, W.mT, l1_W, ridge).mT
+    return update_h(_transposed(t), H.mT, W.mT, l1_W, l2_W, ridge).mT
 
 
 def _solve_psd(G: Tensor, B: Tensor) -> Tensor:

@@ -334,3 +334,15 @@ def test_ratings_fit_only_their_stored_entries(make_cfg, tmp_path):
     obs = dense > 0
     expected = np.linalg.norm((dense - W @ H)[obs]) / np.linalg.norm(dense[obs])
     assert runs["sparse"]["relative_error"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_training_loss_trains_like_the_eager_one(make_cfg, tmp_path):
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        out.mkdir()
+        runs[flag] = train(
+            make_cfg(*SMALL, "trainer.max_steps=100", f"model.compile={flag}", f"paths.output_dir={out}")
+        )
+    assert runs["true"]["relative_error"] == pytest.approx(runs["false"]["relative_error"], rel=1e-2)

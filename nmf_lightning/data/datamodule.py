@@ -8,26 +8,37 @@ module for its next block of updates.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.validation import check_matrix
 
 
-class _Ticks(Dataset):
+class _Ticks:
+    """``n`` ticks, one per ``training_step``.
+
+    They carry no data, so resuming anywhere is exact: the (empty) state_dict tells
+    Lightning the loader is resumable.
+    """
+
     def __init__(self, n: int):
         self.n = n
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.tensor(i)
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (torch.tensor(i) for i in range(self.n))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
 
 
 class NMFDataModule(L.LightningDataModule):
@@ -54,7 +65,7 @@ class NMFDataModule(L.LightningDataModule):
         check_matrix(matrix.X)
         self.matrix = matrix
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> Iterable[torch.Tensor]:
         """One tick per ``training_step``: enough for ``max_steps`` updates in one epoch.
 
         Each tick runs at least one update, so ``max_steps`` ticks always suffice; the
@@ -65,4 +76,4 @@ class NMFDataModule(L.LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         if module is not None and getattr(module.hparams, "inner_steps", "auto") != "auto":
             max_steps = math.ceil(max_steps / int(module.hparams.inner_steps))
-        return DataLoader(_Ticks(max_steps), batch_size=None, shuffle=False)
+        return _Ticks(max_steps)

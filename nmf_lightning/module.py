@@ -137,7 +137,13 @@ class NMFModule(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "matrix"):
             raise TypeError("NMFModule trains on an NMFDataModule: trainer.fit(module, datamodule=...).")
         datamodule.setup(stage)
-        self.set_matrix(datamodule.matrix, dtype=_PRECISION_DTYPES.get(str(self.trainer.precision)))
+        precision = str(self.trainer.precision)
+        if "16" in precision and sp.issparse(datamodule.matrix.X):
+            raise NMFInputError(
+                f"trainer.precision={precision} has no sparse matrix kernels; X is sparse, so use "
+                "trainer.precision=32-true (or 64-true)."
+            )
+        self.set_matrix(datamodule.matrix, dtype=_PRECISION_DTYPES.get(precision))
 
     def set_matrix(self, matrix: Matrix, dtype: torch.dtype | None = None) -> None:
         """Store X as (non-checkpointed) buffers and draw the initial factors."""
@@ -207,6 +213,12 @@ class NMFModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Shape W and H like the checkpoint's before Lightning copies the values in."""
         state = checkpoint["state_dict"]
+        for name, now in (("W", self.W), ("H", self.H)):
+            if now.numel() and tuple(state[name].shape) != tuple(now.shape):
+                raise NMFInputError(
+                    f"the checkpoint's {name} has shape {tuple(state[name].shape)} but this run's is "
+                    f"{tuple(now.shape)}; resume with the data, model.rank and model.restarts it was trained with."
+                )
         self._train_loss = None  # it holds the old parameters
         self.W = nn.Parameter(torch.empty_like(state["W"]))
         self.H = nn.Parameter(torch.empty_like(state["H"]))
@@ -430,7 +442,9 @@ class NMFModule(L.LightningModule):
         lr = self.optimizers().optimizer.param_groups[0].get("lr")
         hint = f"lower the learning rate (e.g. optimizer.lr={lr / 10:g})" if lr else "check X for extreme values"
         raise DivergenceError(
-            f"the loss became {value} at update {step}; {hint}, or set model.project=true.",
+            f"the loss became {value} at update {step}; {hint}"
+            + ("" if self.hparams.project else ", or set model.project=true")
+            + ".",
             step=step,
             W=_to_numpy(W0 if W0.dim() == 2 else W0[self._best()]),
             H=_to_numpy(H0 if H0.dim() == 2 else H0[self._best()]),

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from nmf_lightning.module import DivergenceError, NMFModule
@@ -48,7 +49,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
         raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    matmul = cfg.get("matmul_precision", "highest")
+    if matmul not in ("highest", "high", "medium"):
+        raise ValueError(f"matmul_precision={matmul!r} must be highest, high or medium.")
+    torch.set_float32_matmul_precision(matmul)
 
     log.info("Loading data <%s>", _choice("data", cfg.data.get("loader", {}).get("path")))
     datamodule = _build(cfg.data, _convert_="all")
@@ -61,7 +65,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     for logger in loggers:
-        logger.log_hyperparams(hparams(cfg), metrics={f"hp/{k}": math.nan for k in HP_METRICS})
+        if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
+            logger.log_hyperparams(hparams(cfg), metrics={f"hp/{k}": math.nan for k in HP_METRICS})
+        else:
+            logger.log_hyperparams(hparams(cfg))
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -140,7 +147,7 @@ def main(cfg: DictConfig) -> float | None:
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     try:
         metrics = train(cfg)
-    except (ValueError, FileNotFoundError, DivergenceError) as err:
+    except (ValueError, TypeError, FileNotFoundError, DivergenceError) as err:
         log.error("%s: %s", type(err).__name__, err)
         if HydraConfig.get().mode == RunMode.RUN:
             sys.exit(f"error: {err}")  # a plain message, not a traceback, for a single run

@@ -37,6 +37,8 @@ def transform(
     if solver not in SOLVERS:
         raise NMFInputError(f"solver={solver!r} is not one of {sorted(SOLVERS)}.")
     check_matrix(X)
+    if solver == "kaczmarz" and not sp.issparse(X) and np.isnan(X).any():
+        raise NMFInputError("solver='kaczmarz' cannot skip missing (NaN) entries; use hals, mu or als.")
     H = np.asarray(H)
     if H.ndim != 2 or H.shape[1] != X.shape[1]:
         raise NMFInputError(

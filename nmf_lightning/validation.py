@@ -51,6 +51,10 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X") -> N
     if not sparse and nan.all():
         raise NMFInputError(f"{name} has no observed entries: all {X.size} are missing (NaN).")
     observed = values[~nan]
+    if not (observed > 0).any():
+        raise NMFInputError(
+            f"{name} has no positive entry (all observed entries are 0); there is nothing to factorize."
+        )
     n_neg = int((observed < 0).sum())
     if n_neg:
         raise NMFInputError(
@@ -76,8 +80,13 @@ def check_rank(rank: int, shape: tuple[int, int] | None = None) -> None:
 
 
 def check_accelerator(accelerator: str | None, devices: int | str | list | None = None) -> None:
-    """Fail at once when a GPU is requested but CUDA cannot see one."""
+    """Fail at once when a GPU is requested but CUDA cannot see one, or several devices are asked for."""
     acc = str(accelerator or "auto").lower()
+    if isinstance(devices, int) and devices > 1 or isinstance(devices, (list, tuple)) and len(devices) > 1:
+        raise NMFInputError(
+            f"trainer.devices={devices}: a run trains on one device (restarts batch on it); "
+            "use trainer.devices=1 and a multirun sweep to use several."
+        )
     if acc not in ("gpu", "cuda"):
         return
     if not torch.cuda.is_available():

@@ -204,3 +204,8 @@ def test_wheel_ships_the_config_tree(tmp_path):
         env={**os.environ, "PYTHONPATH": str(target)},
     )
     assert out.stdout.strip() == str(target / "nmf_lightning" / "configs"), out.stderr
+
+
+def test_unknown_experiment_name_is_an_error(tmp_path):
+    proc = run_cli("experiment=bogus", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0 and "experiment/bogus" in proc.stderr + proc.stdout

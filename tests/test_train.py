@@ -362,3 +362,51 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(make_cfg, tmp_path):
     for a, b in zip(_factors(dirs["resumed"]), _factors(dirs["straight"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert resumed["relative_error"] == pytest.approx(straight["relative_error"], rel=1e-6)
+
+
+def test_csv_logger_writes_metrics(make_cfg, tmp_path):
+    train(make_cfg(*SMALL, "logger=csv", "trainer.max_steps=20"))
+    assert "train/relative_error" in (tmp_path / "csv" / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("trainer.devices=2",), r"trainer.devices=2: a run trains on one device"),
+        (("matmul_precision=bogus",), r"matmul_precision='bogus' must be highest, high or medium"),
+        (("trainer.precision=bf16-mixed",), r"trainer.precision=bf16-mixed has no sparse matrix kernels"),
+    ],
+)
+def test_more_bad_configuration_is_named(make_cfg, tmp_path, overrides, message):
+    path = tmp_path / "x.npz"
+    sp.save_npz(path, sp.random(30, 20, density=0.2, random_state=0, format="csr"))
+    with pytest.raises(ValueError, match=message):
+        train(make_cfg("data=file", f"data.path={path}", "model.rank=2", "trainer.max_steps=5", *overrides))
+    assert _no_results(tmp_path)
+
+
+def test_all_zero_matrix_is_rejected():
+    from nmf_lightning.validation import check_matrix
+
+    with pytest.raises(NMFInputError, match="has no positive entry"):
+        check_matrix(np.zeros((3, 4)))
+
+
+def test_resuming_with_another_rank_is_a_clear_error(make_cfg, tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    train(make_cfg(*SMALL, "trainer.max_steps=10", f"paths.output_dir={first}"))
+    with pytest.raises(NMFInputError, match=r"resume with the data, model.rank and model.restarts"):
+        train(make_cfg(*SMALL, "model.rank=4", "trainer.max_steps=20", f"ckpt_path={first}/checkpoints/last.ckpt"))
+
+
+def test_batched_kaczmarz_survives_rows_that_are_zero_in_one_restart():
+    from nmf_lightning.solvers import Target, kaczmarz
+
+    X = torch.rand(12, 9, dtype=torch.float64) * 16
+    W = torch.rand(2, 12, 3, dtype=torch.float64)
+    W[0, :5] = 0  # zero rows in restart 0 only
+    H = torch.rand(2, 3, 9, dtype=torch.float64)
+    t = Target(X, None, None, None, None, None, (12, 9))
+    out = kaczmarz.update_h(t, W, H, torch.Generator().manual_seed(0), steps=20, block=8)
+    assert torch.isfinite(out).all()

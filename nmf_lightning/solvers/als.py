@@ -25,7 +25,7 @@ def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0
         G = G + (l2_H + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1.0)) * eye
         return _solve_psd(G, rhs).clamp_min(0)
     G = _masked_grams(t, W)  # (..., m, k, k)
-    G = G + (l2_H + ridge) * eye
+    G = G + (l2_H + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1.0)) * eye
     return _solve_psd(G, rhs.mT[..., None]).squeeze(-1).mT.clamp_min(0)
 
 

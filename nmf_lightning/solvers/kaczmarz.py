@@ -29,7 +29,9 @@ def update_h(t: Target, W: Tensor, H: Tensor, generator: torch.Generator, steps:
         idx = torch.multinomial(p.clamp_min(torch.finfo(p.dtype).tiny), b, replacement=True, generator=generator)
         WB = W[..., idx, :]  # (..., b, k)
         XB = X[idx] if X.layout == torch.strided else X.index_select(0, idx).to_dense()  # (b, m)
-        R = (XB - WB @ H) / row_sq[..., idx, None].clamp_min(torch.finfo(W.dtype).tiny)  # (..., b, m)
+        norms = row_sq[..., idx, None]
+        # a row that is zero in this restart (drawn for another) carries no step
+        R = torch.where(norms > 0, (XB - WB @ H) / norms.clamp_min(torch.finfo(W.dtype).tiny), 0)  # (..., b, m)
         H = (H + WB.mT @ R / b).clamp_min(0)
     return H
 

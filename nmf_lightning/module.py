@@ -175,8 +175,8 @@ class NMFModule(L.LightningModule):
             )
         if (mask is not None or observed is not None) and self.hparams.loss_form == "gram":
             raise NMFInputError(
-                "model.loss_form=gram cannot skip missing entries; X has NaN entries, "
-                "so use model.loss_form=auto or residual."
+                "model.loss_form=gram cannot skip missing entries, and X has some (NaN entries "
+                "or data.unstored=missing); use model.loss_form=auto or residual."
             )
         self.matrix = matrix
         self.n_obs = n_obs
@@ -282,7 +282,8 @@ class NMFModule(L.LightningModule):
         """Squared error in the training form; ``exact`` avoids the Gram form on dense X."""
         if self.obs_vals is not None:
             return sq_error_observed(self.obs_rows, self.obs_cols, self.obs_vals, W, H)
-        if self.Xt is not None or (self._use_gram() and not exact):
+        sparse_gram = self.Xt is not None and (exact or self.hparams.loss_form != "residual")
+        if sparse_gram or (self._use_gram() and not exact):
             return sq_error_gram(self.X, W, H, self.X_sq, self.Xt)
         return sq_error_residual(self.X, W, H, self.mask)
 
@@ -328,7 +329,7 @@ class NMFModule(L.LightningModule):
             if self.obs_vals is not None and not optimizer.supports_triplets:
                 raise NMFInputError(
                     f"optimizer={name} needs a dense mask, but X is kept as observed entries "
-                    "(ratings or mostly-missing data); use optimizer=mu or a gradient optimizer."
+                    "(ratings or mostly-missing data); use optimizer=mu, als or a gradient optimizer."
                 )
             if self.mask is not None and not optimizer.supports_mask:
                 raise NMFInputError(
@@ -541,14 +542,18 @@ def matrix_to_tensor(X: np.ndarray | sp.spmatrix, dtype: torch.dtype) -> tuple[T
     """Dense X with NaN -> (X with 0 at NaN, observed mask); sparse X -> CSR tensor, no mask."""
     if sp.issparse(X):
         X = sp.csr_matrix(X)
-        X.sum_duplicates()
-        return (
-            torch.sparse_csr_tensor(
+        X.sum_duplicates()  # scipy's canonical CSR: the invariants torch would check hold
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+            Xt = torch.sparse_csr_tensor(
                 torch.from_numpy(X.indptr.astype(np.int64)),
                 torch.from_numpy(X.indices.astype(np.int64)),
                 torch.from_numpy(X.data).to(dtype),
                 size=X.shape,
-            ),
+                check_invariants=False,
+            )
+        return (
+            Xt,
             None,
         )
     Xn = np.asarray(X, dtype=np.float64)

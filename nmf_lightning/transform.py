@@ -102,9 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {err}") from None
     out = Path(args.out) if args.out else Path(f"{Path(args.matrix).stem}_W.npy")
     np.save(out, W)
-    Xd = X.toarray() if sp.issparse(X) else X
-    obs = ~np.isnan(Xd)
-    rel = np.linalg.norm((np.nan_to_num(Xd) - W @ H)[obs]) / np.linalg.norm(Xd[obs])
+    if sp.issparse(X):  # Gram form: no dense copy of a large sparse X
+        x2 = float((X.data**2).sum())
+        sq = x2 - 2 * float((X @ H.T * W).sum()) + float(((W.T @ W) * (H @ H.T)).sum())
+        rel = math.sqrt(max(sq, 0.0) / x2)
+    else:
+        obs = ~np.isnan(X)
+        rel = np.linalg.norm((np.nan_to_num(X) - W @ H)[obs]) / np.linalg.norm(X[obs])
     print(f"wrote {out}: W {W.shape[0]} x {W.shape[1]}, relative error {rel:.6g}")
 
 

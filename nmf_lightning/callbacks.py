@@ -31,3 +31,17 @@ class UpdateProgressBar(TQDMProgressBar):
         bar.n = trainer.global_step
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         bar.refresh()
+
+    def on_validation_start(self, *_: Any) -> None:
+        """Validation scores a few held-out entries in one tick: no bar of its own."""
+
+    def on_validation_batch_start(self, *_: Any, **__: Any) -> None:
+        """No validation bar."""
+
+    def on_validation_batch_end(self, *_: Any, **__: Any) -> None:
+        """No validation bar."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Show the new ``val/*`` values on the training bar."""
+        if self._train_progress_bar is not None and trainer.state.fn == "fit":
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)

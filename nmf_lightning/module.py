@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from nmf_lightning.data.holdout import Holdout
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.init import INITS, SVD_INITS, initialize
 from nmf_lightning.objective import (
@@ -143,10 +144,10 @@ class NMFModule(L.LightningModule):
                 f"trainer.precision={precision} has no sparse matrix kernels; X is sparse, so use "
                 "trainer.precision=32-true (or 64-true)."
             )
-        self.set_matrix(datamodule.matrix, dtype=_PRECISION_DTYPES.get(precision))
+        self.set_matrix(datamodule.matrix, dtype=_PRECISION_DTYPES.get(precision), holdout=datamodule.holdout)
 
-    def set_matrix(self, matrix: Matrix, dtype: torch.dtype | None = None) -> None:
-        """Store X as (non-checkpointed) buffers and draw the initial factors."""
+    def set_matrix(self, matrix: Matrix, dtype: torch.dtype | None = None, holdout: Holdout | None = None) -> None:
+        """Store X (and the held-out entries) as non-checkpointed buffers; draw the initial factors."""
         dtype = dtype or torch.float32
         n, m = matrix.shape
         k = self.hparams.rank
@@ -201,6 +202,12 @@ class NMFModule(L.LightningModule):
         self.register_buffer("Xt", transpose_sparse(X) if sparse else None, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
         for name, value in zip(("obs_rows", "obs_cols", "obs_vals"), observed or (None,) * 3, strict=True):
+            self.register_buffer(name, value, persistent=False)
+        held = None
+        if holdout is not None:
+            held = (torch.from_numpy(holdout.rows).long(), torch.from_numpy(holdout.cols).long())
+            held += (torch.from_numpy(holdout.values).to(dtype),)
+        for name, value in zip(("val_rows", "val_cols", "val_vals"), held or (None,) * 3, strict=True):
             self.register_buffer(name, value, persistent=False)
         W = torch.stack([W for W, _ in pairs]).to(dtype)
         H = torch.stack([H for _, H in pairs]).to(dtype)
@@ -487,9 +494,36 @@ class NMFModule(L.LightningModule):
     def _best(self) -> int:
         return int(getattr(self, "_best_index", 0))
 
+    @torch.no_grad()
+    def validation_metrics(self) -> dict[str, Tensor]:
+        """``val/relative_error`` and ``val/rmse`` of the best restart on the held-out entries."""
+        if self.val_vals is None:
+            return {}
+        W, H = self.W.detach(), self.H.detach()
+        if W.dim() == 3:
+            W, H = W[self._best()], H[self._best()]
+        sq = torch.zeros((), dtype=torch.float64, device=W.device)
+        chunk = max(1, 2**24 // max(1, W.shape[-1]))  # bounds the (chunk, k) gather
+        for start in range(0, len(self.val_vals), chunk):
+            part = slice(start, start + chunk)
+            sq += sq_error_observed(self.val_rows[part], self.val_cols[part], self.val_vals[part], W, H).double()
+        ref = (self.val_vals.double() ** 2).sum()
+        return {
+            "val/relative_error": relative_error(sq, ref),
+            "val/rmse": torch.sqrt(sq.clamp_min(0) / len(self.val_vals)),
+        }
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Score the current factors on the held-out entries (``data.holdout``)."""
+        metrics = self.validation_metrics()
+        self.log("val/relative_error", metrics.pop("val/relative_error"), prog_bar=True, batch_size=1)
+        self.log_dict(metrics, batch_size=1)
+
     def on_train_end(self) -> None:
         """Keep the final metrics as plain floats (one sync) for metrics.json."""
-        final = {k: float(v) for k, v in self.compute_metrics().items()}
+        metrics = self.compute_metrics()
+        metrics.update(self.validation_metrics())
+        final = {k: float(v) for k, v in metrics.items()}
         final["steps"] = int(self.global_step)
         if self.hparams.restarts > 1:
             final["best_restart"] = self._best()

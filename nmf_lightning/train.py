@@ -21,11 +21,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from nmf_lightning.module import DivergenceError, NMFModule
-from nmf_lightning.validation import check_accelerator
+from nmf_lightning.validation import NMFInputError, check_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     model: NMFModule = _build(cfg.model, optimizer=_build(cfg.optimizer, _convert_="all"))
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    held_out = datamodule.holdout is not None
+    _check_validation_use(cfg, callbacks, held_out)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    every_block = {"val_check_interval": 1} if held_out and cfg.trainer.get("val_check_interval") is None else {}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **every_block)
+    hp_metrics = HP_METRICS + (VAL_METRICS if held_out else ())
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
-            logger.log_hyperparams(hparams(cfg), metrics={f"hp/{k}": math.nan for k in HP_METRICS})
+            logger.log_hyperparams(hparams(cfg), metrics={f"hp/{k}": math.nan for k in hp_metrics})
         else:
             logger.log_hyperparams(hparams(cfg))
 
@@ -77,12 +82,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         np.savez(path, W=err.W, H=err.H)
         raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
 
-    metrics = {k.split("/", 1)[-1]: v for k, v in model.final_metrics.items()}
+    metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
+    metrics["status"] = "completed"
     metrics["stop_reason"] = model.stop_reason
+    for callback in callbacks:
+        if isinstance(callback, EarlyStopping) and callback.stopping_reason_message:
+            metrics["stop_reason"] = f"early stopping: {callback.stopping_reason_message}"
     if trainer.interrupted:
         metrics["stop_reason"] = "interrupted"
     for logger in loggers:
-        logger.log_metrics({f"hp/{k}": metrics[k] for k in HP_METRICS}, step=trainer.global_step)
+        logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)
         logger.finalize("success")
     W, H = model.factors()
     np.savez(out / "factors.npz", W=W, H=H)
@@ -110,6 +119,32 @@ def _build(node: DictConfig, **kwargs: Any) -> Any:
 
 #: final metrics shown in TensorBoard's HPARAMS tab
 HP_METRICS = ("loss", "relative_error", "rmse", "reconstruction")
+#: ... and, with data.holdout > 0, the held-out ones
+VAL_METRICS = ("val_relative_error", "val_rmse")
+
+
+def metric_key(name: str) -> str:
+    """metrics.json name of a logged metric: ``train/rmse`` -> ``rmse``, ``val/rmse`` -> ``val_rmse``."""
+    group, _, rest = name.rpartition("/")
+    return f"val_{rest}" if group == "val" else rest
+
+
+def _check_validation_use(cfg: DictConfig, callbacks: list[Any], held_out: bool) -> None:
+    """Metrics of held-out entries need data.holdout > 0: say so before training."""
+    if held_out:
+        return
+    key = str(cfg.get("optimized_metric"))
+    if key.startswith("val_"):
+        raise NMFInputError(
+            f"optimized_metric={key} is measured on held-out entries, but data.holdout is 0; "
+            "set data.holdout=0.1 (or optimized_metric=relative_error)."
+        )
+    for callback in callbacks:
+        if isinstance(callback, EarlyStopping) and callback.monitor.startswith("val/"):
+            raise NMFInputError(
+                f"early stopping monitors {callback.monitor}, which needs held-out entries; "
+                "set data.holdout=0.1 (or monitor a train/ metric)."
+            )
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -143,21 +178,49 @@ def _choice(group: str, fallback: Any) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns ``optimized_metric`` for Hydra sweepers."""
+    """Console entry point; returns ``optimized_metric`` for Hydra sweepers.
+
+    In a sweep a failing job writes why into its metrics.json and returns NaN, so the
+    other jobs still run.
+    """
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    single = HydraConfig.get().mode == RunMode.RUN
     try:
-        metrics = train(cfg)
-    except (ValueError, TypeError, FileNotFoundError, DivergenceError) as err:
+        return optimized_value(cfg, train(cfg))
+    except (ValueError, TypeError, KeyError, FileNotFoundError, DivergenceError) as err:
         log.error("%s: %s", type(err).__name__, err)
-        if HydraConfig.get().mode == RunMode.RUN:
+        if single:
             sys.exit(f"error: {err}")  # a plain message, not a traceback, for a single run
-        raise
+        return _record_failure(cfg, err)
+    except Exception as err:
+        if single:
+            raise
+        log.exception("job failed")
+        return _record_failure(cfg, err)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The final value of ``optimized_metric`` (a key of metrics.json), for sweepers."""
     key = cfg.get("optimized_metric")
     if key is None:
         return None
     if key not in metrics:
         raise KeyError(f"optimized_metric={key!r} is not a final metric; choose one of {sorted(metrics)}.")
     return float(metrics[key])
+
+
+def _record_failure(cfg: DictConfig, err: BaseException) -> float:
+    """In a sweep, end this job with a metrics.json that says why, and let the others run.
+
+    Returns NaN as the job's value, which sweepers (Optuna) read as a failed trial.
+    """
+    record = {"status": "failed", "error_type": type(err).__name__, "error": str(err)}
+    if isinstance(err, DivergenceError):
+        record["steps"] = err.step
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    return math.nan
 
 
 if __name__ == "__main__":

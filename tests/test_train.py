@@ -193,8 +193,8 @@ def test_sparse_x_trains_without_being_densified(tmp_path, make_cfg):
     seen = {}
     orig = NMFModule.set_matrix
 
-    def spy(self, matrix, dtype=None):
-        orig(self, matrix, dtype)
+    def spy(self, matrix, dtype=None, holdout=None):
+        orig(self, matrix, dtype, holdout)
         seen["layout"] = self.X.layout
 
     NMFModule.set_matrix = spy
@@ -302,8 +302,8 @@ def test_ratings_fit_only_their_stored_entries(make_cfg, tmp_path):
     seen = {}
     orig = NMFModule.set_matrix
 
-    def spy(self, matrix, dtype=None):
-        orig(self, matrix, dtype)
+    def spy(self, matrix, dtype=None, holdout=None):
+        orig(self, matrix, dtype, holdout)
         seen[matrix.name] = (self.X is None, self.obs_vals is not None and len(self.obs_vals))
 
     NMFModule.set_matrix = spy

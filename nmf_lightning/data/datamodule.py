@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from nmf_lightning.data.holdout import Holdout, split_holdout
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.validation import check_matrix
 
@@ -47,13 +48,25 @@ class NMFDataModule(L.LightningDataModule):
     ``loader`` is any callable returning a :class:`Matrix` (the Hydra configs in
     ``configs/data/`` name one per data set); ``options`` are its keyword arguments,
     so ``data.archive=PATH`` on the command line reaches the loader directly.
+    ``holdout`` > 0 hides that fraction of the observed entries from training (drawn
+    with ``holdout_seed``, fixed by default so every job of a sweep holds out the same
+    entries); the module reports ``val/*`` metrics on them.
     """
 
-    def __init__(self, loader: Callable[..., Matrix], **options: Any):
+    def __init__(
+        self,
+        loader: Callable[..., Matrix],
+        holdout: float = 0.0,
+        holdout_seed: int = 0,
+        **options: Any,
+    ):
         super().__init__()
         self.loader = loader
         self.options = options
+        self.holdout_fraction = holdout
+        self.holdout_seed = holdout_seed
         self.matrix: Matrix | None = None
+        self.holdout: Holdout | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Load and check X; later calls reuse it."""
@@ -63,6 +76,9 @@ class NMFDataModule(L.LightningDataModule):
         if not isinstance(matrix, Matrix):
             raise TypeError(f"data loader {self.loader} returned {type(matrix).__name__}, expected a Matrix.")
         check_matrix(matrix.X)
+        if self.holdout_fraction:
+            matrix, self.holdout = split_holdout(matrix, self.holdout_fraction, self.holdout_seed)
+            check_matrix(matrix.X, name="X without its held-out entries")
         self.matrix = matrix
 
     def train_dataloader(self) -> Iterable[torch.Tensor]:
@@ -77,3 +93,7 @@ class NMFDataModule(L.LightningDataModule):
         if module is not None and getattr(module.hparams, "inner_steps", "auto") != "auto":
             max_steps = math.ceil(max_steps / int(module.hparams.inner_steps))
         return _Ticks(max_steps)
+
+    def val_dataloader(self) -> Iterable[torch.Tensor]:
+        """One tick per validation run when entries are held out; none otherwise."""
+        return _Ticks(1 if self.holdout_fraction else 0)

@@ -1,0 +1,88 @@
+"""Hold out a random set of observed entries of X for validation (rank selection by CV).
+
+The held-out entries become missing in the training matrix, so every training term and
+metric skips them, and come back as (row, col, value) triplets that the module scores
+``val/*`` on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from nmf_lightning.data.sources import Matrix
+from nmf_lightning.validation import NMFInputError
+
+log = logging.getLogger(__name__)
+
+#: a sparse X whose zeros are observed is densified for hold-out only up to this many entries
+MAX_DENSE_ENTRIES = 2**28
+
+
+@dataclass
+class Holdout:
+    """The held-out entries: X[rows[i], cols[i]] = values[i]."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def split_holdout(matrix: Matrix, fraction: float, seed: int = 0) -> tuple[Matrix, Holdout]:
+    """Hide ``fraction`` of the observed entries of ``matrix.X``, drawn with ``seed``.
+
+    Returns the training matrix (held-out entries missing: NaN when dense, unstored when
+    the unstored entries of a sparse X already mean missing) and the held-out triplets.
+    A sparse X whose zeros are observed values (TF-IDF) is made dense with NaN, since a
+    held-out zero cannot be marked missing in a sparse matrix.
+    """
+    if isinstance(fraction, bool) or not 0 < float(fraction) < 1:
+        raise NMFInputError(f"data.holdout must be a fraction in (0, 1), got {fraction!r}; e.g. data.holdout=0.1.")
+    rng = np.random.default_rng(seed)
+    X = matrix.X
+    if sp.issparse(X) and matrix.unstored_missing:
+        X = sp.coo_matrix(X)
+        rows, cols, vals = X.row, X.col, X.data
+        val = _draw(rng, len(vals), fraction)
+        keep = np.ones(len(vals), dtype=bool)
+        keep[val] = False
+        train = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=X.shape)
+        return dataclasses.replace(matrix, X=train), Holdout(rows[val], cols[val], vals[val].astype(np.float64))
+    if sp.issparse(X):
+        n, m = X.shape
+        if n * m > MAX_DENSE_ENTRIES:
+            raise NMFInputError(
+                f"data.holdout on a sparse X of {n}x{m} would need it dense ({n * m:,} entries): held-out "
+                "zeros cannot be marked missing in a sparse matrix. Hold out fewer rows (fit on a subset) "
+                "or save X as ratings with data.unstored=missing."
+            )
+        log.info("data.holdout: X is sparse with observed zeros; training on it dense, held-out entries missing")
+        X = X.toarray()
+    X = np.array(X, dtype=np.float64)
+    observed = np.flatnonzero(~np.isnan(X))
+    val = observed[_draw(rng, len(observed), fraction)]
+    rows, cols = np.unravel_index(val, X.shape)
+    values = X.flat[val].copy()
+    X.flat[val] = np.nan
+    return dataclasses.replace(matrix, X=X), Holdout(rows, cols, values)
+
+
+def _draw(rng: np.random.Generator, n_observed: int, fraction: float) -> np.ndarray:
+    """Indices of round(fraction * n_observed) of the observed entries, leaving some to train on."""
+    n_val = int(round(fraction * n_observed))
+    if n_val < 1:
+        raise NMFInputError(
+            f"data.holdout={fraction} holds out no entry of the {n_observed} observed ones; raise data.holdout."
+        )
+    if n_val >= n_observed:
+        raise NMFInputError(
+            f"data.holdout={fraction} would hold out all {n_observed} observed entries; lower data.holdout."
+        )
+    return np.sort(rng.choice(n_observed, size=n_val, replace=False))

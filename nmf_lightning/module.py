@@ -516,6 +516,7 @@ class NMFModule(L.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Score the current factors on the held-out entries (``data.holdout``)."""
         metrics = self.validation_metrics()
+        self.log("step", float(self.global_step), batch_size=1)  # x axis: updates, as in training
         self.log("val/relative_error", metrics.pop("val/relative_error"), prog_bar=True, batch_size=1)
         self.log_dict(metrics, batch_size=1)
 

@@ -30,6 +30,9 @@ from nmf_lightning.validation import NMFInputError, check_accelerator
 
 log = logging.getLogger(__name__)
 
+# `${nmf.cuda_devices:}` in configs: the number of visible GPUs (at least 1), e.g. for n_jobs
+OmegaConf.register_new_resolver("nmf.cuda_devices", lambda: max(1, torch.cuda.device_count()), replace=True)
+
 
 def config_dir() -> str:
     """The config tree: inside the installed package (wheel), else the repository's ``configs/``."""
@@ -50,6 +53,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
         raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     matmul = cfg.get("matmul_precision", "highest")
     if matmul not in ("highest", "high", "medium"):
         raise ValueError(f"matmul_precision={matmul!r} must be highest, high or medium.")
@@ -66,8 +71,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     held_out = datamodule.holdout is not None
     _check_validation_use(cfg, callbacks, held_out)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    every_block = {"val_check_interval": 1} if held_out and cfg.trainer.get("val_check_interval") is None else {}
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **every_block)
+    extra = {"val_check_interval": 1} if held_out and cfg.trainer.get("val_check_interval") is None else {}
+    if cfg.get("spread_gpus") and HydraConfig.initialized():
+        extra["devices"] = [gpu_for_job(HydraConfig.get().job.get("num"), torch.cuda.device_count())]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **extra)
     hp_metrics = HP_METRICS + (VAL_METRICS if held_out else ())
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
@@ -105,6 +112,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         out,
     )
     return metrics
+
+
+def gpu_for_job(job_num: int | None, n_gpus: int) -> int:
+    """The GPU index job ``job_num`` of a sweep trains on when jobs share a machine's GPUs."""
+    if n_gpus < 1:
+        raise NMFInputError(
+            "spread_gpus=true (launcher=joblib_gpus) but no CUDA device is visible; use launcher=joblib."
+        )
+    return int(job_num or 0) % n_gpus
 
 
 def _build(node: DictConfig, **kwargs: Any) -> Any:

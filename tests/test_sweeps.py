@@ -76,3 +76,94 @@ def test_report_console_script_and_its_errors(sweep, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert report_main([str(sweep), "--metric", "accuracy", "--out", str(tmp_path / "x")]) == 2
     assert "choose one of" in capsys.readouterr().err
+
+
+def _compose_with_hydra(*overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from nmf_lightning.train import config_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_optuna_search_composes_with_its_search_space():
+    cfg = _compose_with_hydra("hparams_search=optuna_rank_lam")
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
+    assert set(sweeper.params) == {"model.rank", "model.lam", "optimizer.lr"}
+    assert cfg.optimized_metric == "val_relative_error" and cfg.data.holdout > 0
+    assert cfg.hydra.mode.name == "MULTIRUN"
+
+
+def test_optuna_study_of_three_trials_runs_on_toy_data(tmp_path):
+    out = tmp_path / "optuna"
+    proc = run_cli(
+        "hparams_search=optuna_rank_lam",
+        "data=toy",
+        "hydra.sweeper.n_trials=3",
+        "trainer.max_steps=100",
+        "callbacks.progress_bar.refresh_rate=0",
+        "trainer.accelerator=cpu",
+        f"hydra.sweep.dir={out}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(p.read_text()) for p in out.glob("*/metrics.json")]
+    assert len(records) == 3 and all(r["status"] == "completed" for r in records)
+    results = (out / "optimization_results.yaml").read_text()
+    best = min(r["val_relative_error"] for r in records)
+    assert f"best_value: {best}" in results
+    assert report(out)["jobs"] == 3
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    out = tmp_path / "joblib"
+    proc = run_cli(
+        "-m",
+        "launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "data=toy",
+        "model.rank=1,2",
+        "trainer.max_steps=50",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"hydra.sweep.dir={out}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Joblib.Parallel(n_jobs=2" in proc.stderr + proc.stdout
+    assert len(list(out.glob("*/metrics.json"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [
+        ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+        ("joblib_gpus", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+        ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ],
+)
+def test_launcher_configs_compose_and_resolve(launcher, target):
+    from omegaconf import OmegaConf
+
+    cfg = _compose_with_hydra(f"launcher={launcher}", "hydra.sweep.dir=/tmp/sweep")
+    assert cfg.hydra.launcher._target_ == target
+    resolved = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    if launcher == "slurm":
+        assert resolved["gpus_per_node"] == 1 and resolved["submitit_folder"] == "/tmp/sweep/.submitit/%j"
+    else:
+        assert isinstance(resolved["n_jobs"], int)
+
+
+def test_gpu_for_job_spreads_jobs_over_gpus():
+    from nmf_lightning.train import gpu_for_job
+    from nmf_lightning.validation import NMFInputError
+
+    assert [gpu_for_job(j, 4) for j in range(6)] == [0, 1, 2, 3, 0, 1]
+    with pytest.raises(NMFInputError, match="no CUDA device"):
+        gpu_for_job(0, 0)

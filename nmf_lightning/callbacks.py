@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
 
 
 class UpdateProgressBar(TQDMProgressBar):
@@ -45,3 +49,69 @@ class UpdateProgressBar(TQDMProgressBar):
         """Show the new ``val/*`` values on the training bar."""
         if self._train_progress_bar is not None and trainer.state.fn == "fit":
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+
+
+class FactorPictures(L.Callback):
+    """Pictures of W and H in TensorBoard every ``every_n_steps`` updates and at the end.
+
+    Always heatmaps of W and H (``factors/W``, ``factors/H``); for image data (the matrix
+    has an ``image_shape``, e.g. digits) each component of H as an image
+    (``components/H``); for text data (column names, e.g. the 20 newsgroups vocabulary)
+    the top ``n_words`` words of each component as a text panel (``topics``) and, at the
+    end, ``topics.md`` in ``dirpath``.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, n_words: int = 10, max_side: int = 512, dirpath: str | None = None):
+        if every_n_steps < 0 or n_words < 1 or max_side < 1:
+            raise ValueError(
+                "callbacks.factor_pictures: every_n_steps must be >= 0 (0 = only at the end), "
+                f"n_words and max_side >= 1; got {every_n_steps}, {n_words}, {max_side}."
+            )
+        self.every_n_steps = every_n_steps
+        self.n_words = n_words
+        self.max_side = max_side
+        self.dirpath = dirpath
+        self._next = every_n_steps
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Schedule the next pictures after the current update (also when resuming)."""
+        if self.every_n_steps:
+            self._next = (trainer.global_step // self.every_n_steps + 1) * self.every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        """Draw once a block of updates has passed the next multiple of ``every_n_steps``."""
+        if self.every_n_steps and trainer.global_step >= self._next:
+            self.draw(trainer, pl_module)
+            self._next = (trainer.global_step // self.every_n_steps + 1) * self.every_n_steps
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Final pictures, and topics.md for text data."""
+        self.draw(trainer, pl_module)
+        names = pl_module.matrix.col_names
+        if names and self.dirpath:
+            H = pl_module.factors()[1]
+            path = Path(self.dirpath) / "topics.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            head = f"# Topics of {pl_module.matrix.name} (rank {H.shape[0]}, after {trainer.global_step} updates)\n\n"
+            path.write_text(head + topics_markdown(H, names, self.n_words))
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Send the pictures of the current (best-restart) factors to every TensorBoard logger."""
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not writers:
+            return
+        W, H = pl_module.W.detach(), pl_module.H.detach()
+        if W.dim() == 3:
+            W, H = W[pl_module._best()], H[pl_module._best()]
+        step = trainer.global_step
+        images = {"factors/W": heatmap(W, self.max_side), "factors/H": heatmap(H, self.max_side)}
+        matrix = pl_module.matrix
+        if matrix.image_shape is not None:
+            images["components/H"] = component_grid(H, matrix.image_shape)
+        text = topics_markdown(H.float().cpu().numpy(), matrix.col_names, self.n_words) if matrix.col_names else None
+        for writer in writers:
+            for tag, image in images.items():
+                writer.add_image(tag, image, step, dataformats="HWC")
+            if text is not None:
+                writer.add_text("topics", text, step)
+            writer.flush()

@@ -19,6 +19,8 @@ def from_file(
     skip_header: int = 0,
     delimiter: str | None = None,
     unstored: str = "zero",
+    col_names: str | None = None,
+    image_shape: list[int] | tuple[int, int] | None = None,
 ) -> Matrix:
     """Load X from ``path``; the format is chosen by the file extension.
 
@@ -26,6 +28,9 @@ def from_file(
     and ``delimiter`` apply to text files (empty cells and ``nan`` become missing).
     ``unstored='missing'`` reads a sparse matrix as ratings: only stored entries are
     observed (the default, ``'zero'``, treats unstored entries as observed zeros).
+    ``col_names`` is a text file with one name per column (e.g. the vocabulary of a
+    document-term matrix: topics are then shown as words); ``image_shape`` (h, w) folds
+    each row of H into an image (rows of X are images of h x w pixels).
     """
     if unstored not in ("zero", "missing"):
         raise ValueError(f"data.unstored={unstored!r} must be 'zero' or 'missing'.")
@@ -54,7 +59,37 @@ def from_file(
         X = np.asarray(X)
         if X.dtype == object or not np.issubdtype(X.dtype, np.number):
             raise ValueError(f"data.path={str(path)!r} does not hold numbers (dtype {X.dtype}).")
-    return Matrix(X, name=p.stem, unstored_missing=unstored == "missing" and sp.issparse(X))
+    names = _column_names(col_names, X.shape) if col_names else None
+    shape = _image_shape(image_shape, X.shape) if image_shape else None
+    return Matrix(
+        X,
+        name=p.stem,
+        unstored_missing=unstored == "missing" and sp.issparse(X),
+        col_names=names,
+        image_shape=shape,
+    )
+
+
+def _column_names(path: str, shape: tuple[int, ...]) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data.col_names={path!r} does not exist or is not a file.")
+    names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    m = shape[-1] if len(shape) == 2 else None
+    if m is not None and len(names) != m:
+        raise ValueError(f"data.col_names={path!r} lists {len(names)} names but X has {m} columns; one name per line.")
+    return names
+
+
+def _image_shape(image_shape: list[int] | tuple[int, int], shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(image_shape) != 2 or any(int(s) < 1 for s in image_shape):
+        raise ValueError(f"data.image_shape={list(image_shape)} must be [height, width] of positive integers.")
+    h, w = (int(s) for s in image_shape)
+    if len(shape) == 2 and h * w != shape[1]:
+        raise ValueError(
+            f"data.image_shape=[{h}, {w}] holds {h * w} pixels but X has {shape[1]} columns; they must match."
+        )
+    return h, w
 
 
 def _npy(p: Path, **_) -> np.ndarray:

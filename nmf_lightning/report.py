@@ -109,7 +109,7 @@ def table(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[str], list[
     header = ["job", "status", *params, metric, *shown, "stop_reason / error"]
     cells = []
     for r in rows:
-        note = r["error"] or r["metrics"].get("stop_reason", "")
+        note = r["error"] or str(r["metrics"].get("stop_reason", "")).split(":")[0]  # metrics.json has the rest
         values = [r["metrics"].get(m, "") for m in (metric, *shown)]
         cells.append([r["job"], r["status"], *(r["params"].get(p, "") for p in params), *values, note])
     return header, cells
@@ -163,6 +163,9 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, params: list[str], 
         ax.plot(bx, [best[x] for x in bx], "-o", color="tab:orange", ms=4, label="best at this value")
         if numeric and bx and min(bx) > 0 and max(bx) / min(bx) >= 20:
             ax.set_xscale("log")
+        if numeric and len(bx) <= 12:  # label the swept values themselves
+            ax.minorticks_off()
+            ax.set_xticks(bx, [_fmt(x) for x in bx])
         if ys and min(ys) > 0 and max(ys) / min(ys) >= 20:
             ax.set_yscale("log")
         if not numeric:
@@ -208,8 +211,9 @@ def plot_curves(rows: Sequence[dict[str, Any]], params: list[str], out: Path) ->
     if not tags:
         return None
     fig, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4), squeeze=False)
+    ordered = sorted(rows, key=lambda r: [_sort_key(r["params"].get(p)) for p in params])
     for ax, tag in zip(axes[0], tags, strict=True):
-        for r in rows:
+        for r in ordered:
             if tag in curves[r["job"]]:
                 steps, values = curves[r["job"]][tag]
                 label = ", ".join(f"{p}={_fmt(r['params'].get(p))}" for p in params) or r["job"]
@@ -224,6 +228,13 @@ def plot_curves(rows: Sequence[dict[str, Any]], params: list[str], out: Path) ->
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    """Numbers in order, then everything else by its text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
 
 
 def _finite(value: Any) -> bool:

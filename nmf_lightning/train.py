@@ -228,7 +228,9 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
 def _record_failure(cfg: DictConfig, err: BaseException) -> float:
     """In a sweep, end this job with a metrics.json that says why, and let the others run.
 
-    Returns NaN as the job's value, which sweepers (Optuna) read as a failed trial.
+    Hydra's basic sweeper gets NaN as the job's value (it would stop the sweep on an
+    exception); a search sweeper such as Optuna gets the exception back, which it
+    records as a failed trial before asking for the next one.
     """
     record = {"status": "failed", "error_type": type(err).__name__, "error": str(err)}
     if isinstance(err, DivergenceError):
@@ -236,6 +238,9 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> float:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    sweeper = str(HydraConfig.get().sweeper.get("_target_", "")) if HydraConfig.initialized() else ""
+    if sweeper and not sweeper.endswith("BasicSweeper"):
+        raise err
     return math.nan
 
 

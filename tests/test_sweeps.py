@@ -167,3 +167,25 @@ def test_gpu_for_job_spreads_jobs_over_gpus():
     assert [gpu_for_job(j, 4) for j in range(6)] == [0, 1, 2, 3, 0, 1]
     with pytest.raises(NMFInputError, match="no CUDA device"):
         gpu_for_job(0, 0)
+
+
+def test_optuna_study_goes_on_past_failing_trials(tmp_path):
+    out = tmp_path / "optuna"
+    proc = run_cli(
+        "-m",
+        "hparams_search=optuna_rank_lam",
+        "data=toy",
+        "hydra.sweeper.n_trials=4",
+        "model.rank=choice(0, 2)",  # rank 0 is rejected: those trials fail
+        "model.lam=0.1",
+        "trainer.max_steps=50",
+        "callbacks.progress_bar.refresh_rate=0",
+        "trainer.accelerator=cpu",
+        f"hydra.sweep.dir={out}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(p.read_text()) for p in out.glob("*/metrics.json")]
+    statuses = sorted(r["status"] for r in records)
+    assert len(records) == 4 and "failed" in statuses and "completed" in statuses
+    assert "best_value" in (out / "optimization_results.yaml").read_text()

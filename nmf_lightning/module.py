@@ -145,6 +145,7 @@ class NMFModule(L.LightningModule):
                 "trainer.precision=32-true (or 64-true)."
             )
         self.set_matrix(datamodule.matrix, dtype=_PRECISION_DTYPES.get(precision), holdout=datamodule.holdout)
+        self.holdout_spec = {"fraction": datamodule.holdout_fraction, "seed": datamodule.holdout_seed}
 
     def set_matrix(self, matrix: Matrix, dtype: torch.dtype | None = None, holdout: Holdout | None = None) -> None:
         """Store X (and the held-out entries) as non-checkpointed buffers; draw the initial factors."""
@@ -176,8 +177,8 @@ class NMFModule(L.LightningModule):
             )
         if (mask is not None or observed is not None) and self.hparams.loss_form == "gram":
             raise NMFInputError(
-                "model.loss_form=gram cannot skip missing entries, and X has some (NaN entries "
-                "or data.unstored=missing); use model.loss_form=auto or residual."
+                "model.loss_form=gram cannot skip missing entries, and X has some (NaN entries, "
+                "entries held out by data.holdout, or data.unstored=missing); use model.loss_form=auto or residual."
             )
         self.matrix = matrix
         self.n_obs = n_obs
@@ -206,7 +207,7 @@ class NMFModule(L.LightningModule):
         held = None
         if holdout is not None:
             held = (torch.from_numpy(holdout.rows).long(), torch.from_numpy(holdout.cols).long())
-            held += (torch.from_numpy(holdout.values).to(dtype),)
+            held += (torch.from_numpy(holdout.values).to(torch.promote_types(dtype, torch.float32)),)
         for name, value in zip(("val_rows", "val_cols", "val_vals"), held or (None,) * 3, strict=True):
             self.register_buffer(name, value, persistent=False)
         W = torch.stack([W for W, _ in pairs]).to(dtype)
@@ -226,6 +227,14 @@ class NMFModule(L.LightningModule):
                     f"the checkpoint's {name} has shape {tuple(state[name].shape)} but this run's is "
                     f"{tuple(now.shape)}; resume with the data, model.rank and model.restarts it was trained with."
                 )
+        saved = checkpoint.get("holdout", {"fraction": 0.0, "seed": 0})
+        now = getattr(self, "holdout_spec", saved)
+        if float(saved["fraction"]) != float(now["fraction"]) or (now["fraction"] and saved["seed"] != now["seed"]):
+            raise NMFInputError(
+                f"the checkpoint was trained with data.holdout={saved['fraction']} (holdout_seed={saved['seed']}) "
+                f"but this run has data.holdout={now['fraction']} (holdout_seed={now['seed']}); resuming would "
+                "train on entries held out before. Resume with the same data.holdout and data.holdout_seed."
+            )
         self._train_loss = None  # it holds the old parameters
         self.W = nn.Parameter(torch.empty_like(state["W"]))
         self.H = nn.Parameter(torch.empty_like(state["H"]))
@@ -234,6 +243,7 @@ class NMFModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record which restart is best, so a loaded module returns the same factors."""
         checkpoint["best_restart"] = self._best()
+        checkpoint["holdout"] = getattr(self, "holdout_spec", {"fraction": 0.0, "seed": 0})
 
     # ------------------------------------------------------------- objective
     def objective(self, all_terms: bool = False, sq: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -340,8 +350,8 @@ class NMFModule(L.LightningModule):
                 )
             if self.mask is not None and not optimizer.supports_mask:
                 raise NMFInputError(
-                    f"optimizer={name} cannot skip missing entries; X has NaN entries, so use "
-                    "optimizer=hals, mu or als."
+                    f"optimizer={name} cannot skip missing entries, and X has some (NaN entries or "
+                    "entries held out by data.holdout); use optimizer=hals, mu, als or a gradient optimizer."
                 )
             hp = self.hparams
             if (hp.l1_W or hp.l1_H or hp.l2_W or hp.l2_H) and not optimizer.supports_penalties:
@@ -494,12 +504,23 @@ class NMFModule(L.LightningModule):
     def _best(self) -> int:
         return int(getattr(self, "_best_index", 0))
 
+    def final_metric_names(self, held_out: bool = False) -> set[str]:
+        """Names of the numbers a run writes to metrics.json (checked before training)."""
+        names = {"loss", "reconstruction", "relative_error", "rmse", "steps", "updates_per_sec"}
+        names |= {name for name, *_ in self._penalties()}
+        names |= {f"{A}_{stat}" for A in "WH" for stat in ("neg_fraction", "neg_mean", "sparsity")}
+        if self.hparams.restarts > 1:
+            names |= {"best_restart"} | {f"loss_{r}" for r in range(self.hparams.restarts)}
+        if held_out:
+            names |= {"val_relative_error", "val_rmse"}
+        return names
+
     @torch.no_grad()
     def validation_metrics(self) -> dict[str, Tensor]:
         """``val/relative_error`` and ``val/rmse`` of the best restart on the held-out entries."""
         if self.val_vals is None:
             return {}
-        W, H = self.W.detach(), self.H.detach()
+        W, H = self.W.detach().to(self.val_vals.dtype), self.H.detach().to(self.val_vals.dtype)
         if W.dim() == 3:
             W, H = W[self._best()], H[self._best()]
         sq = torch.zeros((), dtype=torch.float64, device=W.device)
@@ -520,12 +541,19 @@ class NMFModule(L.LightningModule):
         self.log("val/relative_error", metrics.pop("val/relative_error"), prog_bar=True, batch_size=1)
         self.log_dict(metrics, batch_size=1)
 
+    def on_train_start(self) -> None:
+        """Start the clock for the run's mean ``updates_per_sec``."""
+        self._fit_start = (time.perf_counter(), self.global_step)
+
     def on_train_end(self) -> None:
         """Keep the final metrics as plain floats (one sync) for metrics.json."""
         metrics = self.compute_metrics()
         metrics.update(self.validation_metrics())
         final = {k: float(v) for k, v in metrics.items()}
         final["steps"] = int(self.global_step)
+        start, first = getattr(self, "_fit_start", (None, 0))
+        if start is not None:
+            final["updates_per_sec"] = (self.global_step - first) / max(time.perf_counter() - start, 1e-9)
         if self.hparams.restarts > 1:
             final["best_restart"] = self._best()
         self.final_metrics = final

@@ -21,6 +21,8 @@ import yaml
 
 #: metrics.json columns shown after the chosen metric, when present
 SHOWN_METRICS = ("relative_error", "val_relative_error", "rmse", "val_rmse", "loss", "steps", "updates_per_sec")
+#: ... and these when some job's factors kept negative entries
+NEGATIVITY_METRICS = ("W_neg_fraction", "H_neg_fraction")
 #: TensorBoard tags drawn in curves.png, one panel each when logged
 CURVE_TAGS = ("train/relative_error", "val/relative_error")
 
@@ -106,6 +108,8 @@ def table(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[str], list[
     """Header and cells: job, status, swept parameters, the metric, other metrics, stop/error."""
     params = swept_parameters(rows) or sorted({k for r in rows for k in r["params"] if not k.startswith("hydra.")})
     shown = [m for m in SHOWN_METRICS if m != metric and any(m in r["metrics"] for r in rows)]
+    # negative entries only arise with model.project=false: show them when some job has any
+    shown += [m for m in NEGATIVITY_METRICS if m != metric and any(r["metrics"].get(m, 0) > 0 for r in rows)]
     header = ["job", "status", *params, metric, *shown, "stop_reason / error"]
     cells = []
     for r in rows:
@@ -185,18 +189,22 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, params: list[str], 
 
 
 def read_curves(job: Path, tags: Sequence[str] = CURVE_TAGS) -> dict[str, tuple[list[int], list[float]]]:
-    """(steps, values) of each tag in a job's TensorBoard event files."""
+    """(steps, values) of each tag in a job's TensorBoard event files.
+
+    Every event file counts (a resumed run appends a new one); where two files hold the
+    same step, the later file wins.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curves: dict[str, tuple[list[int], list[float]]] = {}
-    for events in sorted({p.parent for p in job.rglob("events.out.tfevents.*")}):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    points: dict[str, dict[int, float]] = {}
+    files = sorted(job.rglob("events.out.tfevents.*"), key=lambda p: (p.stat().st_mtime, p.name))
+    for path in files:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in tags:
             if tag in acc.Tags().get("scalars", []):
-                points = acc.Scalars(tag)
-                curves[tag] = ([p.step for p in points], [p.value for p in points])
-    return curves
+                points.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: (sorted(pts), [pts[s] for s in sorted(pts)]) for tag, pts in points.items()}
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], params: list[str], out: Path) -> Path | None:
@@ -280,7 +288,7 @@ def report(sweep_dir: str | Path, metric: str | None = None, mode: str = "min", 
         "failed": sum(r["status"] != "completed" for r in rows),
         "best": None
         if best is None
-        else {"job": best["job"], **{p: best["params"][p] for p in params}, metric: best["metrics"][metric]},
+        else {"job": best["job"], **{p: best["params"].get(p) for p in params}, metric: best["metrics"][metric]},
     }
 
 

@@ -23,8 +23,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.module import DivergenceError, NMFModule
 from nmf_lightning.validation import NMFInputError, check_accelerator
 
@@ -66,14 +67,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     matrix = datamodule.matrix
     log.info("X: %s x %s %s", *matrix.shape, "sparse" if not isinstance(matrix.X, np.ndarray) else "dense")
 
-    model: NMFModule = _build(cfg.model, optimizer=_build(cfg.optimizer, _convert_="all"))
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     held_out = datamodule.holdout is not None
     _check_validation_use(cfg, callbacks, held_out)
+    model_cfg = cfg.model
+    if any(isinstance(c, EarlyStopping) for c in callbacks) and model_cfg.get("inner_steps") == "auto":
+        # blocks sized by the clock would make the validation points, and so where the
+        # run stops, depend on the machine: validate every fixed number of updates
+        model_cfg = OmegaConf.merge(model_cfg, {"inner_steps": EARLY_STOPPING_BLOCK})
+        log.info("early stopping: validating every %d updates (model.inner_steps)", EARLY_STOPPING_BLOCK)
+    model: NMFModule = _build(model_cfg, optimizer=_build(cfg.optimizer, _convert_="all"))
+    _check_optimized_metric(cfg, model, held_out)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    extra = {"val_check_interval": 1} if held_out and cfg.trainer.get("val_check_interval") is None else {}
-    if cfg.get("spread_gpus") and HydraConfig.initialized():
-        extra["devices"] = [gpu_for_job(HydraConfig.get().job.get("num"), torch.cuda.device_count())]
+    extra: dict[str, Any] = {"limit_val_batches": 0} if not held_out else {}
+    if held_out and cfg.trainer.get("val_check_interval") is None:
+        extra["val_check_interval"] = 1
+    if cfg.get("gpu") is not None:
+        extra["devices"] = [int(cfg.gpu)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **extra)
     hp_metrics = HP_METRICS + (VAL_METRICS if held_out else ())
     for logger in loggers:
@@ -114,15 +124,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def gpu_for_job(job_num: int | None, n_gpus: int) -> int:
-    """The GPU index job ``job_num`` of a sweep trains on when jobs share a machine's GPUs."""
-    if n_gpus < 1:
-        raise NMFInputError(
-            "spread_gpus=true (launcher=joblib_gpus) but no CUDA device is visible; use launcher=joblib."
-        )
-    return int(job_num or 0) % n_gpus
-
-
 def _build(node: DictConfig, **kwargs: Any) -> Any:
     """``instantiate`` that lets our own input errors through unwrapped, so users read them."""
     try:
@@ -133,6 +134,8 @@ def _build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+#: with early stopping and model.inner_steps=auto, validate every this many updates
+EARLY_STOPPING_BLOCK = 100
 #: final metrics shown in TensorBoard's HPARAMS tab
 HP_METRICS = ("loss", "relative_error", "rmse", "reconstruction")
 #: ... and, with data.holdout > 0, the held-out ones
@@ -145,12 +148,20 @@ def metric_key(name: str) -> str:
     return f"val_{rest}" if group == "val" else rest
 
 
+def _check_optimized_metric(cfg: DictConfig, model: NMFModule, held_out: bool) -> None:
+    """A sweep's optimized_metric must be a number the run will write: say so before training."""
+    key = cfg.get("optimized_metric")
+    names = model.final_metric_names(held_out)
+    if key is not None and key not in names:
+        raise NMFInputError(f"optimized_metric={key} is not a final metric of this run; choose one of {sorted(names)}.")
+
+
 def _check_validation_use(cfg: DictConfig, callbacks: list[Any], held_out: bool) -> None:
     """Metrics of held-out entries need data.holdout > 0: say so before training."""
     if held_out:
         return
     key = str(cfg.get("optimized_metric"))
-    if key.startswith("val_"):
+    if key.startswith("val_") and key in VAL_METRICS:
         raise NMFInputError(
             f"optimized_metric={key} is measured on held-out entries, but data.holdout is 0; "
             "set data.holdout=0.1 (or optimized_metric=relative_error)."
@@ -202,7 +213,13 @@ def main(cfg: DictConfig) -> float | None:
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     single = HydraConfig.get().mode == RunMode.RUN
     try:
-        return optimized_value(cfg, train(cfg))
+        if not cfg.get("spread_gpus"):
+            return optimized_value(cfg, train(cfg))
+        with claimed_gpu(Path(HydraConfig.get().sweep.dir) / ".gpu_locks", torch.cuda.device_count()) as gpu:
+            with open_dict(cfg):
+                cfg.gpu = gpu
+            log.info("training on GPU %d", gpu)
+            return optimized_value(cfg, train(cfg))
     except (ValueError, TypeError, KeyError, FileNotFoundError, DivergenceError) as err:
         log.error("%s: %s", type(err).__name__, err)
         if single:
@@ -237,7 +254,10 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> float:
         record["steps"] = err.step
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    path = out / "metrics.json"
+    if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
+        record = {**json.loads(path.read_text()), "status": "failed", **record}  # keep the trained numbers
+    path.write_text(json.dumps(record, indent=2) + "\n")
     sweeper = str(HydraConfig.get().sweeper.get("_target_", "")) if HydraConfig.initialized() else ""
     if sweeper and not sweeper.endswith("BasicSweeper"):
         raise err

@@ -121,3 +121,38 @@ def test_validation_metrics_without_a_holdout_fail_before_training(make_cfg, tmp
     with pytest.raises(NMFInputError, match="data.holdout"):
         train(make_cfg("data=toy", *extra))
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_misspelt_optimized_metric_fails_before_training(make_cfg, tmp_path):
+    with pytest.raises(NMFInputError, match="optimized_metric=val_rel is not a final metric"):
+        train(make_cfg("data=toy", "data.holdout=0.2", "optimized_metric=val_rel"))
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "tensorboard").exists()
+
+
+def test_resuming_with_another_holdout_is_refused(make_cfg, tmp_path):
+    train(make_cfg("data=toy", "data.holdout=0.2", "trainer.max_steps=20", "model.inner_steps=10"))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(NMFInputError, match="data.holdout=0.2 .holdout_seed=0. but this run has data.holdout=0.3"):
+        train(make_cfg("data=toy", "data.holdout=0.3", "trainer.max_steps=40", f"ckpt_path={ckpt}"))
+    resumed = train(make_cfg("data=toy", "data.holdout=0.2", "trainer.max_steps=40", f"ckpt_path={ckpt}"))
+    assert resumed["steps"] == 40
+
+
+def test_early_stopping_validates_on_a_fixed_update_grid(make_cfg):
+    overrides = (
+        "data=synthetic",
+        "data.n_rows=60",
+        "data.n_cols=40",
+        "data.noise=0.5",
+        "data.holdout=0.2",
+        "callbacks=early_stopping",
+        "callbacks.early_stopping.patience=2",
+        "callbacks.early_stopping.min_delta=0.001",
+        "++callbacks.progress_bar=null",
+        "model.rank=30",
+        "trainer.max_steps=20000",
+    )
+    first = train(make_cfg(*overrides))
+    second = train(make_cfg(*overrides))
+    assert first["steps"] % 100 == 0 and first["steps"] < 20000
+    assert first["steps"] == second["steps"] and first["val_relative_error"] == second["val_relative_error"]

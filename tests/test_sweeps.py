@@ -92,11 +92,15 @@ def _compose_with_hydra(*overrides):
         GlobalHydra.instance().clear()
 
 
-def test_optuna_search_composes_with_its_search_space():
-    cfg = _compose_with_hydra("hparams_search=optuna_rank_lam")
+@pytest.mark.parametrize(
+    ("search", "params"),
+    [("optuna_rank_lam", {"model.rank", "model.lam", "optimizer.lr"}), ("optuna_rank", {"model.rank", "model.l2_W"})],
+)
+def test_optuna_search_composes_with_its_search_space(search, params):
+    cfg = _compose_with_hydra(f"hparams_search={search}", "optimizer=hals" if search == "optuna_rank" else "seed=0")
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
-    assert set(sweeper.params) == {"model.rank", "model.lam", "optimizer.lr"}
+    assert set(sweeper.params) == params and sweeper.max_failure_rate == 1.0
     assert cfg.optimized_metric == "val_relative_error" and cfg.data.holdout > 0
     assert cfg.hydra.mode.name == "MULTIRUN"
 
@@ -160,13 +164,15 @@ def test_launcher_configs_compose_and_resolve(launcher, target):
         assert isinstance(resolved["n_jobs"], int)
 
 
-def test_gpu_for_job_spreads_jobs_over_gpus():
-    from nmf_lightning.train import gpu_for_job
-    from nmf_lightning.validation import NMFInputError
+def test_parallel_jobs_claim_distinct_gpus_and_release_them(tmp_path):
+    from nmf_lightning.gpus import claimed_gpu
 
-    assert [gpu_for_job(j, 4) for j in range(6)] == [0, 1, 2, 3, 0, 1]
-    with pytest.raises(NMFInputError, match="no CUDA device"):
-        gpu_for_job(0, 0)
+    with claimed_gpu(tmp_path, 2) as first, claimed_gpu(tmp_path, 2) as second:
+        assert {first, second} == {0, 1}
+    with claimed_gpu(tmp_path, 2) as again:
+        assert again == 0  # both were released
+    with pytest.raises(ValueError, match="no CUDA device"), claimed_gpu(tmp_path, 0):
+        pass
 
 
 def test_optuna_study_goes_on_past_failing_trials(tmp_path):

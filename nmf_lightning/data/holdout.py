@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,14 @@ def split_holdout(matrix: Matrix, fraction: float, seed: int = 0) -> tuple[Matri
         keep = np.ones(len(vals), dtype=bool)
         keep[val] = False
         train = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=X.shape)
+        n, m = X.shape
+        _warn_unseen(
+            np.bincount(rows, minlength=n) > 0,
+            np.bincount(rows[keep], minlength=n) > 0,
+            np.bincount(cols, minlength=m) > 0,
+            np.bincount(cols[keep], minlength=m) > 0,
+            fraction,
+        )
         return dataclasses.replace(matrix, X=train), Holdout(rows[val], cols[val], vals[val].astype(np.float64))
     if sp.issparse(X):
         n, m = X.shape
@@ -70,8 +79,26 @@ def split_holdout(matrix: Matrix, fraction: float, seed: int = 0) -> tuple[Matri
     val = observed[_draw(rng, len(observed), fraction)]
     rows, cols = np.unravel_index(val, X.shape)
     values = X.flat[val].copy()
+    before = ~np.isnan(X)
     X.flat[val] = np.nan
+    after = ~np.isnan(X)
+    _warn_unseen(before.any(axis=1), after.any(axis=1), before.any(axis=0), after.any(axis=0), fraction)
     return dataclasses.replace(matrix, X=X), Holdout(rows, cols, values)
+
+
+def _warn_unseen(
+    row_had: np.ndarray, row_has: np.ndarray, col_had: np.ndarray, col_has: np.ndarray, fraction: float
+) -> None:
+    """Rows or columns the hold-out emptied have factors fixed by nothing but their init."""
+    empty_rows = int((row_had & ~row_has).sum())
+    empty_cols = int((col_had & ~col_has).sum())
+    if empty_rows or empty_cols:
+        warnings.warn(
+            f"data.holdout={fraction} leaves {empty_rows} rows and {empty_cols} columns of X with no "
+            "training entry; their held-out predictions only reflect the initialisation. Lower data.holdout.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _draw(rng: np.random.Generator, n_observed: int, fraction: float) -> np.ndarray:

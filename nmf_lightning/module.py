@@ -114,6 +114,13 @@ class NMFModule(L.LightningModule):
             raise NMFInputError(f"model.tol must be >= 0 and model.tol_window >= 1, got {tol} and {tol_window}.")
         if isinstance(restarts, bool) or int(restarts) < 1:
             raise NMFInputError(f"model.restarts must be an integer >= 1, got {restarts!r}.")
+        if int(restarts) > 1 and init in ("nndsvd", "nndsvda"):
+            warnings.warn(
+                f"model.init={init} is deterministic, so the {restarts} restarts start (and end) alike; "
+                "use model.init=random or nndsvdar for different starts.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.9))
         self.automatic_optimization = False

@@ -348,16 +348,18 @@ def test_compiled_training_loss_trains_like_the_eager_one(make_cfg, tmp_path):
     assert runs["true"]["relative_error"] == pytest.approx(runs["false"]["relative_error"], rel=1e-2)
 
 
-def test_resuming_from_a_checkpoint_continues_the_same_run(make_cfg, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "kaczmarz"])
+def test_resuming_from_a_checkpoint_continues_the_same_run(make_cfg, tmp_path, optimizer):
     dirs = {name: tmp_path / name for name in ("first", "resumed", "straight")}
     for d in dirs.values():
         d.mkdir()
-    train(make_cfg(*SMALL, "trainer.max_steps=30", f"paths.output_dir={dirs['first']}"))
+    opt = f"optimizer={optimizer}"  # kaczmarz: the row sampler's state is checkpointed too
+    train(make_cfg(*SMALL, opt, "trainer.max_steps=30", f"paths.output_dir={dirs['first']}"))
     ckpt = dirs["first"] / "checkpoints" / "last.ckpt"
     resumed = train(
-        make_cfg(*SMALL, "trainer.max_steps=60", f"ckpt_path={ckpt}", f"paths.output_dir={dirs['resumed']}")
+        make_cfg(*SMALL, opt, "trainer.max_steps=60", f"ckpt_path={ckpt}", f"paths.output_dir={dirs['resumed']}")
     )
-    straight = train(make_cfg(*SMALL, "trainer.max_steps=60", f"paths.output_dir={dirs['straight']}"))
+    straight = train(make_cfg(*SMALL, opt, "trainer.max_steps=60", f"paths.output_dir={dirs['straight']}"))
     assert resumed["steps"] == 60
     for a, b in zip(_factors(dirs["resumed"]), _factors(dirs["straight"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -93,11 +93,32 @@ class Kaczmarz(Solver):
             raise ValueError(f"optimizer.steps and optimizer.block must be >= 1, got {steps} and {block}.")
         super().__init__(params, steps=steps, block=block, seed=seed)
         self._generator: torch.Generator | None = None
+        self._saved_state: Tensor | None = None  # generator state from a checkpoint
 
     def _gen(self, like: Tensor) -> torch.Generator:
         if self._generator is None or self._generator.device != like.device:
             self._generator = torch.Generator(device=like.device).manual_seed(self.defaults["seed"])
+            if self._saved_state is not None:
+                self._generator.set_state(self._saved_state)
+                self._saved_state = None
         return self._generator
+
+    def state_dict(self) -> dict:
+        """The optimizer state plus the row sampler's, so a resumed run draws the same rows."""
+        state = super().state_dict()
+        if self._generator is not None:
+            state["generator_state"] = self._generator.get_state()
+        elif self._saved_state is not None:
+            state["generator_state"] = self._saved_state
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the optimizer state and the row sampler's."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        self._generator = None
+        self._saved_state = saved.cpu() if saved is not None else None
 
     def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
         d = self.defaults

@@ -50,6 +50,8 @@ _PRECISION_DTYPES = {
 _GRAM_SAFETY = 10.0
 #: masked X with at most this fraction observed is kept as (row, col, value) triplets
 _OBSERVED_FRACTION = 0.1
+#: optimizers whose steps are about lr in size whatever the gradient (see _warn_small_lr)
+_ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam)
 #: inner_steps=auto sizes each block of updates to take about this long (one log point)
 _BLOCK_SECONDS = 1.0
 
@@ -549,8 +551,32 @@ class NMFModule(L.LightningModule):
         self.log_dict(metrics, batch_size=1)
 
     def on_train_start(self) -> None:
-        """Start the clock for the run's mean ``updates_per_sec``."""
+        """Start the clock for the run's mean ``updates_per_sec``; warn of an lr too small for X."""
         self._fit_start = (time.perf_counter(), self.global_step)
+        self._warn_small_lr()
+
+    def _warn_small_lr(self) -> None:
+        """Adam-like steps move an entry by about lr per update, whatever the gradient's size.
+
+        When lr x updates cannot even cover the scale of the factors (large-valued X), the
+        run ends far from a fit; say so now rather than leave a poor relative error.
+        """
+        optimizer = self.optimizers().optimizer
+        if not isinstance(optimizer, _ADAPTIVE):
+            return
+        lr = float(optimizer.param_groups[0]["lr"])
+        updates = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else 0
+        with torch.no_grad():
+            scale = max(float(A.float().pow(2).mean().sqrt()) for A in (self.W, self.H))
+        if updates > 0 and lr * updates < scale:
+            warnings.warn(
+                f"optimizer.lr={lr:g} moves a factor entry by about {lr:g} per update, at most "
+                f"{lr * updates:.3g} over {updates} updates, but the factors are at scale {scale:.3g} "
+                f"(X is large-valued): the run will end far from a fit. Raise the lr (e.g. "
+                f"optimizer.lr={scale / 100:.2g}) or trainer.max_steps, or use optimizer=hals.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def on_train_end(self) -> None:
         """Keep the final metrics as plain floats (one sync) for metrics.json."""

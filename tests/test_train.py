@@ -412,3 +412,15 @@ def test_batched_kaczmarz_survives_rows_that_are_zero_in_one_restart():
     t = Target(X, None, None, None, None, None, (12, 9))
     out = kaczmarz.update_h(t, W, H, torch.Generator().manual_seed(0), steps=20, block=8)
     assert torch.isfinite(out).all()
+
+
+def test_an_adam_lr_too_small_for_large_valued_x_is_named(make_cfg, tmp_path):
+    X = np.random.default_rng(0).random((60, 8)) * 1000.0  # entries in the hundreds
+    np.save(tmp_path / "big.npy", X)
+    common = ("data=file", f"data.path={tmp_path / 'big.npy'}", "model.rank=3", "trainer.max_steps=200")
+    with pytest.warns(UserWarning, match=r"optimizer.lr=0.001 moves a factor entry .* Raise the lr \(e.g. optimizer"):
+        train(make_cfg(*common))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(make_cfg(*common, "optimizer.lr=1.0"))  # big enough: no warning
+    assert not [w for w in caught if "moves a factor entry" in str(w.message)]

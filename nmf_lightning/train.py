@@ -70,21 +70,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     held_out = datamodule.holdout is not None
     _check_validation_use(cfg, callbacks, held_out)
-    model_cfg = cfg.model
-    if any(isinstance(c, EarlyStopping) for c in callbacks) and model_cfg.get("inner_steps") == "auto":
-        # blocks sized by the clock would make the validation points, and so where the
-        # run stops, depend on the machine: validate every fixed number of updates
-        model_cfg = OmegaConf.merge(model_cfg, {"inner_steps": EARLY_STOPPING_BLOCK})
-        log.info("early stopping: validating every %d updates (model.inner_steps)", EARLY_STOPPING_BLOCK)
-    model: NMFModule = _build(model_cfg, optimizer=_build(cfg.optimizer, _convert_="all"))
+    model: NMFModule = _build(_model_config(cfg, callbacks), optimizer=_build(cfg.optimizer, _convert_="all"))
     _check_optimized_metric(cfg, model, held_out)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    extra: dict[str, Any] = {"limit_val_batches": 0} if not held_out else {}
-    if held_out and cfg.trainer.get("val_check_interval") is None:
-        extra["val_check_interval"] = 1
-    if cfg.get("gpu") is not None:
-        extra["devices"] = [int(cfg.gpu)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **extra)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, **_trainer_overrides(cfg, held_out)
+    )
     hp_metrics = HP_METRICS + (VAL_METRICS if held_out else ())
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
@@ -101,12 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
     metrics["status"] = "completed"
-    metrics["stop_reason"] = model.stop_reason
-    for callback in callbacks:
-        if isinstance(callback, EarlyStopping) and callback.stopping_reason_message:
-            metrics["stop_reason"] = f"early stopping: {callback.stopping_reason_message}"
-    if trainer.interrupted:
-        metrics["stop_reason"] = "interrupted"
+    metrics["stop_reason"] = _stop_reason(trainer, model)
     for logger in loggers:
         logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)
         logger.finalize("success")
@@ -122,6 +108,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         out,
     )
     return metrics
+
+
+def _model_config(cfg: DictConfig, callbacks: list[Any]) -> DictConfig:
+    """cfg.model, with fixed blocks of updates when early stopping reads the validations.
+
+    Blocks sized by the clock would make the validation points, and so where the run
+    stops, depend on the machine.
+    """
+    if any(isinstance(c, EarlyStopping) for c in callbacks) and cfg.model.get("inner_steps") == "auto":
+        log.info("early stopping: validating every %d updates (model.inner_steps)", EARLY_STOPPING_BLOCK)
+        return OmegaConf.merge(cfg.model, {"inner_steps": EARLY_STOPPING_BLOCK})
+    return cfg.model
+
+
+def _trainer_overrides(cfg: DictConfig, held_out: bool) -> dict[str, Any]:
+    """Trainer arguments that follow from the data and the sweep: validation, device index."""
+    extra: dict[str, Any] = {} if held_out else {"limit_val_batches": 0}
+    if held_out and cfg.trainer.get("val_check_interval") is None:
+        extra["val_check_interval"] = 1  # after every block of updates
+    if cfg.get("gpu") is not None:
+        extra["devices"] = [int(cfg.gpu)]
+    return extra
+
+
+def _stop_reason(trainer: L.Trainer, model: NMFModule) -> str:
+    """Why the run ended: max_steps, convergence (model.tol), early stopping or an interrupt."""
+    if trainer.interrupted:
+        return "interrupted"
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and callback.stopping_reason_message:
+            return f"early stopping: {callback.stopping_reason_message}"
+    return model.stop_reason
 
 
 def _build(node: DictConfig, **kwargs: Any) -> Any:

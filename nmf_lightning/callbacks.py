@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -115,3 +116,43 @@ class FactorPictures(L.Callback):
             if text is not None:
                 writer.add_text("topics", text, step)
             writer.flush()
+
+
+class RestoreBestFactors(L.Callback):
+    """Keep the factors of the best validation check and put them back when training ends.
+
+    With early stopping the run goes on for ``patience`` checks past its best; this makes
+    factors.npz, metrics.json, the last checkpoint and the final pictures hold the best
+    check's factors instead. (The NMF run is one long epoch, so its end is the run's end.)
+    """
+
+    def __init__(self, monitor: str = "val/relative_error", mode: str = "min"):
+        if mode not in ("min", "max"):
+            raise ValueError(f"callbacks.restore_best.mode must be min or max, got {mode!r}.")
+        self.monitor = monitor
+        self.mode = mode
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self._factors: tuple[Any, Any] | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Copy W and H (on their device) when the monitored metric improves."""
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or trainer.sanity_checking:
+            return
+        value = float(value)
+        if value != value:  # NaN never counts as an improvement
+            return
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_step = value, trainer.global_step
+            self._factors = (pl_module.W.detach().clone(), pl_module.H.detach().clone())
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Put the best factors back as training ends (before the last checkpoint, pictures and metrics)."""
+        if self._factors is None or self.best_step == trainer.global_step:
+            return
+        with torch.no_grad():
+            pl_module.W.copy_(self._factors[0])
+            pl_module.H.copy_(self._factors[1])
+        pl_module.restored_from_step = self.best_step

@@ -136,10 +136,14 @@ def _stop_reason(trainer: L.Trainer, model: NMFModule) -> str:
     """Why the run ended: max_steps, convergence (model.tol), early stopping or an interrupt."""
     if trainer.interrupted:
         return "interrupted"
+    reason = model.stop_reason
     for callback in trainer.callbacks:
         if isinstance(callback, EarlyStopping) and callback.stopping_reason_message:
-            return f"early stopping: {callback.stopping_reason_message}"
-    return model.stop_reason
+            reason = f"early stopping: {callback.stopping_reason_message}"
+    restored = getattr(model, "restored_from_step", None)
+    if restored is not None:
+        reason += f" (factors restored from update {restored}, the best validation check)"
+    return reason
 
 
 def _build(node: DictConfig, **kwargs: Any) -> Any:

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nmf_lightning.data import Matrix, toy
 from nmf_lightning.data.holdout import split_holdout
@@ -93,7 +94,7 @@ def test_validation_metrics_match_a_direct_computation(make_cfg, tmp_path):
     assert metrics["val_rmse"] == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-5)
 
 
-def test_early_stopping_on_the_held_out_error_stops_the_run(make_cfg):
+def test_early_stopping_on_the_held_out_error_stops_the_run(make_cfg, tmp_path):
     metrics = train(
         make_cfg(
             "data=synthetic",
@@ -112,6 +113,15 @@ def test_early_stopping_on_the_held_out_error_stops_the_run(make_cfg):
     )
     assert metrics["steps"] < 20000
     assert metrics["stop_reason"].startswith("early stopping")
+    # the run ends with the factors of its best check, not the last one
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    checks = {e.step: e.value for e in ea.Scalars("val/relative_error")}
+    best_step = min(checks, key=checks.get)
+    assert best_step < metrics["steps"] and f"restored from update {best_step}" in metrics["stop_reason"]
+    assert metrics["val_relative_error"] == pytest.approx(checks[best_step], rel=1e-5)
+    W = np.load(tmp_path / "factors.npz")["W"]
+    assert np.isfinite(W).all()
 
 
 @pytest.mark.parametrize(

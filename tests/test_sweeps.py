@@ -94,7 +94,11 @@ def _compose_with_hydra(*overrides):
 
 @pytest.mark.parametrize(
     ("search", "params"),
-    [("optuna_rank_lam", {"model.rank", "model.lam", "optimizer.lr"}), ("optuna_rank", {"model.rank", "model.l2_W"})],
+    [
+        ("optuna_rank_lam", {"model.rank", "model.lam", "optimizer.lr"}),
+        ("optuna_rank", {"model.rank", "model.l2_W"}),
+        ("optuna", {"model.rank"}),
+    ],
 )
 def test_optuna_search_composes_with_its_search_space(search, params):
     cfg = _compose_with_hydra(f"hparams_search={search}", "optimizer=hals" if search == "optuna_rank" else "seed=0")

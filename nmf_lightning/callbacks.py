@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -87,29 +88,36 @@ class FactorPictures(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Final pictures, and topics.md for text data."""
-        self.draw(trainer, pl_module)
-        names = pl_module.matrix.col_names
-        if names and self.dirpath:
-            H = pl_module.factors()[1]
+        text = self.topics(pl_module)
+        self.draw(trainer, pl_module, text)
+        if text is not None and self.dirpath:
             path = Path(self.dirpath) / "topics.md"
             path.parent.mkdir(parents=True, exist_ok=True)
-            head = f"# Topics of {pl_module.matrix.name} (rank {H.shape[0]}, after {trainer.global_step} updates)\n\n"
-            path.write_text(head + topics_markdown(H, names, self.n_words))
+            matrix, rank = pl_module.matrix, pl_module.hparams.rank
+            path.write_text(f"# Topics of {matrix.name} (rank {rank}, after {trainer.global_step} updates)\n\n{text}")
 
-    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Send the pictures of the current (best-restart) factors to every TensorBoard logger."""
+    def topics(self, pl_module: L.LightningModule) -> str | None:
+        """The top words of each component (Markdown), for a matrix with column names."""
+        names = pl_module.matrix.col_names
+        if not names:
+            return None
+        return topics_markdown(pl_module.factors()[1], names, self.n_words)
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, text: str | None = None) -> None:
+        """Send the pictures of the current (best-restart) factors to every TensorBoard logger.
+
+        ``text`` is the topics table when the caller already has it.
+        """
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers:
             return
-        W, H = pl_module.W.detach(), pl_module.H.detach()
-        if W.dim() == 3:
-            W, H = W[pl_module._best()], H[pl_module._best()]
+        W, H = pl_module.best_factors()
         step = trainer.global_step
         images = {"factors/W": heatmap(W, self.max_side), "factors/H": heatmap(H, self.max_side)}
         matrix = pl_module.matrix
         if matrix.image_shape is not None:
             images["components/H"] = component_grid(H, matrix.image_shape)
-        text = topics_markdown(H.float().cpu().numpy(), matrix.col_names, self.n_words) if matrix.col_names else None
+        text = text if text is not None else self.topics(pl_module)
         for writer in writers:
             for tag, image in images.items():
                 writer.add_image(tag, image, step, dataformats="HWC")
@@ -141,7 +149,7 @@ class RestoreBestFactors(L.Callback):
         if value is None or trainer.sanity_checking:
             return
         value = float(value)
-        if value != value:  # NaN never counts as an improvement
+        if math.isnan(value):  # NaN never counts as an improvement
             return
         better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
         if better:

@@ -529,9 +529,7 @@ class NMFModule(L.LightningModule):
         """``val/relative_error`` and ``val/rmse`` of the best restart on the held-out entries."""
         if self.val_vals is None:
             return {}
-        W, H = self.W.detach().to(self.val_vals.dtype), self.H.detach().to(self.val_vals.dtype)
-        if W.dim() == 3:
-            W, H = W[self._best()], H[self._best()]
+        W, H = (A.to(self.val_vals.dtype) for A in self.best_factors())
         sq = torch.zeros((), dtype=torch.float64, device=W.device)
         chunk = max(1, 2**24 // max(1, W.shape[-1]))  # bounds the (chunk, k) gather
         for start in range(0, len(self.val_vals), chunk):
@@ -606,15 +604,21 @@ class NMFModule(L.LightningModule):
 
         return transform(X, self.factors()[1], solver, **options)
 
+    def best_factors(self, restart: int | None = None) -> tuple[Tensor, Tensor]:
+        """W (n, k) and H (k, m) of the best (or the given) restart, detached, on their device."""
+        W, H = self.W.detach(), self.H.detach()
+        if W.dim() == 2:
+            return W, H
+        r = self._best() if restart is None else restart
+        return W[r], H[r]
+
     def factors(self, restart: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """W (n, k) and H (k, m) of the best (or the given) restart, in the trained dtype.
+        """W (n, k) and H (k, m) of the best (or the given) restart as numpy, in the trained dtype.
 
         bf16/fp16 factors come back as float32.
         """
-        if self.W.dim() == 2:
-            return _to_numpy(self.W), _to_numpy(self.H)
-        r = self._best() if restart is None else restart
-        return _to_numpy(self.W[r]), _to_numpy(self.H[r])
+        W, H = self.best_factors(restart)
+        return _to_numpy(W), _to_numpy(H)
 
 
 def _batch(restarts: int) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback
 
 #: metrics.json columns shown after the chosen metric, when present
 SHOWN_METRICS = ("relative_error", "val_relative_error", "rmse", "val_rmse", "loss", "steps", "updates_per_sec")
@@ -97,16 +98,19 @@ def sort_rows(rows: list[dict[str, Any]], metric: str, mode: str = "min") -> lis
 
     def key(row: dict[str, Any]) -> tuple[int, float]:
         value = row["metrics"].get(metric)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite(value):
             return (1, 0.0)
         return (0, value if mode == "min" else -value)
 
     return sorted(rows, key=key)
 
 
-def table(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[str], list[list[Any]]]:
-    """Header and cells: job, status, swept parameters, the metric, other metrics, stop/error."""
-    params = swept_parameters(rows) or sorted({k for r in rows for k in r["params"] if not k.startswith("hydra.")})
+def table(rows: Sequence[dict[str, Any]], metric: str, swept: list[str]) -> tuple[list[str], list[list[Any]]]:
+    """Header and cells: job, status, swept parameters, the metric, other metrics, stop/error.
+
+    With nothing swept (one job), every override gets a column instead.
+    """
+    params = swept or sorted({k for r in rows for k in r["params"] if not k.startswith("hydra.")})
     shown = [m for m in SHOWN_METRICS if m != metric and any(m in r["metrics"] for r in rows)]
     # negative entries only arise with model.project=false: show them when some job has any
     shown += [m for m in NEGATIVITY_METRICS if m != metric and any(r["metrics"].get(m, 0) > 0 for r in rows)]
@@ -146,11 +150,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, params: list[str], 
     Dots are jobs; the line joins the best job at each value of the parameter (best over
     the other parameters), which for a rank sweep is the curve to pick the rank from.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     done = [r for r in rows if _finite(r["metrics"].get(metric))]
     fig, axes = plt.subplots(1, len(params), figsize=(4.5 * len(params), 3.6), squeeze=False)
     for ax, param in zip(axes[0], params, strict=True):
@@ -209,11 +209,7 @@ def read_curves(job: Path, tags: Sequence[str] = CURVE_TAGS) -> dict[str, tuple[
 
 def plot_curves(rows: Sequence[dict[str, Any]], params: list[str], out: Path) -> Path | None:
     """``curves.png``: every job's training (and held-out) error against updates, overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     curves = {r["job"]: read_curves(r["dir"]) for r in rows}
     tags = [t for t in CURVE_TAGS if any(t in c for c in curves.values())]
     if not tags:
@@ -245,6 +241,16 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
     return (1, 0.0, str(value))
 
 
+def _pyplot() -> Any:
+    """matplotlib.pyplot drawing to files only (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -267,8 +273,8 @@ def report(sweep_dir: str | Path, metric: str | None = None, mode: str = "min", 
     rows = sort_rows(rows, metric, mode)
     target = Path(out) if out is not None else sweep / "report"
     target.mkdir(parents=True, exist_ok=True)
-    header, cells = table(rows, metric)
     params = swept_parameters(rows)
+    header, cells = table(rows, metric, params)
     fixed = {k: v for k, v in rows[0]["params"].items() if k not in params and not k.startswith("hydra.")}
     preamble = f"Sweep `{sweep}`: {len(rows)} jobs, ranked by `{metric}` ({mode} is best)."
     if fixed:
@@ -292,7 +298,7 @@ def report(sweep_dir: str | Path, metric: str | None = None, mode: str = "min", 
     }
 
 
-class SweepSummary:
+class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, say how many jobs failed and how to see the table."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
@@ -306,11 +312,6 @@ class SweepSummary:
         if failed:
             log.warning("%d of %d jobs failed (jobs %s)", len(failed), len(rows), ", ".join(failed))
         log.info("sweep done: nmf-sweep-report %s writes its table and plots", sweep)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("on_"):  # Hydra's other callback hooks: nothing to do
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

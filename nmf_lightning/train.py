@@ -69,7 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     held_out = datamodule.holdout is not None
-    _check_validation_use(cfg, callbacks, held_out)
+    _check_early_stopping(callbacks, held_out)
     model: NMFModule = _build(_model_config(cfg, callbacks), optimizer=_build(cfg.optimizer, _convert_="all"))
     _check_optimized_metric(cfg, model, held_out)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
@@ -173,21 +173,20 @@ def metric_key(name: str) -> str:
 def _check_optimized_metric(cfg: DictConfig, model: NMFModule, held_out: bool) -> None:
     """A sweep's optimized_metric must be a number the run will write: say so before training."""
     key = cfg.get("optimized_metric")
+    if key in VAL_METRICS and not held_out:
+        raise NMFInputError(
+            f"optimized_metric={key} is measured on held-out entries, but data.holdout is 0; "
+            "set data.holdout=0.1 (or optimized_metric=relative_error)."
+        )
     names = model.final_metric_names(held_out)
     if key is not None and key not in names:
         raise NMFInputError(f"optimized_metric={key} is not a final metric of this run; choose one of {sorted(names)}.")
 
 
-def _check_validation_use(cfg: DictConfig, callbacks: list[Any], held_out: bool) -> None:
-    """Metrics of held-out entries need data.holdout > 0: say so before training."""
+def _check_early_stopping(callbacks: list[Any], held_out: bool) -> None:
+    """Early stopping on held-out metrics needs data.holdout > 0: say so before training."""
     if held_out:
         return
-    key = str(cfg.get("optimized_metric"))
-    if key.startswith("val_") and key in VAL_METRICS:
-        raise NMFInputError(
-            f"optimized_metric={key} is measured on held-out entries, but data.holdout is 0; "
-            "set data.holdout=0.1 (or optimized_metric=relative_error)."
-        )
     for callback in callbacks:
         if isinstance(callback, EarlyStopping) and callback.monitor.startswith("val/"):
             raise NMFInputError(
@@ -277,8 +276,9 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> float:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
-    if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
-        record = {**json.loads(path.read_text()), "status": "failed", **record}  # keep the trained numbers
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    if done.get("status") == "completed":
+        record = {**done, **record}  # keep the trained numbers
     path.write_text(json.dumps(record, indent=2) + "\n")
     sweeper = str(HydraConfig.get().sweeper.get("_target_", "")) if HydraConfig.initialized() else ""
     if sweeper and not sweeper.endswith("BasicSweeper"):

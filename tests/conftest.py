@@ -51,6 +51,20 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
     )
 
 
+def run_sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A quiet CPU multirun of the real entry point into ``sweep_dir``; the sweep itself must succeed."""
+    proc = run_cli(
+        "-m",
+        *overrides,
+        "callbacks.progress_bar.refresh_rate=0",
+        "trainer.accelerator=cpu",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=sweep_dir.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip themselves where CUDA sees no device."""
     import torch

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_sweep
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,18 +74,7 @@ def test_synthetic_known_factors_beats_the_notebook_als(tmp_path):
 
 def test_multirun_sweep_runs_every_combination_in_its_own_folder(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(
-        "-m",
-        "data=toy",
-        "model.rank=1,2",
-        "optimizer=adam,sgd",
-        "trainer.max_steps=20",
-        "trainer.accelerator=cpu",
-        f"hydra.sweep.dir={sweep}",
-        *QUIET,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
+    run_sweep(sweep, "data=toy", "model.rank=1,2", "optimizer=adam,sgd", "trainer.max_steps=20")
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").exists())
     assert len(jobs) == 4
     # job folders are named by their overrides, so TensorBoard lists runs by what changed

@@ -94,23 +94,24 @@ def test_validation_metrics_match_a_direct_computation(make_cfg, tmp_path):
     assert metrics["val_rmse"] == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-5)
 
 
+#: a noisy matrix and a rank high enough to overfit it: the held-out error turns up early
+EARLY_STOPPING = (
+    "data=synthetic",
+    "data.n_rows=60",
+    "data.n_cols=40",
+    "data.noise=0.5",
+    "data.holdout=0.2",
+    "callbacks=early_stopping",
+    "callbacks.early_stopping.patience=2",
+    "callbacks.early_stopping.min_delta=0.001",
+    "++callbacks.progress_bar=null",
+    "model.rank=30",
+    "trainer.max_steps=20000",
+)
+
+
 def test_early_stopping_on_the_held_out_error_stops_the_run(make_cfg, tmp_path):
-    metrics = train(
-        make_cfg(
-            "data=synthetic",
-            "data.n_rows=60",
-            "data.n_cols=40",
-            "data.noise=0.5",
-            "data.holdout=0.2",
-            "callbacks=early_stopping",
-            "callbacks.early_stopping.patience=2",
-            "callbacks.early_stopping.min_delta=0.001",
-            "++callbacks.progress_bar=null",
-            "model.rank=30",
-            "model.inner_steps=50",
-            "trainer.max_steps=20000",
-        )
-    )
+    metrics = train(make_cfg(*EARLY_STOPPING, "model.inner_steps=50"))
     assert metrics["steps"] < 20000
     assert metrics["stop_reason"].startswith("early stopping")
     # the run ends with the factors of its best check, not the last one
@@ -149,20 +150,7 @@ def test_resuming_with_another_holdout_is_refused(make_cfg, tmp_path):
 
 
 def test_early_stopping_validates_on_a_fixed_update_grid(make_cfg):
-    overrides = (
-        "data=synthetic",
-        "data.n_rows=60",
-        "data.n_cols=40",
-        "data.noise=0.5",
-        "data.holdout=0.2",
-        "callbacks=early_stopping",
-        "callbacks.early_stopping.patience=2",
-        "callbacks.early_stopping.min_delta=0.001",
-        "++callbacks.progress_bar=null",
-        "model.rank=30",
-        "trainer.max_steps=20000",
-    )
-    first = train(make_cfg(*overrides))
-    second = train(make_cfg(*overrides))
+    first = train(make_cfg(*EARLY_STOPPING))
+    second = train(make_cfg(*EARLY_STOPPING))
     assert first["steps"] % 100 == 0 and first["steps"] < 20000
     assert first["steps"] == second["steps"] and first["val_relative_error"] == second["val_relative_error"]

@@ -4,7 +4,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import run_cli
+from conftest import run_sweep
 
 from nmf_lightning.report import main as report_main
 from nmf_lightning.report import report
@@ -15,9 +15,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """A real 4-job multirun on the toy matrix with held-out entries; rank=0 fails."""
-    root = tmp_path_factory.mktemp("sweep")
-    proc = run_cli(
-        "-m",
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "multirun"
+    proc = run_sweep(
+        sweep_dir,
         "data=toy",
         "data.holdout=0.2",
         "model.rank=0,1,2,3",
@@ -25,14 +25,9 @@ def sweep(tmp_path_factory):
         "optimizer.lr=0.05",
         "model.inner_steps=50",
         "optimized_metric=val_relative_error",
-        "callbacks.progress_bar.refresh_rate=0",
-        "trainer.accelerator=cpu",
-        f"hydra.sweep.dir={root / 'multirun'}",
-        cwd=root,
     )
-    assert proc.returncode == 0, proc.stderr
     assert "1 of 4 jobs failed" in proc.stderr + proc.stdout
-    return root / "multirun"
+    return sweep_dir
 
 
 def test_a_failing_job_records_why_and_the_others_finish(sweep):
@@ -111,17 +106,7 @@ def test_optuna_search_composes_with_its_search_space(search, params):
 
 def test_optuna_study_of_three_trials_runs_on_toy_data(tmp_path):
     out = tmp_path / "optuna"
-    proc = run_cli(
-        "hparams_search=optuna_rank_lam",
-        "data=toy",
-        "hydra.sweeper.n_trials=3",
-        "trainer.max_steps=100",
-        "callbacks.progress_bar.refresh_rate=0",
-        "trainer.accelerator=cpu",
-        f"hydra.sweep.dir={out}",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
+    run_sweep(out, "hparams_search=optuna_rank_lam", "data=toy", "hydra.sweeper.n_trials=3", "trainer.max_steps=100")
     records = [json.loads(p.read_text()) for p in out.glob("*/metrics.json")]
     assert len(records) == 3 and all(r["status"] == "completed" for r in records)
     results = (out / "optimization_results.yaml").read_text()
@@ -132,18 +117,9 @@ def test_optuna_study_of_three_trials_runs_on_toy_data(tmp_path):
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     out = tmp_path / "joblib"
-    proc = run_cli(
-        "-m",
-        "launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "data=toy",
-        "model.rank=1,2",
-        "trainer.max_steps=50",
-        "callbacks.progress_bar.refresh_rate=0",
-        f"hydra.sweep.dir={out}",
-        cwd=tmp_path,
+    proc = run_sweep(
+        out, "launcher=joblib", "hydra.launcher.n_jobs=2", "data=toy", "model.rank=1,2", "trainer.max_steps=50"
     )
-    assert proc.returncode == 0, proc.stderr
     assert "Joblib.Parallel(n_jobs=2" in proc.stderr + proc.stdout
     assert len(list(out.glob("*/metrics.json"))) == 2
 
@@ -181,20 +157,15 @@ def test_parallel_jobs_claim_distinct_gpus_and_release_them(tmp_path):
 
 def test_optuna_study_goes_on_past_failing_trials(tmp_path):
     out = tmp_path / "optuna"
-    proc = run_cli(
-        "-m",
+    run_sweep(
+        out,
         "hparams_search=optuna_rank_lam",
         "data=toy",
         "hydra.sweeper.n_trials=4",
         "model.rank=choice(0, 2)",  # rank 0 is rejected: those trials fail
         "model.lam=0.1",
         "trainer.max_steps=50",
-        "callbacks.progress_bar.refresh_rate=0",
-        "trainer.accelerator=cpu",
-        f"hydra.sweep.dir={out}",
-        cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr
     records = [json.loads(p.read_text()) for p in out.glob("*/metrics.json")]
     statuses = sorted(r["status"] for r in records)
     assert len(records) == 4 and "failed" in statuses and "completed" in statuses

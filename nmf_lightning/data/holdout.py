@@ -75,11 +75,11 @@ def split_holdout(matrix: Matrix, fraction: float, seed: int = 0) -> tuple[Matri
         log.info("data.holdout: X is sparse with observed zeros; training on it dense, held-out entries missing")
         X = X.toarray()
     X = np.array(X, dtype=np.float64)
-    observed = np.flatnonzero(~np.isnan(X))
+    before = ~np.isnan(X)
+    observed = np.flatnonzero(before)
     val = observed[_draw(rng, len(observed), fraction)]
     rows, cols = np.unravel_index(val, X.shape)
     values = X.flat[val].copy()
-    before = ~np.isnan(X)
     X.flat[val] = np.nan
     after = ~np.isnan(X)
     _warn_unseen(before.any(axis=1), after.any(axis=1), before.any(axis=0), after.any(axis=0), fraction)

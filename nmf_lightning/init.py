@@ -35,21 +35,25 @@ def initialize(
     factors on every device. ``scale`` is sigma of ``normal_abs``. X holds 0 at missing
     entries; ``mask`` or ``n_obs`` (the number of observed entries) says how many count.
     """
-    n, m = X.shape
-    dtype, device = X.dtype, X.device
+    if init in SVD_INITS:
+        return _nndsvd(X, rank, init, generator=generator, mean=_mean(X, mask, n_obs), eps=eps)
+    W, H = draw(X.shape, rank, init, generator=generator, mean=_mean(X, mask, n_obs), scale=scale)
+    return W.to(device=X.device, dtype=X.dtype), H.to(device=X.device, dtype=X.dtype)
+
+
+def draw(
+    shape: tuple[int, int], rank: int, init: str, *, generator: torch.Generator, mean: float, scale: float = 0.01
+) -> tuple[Tensor, Tensor]:
+    """The random inits from X's shape and mean alone (on the CPU): all a streamed X needs read."""
+    n, m = shape
     if init == "random":
-        avg = math.sqrt(_mean(X, mask, n_obs) / rank)
-        W = avg * _randn((n, rank), generator).abs()
-        H = avg * _randn((rank, m), generator).abs()
-    elif init == "normal_abs":
+        avg = math.sqrt(mean / rank)
+        return avg * _randn((n, rank), generator).abs(), avg * _randn((rank, m), generator).abs()
+    if init == "normal_abs":
         # W first, then H: the order of the 20 newsgroups notebook under torch.manual_seed
         W = torch.normal(0.0, scale, size=(n, rank), generator=generator).abs()
-        H = torch.normal(0.0, scale, size=(rank, m), generator=generator).abs()
-    elif init in SVD_INITS:
-        return _nndsvd(X, rank, init, generator=generator, mean=_mean(X, mask, n_obs), eps=eps)
-    else:
-        raise ValueError(f"model.init={init!r} is not a known init; choose one of {INITS}.")
-    return W.to(device=device, dtype=dtype), H.to(device=device, dtype=dtype)
+        return W, torch.normal(0.0, scale, size=(rank, m), generator=generator).abs()
+    raise ValueError(f"model.init={init!r} is not a known random init; choose one of {INITS[:2]}.")
 
 
 def _randn(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 import lightning as L
@@ -20,23 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from nmf_lightning.data.holdout import Holdout
+from nmf_lightning.data.rows import RowSummary
 from nmf_lightning.data.sources import Matrix
-from nmf_lightning.init import INITS, SVD_INITS, initialize
-from nmf_lightning.objective import (
-    LOSSES,
-    frobenius_sq,
-    l1,
-    l2,
-    l21,
-    negativity_penalty,
-    reconstruction,
-    relative_error,
-    sq_error_gram,
-    sq_error_observed,
-    sq_error_residual,
-    transpose_sparse,
-)
-from nmf_lightning.solvers import Solver, Target
+from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, fit, sq_error, to_target
+from nmf_lightning.engine.loop import Convergence
+from nmf_lightning.engine.target import csr_from_parts
+from nmf_lightning.engine.updates import PassResult
+from nmf_lightning.init import INITS, SVD_INITS, draw, initialize
+from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
+from nmf_lightning.solvers import Solver
+from nmf_lightning.transform import transform
 from nmf_lightning.validation import NMFInputError, check_rank
 
 LOSS_FORMS = ("auto", "residual", "gram")
@@ -48,12 +41,12 @@ _PRECISION_DTYPES = {
 }
 #: auto mode leaves the Gram form when the relative error falls below this many sqrt(eps)
 _GRAM_SAFETY = 10.0
-#: masked X with at most this fraction observed is kept as (row, col, value) triplets
-_OBSERVED_FRACTION = 0.1
 #: optimizers whose steps are about lr in size whatever the gradient (see _warn_small_lr)
 _ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam)
 #: inner_steps=auto sizes each block of updates to take about this long (one log point)
 _BLOCK_SECONDS = 1.0
+#: closed-form rules whose H-update from running sums is monotone: they can run model.online=true
+ONLINE = ("HALS", "MU")
 
 
 class DivergenceError(RuntimeError):
@@ -97,6 +90,8 @@ class NMFModule(L.LightningModule):
         tol: float = 0.0,
         tol_window: int = 10,
         compile: bool = False,
+        online: bool = False,
+        forget: float = 0.7,
         seed: int = 0,
     ):
         super().__init__()
@@ -116,6 +111,8 @@ class NMFModule(L.LightningModule):
             raise NMFInputError(f"model.tol must be >= 0 and model.tol_window >= 1, got {tol} and {tol_window}.")
         if isinstance(restarts, bool) or int(restarts) < 1:
             raise NMFInputError(f"model.restarts must be an integer >= 1, got {restarts!r}.")
+        if not 0 < forget <= 1:
+            raise NMFInputError(f"model.forget must be in (0, 1], got {forget}.")
         if int(restarts) > 1 and init in ("nndsvd", "nndsvda"):
             warnings.warn(
                 f"model.init={init} is deterministic, so the {restarts} restarts start (and end) alike; "
@@ -130,13 +127,16 @@ class NMFModule(L.LightningModule):
         self.W = nn.Parameter(torch.empty(*_batch(restarts), 0, rank))
         self.H = nn.Parameter(torch.empty(*_batch(restarts), rank, 0))
         self.matrix: Matrix | None = None
+        self.streamed = False  # X arrives as row blocks from the dataloader (data.batch_rows)
         self.final_metrics: dict[str, float] = {}
         self.stop_reason = "max_steps"
         self._gram_safe = True
         self._last_time: float | None = None
         self._block = 1  # current block size under inner_steps=auto
-        self._tol_prev: Tensor | None = None  # objective at the last convergence check
-        self._train_loss: Callable[[], Tensor] | None = None  # built (and compiled) once
+        self._convergence = Convergence()  # the tol test's last objective
+        self._update: Update | None = None  # built once per optimizer
+        self._target: Target | None = None  # X in memory as the engine reads it
+        self._last_pass = PassResult()  # what the last streamed pass measured
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -153,79 +153,119 @@ class NMFModule(L.LightningModule):
                 f"trainer.precision={precision} has no sparse matrix kernels; X is sparse, so use "
                 "trainer.precision=32-true (or 64-true)."
             )
-        self.set_matrix(datamodule.matrix, dtype=_PRECISION_DTYPES.get(precision), holdout=datamodule.holdout)
+        dtype = _PRECISION_DTYPES.get(precision)
+        if datamodule.streamed:
+            datamodule.dtype = dtype or torch.float32
+            self.set_rows(datamodule.matrix, datamodule.summary, dtype=dtype, holdout=datamodule.holdout)
+        else:
+            self.set_matrix(datamodule.matrix, dtype=dtype, holdout=datamodule.holdout)
         self.holdout_spec = {"fraction": datamodule.holdout_fraction, "seed": datamodule.holdout_seed}
 
     def set_matrix(self, matrix: Matrix, dtype: torch.dtype | None = None, holdout: Holdout | None = None) -> None:
         """Store X (and the held-out entries) as non-checkpointed buffers; draw the initial factors."""
         dtype = dtype or torch.float32
-        n, m = matrix.shape
-        k = self.hparams.rank
-        check_rank(k, (n, m))
-        if self.hparams.init in SVD_INITS and k > min(n, m):
-            raise NMFInputError(
-                f"model.init={self.hparams.init} needs model.rank <= min(n, m) = {min(n, m)}, "
-                f"got {k}; lower the rank or use model.init=random."
-            )
-        X, mask = matrix_to_tensor(matrix.X, dtype)
-        sparse = X.layout == torch.sparse_csr
-        observed = None  # (rows, cols, values) when only the observed entries are kept
-        if sparse and matrix.unstored_missing:
-            counts = X.crow_indices().diff()
-            rows = torch.repeat_interleave(torch.arange(n), counts)
-            observed = (rows, X.col_indices(), X.values())
-        elif mask is not None and mask.float().mean() <= _OBSERVED_FRACTION:
-            rows, cols = mask.nonzero(as_tuple=True)
-            observed = (rows, cols, X[rows, cols])
-        n_obs = len(observed[2]) if observed is not None else int(mask.sum()) if mask is not None else n * m
-        if sparse and self.hparams.loss_form == "residual":
+        self._check_shape(matrix.shape)
+        t = to_target(matrix.X, dtype, unstored_missing=matrix.unstored_missing)
+        if t.sparse and self.hparams.loss_form == "residual":
             warnings.warn(
                 "model.loss_form=residual densifies the sparse X at every update; loss_form=auto keeps it sparse.",
                 UserWarning,
                 stacklevel=2,
             )
-        if (mask is not None or observed is not None) and self.hparams.loss_form == "gram":
+        self._check_loss_form(t.masked)
+        self.matrix = matrix
+        self.n_obs = t.n_obs
+        self.register_buffer("X_sq", t.x_sq.to(dtype), persistent=False)
+        if self.hparams.init in SVD_INITS or t.X is not None:
+            X = t.X if t.X is not None else torch.zeros(t.shape, dtype=dtype).index_put_((t.rows, t.cols), t.vals)
+            mask = t.mask
+            if t.X is None:  # the SVD of the observed entries (zeros elsewhere), as before
+                mask = torch.zeros(t.shape, dtype=torch.bool).index_put_((t.rows, t.cols), torch.tensor(True))
+            Xf = X if X.dtype in (torch.float32, torch.float64) else X.float()
+            pairs = [
+                initialize(
+                    Xf,
+                    self.hparams.rank,
+                    self.hparams.init,
+                    generator=self._generator(r),
+                    mask=mask,
+                    scale=self.hparams.init_scale,
+                    n_obs=t.n_obs,
+                )
+                for r in range(self.hparams.restarts)
+            ]
+        else:
+            mean = float(t.vals.double().sum()) / t.n_obs
+            pairs = self._draw(t.shape, mean)
+        for name in ("X", "Xt", "mask"):
+            self.register_buffer(name, getattr(t, name), persistent=False)
+        for name in ("rows", "cols", "vals"):
+            self.register_buffer(f"obs_{name}", getattr(t, name), persistent=False)
+        self._set_holdout(holdout, dtype)
+        self._set_factors(pairs, dtype)
+
+    def set_rows(
+        self, matrix: Matrix, summary: RowSummary, dtype: torch.dtype | None = None, holdout: Holdout | None = None
+    ) -> None:
+        """Train on X streamed in row blocks: keep only its size and sums; draw the initial factors."""
+        dtype = dtype or torch.float32
+        self._check_shape(matrix.shape)
+        if self.hparams.init in SVD_INITS:
+            raise NMFInputError(
+                f"model.init={self.hparams.init} reads X's singular vectors, which a streamed X "
+                "(data.batch_rows) never holds at once; use model.init=random (or normal_abs)."
+            )
+        self._check_loss_form(summary.masked)
+        self.matrix, self.streamed = matrix, True
+        self.n_obs = summary.n_obs
+        self.register_buffer("X_sq", torch.tensor(summary.x_sq, dtype=dtype), persistent=False)
+        for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals"):
+            self.register_buffer(name, None, persistent=False)
+        self._set_holdout(holdout, dtype)
+        self._set_factors(self._draw(matrix.shape, summary.total / summary.n_obs), dtype)
+
+    def _check_shape(self, shape: tuple[int, int]) -> None:
+        k = self.hparams.rank
+        check_rank(k, shape)
+        if self.hparams.init in SVD_INITS and k > min(shape):
+            raise NMFInputError(
+                f"model.init={self.hparams.init} needs model.rank <= min(n, m) = {min(shape)}, "
+                f"got {k}; lower the rank or use model.init=random."
+            )
+
+    def _check_loss_form(self, masked: bool) -> None:
+        if masked and self.hparams.loss_form == "gram":
             raise NMFInputError(
                 "model.loss_form=gram cannot skip missing entries, and X has some (NaN entries, "
                 "entries held out by data.holdout, or data.unstored=missing); use model.loss_form=auto or residual."
             )
-        self.matrix = matrix
-        self.n_obs = n_obs
-        self.register_buffer("X_sq", frobenius_sq(X, mask).to(dtype), persistent=False)
-        Xf = X if X.dtype in (torch.float32, torch.float64) else X.float()
-        pairs = [
-            initialize(
-                Xf,
-                k,
-                self.hparams.init,
-                generator=torch.Generator().manual_seed(int(self.hparams.seed) + r),
-                mask=mask,
-                scale=self.hparams.init_scale,
-                n_obs=n_obs,
-            )
-            for r in range(self.hparams.restarts)
+
+    def _generator(self, restart: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self.hparams.seed) + restart)
+
+    def _draw(self, shape: tuple[int, int], mean: float) -> list[tuple[Tensor, Tensor]]:
+        hp = self.hparams
+        return [
+            draw(shape, hp.rank, hp.init, generator=self._generator(r), mean=mean, scale=hp.init_scale)
+            for r in range(hp.restarts)
         ]
-        if observed is not None:  # the triplets replace X, its transpose and the mask
-            X = mask = None
-            sparse = False
-        self.register_buffer("X", X, persistent=False)
-        self.register_buffer("Xt", transpose_sparse(X) if sparse else None, persistent=False)
-        self.register_buffer("mask", mask, persistent=False)
-        for name, value in zip(("obs_rows", "obs_cols", "obs_vals"), observed or (None,) * 3, strict=True):
-            self.register_buffer(name, value, persistent=False)
+
+    def _set_holdout(self, holdout: Holdout | None, dtype: torch.dtype) -> None:
         held = None
         if holdout is not None:
             held = (torch.from_numpy(holdout.rows).long(), torch.from_numpy(holdout.cols).long())
             held += (torch.from_numpy(holdout.values).to(torch.promote_types(dtype, torch.float32)),)
         for name, value in zip(("val_rows", "val_cols", "val_vals"), held or (None,) * 3, strict=True):
             self.register_buffer(name, value, persistent=False)
+
+    def _set_factors(self, pairs: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> None:
         W = torch.stack([W for W, _ in pairs]).to(dtype)
         H = torch.stack([H for _, H in pairs]).to(dtype)
         if self.hparams.restarts == 1:  # plain 2-D factors: no batch overhead in the hot loop
             W, H = W[0], H[0]
         self.W = nn.Parameter(W)
         self.H = nn.Parameter(H)
-        self._train_loss = None
+        self._update = None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Shape W and H like the checkpoint's before Lightning copies the values in."""
@@ -244,7 +284,7 @@ class NMFModule(L.LightningModule):
                 f"but this run has data.holdout={now['fraction']} (holdout_seed={now['seed']}); resuming would "
                 "train on entries held out before. Resume with the same data.holdout and data.holdout_seed."
             )
-        self._train_loss = None  # it holds the old parameters
+        self._update = None  # it holds the old parameters
         self.W = nn.Parameter(torch.empty_like(state["W"]))
         self.H = nn.Parameter(torch.empty_like(state["H"]))
         self._best_index = torch.tensor(checkpoint.get("best_restart", 0))
@@ -255,67 +295,71 @@ class NMFModule(L.LightningModule):
         checkpoint["holdout"] = getattr(self, "holdout_spec", {"fraction": 0.0, "seed": 0})
 
     # ------------------------------------------------------------- objective
-    def objective(self, all_terms: bool = False, sq: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    @property
+    def loss_terms(self) -> Objective:
+        """The objective's formula and weights (a pure function of the squared error, W, H)."""
+        hp = self.hparams
+        weights = {key: float(hp[key]) for key in ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")}
+        return Objective(loss=hp.loss, n_obs=getattr(self, "n_obs", 1), **weights)
+
+    def objective(
+        self, all_terms: bool = False, sq: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its unweighted terms, one value per restart (shape (r,)).
 
         ``all_terms`` adds the terms whose weight is 0 (for logging); ``sq`` is a squared
-        error already computed for the current factors.
+        error already computed for ``factors`` (default: the current W, H).
         """
-        sq = self._sq_error(self.W, self.H) if sq is None else sq
-        terms = {"reconstruction": reconstruction(sq, self.n_obs, self.hparams.loss)}
-        total = terms["reconstruction"]
-        for name, weight, fn, args in self._penalties():
-            if weight or all_terms:
-                terms[name] = fn(*args)
-            if weight:
-                total = total + weight * terms[name]
+        W, H = factors or (self.W, self.H)
+        sq = self._sq_error() if sq is None else sq
+        total, terms = self.loss_terms.terms(sq, W, H)
+        if not all_terms:
+            weights = {name: weight for name, weight, _ in self.loss_terms.penalties(W, H)}
+            terms = {k: v for k, v in terms.items() if weights.get(k, 1.0)}
         return total, terms
 
-    def _penalties(self) -> list[tuple[str, float, Callable[..., Tensor], tuple[Tensor, ...]]]:
-        """(name, weight, function, arguments) of every penalty term of the objective."""
-        hp, W, H = self.hparams, self.W, self.H
-        return [
-            ("penalty", float(hp.lam), negativity_penalty, (W, H)),
-            ("l1_W", float(hp.l1_W), l1, (W,)),
-            ("l1_H", float(hp.l1_H), l1, (H,)),
-            ("l2_W", float(hp.l2_W), l2, (W,)),
-            ("l2_H", float(hp.l2_H), l2, (H,)),
-            ("l21_H", float(hp.l21_H), l21, (H,)),
-        ]
+    def blocks(self) -> Target | Callable[[], Iterator[Target]]:
+        """X as the engine reads it: the in-memory target, or one pass over the streamed row blocks."""
+        if not self.streamed:
+            return self.target()
+        return lambda: (self.block_target(self._to_device(batch)) for batch in self.trainer.datamodule.row_blocks())
 
-    def _loss_fn(self) -> Callable[[], Tensor]:
-        """The training loss as one closure over the weighted terms only: the hot loop's body.
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.W.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
-        Same value as ``objective()[0]``, without its per-call bookkeeping; built once, and
-        with ``model.compile=true`` compiled by ``torch.compile`` (fusing the element-wise
-        penalty and loss kernels; it pays off for small, launch-bound problems on a GPU).
-        """
-        if self._train_loss is not None:
-            return self._train_loss
-        W, H, kind, n_obs = self.W, self.H, self.hparams.loss, self.n_obs
-        active = [(weight, fn, args) for _, weight, fn, args in self._penalties() if weight]
-
-        def loss() -> Tensor:
-            total = reconstruction(self._sq_error(W, H), n_obs, kind)
-            for weight, fn, args in active:
-                total = total + weight * fn(*args)
-            return total
-
-        self._train_loss = torch.compile(loss) if self.hparams.compile else loss
-        return self._train_loss
-
-    def _sq_error(self, W: Tensor, H: Tensor, exact: bool = False) -> Tensor:
-        """Squared error in the training form; ``exact`` avoids the Gram form on dense X."""
-        if self.obs_vals is not None:
-            return sq_error_observed(self.obs_rows, self.obs_cols, self.obs_vals, W, H)
-        sparse_gram = self.Xt is not None and (exact or self.hparams.loss_form != "residual")
-        if sparse_gram or (self._use_gram() and not exact):
-            return sq_error_gram(self.X, W, H, self.X_sq, self.Xt)
-        return sq_error_residual(self.X, W, H, self.mask)
+    def _sq_error(self, exact: bool = False) -> Tensor:
+        """Squared error of the current factors; ``exact`` avoids the Gram form on dense X."""
+        return sq_error(self.blocks(), self.W.detach(), self.H.detach(), gram_form=not exact and self._use_gram())
 
     def target(self) -> Target:
-        """X as the closed-form solvers read it."""
-        return Target(self.X, self.Xt, self.mask, self.obs_rows, self.obs_cols, self.obs_vals, self.matrix.shape)
+        """X in memory as the engine reads it (built once per device)."""
+        t = self._target
+        ref = self.X if self.X is not None else self.obs_vals
+        if t is None or (t.X if t.X is not None else t.vals) is not ref:
+            shape = self.matrix.shape
+            t = Target(self.X, self.Xt, self.mask, self.obs_rows, self.obs_cols, self.obs_vals, shape)
+            t._x_sq = self.X_sq.double()
+            self._target = t
+        return t
+
+    def block_target(self, batch: dict) -> Target:
+        """A row block from the dataloader (see :class:`~nmf_lightning.data.rows.RowBlocks`) as a target."""
+        dtype, start = self.W.dtype, int(batch["start"])
+        if "X" in batch:
+            X = batch["X"].to(dtype)
+            mask = None
+            if batch["missing"]:
+                mask = ~torch.isnan(X)
+                X = torch.nan_to_num(X, nan=0.0)
+            return Target(X, None, mask, None, None, None, tuple(X.shape), start)
+        shape = tuple(int(s) for s in batch["shape"])
+        vals = batch["data"].to(dtype)
+        if self.matrix.unstored_missing:
+            rows = torch.repeat_interleave(torch.arange(shape[0], device=vals.device), batch["indptr"].diff())
+            return Target(None, None, None, rows, batch["indices"], vals, shape, start)
+        X = csr_from_parts(batch["indptr"], batch["indices"], vals, shape)
+        Xt = csr_from_parts(batch["t_indptr"], batch["t_indices"], batch["t_data"].to(dtype), shape[::-1])
+        return Target(X, Xt, None, None, None, None, shape, start)
 
     def _use_gram(self) -> bool:
         form = self.hparams.loss_form
@@ -345,12 +389,13 @@ class NMFModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Build the configured optimizer (or closed-form solver) over W and H."""
         optimizer = self.optimizer_factory([self.W, self.H])
+        hp = self.hparams
         if isinstance(optimizer, Solver):
             name = type(optimizer).__name__.lower()
-            if self.hparams.l21_H:
+            if hp.l21_H:
                 raise NMFInputError(
                     f"optimizer={name} has no closed form for the L2,1 penalty (model.l21_H="
-                    f"{self.hparams.l21_H}); use a gradient optimizer such as optimizer=adam."
+                    f"{hp.l21_H}); use a gradient optimizer such as optimizer=adam."
                 )
             if self.obs_vals is not None and not optimizer.supports_triplets:
                 raise NMFInputError(
@@ -362,27 +407,113 @@ class NMFModule(L.LightningModule):
                     f"optimizer={name} cannot skip missing entries, and X has some (NaN entries or "
                     "entries held out by data.holdout); use optimizer=hals, mu, als or a gradient optimizer."
                 )
-            hp = self.hparams
             if (hp.l1_W or hp.l1_H or hp.l2_W or hp.l2_H) and not optimizer.supports_penalties:
                 raise NMFInputError(
                     f"optimizer={name} takes no L1/L2 penalty (model.l1_W, l1_H, l2_W, l2_H); use hals, mu or als."
                 )
+            if self.streamed and not optimizer.supports_blocks:
+                raise NMFInputError(
+                    f"optimizer={name} samples rows anywhere in X for every update, so it cannot stream X "
+                    "in row blocks (data.batch_rows); use optimizer=hals, mu or als, or data.batch_rows=null."
+                )
+        if hp.online and not (self.streamed and isinstance(optimizer, Solver) and type(optimizer).__name__ in ONLINE):
+            raise NMFInputError(
+                "model.online=true updates H after every row block with a closed-form rule: it needs "
+                f"data.batch_rows=B and optimizer={' or '.join(ONLINE).lower()}; this run has "
+                f"data.batch_rows={'set' if self.streamed else 'null'} and {type(optimizer).__name__}."
+            )
         return optimizer
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Run one block of updates, then check, measure and log once."""
+    def engine_update(self, optimizer: torch.optim.Optimizer) -> Update:
+        """The engine's update for this optimizer (built once; the form follows ``loss_form``)."""
+        if self._update is None:
+            hp = self.hparams
+            if isinstance(optimizer, Solver):
+                self._update = SolverUpdate(
+                    optimizer, (hp.l1_W, hp.l1_H), (hp.l2_W, hp.l2_H), online=hp.online, forget=hp.forget
+                )
+            else:
+                loss = self.loss_terms
+                self._update = GradientUpdate(optimizer, torch.compile(loss) if hp.compile else loss, hp.project)
+        if isinstance(self._update, GradientUpdate):
+            self._update.gram_form = self._use_gram()
+        return self._update
+
+    def training_step(self, batch: Tensor | dict, batch_idx: int) -> None:
+        """Run a block of updates on X in memory, or take one row block of a streamed X."""
+        if self.streamed:
+            self._stream_step(batch, batch_idx)
+            return
         start_step = self.global_step
         n = self.inner_steps
         if self.trainer.max_steps > 0:
             n = min(n, self.trainer.max_steps - start_step)
         W0, H0 = self.W.detach().clone(), self.H.detach().clone()
-        losses, n = self._run_block(self.optimizers().optimizer, n)
-        self._advance_global_step(n)
+        result = self._fit(n)
+        self._advance_global_step(result.steps)
         metrics = self.compute_metrics()
         if not bool(torch.isfinite(metrics["train/loss"])):  # sync point, once per block
-            if losses is not None and losses.dim() == 2:  # restarts: the block failed if all did
-                losses = losses.nan_to_num(nan=float("inf")).min(dim=1).values
-            self._diverged(losses, start_step, W0, H0)
+            self._diverged(result.losses, start_step, W0, H0)
+        self._log_block(metrics, result.steps)
+
+    def _fit(self, n: int):
+        hp = self.hparams
+        optimizer = self.optimizers().optimizer
+        result = fit(
+            self.blocks(),
+            self.W,
+            self.H,
+            self.engine_update(optimizer),
+            n,
+            objective=self.loss_terms,
+            tol=hp.tol,
+            tol_window=int(hp.tol_window),
+            done=self.global_step,
+            convergence=self._convergence,
+        )
+        if result.converged:
+            self._converged()
+        return result
+
+    def _converged(self) -> None:
+        hp = self.hparams
+        self.stop_reason = (
+            f"converged: the objective changed by less than model.tol={hp.tol} (relative) "
+            f"over the last {hp.tol_window} updates"
+        )
+        self.trainer.should_stop = True
+
+    def _stream_step(self, batch: dict, batch_idx: int) -> None:
+        """One row block of a pass over X; the pass's last block finishes the update (H)."""
+        update = self.engine_update(self.optimizers().optimizer)
+        if batch_idx % self.trainer.num_training_batches == 0:
+            self._pass_start = (self.W.detach().clone(), self.H.detach().clone())
+            update.begin(self.W, self.H)
+        update.block(self.block_target(batch), self.W, self.H)
+        if (batch_idx + 1) % self.trainer.num_training_batches:
+            return
+        self._last_pass = result = update.end(self.W, self.H)
+        self._advance_global_step(1)
+        if result.after or result.sq is None:  # the error of the new factors, or none: measure them
+            metrics, step = self.compute_metrics(sq=result.sq), self.global_step
+        else:  # the error before this update (gradient steps, masked X): logged at the update before
+            metrics, step = self.compute_metrics(sq=result.sq, factors=self._pass_start), self.global_step - 1
+        if not bool(torch.isfinite(metrics["train/loss"])):
+            losses = None if result.loss is None else result.loss[None]
+            self._diverged(losses, self.global_step - 1, *self._pass_start)
+        self._check_pass_tol(metrics["train/loss"])
+        self._log_block(metrics, 1, step)
+
+    def _check_pass_tol(self, loss: Tensor) -> None:
+        hp = self.hparams
+        if not hp.tol or self.global_step % int(hp.tol_window):
+            return
+        current = loss.detach().min()
+        previous, self._convergence.previous = self._convergence.previous, current
+        if previous is not None and bool((previous - current).abs() <= hp.tol * previous.abs()):
+            self._converged()
+
+    def _log_block(self, metrics: dict[str, Tensor], n: int, step: int | None = None) -> None:
         now = time.perf_counter()
         if self._last_time is not None:
             metrics["perf/updates_per_sec"] = torch.tensor(n / max(now - self._last_time, 1e-9))
@@ -391,65 +522,10 @@ class NMFModule(L.LightningModule):
             self._block = 10 * n
         self._last_time = now
         self._update_gram_safety(metrics["train/relative_error"])
-        self.log("step", float(self.global_step), on_step=True, batch_size=1)
+        self.log("step", float(self.global_step if step is None else step), on_step=True, batch_size=1)
         for key in ("train/loss", "train/relative_error"):
             self.log(key, metrics.pop(key), prog_bar=True, on_step=True, batch_size=1)
         self.log_dict(metrics, on_step=True, batch_size=1)
-
-    def _run_block(self, optimizer: torch.optim.Optimizer, n: int) -> tuple[Tensor | None, int]:
-        """Run up to ``n`` updates; with ``model.tol`` stop early once the objective settles.
-
-        The convergence test runs every ``tol_window`` updates, counted from the start of
-        training (so where a run stops does not depend on block sizes): the relative
-        change of the objective over the window below ``tol`` ends the run.
-        """
-        tol, window = self.hparams.tol, int(self.hparams.tol_window)
-        if not tol:
-            return self._run_updates(optimizer, n), n
-        pieces, done = [], 0
-        while done < n:
-            w = min(window - (self.global_step + done) % window, n - done)
-            pieces.append(self._run_updates(optimizer, w))
-            done += w
-            if (self.global_step + done) % window:
-                continue
-            with torch.no_grad():
-                cur = self.objective()[0].detach().min()
-            prev, self._tol_prev = self._tol_prev, cur
-            if prev is not None and bool((prev - cur).abs() <= tol * prev.abs()):  # sync, once per window
-                self.stop_reason = (
-                    f"converged: the objective changed by less than model.tol={tol} (relative) "
-                    f"over the last {window} updates"
-                )
-                self.trainer.should_stop = True
-                break
-        losses = None if any(p is None for p in pieces) else torch.cat(pieces)
-        return losses, done
-
-    def _run_updates(self, optimizer: torch.optim.Optimizer, n: int) -> Tensor | None:
-        """``n`` optimizer updates; the per-update losses stay on the device."""
-        if isinstance(optimizer, Solver):
-            target, hp = self.target(), self.hparams
-            l1_, l2_ = (hp.l1_W, hp.l1_H), (hp.l2_W, hp.l2_H)
-            for _ in range(n):
-                optimizer.update(target, self.W, self.H, l1_, l2_)
-            return None
-        losses = torch.empty(n, *_batch(self.hparams.restarts), device=self.W.device, dtype=torch.float32)
-        loss_fn = self._loss_fn()
-        for i in range(n):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn()  # (r,): restarts are independent, so sum their losses
-            (loss.sum() if loss.dim() else loss).backward()
-            optimizer.step()
-            if self.hparams.project:
-                self._project()
-            losses[i] = loss.detach()
-        return losses
-
-    @torch.no_grad()
-    def _project(self) -> None:
-        self.W.clamp_(min=0)
-        self.H.clamp_(min=0)
 
     def _advance_global_step(self, n: int) -> None:
         # The raw optimizer bypasses LightningOptimizer.step (and its per-call hooks), so
@@ -460,6 +536,8 @@ class NMFModule(L.LightningModule):
             tracker.completed += n
 
     def _diverged(self, losses: Tensor | None, start_step: int, W0: Tensor, H0: Tensor) -> None:
+        if losses is not None and losses.dim() == 2:  # restarts: the block failed if all did
+            losses = losses.nan_to_num(nan=float("inf")).min(dim=1).values
         if losses is None:  # closed-form solvers keep no per-update losses: blame the block's end
             losses = torch.full((self.global_step - start_step,), float("nan"))
         bad = (~torch.isfinite(losses)).nonzero()
@@ -485,18 +563,22 @@ class NMFModule(L.LightningModule):
 
     # ---------------------------------------------------------------- metrics
     @torch.no_grad()
-    def compute_metrics(self) -> dict[str, Tensor]:
+    def compute_metrics(
+        self, sq: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Objective terms, relative error, RMSE and factor statistics of the best restart.
 
         Everything stays on the device; with restarts, ``restarts/loss_<r>`` logs each one.
+        ``sq`` is the squared error of ``factors`` (default: the current W, H) when known.
         """
-        sq = self._sq_error(self.W, self.H, exact=True)  # (r,): the residual form on dense X
-        loss, terms = self.objective(all_terms=True, sq=sq)
+        sq = self._sq_error(exact=True) if sq is None else sq  # (r,): the residual form on dense X
+        W, H = factors or (self.W.detach(), self.H.detach())
+        loss, terms = self.objective(all_terms=True, sq=sq, factors=(W, H))
         per_restart = {"train/loss": loss}
         per_restart.update({f"train/{name}": value for name, value in terms.items()})
         per_restart["train/relative_error"] = relative_error(sq.double(), self.X_sq.double())
         per_restart["train/rmse"] = torch.sqrt(sq.double().clamp_min(0) / self.n_obs)
-        for name, A in (("W", self.W.detach()), ("H", self.H.detach())):
+        for name, A in (("W", W), ("H", H)):
             per_restart[f"factors/{name}_neg_fraction"] = (A < 0).float().mean(dim=(-2, -1))
             per_restart[f"factors/{name}_neg_mean"] = torch.clamp(-A, min=0).float().mean(dim=(-2, -1))
             top = A.abs().amax(dim=(-2, -1), keepdim=True)
@@ -516,7 +598,7 @@ class NMFModule(L.LightningModule):
     def final_metric_names(self, held_out: bool = False) -> set[str]:
         """Names of the numbers a run writes to metrics.json (checked before training)."""
         names = {"loss", "reconstruction", "relative_error", "rmse", "steps", "updates_per_sec"}
-        names |= {name for name, *_ in self._penalties()}
+        names |= {name for name, *_ in self.loss_terms.penalties(self.W, self.H)}
         names |= {f"{A}_{stat}" for A in "WH" for stat in ("neg_fraction", "neg_mean", "sparsity")}
         if self.hparams.restarts > 1:
             names |= {"best_restart"} | {f"loss_{r}" for r in range(self.hparams.restarts)}
@@ -600,8 +682,6 @@ class NMFModule(L.LightningModule):
 
     def transform(self, X: np.ndarray | sp.spmatrix, solver: str = "hals", **options) -> np.ndarray:
         """W >= 0 for new rows X (same columns) with this model's H held fixed."""
-        from nmf_lightning.transform import transform
-
         return transform(X, self.factors()[1], solver, **options)
 
     def best_factors(self, restart: int | None = None) -> tuple[Tensor, Tensor]:
@@ -636,28 +716,3 @@ def _to_numpy(A: Tensor) -> np.ndarray:
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise NMFInputError(f"{key}={value!r} is not supported; choose one of {choices}.")
-
-
-def matrix_to_tensor(X: np.ndarray | sp.spmatrix, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """Dense X with NaN -> (X with 0 at NaN, observed mask); sparse X -> CSR tensor, no mask."""
-    if sp.issparse(X):
-        X = sp.csr_matrix(X)
-        X.sum_duplicates()  # scipy's canonical CSR: the invariants torch would check hold
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-            Xt = torch.sparse_csr_tensor(
-                torch.from_numpy(X.indptr.astype(np.int64)),
-                torch.from_numpy(X.indices.astype(np.int64)),
-                torch.from_numpy(X.data).to(dtype),
-                size=X.shape,
-                check_invariants=False,
-            )
-        return (
-            Xt,
-            None,
-        )
-    Xn = np.asarray(X, dtype=np.float64)
-    missing = np.isnan(Xn)
-    if missing.any():
-        return torch.from_numpy(np.where(missing, 0.0, Xn)).to(dtype), torch.from_numpy(~missing)
-    return torch.from_numpy(Xn).to(dtype), None

@@ -12,6 +12,9 @@ loses precision once the relative error nears sqrt(eps) of the dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -163,3 +166,50 @@ def transpose_sparse(X: Tensor) -> Tensor:
 
 def _is_sparse(X: Tensor) -> bool:
     return X.is_sparse or X.layout == torch.sparse_csr
+
+
+@dataclass(frozen=True)
+class Objective:
+    """reconstruction(loss) + lam * negativity + l1/l2 weights * |W|, |H| + l21_H * L2,1(H).
+
+    A pure function of (squared error, W, H): the engine's gradient updates and the
+    module's metrics both call it, so the trained and the logged loss are one formula.
+    """
+
+    loss: str = "fro"
+    n_obs: int = 1
+    lam: float = 0.0
+    l1_W: float = 0.0
+    l1_H: float = 0.0
+    l2_W: float = 0.0
+    l2_H: float = 0.0
+    l21_H: float = 0.0
+
+    def penalties(self, W: Tensor, H: Tensor) -> list[tuple[str, float, Callable[[], Tensor]]]:
+        """(name, weight, value) of every penalty term; values are computed when called."""
+        return [
+            ("penalty", self.lam, lambda: negativity_penalty(W, H)),
+            ("l1_W", self.l1_W, lambda: l1(W)),
+            ("l1_H", self.l1_H, lambda: l1(H)),
+            ("l2_W", self.l2_W, lambda: l2(W)),
+            ("l2_H", self.l2_H, lambda: l2(H)),
+            ("l21_H", self.l21_H, lambda: l21(H)),
+        ]
+
+    def __call__(self, sq: Tensor, W: Tensor, H: Tensor) -> Tensor:
+        """The total loss, one value per restart; terms of weight 0 are not computed."""
+        total = reconstruction(sq, self.n_obs, self.loss)
+        for _, weight, value in self.penalties(W, H):
+            if weight:
+                total = total + weight * value()
+        return total
+
+    def terms(self, sq: Tensor, W: Tensor, H: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total and every unweighted term (also those of weight 0), for logging."""
+        terms = {"reconstruction": reconstruction(sq, self.n_obs, self.loss)}
+        total = terms["reconstruction"]
+        for name, weight, value in self.penalties(W, H):
+            terms[name] = value()
+            if weight:
+                total = total + weight * terms[name]
+        return total, terms

@@ -16,8 +16,8 @@ import scipy.sparse as sp
 import torch
 
 from nmf_lightning.data.files import from_file
-from nmf_lightning.module import matrix_to_tensor
-from nmf_lightning.solvers import SOLVERS, Target
+from nmf_lightning.engine import SolverUpdate, fit, to_target
+from nmf_lightning.solvers import SOLVERS
 from nmf_lightning.validation import NMFInputError, check_matrix
 
 
@@ -32,7 +32,8 @@ def transform(
     """Return W (n, k) >= 0 with X ~ W H for the fixed components H (k, m).
 
     NaN entries of a dense X are missing and do not count. Stops after ``max_iter``
-    updates or when W changes by less than ``tol`` (relative, Frobenius).
+    updates or once the squared error changes by less than ``tol`` (relative) over 10
+    updates. Runs the training engine with H held fixed.
     """
     if solver not in SOLVERS:
         raise NMFInputError(f"solver={solver!r} is not one of {sorted(SOLVERS)}.")
@@ -46,31 +47,17 @@ def transform(
             "from a model trained on the same columns."
         )
     dtype = torch.float64 if H.dtype == np.float64 else torch.float32
-    Xt_, mask = matrix_to_tensor(X, dtype)
-    Xt_, Ht = Xt_.to(device), torch.from_numpy(H).to(device=device, dtype=dtype)
-    sparse = Xt_.layout == torch.sparse_csr
-    target = Target(
-        Xt_,
-        Xt_.t().to_sparse_csr() if sparse else None,
-        mask.to(device) if mask is not None else None,
-        None,
-        None,
-        None,
-        tuple(X.shape),
-    )
-    rule = SOLVERS[solver]([Ht])
+    target = to_target(X, dtype, device, triplets=False)
+    Ht = torch.from_numpy(H).to(device=device, dtype=dtype)
     k = H.shape[0]
-    observed = int(mask.sum()) if mask is not None else X.shape[0] * X.shape[1]
-    mean = float(X.sum() if sp.issparse(X) else np.nansum(X)) / max(observed, 1)
+    mean = float(X.sum() if sp.issparse(X) else np.nansum(X)) / max(target.n_obs, 1)
     W = torch.full((X.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=dtype, device=device)
-    with torch.no_grad():
-        for _ in range(max_iter):
-            W_new = rule.update_w(target, W, Ht)
-            change = torch.linalg.norm(W_new - W) / torch.linalg.norm(W_new).clamp_min(torch.finfo(dtype).tiny)
-            W = W_new
-            if float(change) < tol:
-                break
+    fit(target, W, Ht, SolverUpdate(SOLVERS[solver]([Ht]), update_H=False), max_iter, objective=_half_sq, tol=tol)
     return W.cpu().numpy()
+
+
+def _half_sq(sq: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    return 0.5 * sq
 
 
 def main(argv: list[str] | None = None) -> None:

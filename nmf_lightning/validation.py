@@ -26,13 +26,20 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X") -> N
     sparse = sp.issparse(X)
     if not sparse and not isinstance(X, np.ndarray):
         raise TypeError(f"{name} must be a numpy array or a scipy sparse matrix, got {type(X)}.")
+    if X.shape[0] == 0 or (X.ndim == 2 and X.shape[1] == 0):
+        raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")
+    missing, positive = check_values(X, name)
+    check_totals(missing < X.size if not sparse else True, positive, X.size, name)
+
+
+def check_values(X: np.ndarray | sp.spmatrix, name: str = "X") -> tuple[int, bool]:
+    """The checks one block of rows can make alone; returns (missing entries, any positive entry)."""
+    sparse = sp.issparse(X)
     if X.ndim != 2:
         raise NMFInputError(
             f"{name} must be a 2-D matrix, got {X.ndim}-D with shape {X.shape}; reshape it to (rows, columns) first."
         )
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")
-    values = X.data if sparse else X
+    values = X.data if sparse else np.asarray(X)
     if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
         raise NMFInputError(f"{name} must hold real numbers, got dtype {values.dtype}.")
     values = values.astype(np.float64, copy=False)
@@ -48,18 +55,23 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X") -> N
             f"{name} has {n_inf} infinite entries; NMF needs finite values: replace them "
             "(or mark them missing with NaN)."
         )
-    if not sparse and nan.all():
-        raise NMFInputError(f"{name} has no observed entries: all {X.size} are missing (NaN).")
     observed = values[~nan]
-    if not (observed > 0).any():
-        raise NMFInputError(
-            f"{name} has no positive entry (all observed entries are 0); there is nothing to factorize."
-        )
     n_neg = int((observed < 0).sum())
     if n_neg:
         raise NMFInputError(
             f"{name} has {n_neg} negative entries (min {observed.min():.4g}); NMF needs "
             f"{name} >= 0: clip or shift the data first."
+        )
+    return int(nan.sum()), bool((observed > 0).any())
+
+
+def check_totals(any_observed: bool, any_positive: bool, size: int, name: str = "X") -> None:
+    """The checks that need all of X: something observed, something positive."""
+    if not any_observed:
+        raise NMFInputError(f"{name} has no observed entries: all {size} are missing (NaN).")
+    if not any_positive:
+        raise NMFInputError(
+            f"{name} has no positive entry (all observed entries are 0); there is nothing to factorize."
         )
 
 

@@ -5,8 +5,9 @@ import torch
 from sklearn.decomposition import NMF
 
 from nmf_lightning.data import digits, known_factors
-from nmf_lightning.module import NMFModule
-from nmf_lightning.solvers import HALS, MU, Target, hals, mu
+from nmf_lightning.engine import SolverUpdate, Target, fit, to_target
+from nmf_lightning.init import initialize
+from nmf_lightning.solvers import HALS, MU, hals, mu
 from nmf_lightning.train import train
 from nmf_lightning.validation import NMFInputError
 
@@ -84,11 +85,16 @@ def test_batched_restarts_update_each_restart_like_a_single_problem():
         torch.testing.assert_close(Hn[1], rule.update_h(t, 2 * W, 0.5 * H))
 
 
+def _start(solver, matrix, k, init):
+    t = to_target(matrix.X, torch.float64)
+    W, H = initialize(t.X, k, init, generator=torch.Generator().manual_seed(0))
+    return t, W, H, SolverUpdate(solver([W, H]))
+
+
 def _fit(solver, matrix, k, steps, init="nndsvda"):
-    module = NMFModule(rank=k, optimizer=solver, init=init)
-    module.set_matrix(matrix, dtype=torch.float64)
-    module._run_updates(module.configure_optimizers(), steps)
-    W, H = module.factors()
+    t, W, H, update = _start(solver, matrix, k, init)
+    fit(t, W, H, update, steps)
+    W, H = W.numpy(), H.numpy()
     return np.linalg.norm(matrix.X - W @ H) / np.linalg.norm(matrix.X)
 
 
@@ -188,12 +194,10 @@ def test_als_and_kaczmarz_keep_factors_non_negative_and_beat_the_notebook(solver
 
     err = _fit(SOLVERS[solver], known_factors(), 3, 300)
     assert err < 0.2  # the notebook's ALS stalled at 0.696 (and its Kaczmarz did worse)
-    module = NMFModule(rank=3, optimizer=SOLVERS[solver], init="random")
-    module.set_matrix(known_factors(), dtype=torch.float64)
-    opt = module.configure_optimizers()
+    t, W, H, update = _start(SOLVERS[solver], known_factors(), 3, "random")
     for _ in range(20):
-        module._run_updates(opt, 1)
-        assert (module.W >= 0).all() and (module.H >= 0).all()
+        fit(t, W, H, update, 1)
+        assert (W >= 0).all() and (H >= 0).all()
 
 
 def test_masked_als_ignores_missing_values():

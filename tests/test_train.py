@@ -403,7 +403,8 @@ def test_resuming_with_another_rank_is_a_clear_error(make_cfg, tmp_path):
 
 
 def test_batched_kaczmarz_survives_rows_that_are_zero_in_one_restart():
-    from nmf_lightning.solvers import Target, kaczmarz
+    from nmf_lightning.engine import Target
+    from nmf_lightning.solvers import kaczmarz
 
     X = torch.rand(12, 9, dtype=torch.float64) * 16
     W = torch.rand(2, 12, 3, dtype=torch.float64)

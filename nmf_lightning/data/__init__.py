@@ -1,6 +1,11 @@
-"""Data sources and the datamodule that feeds them to training."""
+"""Data sources and the datamodule that feeds them to training.
 
-from nmf_lightning.data.datamodule import NMFDataModule
+The sources are plain NumPy/SciPy; only the datamodule needs Lightning, so it is
+imported when first asked for (``import nmf_lightning.transform`` stays Lightning-free).
+"""
+
+from typing import Any
+
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.newsgroups import newsgroups
 from nmf_lightning.data.sources import Matrix, digits, known_factors, synthetic, toy
@@ -15,3 +20,11 @@ __all__ = [
     "synthetic",
     "toy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NMFDataModule":
+        from nmf_lightning.data.datamodule import NMFDataModule
+
+        return NMFDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

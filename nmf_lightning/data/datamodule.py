@@ -1,8 +1,10 @@
-"""The LightningDataModule that loads one matrix and paces the training loop.
+"""The LightningDataModule that loads one matrix and feeds it to training.
 
-NMF trains on the whole matrix at every update, so X is not batched: the module keeps
-X on its device, and each item of the training dataloader is just a tick that asks the
-module for its next block of updates.
+Two modes. By default X is held whole on the training device and each item of the
+training dataloader is a tick that asks the module for its next block of updates (the
+fused fast path). With ``batch_rows=B`` the rows of X are the samples: a DataLoader
+yields blocks of B rows (read from disk a block at a time, prefetched by a worker,
+pinned for the GPU), and one pass over them, an epoch, is one update of W and H.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
 from nmf_lightning.data.holdout import Holdout, split_holdout
+from nmf_lightning.data.rows import H5Matrix, RowBlocks, RowSummary, in_memory, scan
 from nmf_lightning.data.sources import Matrix
-from nmf_lightning.validation import check_matrix
+from nmf_lightning.validation import NMFInputError, check_matrix
 
 
 class _Ticks:
@@ -43,14 +47,16 @@ class _Ticks:
 
 
 class NMFDataModule(L.LightningDataModule):
-    """Load X once with ``loader(**options)``, check it, and feed ticks to the trainer.
+    """Load X once with ``loader(**options)``, check it, and feed it to the trainer.
 
     ``loader`` is any callable returning a :class:`Matrix` (the Hydra configs in
     ``configs/data/`` name one per data set); ``options`` are its keyword arguments,
     so ``data.archive=PATH`` on the command line reaches the loader directly.
     ``holdout`` > 0 hides that fraction of the observed entries from training (drawn
     with ``holdout_seed``, fixed by default so every job of a sweep holds out the same
-    entries); the module reports ``val/*`` metrics on them.
+    entries); the module reports ``val/*`` metrics on them. ``batch_rows`` streams X in
+    blocks of that many rows (``null``: X whole on the device); ``num_workers`` worker
+    processes read the next blocks while the device works on this one.
     """
 
     def __init__(
@@ -58,15 +64,32 @@ class NMFDataModule(L.LightningDataModule):
         loader: Callable[..., Matrix],
         holdout: float = 0.0,
         holdout_seed: int = 0,
+        batch_rows: int | None = None,
+        num_workers: int = 1,
         **options: Any,
     ):
         super().__init__()
+        if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 1):
+            raise NMFInputError(
+                f"data.batch_rows must be an integer >= 1 (rows per block) or null, got {batch_rows!r}."
+            )
+        if isinstance(num_workers, bool) or int(num_workers) < 0:
+            raise NMFInputError(f"data.num_workers must be an integer >= 0, got {num_workers!r}.")
         self.loader = loader
         self.options = options
         self.holdout_fraction = holdout
         self.holdout_seed = holdout_seed
+        self.batch_rows = None if batch_rows is None else int(batch_rows)
+        self.num_workers = int(num_workers)
         self.matrix: Matrix | None = None
         self.holdout: Holdout | None = None
+        self.summary: RowSummary | None = None
+        self.dtype = torch.float32  # of the streamed blocks; the module sets it to its own
+
+    @property
+    def streamed(self) -> bool:
+        """Whether X reaches training as row blocks (``batch_rows`` set)."""
+        return self.batch_rows is not None
 
     def setup(self, stage: str | None = None) -> None:
         """Load and check X; later calls reuse it."""
@@ -75,18 +98,46 @@ class NMFDataModule(L.LightningDataModule):
         matrix = self.loader(**self.options)
         if not isinstance(matrix, Matrix):
             raise TypeError(f"data loader {self.loader} returned {type(matrix).__name__}, expected a Matrix.")
-        check_matrix(matrix.X)
+        if not self.streamed:
+            if isinstance(matrix.X, H5Matrix):
+                matrix.X = matrix.X.read()
+            check_matrix(matrix.X)
+        elif self.holdout_fraction and not in_memory(matrix.X):
+            raise NMFInputError(
+                "data.holdout needs X in host memory to mark the held-out entries missing, but this X is read "
+                "from disk block by block (data.batch_rows with a memory-mapped or HDF5 file); hold out rows "
+                "instead (train on a subset and transform the rest), or load X whole with data.batch_rows=null."
+            )
+        else:
+            self.summary = scan(matrix.X, self.batch_rows, matrix.unstored_missing)
         if self.holdout_fraction:
             matrix, self.holdout = split_holdout(matrix, self.holdout_fraction, self.holdout_seed)
             check_matrix(matrix.X, name="X without its held-out entries")
+            if self.streamed:
+                self.summary = scan(matrix.X, self.batch_rows, matrix.unstored_missing)
         self.matrix = matrix
 
-    def train_dataloader(self) -> Iterable[torch.Tensor]:
-        """One tick per ``training_step``: enough for ``max_steps`` updates in one epoch.
+    def row_blocks(self) -> RowBlocks:
+        """The row blocks of X in order (a map-style dataset: item i is block i)."""
+        return RowBlocks(self.matrix.X, self.batch_rows, self.dtype, self.matrix.unstored_missing)
+
+    def train_dataloader(self) -> Iterable[Any]:
+        """Row blocks when streaming; else one tick per ``training_step`` (enough for ``max_steps``).
 
         Each tick runs at least one update, so ``max_steps`` ticks always suffice; the
         trainer stops as soon as ``max_steps`` updates are done.
         """
+        if self.streamed:
+            workers = self.num_workers
+            return DataLoader(
+                self.row_blocks(),
+                batch_size=None,
+                shuffle=False,  # exact passes: the same order every epoch, sequential reads
+                num_workers=workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=workers > 0,
+                prefetch_factor=2 if workers else None,
+            )
         trainer = self.trainer
         max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 10**9
         module = trainer.lightning_module if trainer is not None else None

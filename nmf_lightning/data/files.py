@@ -1,4 +1,8 @@
-"""A user's matrix from disk: .npy, .npz (dense or scipy sparse), .csv/.tsv, .mtx, .pt."""
+"""A user's matrix from disk: .npy, .npz (dense or scipy sparse), .csv/.tsv, .mtx, .pt, .h5ad/.h5.
+
+``.npy`` is memory-mapped and HDF5 is opened lazily, so a streamed run
+(``data.batch_rows``) reads them a block of rows at a time, never whole.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ import numpy as np
 import scipy.io
 import scipy.sparse as sp
 
+from nmf_lightning.data.rows import H5Matrix
 from nmf_lightning.data.sources import Matrix
 
-SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".mtx", ".pt", ".pth")
+SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".mtx", ".pt", ".pth", ".h5ad", ".h5", ".hdf5")
 
 
 def from_file(
@@ -24,7 +29,8 @@ def from_file(
 ) -> Matrix:
     """Load X from ``path``; the format is chosen by the file extension.
 
-    ``key`` picks an array in a multi-array .npz or a dict saved in .pt; ``skip_header``
+    ``key`` picks an array in a multi-array .npz, a dict saved in .pt or the matrix of an
+    HDF5 file (default ``X``, AnnData's cells x genes); ``skip_header``
     and ``delimiter`` apply to text files (empty cells and ``nan`` become missing).
     ``unstored='missing'`` reads a sparse matrix as ratings: only stored entries are
     observed (the default, ``'zero'``, treats unstored entries as observed zeros).
@@ -47,9 +53,13 @@ def from_file(
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist or is not a file.")
     try:
         X = _READERS[suffix](p, key=key, skip_header=skip_header, delimiter=delimiter)
+    except ImportError as err:
+        raise ValueError(f"reading data.path={str(path)!r} needs h5py: pip install h5py ({err})") from err
     except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError) as err:
         raise ValueError(f"could not read data.path={str(path)!r} as {suffix}: {err}") from err
-    if sp.issparse(X):
+    if isinstance(X, H5Matrix):
+        pass  # read in row slices when used
+    elif sp.issparse(X):
         X = sp.csr_matrix(X)
         if unstored == "missing" and X.nnz == 0:
             raise ValueError(
@@ -64,7 +74,7 @@ def from_file(
     return Matrix(
         X,
         name=p.stem,
-        unstored_missing=unstored == "missing" and sp.issparse(X),
+        unstored_missing=unstored == "missing" and (sp.issparse(X) or getattr(X, "sparse", False)),
         col_names=names,
         image_shape=shape,
     )
@@ -93,7 +103,11 @@ def _image_shape(image_shape: list[int] | tuple[int, int], shape: tuple[int, ...
 
 
 def _npy(p: Path, **_) -> np.ndarray:
-    return np.load(p, allow_pickle=False)
+    return np.load(p, mmap_mode="r", allow_pickle=False)  # pages are read when rows are used
+
+
+def _h5(p: Path, key: str | None = None, **_) -> H5Matrix:
+    return H5Matrix(p, key or "X")
 
 
 def _npz(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
@@ -170,4 +184,7 @@ _READERS = {
     ".mtx": _mtx,
     ".pt": _pt,
     ".pth": _pt,
+    ".h5ad": _h5,
+    ".h5": _h5,
+    ".hdf5": _h5,
 }

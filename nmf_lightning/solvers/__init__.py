@@ -1,9 +1,11 @@
 """Closed-form NMF update rules, chosen like optimizers: ``optimizer=mu`` or ``optimizer=hals``.
 
-Each rule is a pair of pure functions ``update_h(target, W, H, l1, l2)`` and
-``update_w(target, W, H, l1, l2)`` in its own module; the classes here wrap them as
-``torch.optim.Optimizer`` objects so Lightning checkpoints and configures them like Adam,
-while :class:`~nmf_lightning.module.NMFModule` drives them without gradients.
+Each rule is a set of pure functions in its own module: ``update_w(target, W, H, l1, l2)``
+(row-local: a block of X's rows updates its rows of W), ``h_stats(target, W, H)`` (sums
+over row blocks) and ``h_from_stats(stats, H, l1, l2)``, with ``update_h`` for a whole X
+in memory. The classes here wrap them as ``torch.optim.Optimizer`` objects so Lightning
+checkpoints and configures them like Adam, while the engine
+(:class:`~nmf_lightning.engine.SolverUpdate`) drives them without gradients.
 """
 
 from __future__ import annotations
@@ -14,29 +16,31 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from nmf_lightning.engine.target import Target
 from nmf_lightning.solvers import als, hals, kaczmarz, mu
-from nmf_lightning.solvers.products import Target
 
 
 class Solver(torch.optim.Optimizer):
-    """Base class: one ``update`` = one pass over H, then one over W (no gradients, no lr)."""
+    """Base class: one update = a pass over W's rows, then H (no gradients, no lr)."""
 
     rule: ModuleType
     #: whether the rule can fit (row, col, value) ratings triplets, a dense mask, L1/L2 weights
     supports_triplets = True
     supports_mask = True
     supports_penalties = True
+    #: whether H can be updated from sums over row blocks (X streamed in blocks of rows)
+    supports_blocks = True
 
     def __init__(self, params: Iterable[Tensor], **defaults):
         super().__init__(params, defaults=defaults)
 
-    @torch.no_grad()
-    def update(
-        self, target: Target, W: Tensor, H: Tensor, l1: tuple[float, float] = (0, 0), l2: tuple[float, float] = (0, 0)
-    ) -> None:
-        """Replace H, then W, in place by the rule's updates; ``l1``, ``l2`` are (W, H) weights."""
-        H.copy_(self.update_h(target, W, H, l1[1], l2[1]))
-        W.copy_(self.update_w(target, W, H, l1[0], l2[0]))
+    def h_stats(self, target: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
+        """This block's part of the sums over rows that the H-update reads."""
+        return self.rule.h_stats(target, W, H)
+
+    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+        """The rule's new H from the statistics summed over all row blocks."""
+        return self.rule.h_from_stats(stats, H, l1, l2)
 
     def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """The rule's new H for fixed W."""
@@ -47,7 +51,7 @@ class Solver(torch.optim.Optimizer):
         return self.rule.update_w(target, W, H, l1, l2)
 
     def step(self, closure=None):  # noqa: D102 - a solver has no gradient step
-        raise RuntimeError(f"{type(self).__name__} is a closed-form solver: NMFModule calls update(), not step().")
+        raise RuntimeError(f"{type(self).__name__} is a closed-form solver: the engine calls its updates, not step().")
 
 
 class MU(Solver):
@@ -79,6 +83,9 @@ class ALS(Solver):
     def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
         return als.update_w(target, W, H, l1, l2, self.defaults["ridge"])
 
+    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return als.h_from_stats(stats, H, l1, l2, self.defaults["ridge"])
+
 
 class Kaczmarz(Solver):
     """Randomized block Kaczmarz with projection (the ALS notebook's second method)."""
@@ -87,6 +94,7 @@ class Kaczmarz(Solver):
     supports_triplets = False
     supports_mask = False
     supports_penalties = False
+    supports_blocks = False  # its H-steps sample rows of X anywhere in the matrix
 
     def __init__(self, params: Iterable[Tensor], steps: int = 10, block: int = 32, seed: int = 0):
         if steps < 1 or block < 1:

@@ -5,6 +5,8 @@ For row j of H, holding the rest fixed, the minimiser of
 the diagonal of W^T W, as scikit-learn does)
 ``max(0, H[j] + ((W^T X)[j] - (W^T W H)[j] - l1_H) / (W^T W)[j, j])``; a pass over
 j = 1..k uses each updated row at once (scikit-learn's ``cd`` solver, Gram form).
+The W-update is the same :func:`sweep` on the transposed problem, and the H-update
+reads only W^T W and W^T X, sums over row blocks (:func:`h_stats`).
 Masked X uses the weighted form with per-column denominators.
 Ref: Cichocki & Phan, "Fast local algorithms for large scale NMF", IEICE 2009.
 """
@@ -14,35 +16,65 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nmf_lightning.solvers.products import Target, eps_for, gram
+from nmf_lightning.engine.target import Target, eps_for, gram
+
+
+def sweep(A: Tensor, G: Tensor, B: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+    """One coordinate pass over the k rows of A (..., k, p) for ``min 1/2 <A, G A> - <A, B>``.
+
+    H-update: A = H, G = W^T W, B = W^T X. W-update: A = W^T, G = H H^T, B = (X H^T)^T.
+    """
+    A = A.clone()
+    G = _add_diag(G, l2)
+    eps = eps_for(A)
+    for j in range(A.shape[-2]):
+        step = (B[..., j, :] - (G[..., j, None, :] @ A).squeeze(-2) - l1) / G[..., j, j, None].clamp_min(eps)
+        A[..., j, :] = (A[..., j, :] + step).clamp_min(0)
+    return A
 
 
 def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0) -> Tensor:
     """One HALS pass over the k rows of H; W (..., n, k), H (..., k, m)."""
-    H = H.clone()
-    eps = eps_for(H)
-    if t.masked:
-        return _masked_pass(t, W, H, l1_H, l2_H, eps)
-    WtX = t.WtX(W)  # (..., k, m)
-    WtW = _add_diag(gram(W, left=True), l2_H)  # (..., k, k)
-    for j in range(H.shape[-2]):
-        step = (WtX[..., j, :] - (WtW[..., j, None, :] @ H).squeeze(-2) - l1_H) / WtW[..., j, j, None].clamp_min(eps)
-        H[..., j, :] = (H[..., j, :] + step).clamp_min(0)
-    return H
+    if t.mask is not None:
+        return _masked_pass(t, W, H.clone(), l1_H, l2_H, eps_for(H))
+    return h_from_stats(h_stats(t, W, H), H, l1_H, l2_H)
 
 
 def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0) -> Tensor:
     """One HALS pass over the k columns of W, as :func:`update_h` on the transposed problem."""
-    W = W.clone()
-    eps = eps_for(W)
-    if t.masked:
-        return _masked_pass(_transposed(t), H.mT, W.mT.clone(), l1_W, l2_W, eps).mT
-    XHt = t.XHt(H)  # (..., n, k)
-    HHt = _add_diag(gram(H, left=False), l2_W)  # (..., k, k)
-    for j in range(W.shape[-1]):
-        step = (XHt[..., :, j] - (W @ HHt[..., :, j, None]).squeeze(-1) - l1_W) / HHt[..., j, j, None].clamp_min(eps)
-        W[..., :, j] = (W[..., :, j] + step).clamp_min(0)
-    return W
+    return update_h(t.transposed(), H.mT, W.mT, l1_W, l2_W).mT
+
+
+def h_stats(t: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
+    """The sums over row blocks the H-update reads: W^T X, and W^T W (or per-column Grams when masked)."""
+    if t.vals is not None:
+        raise NotImplementedError("HALS runs on a dense mask; ratings triplets use optimizer=mu or als")
+    if t.mask is not None:
+        return {"WtX": t.WtX(W), "grams": masked_grams(t, W)}
+    return {"WtX": t.WtX(W), "WtW": gram(W, left=True)}
+
+
+def h_from_stats(stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0) -> Tensor:
+    """The H-update from :func:`h_stats` summed over all row blocks."""
+    if "grams" not in stats:
+        return sweep(H, stats["WtW"], stats["WtX"], l1_H, l2_H)
+    G, B = stats["grams"], stats["WtX"]  # (..., m, k, k), (..., k, m)
+    H = H.clone()
+    eps = eps_for(H)
+    for j in range(H.shape[-2]):
+        num = B[..., j, :] - (G[..., :, j, :] * H.mT).sum(-1) - l1_H
+        den = (G[..., :, j, j] + l2_H).clamp_min(eps)
+        H[..., j, :] = (H[..., j, :] + num / den).clamp_min(0)
+    return H
+
+
+def masked_grams(t: Target, W: Tensor) -> Tensor:
+    """Per-column Grams W^T diag(M[:, c]) W, shape (..., m, k, k)."""
+    if t.vals is not None:
+        outer = W[..., t.rows, :, None] * W[..., t.rows, None, :]  # (..., n_obs, k, k)
+        G = outer.new_zeros(*outer.shape[:-3], t.shape[1], *outer.shape[-2:])
+        return G.index_add_(-3, t.cols, outer)
+    return torch.einsum("...nk,nm,...nl->...mkl", W, t.mask.to(W.dtype), W)
 
 
 def _add_diag(G: Tensor, value: float) -> Tensor:
@@ -51,8 +83,6 @@ def _add_diag(G: Tensor, value: float) -> Tensor:
 
 def _masked_pass(t: Target, W: Tensor, H: Tensor, l1: float, l2: float, eps: float) -> Tensor:
     """Weighted HALS for a dense mask M: row j of H solves sum_i M_ic (R_ic + W_ij H_jc - W_ij h)^2."""
-    if t.mask is None:
-        raise NotImplementedError("masked HALS runs on a dense mask; ratings triplets use optimizer=mu")
     M = t.mask.to(W.dtype)
     R = M * (t.X - W @ H)  # (..., n, m) residual at observed entries
     for j in range(H.shape[-2]):
@@ -63,15 +93,3 @@ def _masked_pass(t: Target, W: Tensor, H: Tensor, l1: float, l2: float, eps: flo
         R = R - M * (w * (new - H[..., j, :])[..., None, :])
         H[..., j, :] = new
     return H
-
-
-def _transposed(t: Target) -> Target:
-    return Target(
-        X=t.X.mT if t.X is not None else None,
-        Xt=None,
-        mask=t.mask.mT if t.mask is not None else None,
-        rows=t.cols,
-        cols=t.rows,
-        vals=t.vals,
-        shape=(t.shape[1], t.shape[0]),
-    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nmf_lightning.solvers.products import Target
+from nmf_lightning.engine.target import Target
 
 
 def update_h(t: Target, W: Tensor, H: Tensor, generator: torch.Generator, steps: int = 10, block: int = 32) -> Tensor:
@@ -38,6 +38,4 @@ def update_h(t: Target, W: Tensor, H: Tensor, generator: torch.Generator, steps:
 
 def update_w(t: Target, W: Tensor, H: Tensor, generator: torch.Generator, steps: int = 10, block: int = 32) -> Tensor:
     """The same on X^T ~ H^T W^T."""
-    Xt = t.X.mT if t.X.layout == torch.strided else t.Xt
-    tt = Target(Xt, None, None, None, None, None, (t.shape[1], t.shape[0]))
-    return update_h(tt, H.mT, W.mT, generator, steps, block).mT
+    return update_h(t.transposed(), H.mT, W.mT, generator, steps, block).mT

@@ -1,0 +1,179 @@
+"""X as row blocks: the samples a streamed run's DataLoader yields (``data.batch_rows``).
+
+A block of rows is to NMF what a batch of images is to a CNN: W's rows for it are
+updated from it alone, and H from sums over all blocks. Sources are read a block at a
+time and never whole: a dense ``.npy`` memory-mapped from disk, a sparse CSR matrix in
+host memory, or the CSR (or dense) ``X`` of an HDF5 / AnnData ``.h5ad`` file read in row
+slices with h5py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import Dataset
+
+from nmf_lightning.validation import NMFInputError, check_totals, check_values
+
+
+@dataclass
+class RowSummary:
+    """What a streamed run needs of X before training: its sums, read in one pass."""
+
+    x_sq: float  # ||X||^2 over observed entries
+    total: float  # sum of the observed entries (the random init's scale)
+    n_obs: int  # number of observed entries
+    masked: bool  # whether some entries are missing
+
+
+class H5Matrix:
+    """A matrix inside an HDF5 file (AnnData's ``.h5ad`` among them), read in row slices.
+
+    ``key`` names a dense 2-D dataset or a CSR group (``data``, ``indices``, ``indptr`` and
+    a ``shape`` attribute, as AnnData writes ``X``). Only the rows asked for are read.
+    """
+
+    def __init__(self, path: str | Path, key: str = "X"):
+        self.path, self.key = str(path), key
+        self._file: Any = None
+        node = self._node()
+        if hasattr(node, "shape") and not hasattr(node, "keys"):
+            if len(node.shape) != 2:
+                raise ValueError(f"its dataset {key!r} has shape {node.shape}, not a 2-D matrix")
+            self.sparse, self.shape = False, tuple(int(s) for s in node.shape)
+            return
+        encoding = _text(node.attrs.get("encoding-type", "csr_matrix"))
+        if encoding != "csr_matrix" or not {"data", "indices", "indptr"} <= set(node.keys()):
+            raise ValueError(
+                f"its {key!r} is {encoding!r} with members {sorted(node.keys())}; rows stream from a CSR matrix "
+                "(data, indices, indptr) or a dense dataset: write X as CSR (e.g. adata.X = adata.X.tocsr())"
+            )
+        shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
+        if shape is None:
+            raise ValueError(f"its CSR group {key!r} has no 'shape' attribute")
+        self.sparse, self.shape = True, tuple(int(s) for s in shape)
+        self.indptr = node["indptr"][:].astype(np.int64)  # n + 1 offsets: small next to the data
+
+    def _node(self) -> Any:
+        if self._file is None:
+            import h5py
+
+            self._file = h5py.File(self.path, "r")
+        if self.key not in self._file:
+            raise KeyError(f"it has no {self.key!r}; it holds {sorted(self._file.keys())} (pick one with data.key)")
+        return self._file[self.key]
+
+    @property
+    def ndim(self) -> int:
+        """Always 2."""
+        return 2
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries (n * m when dense)."""
+        return int(self.indptr[-1]) if self.sparse else self.shape[0] * self.shape[1]
+
+    def rows(self, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
+        """Rows ``start .. stop - 1`` as a dense array or a CSR matrix."""
+        node = self._node()
+        if not self.sparse:
+            return np.asarray(node[start:stop])
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        indptr = self.indptr[start : stop + 1] - lo
+        return sp.csr_matrix((node["data"][lo:hi], node["indices"][lo:hi], indptr), shape=(stop - start, self.shape[1]))
+
+    def read(self) -> np.ndarray | sp.csr_matrix:
+        """The whole matrix in memory (for runs that do not stream)."""
+        return self.rows(0, self.shape[0])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}  # a worker process opens the file again
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def row_block(X: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
+    """Rows ``start .. stop - 1`` of X (array, memory map, CSR matrix or :class:`H5Matrix`), read alone."""
+    return X.rows(start, stop) if isinstance(X, H5Matrix) else X[start:stop]
+
+
+def in_memory(X: Any) -> bool:
+    """Whether X is already held in host memory (not a memory map or a file)."""
+    return not isinstance(X, (np.memmap, H5Matrix)) and not isinstance(getattr(X, "base", None), np.memmap)
+
+
+def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X") -> RowSummary:
+    """Check X block by block (as :func:`~nmf_lightning.validation.check_matrix` does whole) and sum it.
+
+    ``unstored_missing``: the unstored entries of a sparse X are missing (ratings), not zeros.
+    """
+    n, m = X.shape
+    if n == 0 or m == 0:
+        raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")
+    x_sq = total = 0.0
+    n_obs, positive = 0, False
+    for start in range(0, n, batch_rows):
+        block = row_block(X, start, min(start + batch_rows, n))
+        missing, has_positive = check_values(block, name)
+        positive |= has_positive
+        values = block.data if sp.issparse(block) else block
+        values = values.astype(np.float64, copy=False)
+        if missing:
+            values = values[~np.isnan(values)]
+        x_sq += float(np.dot(values.ravel(), values.ravel()))
+        total += float(values.sum())
+        n_obs += values.size if not sp.issparse(block) or unstored_missing else block.shape[0] * m
+    check_totals(n_obs > 0, positive, n * m, name)
+    return RowSummary(x_sq=x_sq, total=total, n_obs=n_obs, masked=n_obs < n * m)
+
+
+class RowBlocks(Dataset):
+    """Blocks of ``batch_rows`` rows of X, in order: item i holds rows ``i B .. (i + 1) B - 1``.
+
+    Dense blocks come as ``{"start", "X", "missing"}`` (NaN where missing); CSR blocks as
+    their ``indptr``, ``indices``, ``data`` and, unless ``unstored_missing``, the transposed
+    block's (``t_*``), built here so the device multiplies both ways row-major.
+    """
+
+    def __init__(self, X: Any, batch_rows: int, dtype: torch.dtype = torch.float32, unstored_missing: bool = False):
+        self.X, self.batch_rows, self.unstored_missing = X, batch_rows, unstored_missing
+        self.dtype = np.float64 if dtype == torch.float64 else np.float32
+
+    def __len__(self) -> int:
+        return math.ceil(self.X.shape[0] / self.batch_rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start = i * self.batch_rows
+        block = row_block(self.X, start, min(start + self.batch_rows, self.X.shape[0]))
+        if not sp.issparse(block):
+            block = np.ascontiguousarray(block, dtype=self.dtype)
+            return {"start": start, "X": torch.from_numpy(block), "missing": bool(np.isnan(block).any())}
+        block = sp.csr_matrix(block, dtype=self.dtype)
+        block.sum_duplicates()
+        item = {"start": start, "shape": torch.tensor(block.shape), **_csr_parts(block, "")}
+        if not self.unstored_missing:
+            item.update(_csr_parts(block.T.tocsr(), "t_"))
+        return item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+
+def _csr_parts(X: sp.csr_matrix, prefix: str) -> dict[str, torch.Tensor]:
+    X.sort_indices()
+    return {
+        f"{prefix}indptr": torch.from_numpy(X.indptr.astype(np.int64)),
+        f"{prefix}indices": torch.from_numpy(X.indices.astype(np.int64)),
+        f"{prefix}data": torch.from_numpy(X.data),
+    }

@@ -1,0 +1,100 @@
+"""The public fit loop: updates over row blocks until ``steps`` are done or the objective settles."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nmf_lightning.engine.target import Target
+from nmf_lightning.engine.updates import PassResult, Update
+
+#: X as the engine reads it: one block in memory, or a callable giving one pass of blocks
+Blocks = Target | Callable[[], Iterable[Target]]
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did.
+
+    The updates run, per-update losses (gradient updates, on the device), whether ``tol``
+    stopped it, and the last pass's measurement.
+    """
+
+    steps: int
+    losses: Tensor | None
+    converged: bool
+    last: PassResult
+
+
+@dataclass
+class Convergence:
+    """The ``tol`` test's memory across calls: the objective at the last check."""
+
+    previous: Tensor | None = None
+
+
+def passes(blocks: Blocks) -> Iterable[Target]:
+    """One pass over the row blocks of X."""
+    return (blocks,) if isinstance(blocks, Target) else blocks()
+
+
+def update(blocks: Blocks, W: Tensor, H: Tensor, step: Update) -> PassResult:
+    """One alternating update of W and H (in place) over every row block of X."""
+    step.begin(W, H)
+    for t in passes(blocks):
+        step.block(t, W, H)
+    return step.end(W, H)
+
+
+@torch.no_grad()
+def sq_error(blocks: Blocks, W: Tensor, H: Tensor, gram_form: bool = False) -> Tensor:
+    """``||M * (X - W H)||^2`` over every row block, (...,) with restarts."""
+    total = None
+    for t in passes(blocks):
+        sq = t.sq_error(W[..., t.start : t.stop, :], H, gram_form)
+        total = sq if total is None else total + sq
+    return total
+
+
+def fit(
+    blocks: Blocks,
+    W: Tensor,
+    H: Tensor,
+    step: Update,
+    steps: int,
+    *,
+    objective: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    tol: float = 0.0,
+    tol_window: int = 10,
+    done: int = 0,
+    convergence: Convergence | None = None,
+) -> FitResult:
+    """Run up to ``steps`` updates of W and H (in place) over the row blocks of X.
+
+    With ``tol`` > 0, every ``tol_window`` updates (counted from the start of training,
+    ``done`` updates ago, so where a run stops does not depend on how it is called) the
+    ``objective(sq, W, H)`` is computed; a relative change below ``tol`` since the last
+    check stops the fit. Per-update losses stay on the device: no host sync but the test.
+    """
+    convergence = convergence or Convergence()
+    losses: list[Tensor] = []
+    last = PassResult()
+    for i in range(steps):
+        last = update(blocks, W, H, step)
+        if last.loss is not None:
+            losses.append(last.loss)
+        if not tol or (done + i + 1) % tol_window:
+            continue
+        with torch.no_grad():
+            current = objective(sq_error(blocks, W, H), W, H).detach().min()
+        previous, convergence.previous = convergence.previous, current
+        if previous is not None and bool((previous - current).abs() <= tol * previous.abs()):  # one sync per window
+            return FitResult(i + 1, _stack(losses), True, last)
+    return FitResult(steps, _stack(losses), False, last)
+
+
+def _stack(losses: list[Tensor]) -> Tensor | None:
+    return torch.stack(losses) if losses else None

@@ -1,0 +1,238 @@
+"""X as the engine reads it: one block of rows, dense, sparse, masked or as observed triplets.
+
+Every product an update needs comes from here, for any layout: ``X H^T`` and ``W^T X``
+(the two X-products), the model terms ``(M * (W H)) H^T`` and ``W^T (M * (W H))`` that
+replace ``W (H H^T)`` and ``(W^T W) H`` when entries are missing, and the squared error
+with its gradients. Factors may carry a leading restart dimension: W (..., b, k) holds
+the block's rows of W, H (..., k, m) is all of H.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from nmf_lightning.objective import frobenius_sq, matmul, sq_error_observed, sq_error_residual, transpose_sparse
+
+#: masked X with at most this fraction observed is kept as (row, col, value) triplets
+OBSERVED_FRACTION = 0.1
+
+
+@dataclass
+class Target:
+    """A block of rows ``start .. start + shape[0]`` of X, with how its missing entries are marked.
+
+    Exactly one form is set: ``X`` (dense or CSR, with ``Xt`` = its transpose as CSR when
+    sparse, and an optional dense boolean ``mask``), or observed triplets ``rows``,
+    ``cols``, ``vals`` (rows counted from the block's first row).
+    """
+
+    X: Tensor | None
+    Xt: Tensor | None
+    mask: Tensor | None
+    rows: Tensor | None
+    cols: Tensor | None
+    vals: Tensor | None
+    shape: tuple[int, int]
+    start: int = 0
+    _x_sq: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mask is not None:  # whatever the missing entries hold, they must not count
+            self.X = self.X * self.mask
+
+    @property
+    def stop(self) -> int:
+        """One past the block's last row in X."""
+        return self.start + self.shape[0]
+
+    @property
+    def masked(self) -> bool:
+        """Whether some entries are missing."""
+        return self.mask is not None or self.vals is not None
+
+    @property
+    def sparse(self) -> bool:
+        """Whether X is a sparse (CSR) tensor."""
+        return self.X is not None and self.X.layout == torch.sparse_csr
+
+    @property
+    def n_obs(self) -> int:
+        """Number of observed entries."""
+        if self.vals is not None:
+            return len(self.vals)
+        if self.mask is not None:
+            return int(self.mask.sum())
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def x_sq(self) -> Tensor:
+        """``||X||^2`` over observed entries, in float64 (computed once)."""
+        if self._x_sq is None:
+            self._x_sq = (self.vals.double() ** 2).sum() if self.vals is not None else frobenius_sq(self.X)
+        return self._x_sq
+
+    def transposed(self) -> Target:
+        """X^T as a target: W's update is H's update on the transposed problem."""
+        return Target(
+            X=self.Xt if self.Xt is not None else (self.X.mT if self.X is not None else None),
+            Xt=self.X if self.Xt is not None else None,
+            mask=self.mask.mT if self.mask is not None else None,
+            rows=self.cols,
+            cols=self.rows,
+            vals=self.vals,
+            shape=(self.shape[1], self.shape[0]),
+            _x_sq=self._x_sq,
+        )
+
+    def to(self, device: torch.device | str) -> Target:
+        """The same block on another device."""
+        move = {name: getattr(self, name) for name in ("X", "Xt", "mask", "rows", "cols", "vals")}
+        return replace(self, **{k: v.to(device) if v is not None else None for k, v in move.items()})
+
+    # ------------------------------------------------------------ products
+    def XHt(self, H: Tensor) -> Tensor:
+        """X H^T, (..., b, k)."""
+        if self.vals is not None:
+            return _scatter(self.rows, self.shape[0], self.vals[:, None] * H[..., :, self.cols].mT)
+        return matmul(self.X, H.mT)
+
+    def WtX(self, W: Tensor) -> Tensor:
+        """W^T X, (..., k, m)."""
+        if self.vals is not None:
+            return _scatter(self.cols, self.shape[1], self.vals[:, None] * W[..., self.rows, :]).mT
+        Xt = self.Xt if self.Xt is not None else self.X.mT
+        return matmul(Xt, W).mT
+
+    def model_Ht(self, W: Tensor, H: Tensor, HHt: Tensor | None = None) -> Tensor:
+        """(M * (W H)) H^T: the model's part of the W-gradient, (..., b, k)."""
+        if self.vals is not None:
+            return _scatter(self.rows, self.shape[0], self._predict(W, H)[..., None] * H[..., :, self.cols].mT)
+        if self.mask is not None:
+            return (self.mask * (W @ H)) @ H.mT
+        return W @ (gram(H, left=False) if HHt is None else HHt)
+
+    def Wt_model(self, W: Tensor, H: Tensor, WtW: Tensor | None = None) -> Tensor:
+        """W^T (M * (W H)): the model's part of the H-gradient, (..., k, m)."""
+        if self.vals is not None:
+            return _scatter(self.cols, self.shape[1], self._predict(W, H)[..., None] * W[..., self.rows, :]).mT
+        if self.mask is not None:
+            return W.mT @ (self.mask * (W @ H))
+        return (gram(W, left=True) if WtW is None else WtW) @ H
+
+    def _predict(self, W: Tensor, H: Tensor) -> Tensor:
+        """(W H) at the observed triplets only, (..., n_obs)."""
+        return (W[..., self.rows, :] * H[..., :, self.cols].mT).sum(-1)
+
+    # ------------------------------------------------------- squared error
+    def sq_error(self, W: Tensor, H: Tensor, gram_form: bool = False) -> Tensor:
+        """``||M * (X - W H)||^2`` of this block, (...,).
+
+        ``gram_form`` (unmasked X only; always for sparse X) expands it as ``||X||^2 - 2<X H^T, W> + <W^T W, H H^T>``:
+        no b x m temporary, but it loses precision once the error nears sqrt(eps) of ||X||.
+        """
+        if self.vals is not None:
+            return sq_error_observed(self.rows, self.cols, self.vals, W, H)
+        if (gram_form or self.sparse) and self.mask is None:  # a sparse X is never made dense here
+            return self._gram_sq(W, H, self.XHt(H), gram(H, left=False))
+        return sq_error_residual(self.X, W, H, self.mask)
+
+    def _gram_sq(self, W: Tensor, H: Tensor, XHt: Tensor, HHt: Tensor) -> Tensor:
+        cross = (XHt * W).sum(dim=(-2, -1))
+        return (self.x_sq.to(W.dtype) - 2 * cross + (gram(W, left=True) * HHt).sum(dim=(-2, -1))).clamp_min(0)
+
+    def sq_and_grads(self, W: Tensor, H: Tensor, gram_form: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """The block's squared error and its gradients: d/dW (..., b, k) and this block's part of d/dH.
+
+        ``d/dW = 2 ((M * (W H)) H^T - X H^T)`` and ``d/dH = 2 (W^T (M * (W H)) - W^T X)``; the
+        H-gradients of all blocks sum to the gradient of the whole matrix's error.
+        """
+        if self.vals is not None or self.mask is not None or gram_form:
+            XHt, HHt = self.XHt(H), gram(H, left=False)
+            sq = self.sq_error(W, H) if self.masked else self._gram_sq(W, H, XHt, HHt)
+            dW = 2 * (self.model_Ht(W, H, HHt) - XHt)
+            dH = 2 * (self.Wt_model(W, H) - self.WtX(W))
+            return sq, dW, dH
+        X = self.X.to_dense() if self.sparse else self.X
+        R = X - W @ H
+        return (R * R).sum(dim=(-2, -1)), -2 * R @ H.mT, -2 * W.mT @ R
+
+
+def _scatter(index: Tensor, size: int, values: Tensor) -> Tensor:
+    """Sum per-entry rows (..., n_obs, k) into ``size`` rows by ``index``: (..., size, k)."""
+    out = values.new_zeros(*values.shape[:-2], size, values.shape[-1])
+    return out.index_add_(-2, index, values)
+
+
+def gram(A: Tensor, left: bool) -> Tensor:
+    """W^T W (``left``) or H H^T, (..., k, k)."""
+    return A.mT @ A if left else A @ A.mT
+
+
+def eps_for(A: Tensor) -> float:
+    """Division guard: scikit-learn's EPSILON for float64, scaled to the dtype."""
+    return float(torch.finfo(A.dtype).eps)
+
+
+def matrix_to_tensor(X: np.ndarray | sp.spmatrix, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Dense X with NaN -> (X with 0 at NaN, observed mask); sparse X -> CSR tensor, no mask."""
+    if sp.issparse(X):
+        return csr_tensor(sp.csr_matrix(X), dtype), None
+    Xn = np.asarray(X, dtype=np.float64)
+    missing = np.isnan(Xn)
+    if missing.any():
+        return torch.from_numpy(np.where(missing, 0.0, Xn)).to(dtype), torch.from_numpy(~missing)
+    return torch.from_numpy(Xn).to(dtype), None
+
+
+def csr_tensor(X: sp.csr_matrix, dtype: torch.dtype) -> Tensor:
+    """A scipy CSR matrix as a torch CSR tensor (canonical: sorted, no duplicates)."""
+    X = X.copy() if not X.has_canonical_format else X
+    X.sum_duplicates()
+    return csr_from_parts(
+        torch.from_numpy(X.indptr.astype(np.int64)),
+        torch.from_numpy(X.indices.astype(np.int64)),
+        torch.from_numpy(X.data).to(dtype),
+        X.shape,
+    )
+
+
+def csr_from_parts(indptr: Tensor, indices: Tensor, data: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A torch CSR tensor from canonical CSR arrays, without torch's beta warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(indptr, indices, data, size=tuple(shape), check_invariants=False)
+
+
+def to_target(
+    X: np.ndarray | sp.spmatrix,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    unstored_missing: bool = False,
+    start: int = 0,
+    triplets: bool | None = None,
+) -> Target:
+    """A numpy or scipy block of X as a :class:`Target` on ``device``.
+
+    NaN marks missing entries of a dense X; ``unstored_missing`` makes the unstored entries
+    of a sparse X missing (ratings). Ratings, and dense X with at most ``OBSERVED_FRACTION``
+    observed, are kept as observed triplets (``triplets`` forces the choice).
+    """
+    Xt_, mask = matrix_to_tensor(X, dtype)
+    shape = tuple(X.shape)
+    if Xt_.layout == torch.sparse_csr and unstored_missing:
+        counts = Xt_.crow_indices().diff()
+        rows = torch.repeat_interleave(torch.arange(shape[0]), counts)
+        return Target(None, None, None, rows, Xt_.col_indices(), Xt_.values(), shape, start).to(device)
+    observed = mask.float().mean() if mask is not None else 1.0
+    if mask is not None and (triplets if triplets is not None else observed <= OBSERVED_FRACTION):
+        rows, cols = mask.nonzero(as_tuple=True)
+        return Target(None, None, None, rows, cols, Xt_[rows, cols], shape, start).to(device)
+    Xt_ = Xt_.to(device)
+    T = transpose_sparse(Xt_) if Xt_.layout == torch.sparse_csr else None
+    return Target(Xt_, T, mask.to(device) if mask is not None else None, None, None, None, shape, start)

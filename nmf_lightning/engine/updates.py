@@ -1,0 +1,184 @@
+"""One alternating update of W and H as a pass over row blocks of X.
+
+W's rows are local and H is global: a block of X's rows is all its rows of W need, and
+H needs only sums over the blocks (``W^T W``, ``W^T X``, or its gradient). So an update
+is ``begin``, ``block`` for every row block, ``end``: the same code whether X is one
+block in device memory or many streamed from disk. With one block it is the classic
+alternating update (W, then H from the new W, as scikit-learn's ``cd`` and ``mu`` do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from nmf_lightning.engine.target import Target, gram
+
+
+@dataclass
+class PassResult:
+    """What one update measured on the way.
+
+    ``sq`` is the squared error of the factors before the update (``after`` False) or after
+    it (``after`` True); ``loss`` the training loss before it, when a gradient step made one.
+    """
+
+    sq: Tensor | None = None
+    after: bool = False
+    loss: Tensor | None = None
+
+
+class Update(Protocol):
+    """One update over row blocks: ``begin``, ``block`` for each block of rows, ``end``."""
+
+    def begin(self, W: Tensor, H: Tensor) -> None:
+        """Start a pass at the current factors."""
+
+    def block(self, t: Target, W: Tensor, H: Tensor) -> None:
+        """Take one block of rows (W's rows for it are updated, or their part is recorded)."""
+
+    def end(self, W: Tensor, H: Tensor) -> PassResult:
+        """Finish the pass: update H (and W where it waits for the whole pass)."""
+
+
+class SolverUpdate:
+    """A closed-form rule (HALS, MU, ALS, ...) over row blocks.
+
+    Each block's rows of W are updated at once (the rule's ``update_w`` on that block)
+    and the block's statistics for H, taken with the new rows, are summed; ``end``
+    updates H from the sums. A block holding every row updates H directly (the in-memory
+    fast path, identical up to rounding). ``update_H=False`` keeps H fixed (transform).
+
+    ``online`` updates H after every block from running statistics in which earlier
+    blocks fade by ``forget`` per pass over X (Mairal et al. 2010, scikit-learn's
+    ``MiniBatchNMF``): good factors after the first passes over a very large X.
+    """
+
+    def __init__(
+        self,
+        rule: Any,
+        l1: tuple[float, float] = (0.0, 0.0),
+        l2: tuple[float, float] = (0.0, 0.0),
+        update_H: bool = True,
+        online: bool = False,
+        forget: float = 0.7,
+    ):
+        self.rule, self.l1, self.l2 = rule, l1, l2
+        self.update_H, self.online, self.forget = update_H, online, forget
+        self._stats: dict[str, Tensor] | None = None
+        self._H: Tensor | None = None
+        self._x_sq: Tensor | None = None
+
+    def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
+        self._H = None
+        self._x_sq = None
+        if not self.online:
+            self._stats = None
+
+    @torch.no_grad()
+    def block(self, t: Target, W: Tensor, H: Tensor) -> None:  # noqa: D102
+        rows = slice(t.start, t.stop)
+        Wb = self.rule.update_w(t, W[..., rows, :], H, self.l1[0], self.l2[0])
+        W[..., rows, :] = Wb
+        if not self.update_H:
+            return
+        if t.shape[0] == W.shape[-2] and not self.online:  # all of X at once
+            self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])
+            return
+        stats = self.rule.h_stats(t, Wb, H)
+        if not t.masked:
+            self._x_sq = t.x_sq if self._x_sq is None else self._x_sq + t.x_sq
+        if self.online:  # earlier blocks fade by `forget` over a whole pass of X
+            decay = self.forget ** (t.shape[0] / W.shape[-2])
+            self._stats = stats if self._stats is None else {k: decay * self._stats[k] + v for k, v in stats.items()}
+            H.copy_(self.rule.h_from_stats(self._stats, H, self.l1[1], self.l2[1]))
+            return
+        self._stats = stats if self._stats is None else {k: self._stats[k] + v for k, v in stats.items()}
+
+    @torch.no_grad()
+    def end(self, W: Tensor, H: Tensor) -> PassResult:  # noqa: D102
+        if self._H is not None:
+            H.copy_(self._H)
+            self._H = None
+            return PassResult()
+        if self.update_H and not self.online and self._stats is not None:
+            H.copy_(self.rule.h_from_stats(self._stats, H, self.l1[1], self.l2[1]))
+        stats, self._stats = self._stats, (self._stats if self.online else None)
+        if self._x_sq is None or stats is None or "WtW" not in stats or self.online:
+            return PassResult()
+        # unmasked: the error of the new factors from the sums, ||X||^2 - 2<W^T X, H> + <W^T W, H H^T>
+        sq = self._x_sq.to(H.dtype) - 2 * (stats["WtX"] * H).sum(dim=(-2, -1))
+        sq = (sq + (stats["WtW"] * gram(H, left=False)).sum(dim=(-2, -1))).clamp_min(0)
+        return PassResult(sq=sq, after=True)
+
+
+class _SqWithGrads(torch.autograd.Function):
+    """A squared error whose gradients were computed with it, block by block."""
+
+    @staticmethod
+    def forward(ctx, W: Tensor, H: Tensor, sq: Tensor, dW: Tensor, dH: Tensor) -> Tensor:
+        ctx.save_for_backward(dW, dH)
+        return sq.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        dW, dH = ctx.saved_tensors
+        g = g[..., None, None]
+        return g * dW, g * dH, None, None, None
+
+
+class GradientUpdate:
+    """A torch.optim optimizer (Adam, SGD, ...) over row blocks: one step on W and H together.
+
+    Each block adds its squared error and its gradients at the current factors; ``end``
+    turns them into the training loss (reconstruction term + penalties, through autograd
+    so any optimizer and penalty works) and takes one optimizer step on W and H: the
+    same step as on the whole matrix. ``gram_form`` computes unmasked errors without a
+    residual (two X-products and k x k work per block).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss: Callable[[Tensor, Tensor, Tensor], Tensor],
+        project: bool = True,
+        gram_form: bool = True,
+    ):
+        self.optimizer, self.loss, self.project, self.gram_form = optimizer, loss, project, gram_form
+        self._sq: Tensor | None = None
+        self._dW: Tensor | None = None
+        self._dH: Tensor | None = None
+
+    def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
+        self._sq = self._dH = None
+        self._dW = None
+
+    @torch.no_grad()
+    def block(self, t: Target, W: Tensor, H: Tensor) -> None:  # noqa: D102
+        rows = slice(t.start, t.stop)
+        sq, dW, dH = t.sq_and_grads(W[..., rows, :], H, self.gram_form)
+        if t.shape[0] == W.shape[-2]:
+            self._dW = dW
+        else:
+            if self._dW is None:
+                self._dW = torch.zeros_like(W)
+            self._dW[..., rows, :] = dW
+        self._sq = sq if self._sq is None else self._sq + sq
+        self._dH = dH if self._dH is None else self._dH + dH
+
+    def end(self, W: Tensor, H: Tensor) -> PassResult:  # noqa: D102
+        self.optimizer.zero_grad(set_to_none=True)
+        sq = _SqWithGrads.apply(W, H, self._sq, self._dW, self._dH)
+        loss = self.loss(sq, W, H)  # (r,) with restarts: they are independent, so sum them
+        (loss.sum() if loss.dim() else loss).backward()
+        self.optimizer.step()
+        if self.project:
+            with torch.no_grad():
+                W.clamp_(min=0)
+                H.clamp_(min=0)
+        self._dW = self._dH = None
+        return PassResult(sq=self._sq, after=False, loss=loss.detach())

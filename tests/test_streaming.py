@@ -1,0 +1,248 @@
+"""Rows as batches: X streamed in row blocks trains exactly like X held whole."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from nmf_lightning.data import Matrix
+from nmf_lightning.data.datamodule import NMFDataModule
+from nmf_lightning.data.rows import H5Matrix, RowBlocks
+from nmf_lightning.train import train
+from nmf_lightning.validation import NMFInputError
+
+N, M = 45, 30
+
+
+def _dense(missing=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((N, 4)) @ rng.random((4, M)) + 0.05 * rng.random((N, M))
+    if missing:
+        X[rng.random(X.shape) < missing] = np.nan
+    return X
+
+
+def _sparse(seed=0):
+    return sp.random(N, M, density=0.3, random_state=seed, format="csr")
+
+
+def _run(make_cfg, tmp_path, name, path, *overrides):
+    out = tmp_path / name
+    out.mkdir()
+    metrics = train(
+        make_cfg(
+            "data=file",
+            f"data.path={path}",
+            "data.num_workers=0",
+            "model.rank=4",
+            "trainer.precision=64-true",
+            f"paths.output_dir={out}",
+            *overrides,
+        )
+    )
+    with np.load(out / "factors.npz") as f:
+        return metrics, f["W"], f["H"]
+
+
+def _same_run_streamed(make_cfg, tmp_path, path, *overrides, batch_rows=7):
+    whole = _run(make_cfg, tmp_path, "whole", path, *overrides)
+    streamed = _run(make_cfg, tmp_path, "streamed", path, f"data.batch_rows={batch_rows}", *overrides)
+    return whole, streamed
+
+
+CASES = [(optimizer, layout) for optimizer in ("hals", "mu", "als", "adam") for layout in ("dense", "sparse")]
+
+
+@pytest.mark.parametrize(("optimizer", "layout"), CASES, ids=[f"{o}-{lay}" for o, lay in CASES])
+def test_streamed_rows_give_the_factors_of_the_whole_matrix(make_cfg, tmp_path, optimizer, layout):
+    if layout == "dense":
+        path = tmp_path / "x.npy"
+        np.save(path, _dense())
+    else:
+        path = tmp_path / "x.npz"
+        sp.save_npz(path, _sparse())
+    extra = ("optimizer.lr=0.01",) if optimizer == "adam" else ()
+    (m0, W0, H0), (m1, W1, H1) = _same_run_streamed(
+        make_cfg, tmp_path, path, f"optimizer={optimizer}", "trainer.max_steps=25", *extra
+    )
+    np.testing.assert_allclose(W1, W0, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(H1, H0, rtol=1e-9, atol=1e-12)
+    assert m1["steps"] == m0["steps"] == 25  # trainer.max_steps counts passes over X
+    assert m1["relative_error"] == pytest.approx(m0["relative_error"], rel=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["mu", "adam", "hals", "als"])
+def test_missing_entries_stream_too(make_cfg, tmp_path, optimizer):
+    path = tmp_path / "x.npy"
+    np.save(path, _dense(missing=0.2))
+    extra = ("optimizer.lr=0.01",) if optimizer == "adam" else ()
+    (m0, W0, H0), (m1, W1, H1) = _same_run_streamed(
+        make_cfg, tmp_path, path, f"optimizer={optimizer}", "trainer.max_steps=15", *extra
+    )
+    np.testing.assert_allclose(W1, W0, rtol=1e-8, atol=1e-11)
+    np.testing.assert_allclose(H1, H0, rtol=1e-8, atol=1e-11)
+    assert m1["relative_error"] == pytest.approx(m0["relative_error"], rel=1e-8)
+
+
+def test_restarts_and_holdout_stream_too(make_cfg, tmp_path):
+    data = ("data=synthetic", "data.n_rows=45", "data.n_cols=30", "data.true_rank=4", "data.noise=0.1")
+    args = (*data, "model.rank=4", "optimizer=hals", "trainer.max_steps=20", "model.restarts=3", "data.holdout=0.1")
+    runs = []
+    for name, extra in (("whole", ()), ("streamed", ("data.batch_rows=7", "data.num_workers=0"))):
+        (tmp_path / name).mkdir()
+        metrics = train(make_cfg(*args, *extra, "trainer.precision=64-true", f"paths.output_dir={tmp_path / name}"))
+        with np.load(tmp_path / name / "factors.npz") as f:
+            runs.append((metrics, f["W"]))
+    (m0, W0), (m1, W1) = runs
+    np.testing.assert_allclose(W1, W0, rtol=1e-8, atol=1e-11)
+    assert m1["best_restart"] == m0["best_restart"]
+    assert m1["val_relative_error"] == pytest.approx(m0["val_relative_error"], rel=1e-8)
+
+
+def test_one_block_per_pass_equals_the_whole_matrix_and_workers_change_nothing(make_cfg, tmp_path):
+    path = tmp_path / "x.npz"
+    sp.save_npz(path, _sparse(seed=3))
+    args = ("optimizer=mu", "trainer.max_steps=10")
+    _, W0, _ = _run(make_cfg, tmp_path, "one", path, "data.batch_rows=1000", *args)
+    _, W1, _ = _run(make_cfg, tmp_path, "workers", path, "data.batch_rows=4", "data.num_workers=1", *args)
+    np.testing.assert_allclose(W1, W0, rtol=1e-9)
+
+
+class _Counting:
+    """An array that records which rows were asked for."""
+
+    def __init__(self, X):
+        self.X, self.shape, self.ndim, self.requests = X, X.shape, 2, []
+
+    def __getitem__(self, index):
+        assert isinstance(index, slice), "rows must be read as slices"
+        self.requests.append((index.start, index.stop))
+        return self.X[index]
+
+
+def test_a_memory_mapped_file_is_read_a_block_at_a_time(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, _dense())
+    counting = _Counting(np.load(path, mmap_mode="r"))
+    dm = NMFDataModule(lambda: Matrix(counting), batch_rows=10)
+    dm.setup()
+    blocks = list(dm.row_blocks())
+    assert [b["start"] for b in blocks] == [0, 10, 20, 30, 40]
+    assert counting.requests and all(stop - start <= 10 for start, stop in counting.requests)
+    np.testing.assert_array_equal(torch.cat([b["X"] for b in blocks]).numpy(), _dense().astype(np.float32))
+    assert dm.summary.x_sq == pytest.approx(float((_dense() ** 2).sum()))
+
+
+def test_h5ad_csr_rows_equal_the_npz_matrix(make_cfg, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    X = _sparse(seed=1)
+    with h5py.File(tmp_path / "x.h5ad", "w") as f:
+        g = f.create_group("X")
+        g.attrs["encoding-type"] = "csr_matrix"
+        g.attrs["shape"] = X.shape
+        g["data"], g["indices"], g["indptr"] = X.data, X.indices, X.indptr
+    sp.save_npz(tmp_path / "x.npz", X)
+    h5 = H5Matrix(tmp_path / "x.h5ad")
+    assert h5.shape == X.shape and h5.nnz == X.nnz
+    assert (h5.rows(5, 17) != X[5:17]).nnz == 0
+    for a, b in zip(RowBlocks(h5, 8), RowBlocks(X, 8), strict=True):
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    args = ("optimizer=hals", "trainer.max_steps=10", "data.batch_rows=8")
+    _, W0, H0 = _run(make_cfg, tmp_path, "npz", tmp_path / "x.npz", *args)
+    _, W1, H1 = _run(make_cfg, tmp_path, "h5ad", tmp_path / "x.h5ad", *args)
+    np.testing.assert_array_equal(W1, W0)
+    np.testing.assert_array_equal(H1, H0)
+
+
+def test_online_mode_lowers_the_objective_pass_by_pass_and_leads_early(make_cfg, tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, _dense())
+    args = ("optimizer=hals", "data.batch_rows=9")
+    errors = []
+    for steps in (1, 3, 10):
+        metrics, _, _ = _run(
+            make_cfg, tmp_path, f"online{steps}", path, *args, "model.online=true", f"trainer.max_steps={steps}"
+        )
+        errors.append(metrics["relative_error"])
+    assert errors[0] > errors[1] > errors[2]
+    exact, _, _ = _run(make_cfg, tmp_path, "exact", path, *args, "trainer.max_steps=1")
+    assert errors[0] < 0.8 * exact["relative_error"]  # H already learnt from the first blocks of the pass
+
+
+def test_the_engine_fit_is_what_transform_and_the_module_run(make_cfg, tmp_path, monkeypatch):
+    import nmf_lightning.engine.loop as engine_loop
+    from nmf_lightning.transform import transform
+
+    calls = []
+    real = engine_loop.update
+    monkeypatch.setattr(engine_loop, "update", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(make_cfg("data=toy", "model.rank=2", "optimizer=hals", "trainer.max_steps=7"))
+    assert len(calls) == 7
+    rng = np.random.default_rng(0)
+    transform(rng.random((5, 4)), rng.random((2, 4)), max_iter=3, tol=0)
+    assert len(calls) == 10
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("data.batch_rows=0",), r"data.batch_rows must be an integer >= 1"),
+        (("data.batch_rows=5", "model.init=nndsvda"), r"model.init=nndsvda reads X's singular vectors"),
+        (("data.batch_rows=5", "optimizer=kaczmarz"), r"optimizer=kaczmarz samples rows anywhere in X"),
+        (("model.online=true", "optimizer=hals"), r"model.online=true updates H after every row block"),
+        (("data.batch_rows=5", "data.holdout=0.1"), r"data.holdout needs X in host memory"),
+    ],
+)
+def test_streaming_limits_are_named_before_training(make_cfg, tmp_path, overrides, message):
+    path = tmp_path / "x.npy"
+    np.save(path, _dense())
+    with pytest.raises(NMFInputError, match=message):
+        train(make_cfg("data=file", f"data.path={path}", "model.rank=3", "trainer.max_steps=3", *overrides))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+_RSS = """
+import atexit, resource, sys, runpy
+atexit.register(lambda: print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))
+sys.argv = ["nmf-train", *sys.argv[1:]]
+runpy.run_module("nmf_lightning.train", run_name="__main__")
+"""
+
+
+def _peak_rss_mb(tmp_path, *overrides):
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS, "trainer.accelerator=cpu", "logger=none", "callbacks=none", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("PEAK_RSS_KB")][-1]
+    return int(line.split()[1]) / 1024
+
+
+def test_peak_memory_of_a_streamed_file_stays_far_below_its_size(tmp_path):
+    n, m = 100_000, 500  # 400 MB of float64
+    X = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float64, shape=(n, m))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 10_000):
+        X[start : start + 10_000] = rng.random((10_000, m))
+    X.flush()
+    del X
+    size_mb = (tmp_path / "big.npy").stat().st_size / 2**20
+    common = ("model.rank=4", "optimizer=mu", "hydra.run.dir=run")
+    tiny = _peak_rss_mb(tmp_path, "data=toy", "trainer.max_steps=2", *common)
+    streamed = _peak_rss_mb(
+        tmp_path, "data=file", "data.path=big.npy", "data.batch_rows=5000", "trainer.max_steps=2", *common
+    )
+    assert streamed < tiny + 0.25 * size_mb, (streamed, tiny, size_mb)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["relative_error"] < 0.6

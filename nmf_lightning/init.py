@@ -53,7 +53,7 @@ def draw(
         # W first, then H: the order of the 20 newsgroups notebook under torch.manual_seed
         W = torch.normal(0.0, scale, size=(n, rank), generator=generator).abs()
         return W, torch.normal(0.0, scale, size=(rank, m), generator=generator).abs()
-    raise ValueError(f"model.init={init!r} is not a known random init; choose one of {INITS[:2]}.")
+    raise ValueError(f"model.init={init!r} is not a known init; choose one of {INITS}.")
 
 
 def _randn(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

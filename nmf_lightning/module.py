@@ -137,6 +137,7 @@ class NMFModule(L.LightningModule):
         self._update: Update | None = None  # built once per optimizer
         self._target: Target | None = None  # X in memory as the engine reads it
         self._last_pass = PassResult()  # what the last streamed pass measured
+        self._unlogged = 0  # streamed passes since the last log point
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -345,21 +346,22 @@ class NMFModule(L.LightningModule):
     def block_target(self, batch: dict) -> Target:
         """A row block from the dataloader (see :class:`~nmf_lightning.data.rows.RowBlocks`) as a target."""
         dtype, start = self.W.dtype, int(batch["start"])
+        x_sq = torch.tensor(float(batch["x_sq"]), dtype=torch.float64, device=self.W.device)
         if "X" in batch:
             X = batch["X"].to(dtype)
             mask = None
             if batch["missing"]:
                 mask = ~torch.isnan(X)
                 X = torch.nan_to_num(X, nan=0.0)
-            return Target(X, None, mask, None, None, None, tuple(X.shape), start)
+            return Target(X, None, mask, None, None, None, tuple(X.shape), start, _x_sq=x_sq)
         shape = tuple(int(s) for s in batch["shape"])
         vals = batch["data"].to(dtype)
         if self.matrix.unstored_missing:
             rows = torch.repeat_interleave(torch.arange(shape[0], device=vals.device), batch["indptr"].diff())
-            return Target(None, None, None, rows, batch["indices"], vals, shape, start)
+            return Target(None, None, None, rows, batch["indices"], vals, shape, start, _x_sq=x_sq)
         X = csr_from_parts(batch["indptr"], batch["indices"], vals, shape)
         Xt = csr_from_parts(batch["t_indptr"], batch["t_indices"], batch["t_data"].to(dtype), shape[::-1])
-        return Target(X, Xt, None, None, None, None, shape, start)
+        return Target(X, Xt, None, None, None, None, shape, start, _x_sq=x_sq)
 
     def _use_gram(self) -> bool:
         form = self.hparams.loss_form
@@ -502,7 +504,12 @@ class NMFModule(L.LightningModule):
             losses = None if result.loss is None else result.loss[None]
             self._diverged(losses, self.global_step - 1, *self._pass_start)
         self._check_pass_tol(metrics["train/loss"])
-        self._log_block(metrics, 1, step)
+        # one log point a pass, at most about one a second (logging costs a millisecond a metric)
+        self._unlogged += 1
+        last = self.trainer.should_stop or 0 < self.trainer.max_steps <= self.global_step
+        if last or self._last_time is None or time.perf_counter() - self._last_time >= _BLOCK_SECONDS:
+            self._log_block(metrics, self._unlogged, step)
+            self._unlogged = 0
 
     def _check_pass_tol(self, loss: Tensor) -> None:
         hp = self.hparams
@@ -660,13 +667,14 @@ class NMFModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Keep the final metrics as plain floats (one sync) for metrics.json."""
-        metrics = self.compute_metrics()
+        start, first = getattr(self, "_fit_start", (None, 0))
+        rate = (self.global_step - first) / max(time.perf_counter() - start, 1e-9) if start is not None else None
+        metrics = self.compute_metrics()  # (a streamed X is read once more for the final error)
         metrics.update(self.validation_metrics())
         final = {k: float(v) for k, v in metrics.items()}
         final["steps"] = int(self.global_step)
-        start, first = getattr(self, "_fit_start", (None, 0))
-        if start is not None:
-            final["updates_per_sec"] = (self.global_step - first) / max(time.perf_counter() - start, 1e-9)
+        if rate is not None:
+            final["updates_per_sec"] = rate
         if self.hparams.restarts > 1:
             final["best_restart"] = self._best()
         self.final_metrics = final

@@ -56,7 +56,8 @@ class NMFDataModule(L.LightningDataModule):
     with ``holdout_seed``, fixed by default so every job of a sweep holds out the same
     entries); the module reports ``val/*`` metrics on them. ``batch_rows`` streams X in
     blocks of that many rows (``null``: X whole on the device); ``num_workers`` worker
-    processes read the next blocks while the device works on this one.
+    processes read the next blocks while the device works on this one (``auto``: one when
+    training on a GPU, none on a CPU, whose cores the worker would take from the math).
     """
 
     def __init__(
@@ -65,7 +66,7 @@ class NMFDataModule(L.LightningDataModule):
         holdout: float = 0.0,
         holdout_seed: int = 0,
         batch_rows: int | None = None,
-        num_workers: int = 1,
+        num_workers: int | str = "auto",
         **options: Any,
     ):
         super().__init__()
@@ -73,14 +74,14 @@ class NMFDataModule(L.LightningDataModule):
             raise NMFInputError(
                 f"data.batch_rows must be an integer >= 1 (rows per block) or null, got {batch_rows!r}."
             )
-        if isinstance(num_workers, bool) or int(num_workers) < 0:
-            raise NMFInputError(f"data.num_workers must be an integer >= 0, got {num_workers!r}.")
+        if num_workers != "auto" and (isinstance(num_workers, bool) or int(num_workers) < 0):
+            raise NMFInputError(f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}.")
         self.loader = loader
         self.options = options
         self.holdout_fraction = holdout
         self.holdout_seed = holdout_seed
         self.batch_rows = None if batch_rows is None else int(batch_rows)
-        self.num_workers = int(num_workers)
+        self.num_workers = num_workers if num_workers == "auto" else int(num_workers)
         self.matrix: Matrix | None = None
         self.holdout: Holdout | None = None
         self.summary: RowSummary | None = None
@@ -119,7 +120,7 @@ class NMFDataModule(L.LightningDataModule):
 
     def row_blocks(self) -> RowBlocks:
         """The row blocks of X in order (a map-style dataset: item i is block i)."""
-        return RowBlocks(self.matrix.X, self.batch_rows, self.dtype, self.matrix.unstored_missing)
+        return RowBlocks(self.matrix.X, self.batch_rows, self.summary, self.dtype, self.matrix.unstored_missing)
 
     def train_dataloader(self) -> Iterable[Any]:
         """Row blocks when streaming; else one tick per ``training_step`` (enough for ``max_steps``).
@@ -129,6 +130,9 @@ class NMFDataModule(L.LightningDataModule):
         """
         if self.streamed:
             workers = self.num_workers
+            if workers == "auto":
+                on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+                workers = 1 if on_gpu else 0
             return DataLoader(
                 self.row_blocks(),
                 batch_size=None,

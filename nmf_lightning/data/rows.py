@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class RowSummary:
     total: float  # sum of the observed entries (the random init's scale)
     n_obs: int  # number of observed entries
     masked: bool  # whether some entries are missing
+    block_sq: list[float] = field(default_factory=list)  # ||X||^2 of each block of batch_rows rows
+    block_missing: list[bool] = field(default_factory=list)  # whether each block has missing entries
 
 
 class H5Matrix:
@@ -119,33 +121,49 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
     n, m = X.shape
     if n == 0 or m == 0:
         raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")
-    x_sq = total = 0.0
-    n_obs, positive = 0, False
+    total, n_obs, positive = 0.0, 0, False
+    block_sq, block_missing = [], []
     for start in range(0, n, batch_rows):
         block = row_block(X, start, min(start + batch_rows, n))
         missing, has_positive = check_values(block, name)
         positive |= has_positive
-        values = block.data if sp.issparse(block) else block
+        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
         values = values.astype(np.float64, copy=False)
         if missing:
             values = values[~np.isnan(values)]
-        x_sq += float(np.dot(values.ravel(), values.ravel()))
+        block_sq.append(float(np.dot(values, values)))
+        block_missing.append(bool(missing))
         total += float(values.sum())
         n_obs += values.size if not sp.issparse(block) or unstored_missing else block.shape[0] * m
     check_totals(n_obs > 0, positive, n * m, name)
-    return RowSummary(x_sq=x_sq, total=total, n_obs=n_obs, masked=n_obs < n * m)
+    return RowSummary(
+        x_sq=math.fsum(block_sq),
+        total=total,
+        n_obs=n_obs,
+        masked=n_obs < n * m,
+        block_sq=block_sq,
+        block_missing=block_missing,
+    )
 
 
 class RowBlocks(Dataset):
     """Blocks of ``batch_rows`` rows of X, in order: item i holds rows ``i B .. (i + 1) B - 1``.
 
-    Dense blocks come as ``{"start", "X", "missing"}`` (NaN where missing); CSR blocks as
-    their ``indptr``, ``indices``, ``data`` and, unless ``unstored_missing``, the transposed
-    block's (``t_*``), built here so the device multiplies both ways row-major.
+    Dense blocks come as ``{"start", "X", "missing", "x_sq"}`` (NaN where missing; ``x_sq``
+    is the block's ||X||^2 over observed entries, from the :func:`scan` before training);
+    CSR blocks as their ``indptr``, ``indices``, ``data`` and, unless ``unstored_missing``,
+    the transposed block's (``t_*``), built here so the device multiplies both ways row-major.
     """
 
-    def __init__(self, X: Any, batch_rows: int, dtype: torch.dtype = torch.float32, unstored_missing: bool = False):
-        self.X, self.batch_rows, self.unstored_missing = X, batch_rows, unstored_missing
+    def __init__(
+        self,
+        X: Any,
+        batch_rows: int,
+        summary: RowSummary,
+        dtype: torch.dtype = torch.float32,
+        unstored_missing: bool = False,
+    ):
+        self.X, self.batch_rows, self.summary, self.unstored_missing = X, batch_rows, summary, unstored_missing
         self.dtype = np.float64 if dtype == torch.float64 else np.float32
 
     def __len__(self) -> int:
@@ -156,12 +174,13 @@ class RowBlocks(Dataset):
             raise IndexError(i)
         start = i * self.batch_rows
         block = row_block(self.X, start, min(start + self.batch_rows, self.X.shape[0]))
+        item = {"start": start, "x_sq": self.summary.block_sq[i]}
         if not sp.issparse(block):
-            block = np.ascontiguousarray(block, dtype=self.dtype)
-            return {"start": start, "X": torch.from_numpy(block), "missing": bool(np.isnan(block).any())}
+            block = np.array(block, dtype=self.dtype)  # a copy: pages of a memory map are released
+            return {**item, "X": torch.from_numpy(block), "missing": self.summary.block_missing[i]}
         block = sp.csr_matrix(block, dtype=self.dtype)
         block.sum_duplicates()
-        item = {"start": start, "shape": torch.tensor(block.shape), **_csr_parts(block, "")}
+        item.update(shape=torch.tensor(block.shape), **_csr_parts(block, ""))
         if not self.unstored_missing:
             item.update(_csr_parts(block.T.tocsr(), "t_"))
         return item

@@ -24,11 +24,14 @@ class PassResult:
     """What one update measured on the way.
 
     ``sq`` is the squared error of the factors before the update (``after`` False) or after
-    it (``after`` True); ``loss`` the training loss before it, when a gradient step made one.
+    it (``after`` True); ``running`` marks online mode's estimate, the sum of each block's
+    error as it was fit (scikit-learn's ``MiniBatchNMF`` reports the same). ``loss`` is the
+    training loss before the update, when a gradient step made one.
     """
 
     sq: Tensor | None = None
     after: bool = False
+    running: bool = False
     loss: Tensor | None = None
 
 
@@ -50,8 +53,8 @@ class SolverUpdate:
 
     Each block's rows of W are updated at once (the rule's ``update_w`` on that block)
     and the block's statistics for H, taken with the new rows, are summed; ``end``
-    updates H from the sums. A block holding every row updates H directly (the in-memory
-    fast path, identical up to rounding). ``update_H=False`` keeps H fixed (transform).
+    updates H from the sums. A masked block holding every row updates H directly (for
+    HALS faster than from per-column Grams; identical up to rounding). ``update_H=False`` keeps H fixed (transform).
 
     ``online`` updates H after every block from running statistics in which earlier
     blocks fade by ``forget`` per pass over X (Mairal et al. 2010, scikit-learn's
@@ -72,6 +75,7 @@ class SolverUpdate:
         self._stats: dict[str, Tensor] | None = None
         self._H: Tensor | None = None
         self._x_sq: Tensor | None = None
+        self._running: Tensor | None = None  # online: the pass's errors, each block's as it was fit
 
     def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
         self._H = None
@@ -86,13 +90,16 @@ class SolverUpdate:
         W[..., rows, :] = Wb
         if not self.update_H:
             return
-        if t.shape[0] == W.shape[-2] and not self.online:  # all of X at once
-            self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])
+        if t.shape[0] == W.shape[-2] and t.masked and not self.online:  # all of X at once, masked
+            self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])  # (HALS has a faster direct form)
             return
         stats = self.rule.h_stats(t, Wb, H)
         if not t.masked:
             self._x_sq = t.x_sq if self._x_sq is None else self._x_sq + t.x_sq
         if self.online:  # earlier blocks fade by `forget` over a whole pass of X
+            if "WtW" in stats:  # this block's error as it was fit (new rows of W, H before its update)
+                sq = _sq_from_stats(t.x_sq, stats, H)
+                self._running = sq if self._running is None else self._running + sq
             decay = self.forget ** (t.shape[0] / W.shape[-2])
             self._stats = stats if self._stats is None else {k: decay * self._stats[k] + v for k, v in stats.items()}
             H.copy_(self.rule.h_from_stats(self._stats, H, self.l1[1], self.l2[1]))
@@ -107,13 +114,19 @@ class SolverUpdate:
             return PassResult()
         if self.update_H and not self.online and self._stats is not None:
             H.copy_(self.rule.h_from_stats(self._stats, H, self.l1[1], self.l2[1]))
-        stats, self._stats = self._stats, (self._stats if self.online else None)
-        if self._x_sq is None or stats is None or "WtW" not in stats or self.online:
+        if self.online:
+            running, self._running = self._running, None
+            return PassResult(sq=running, after=True, running=True)
+        stats, self._stats = self._stats, None
+        if self._x_sq is None or stats is None or "WtW" not in stats:
             return PassResult()
-        # unmasked: the error of the new factors from the sums, ||X||^2 - 2<W^T X, H> + <W^T W, H H^T>
-        sq = self._x_sq.to(H.dtype) - 2 * (stats["WtX"] * H).sum(dim=(-2, -1))
-        sq = (sq + (stats["WtW"] * gram(H, left=False)).sum(dim=(-2, -1))).clamp_min(0)
-        return PassResult(sq=sq, after=True)
+        return PassResult(sq=_sq_from_stats(self._x_sq, stats, H), after=True)
+
+
+def _sq_from_stats(x_sq: Tensor, stats: dict[str, Tensor], H: Tensor) -> Tensor:
+    """``||X - W H||^2 = ||X||^2 - 2<W^T X, H> + <W^T W, H H^T>`` from the sums of unmasked rows."""
+    sq = x_sq.to(H.dtype) - 2 * (stats["WtX"] * H).sum(dim=(-2, -1))
+    return (sq + (stats["WtW"] * gram(H, left=False)).sum(dim=(-2, -1))).clamp_min(0)
 
 
 class _SqWithGrads(torch.autograd.Function):

@@ -1,0 +1,326 @@
+"""Rows as batches, measured: streaming overhead, memory of a file larger than it should hold, online mode.
+
+Three parts, each a table row set in ``streaming.md`` and ``streaming.json`` under ``--out``:
+
+- ``overhead``: the same dense matrix (in memory) trained whole and streamed in row blocks
+  through the real ``nmf-train`` path, one process, back to back: updates/s and their ratio.
+- ``memory``: a dense memory-mapped ``.npy`` of ``--gb`` GB (generated into ``--dir``) trained
+  with ``data.batch_rows``; peak RSS from ``/usr/bin/time -v`` against a tiny run's.
+- ``online``: all 20 newsgroups TF-IDF (k = 20): scikit-learn's ``MiniBatchNMF`` against
+  ``model.online=true optimizer=hals``; time for ours to reach MiniBatchNMF's final relative
+  error (exact error after every pass, its evaluation time left out of the clock).
+
+    python scripts/benchmark_streaming.py --parts overhead,memory,online --out results/cpu-streaming
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from nmf_lightning.train import config_dir, train
+
+ARCHIVE = os.environ.get(
+    "NMF_NEWSGROUPS_ARCHIVE", str(Path(__file__).resolve().parents[2] / "shared/data/newsgroups/20news-bydate.tar.gz")
+)
+
+
+def _cfg(out: Path, *overrides: str):
+    out.mkdir(parents=True, exist_ok=True)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.output_dir={out}",
+                "logger=none",
+                "callbacks=none",
+                "trainer.accelerator=cpu",
+                *overrides,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_checkpointing = False
+    return cfg
+
+
+def overhead(args, work: Path) -> list[dict]:
+    """Whole X against streamed X, same matrix and process, back to back."""
+    rng = np.random.default_rng(0)
+    n, m, k = args.rows, args.cols, args.rank
+    X = (rng.random((n, k)) @ rng.random((k, m))).astype(np.float32)
+    path = work / "overhead.npy"
+    np.save(path, X)
+    rows = []
+    for optimizer in args.optimizers.split(","):
+        for label, extra in (
+            ("whole", ()),
+            (f"streamed ({args.batch_rows} rows/block)", (f"data.batch_rows={args.batch_rows}",)),
+        ):
+            out = work / f"overhead-{optimizer}-{len(rows)}"
+            extra_opt = ("optimizer.lr=0.01",) if optimizer == "adam" else ()
+            metrics = train(
+                _cfg(
+                    out,
+                    "data=file",
+                    f"data.path={path}",
+                    f"model.rank={k}",
+                    f"optimizer={optimizer}",
+                    f"trainer.max_steps={args.steps}",
+                    *extra_opt,
+                    *extra,
+                )
+            )
+            rows.append(
+                {
+                    "part": "overhead",
+                    "problem": f"dense {n}x{m} float32, k={k}",
+                    "method": f"{optimizer} {label}",
+                    "updates": metrics["steps"],
+                    "updates_per_sec": metrics["updates_per_sec"],
+                    "relative_error": metrics["relative_error"],
+                }
+            )
+        whole, streamed = rows[-2], rows[-1]
+        streamed["cost_vs_whole"] = whole["updates_per_sec"] / streamed["updates_per_sec"]
+    return rows
+
+
+def _time_v(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Peak RSS (MB) and wall seconds of a command under /usr/bin/time -v."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
+    secs = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
+    return rss, secs, proc.stderr
+
+
+def memory(args, work: Path) -> list[dict]:
+    """A memory-mapped file of --gb GB, streamed; peak RSS against a tiny run."""
+    m = args.cols
+    n = int(args.gb * 2**30 / (4 * m))
+    path = Path(args.dir) / f"big_{n}x{m}.npy"
+    if not path.is_file() or path.stat().st_size < n * m * 4:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        X = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, m))
+        rng = np.random.default_rng(0)
+        W0, H0 = rng.random((n, 10), dtype=np.float32), rng.random((10, m), dtype=np.float32)
+        for start in range(0, n, 50_000):
+            X[start : start + 50_000] = W0[start : start + 50_000] @ H0
+        X.flush()
+        del X
+    size_mb = path.stat().st_size / 2**20
+    common = ["logger=none", "callbacks=none", "trainer.accelerator=cpu", f"model.rank={args.rank}", "optimizer=hals"]
+    cli = [sys.executable, "-m", "nmf_lightning.train"]
+    tiny_rss, tiny_wall, _ = _time_v(
+        [*cli, "data=toy", "model.rank=2", *common[:3], "optimizer=hals", "trainer.max_steps=2", "hydra.run.dir=tiny"],
+        work,
+    )
+    run = work / "big"
+    rss, wall, _ = _time_v(
+        [
+            *cli,
+            "data=file",
+            f"data.path={path}",
+            f"data.batch_rows={args.big_batch_rows}",
+            f"trainer.max_steps={args.big_steps}",
+            *common,
+            f"hydra.run.dir={run}",
+        ],
+        work,
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    return [
+        {
+            "part": "memory",
+            "problem": f"dense memory-mapped .npy {n}x{m} float32 ({size_mb / 1024:.2f} GiB), k={args.rank}",
+            "method": f"hals streamed ({args.big_batch_rows} rows/block)",
+            "updates": metrics["steps"],
+            "updates_per_sec": metrics["updates_per_sec"],
+            "relative_error": metrics["relative_error"],
+            "peak_rss_mb": rss,
+            "tiny_run_rss_mb": tiny_rss,
+            "bound_mb": tiny_rss + 0.25 * size_mb,
+            "wall_s": wall,
+        }
+    ]
+
+
+class _ExactCurve(L.Callback):
+    """Exact relative error after every pass, its evaluation left out of the clock."""
+
+    def __init__(self):
+        self.points, self.paused, self.last_step = [], 0.0, 0
+
+    def on_train_start(self, trainer, module):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, *_):
+        if trainer.global_step == self.last_step:
+            return
+        self.last_step = trainer.global_step
+        t0 = time.perf_counter()
+        rel = float(module.compute_metrics()["train/relative_error"])
+        self.points.append((t0 - self.start - self.paused, trainer.global_step, rel))
+        self.paused += time.perf_counter() - t0
+
+
+def online(args, work: Path) -> list[dict]:
+    """MiniBatchNMF against model.online=true on all 20 newsgroups TF-IDF."""
+    if not Path(ARCHIVE).is_file():
+        print(f"online: skipped, no archive at {ARCHIVE} (set NMF_NEWSGROUPS_ARCHIVE)")
+        return []
+    from sklearn.decomposition import MiniBatchNMF
+
+    from nmf_lightning.data import newsgroups
+
+    X = newsgroups(categories=None, archive=ARCHIVE).X.astype(np.float32)
+    k = args.online_rank
+    norm = np.sqrt((X.data.astype(np.float64) ** 2).sum())
+
+    def rel(W, H):
+        sq = norm**2 - 2 * float((X @ H.T * W).sum()) + float(((W.T @ W) * (H @ H.T)).sum())
+        return np.sqrt(max(sq, 0.0)) / norm
+
+    t0 = time.perf_counter()
+    est = MiniBatchNMF(k, batch_size=args.online_batch_rows, random_state=0)
+    W = est.fit_transform(X)
+    sk_time, sk_err = time.perf_counter() - t0, rel(W, est.components_)
+    rows = [
+        {
+            "part": "online",
+            "problem": f"20 newsgroups TF-IDF {X.shape[0]}x{X.shape[1]} ({X.nnz} non-zeros), k={k}",
+            "method": f"sklearn MiniBatchNMF (batch_size={args.online_batch_rows})",
+            "updates": int(est.n_steps_),
+            "relative_error": sk_err,
+            "wall_s": sk_time,
+            "time_to_target_s": sk_time,
+        }
+    ]
+    path = work / "news20.npz"
+    import scipy.sparse as sp
+
+    sp.save_npz(path, X)
+    for method, extra in (
+        ("hals online", ("model.online=true",)),
+        ("hals exact passes", ()),
+    ):
+        curve = _ExactCurve()
+        cfg = _cfg(
+            work / method.replace(" ", "_"),
+            "data=file",
+            f"data.path={path}",
+            f"data.batch_rows={args.online_batch_rows}",
+            f"model.rank={k}",
+            "optimizer=hals",
+            f"trainer.max_steps={args.online_passes}",
+            *extra,
+        )
+        t0 = time.perf_counter()
+        _train_with(cfg, curve)
+        wall = time.perf_counter() - t0
+        hit = next((t for t, _, e in curve.points if e <= sk_err), None)
+        rows.append(
+            {
+                "part": "online",
+                "problem": rows[0]["problem"],
+                "method": f"nmf-lightning {method} ({args.online_batch_rows} rows/block)",
+                "updates": curve.points[-1][1],
+                "relative_error": curve.points[-1][2],
+                "wall_s": wall,
+                "time_to_target_s": hit,
+                "curve": curve.points,
+            }
+        )
+    return rows
+
+
+def _train_with(cfg, callback):
+    """train() with one more Lightning callback (Hydra instantiates it from this module)."""
+    with open_dict(cfg):
+        cfg.callbacks = {"curve": {"_target_": f"{__name__}._holder"}}
+    _holder.callback = callback
+    return train(cfg)
+
+
+def _holder():
+    return _holder.callback
+
+
+def _md(rows: list[dict], command: str) -> str:
+    head = "| part | problem | method | updates | updates/s | cost vs whole | rel. error | time to target (s) | wall (s) | peak RSS MB | bound MB |"
+    lines = [
+        f"Command: `{command}`  ",
+        f"Device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, {platform.machine()}, {date.today()}.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        lines.append(
+            f"| {r['part']} | {r['problem']} | {r['method']} | {r.get('updates', '-')} | {f(r.get('updates_per_sec'), '.2f')} "
+            f"| {f(r.get('cost_vs_whole'), '.2f')} | {f(r.get('relative_error'), '.4f')} | {f(r.get('time_to_target_s'), '.2f')} "
+            f"| {f(r.get('wall_s'), '.1f')} | {f(r.get('peak_rss_mb'), '.0f')} | {f(r.get('bound_mb'), '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="overhead,memory,online")
+    ap.add_argument("--out", default="results/cpu-streaming")
+    ap.add_argument("--dir", default="/tmp/nmf-streaming", help="where the large .npy is generated")
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--cols", type=int, default=1000)
+    ap.add_argument("--rank", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-rows", type=int, default=10_000)
+    ap.add_argument("--optimizers", default="hals,mu,adam")
+    ap.add_argument("--gb", type=float, default=4.0)
+    ap.add_argument("--big-batch-rows", type=int, default=50_000)
+    ap.add_argument("--big-steps", type=int, default=3)
+    ap.add_argument("--online-rank", type=int, default=20)
+    ap.add_argument("--online-batch-rows", type=int, default=1024)
+    ap.add_argument("--online-passes", type=int, default=10)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    parts = {"overhead": overhead, "memory": memory, "online": online}
+    rows = []
+    for part in args.parts.split(","):
+        rows += parts[part](args, work)
+    command = "python scripts/benchmark_streaming.py " + " ".join(sys.argv[1:])
+    (out / "streaming.json").write_text(
+        json.dumps({"command": command, "date": str(date.today()), "rows": rows}, indent=2)
+    )
+    md = _md(rows, command)
+    (out / "streaming.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

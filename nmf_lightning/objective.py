@@ -21,14 +21,28 @@ from torch import Tensor
 LOSSES = ("fro", "fro2", "rmse")
 
 
+#: the residual form works through X in row chunks of at most this many entries
+RESIDUAL_CHUNK = 2**22
+
+
 def sq_error_residual(X: Tensor, W: Tensor, H: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Sum of squared residuals over observed entries, via the explicit residual."""
+    """Sum of squared residuals over observed entries, via the explicit residual.
+
+    Rows are taken in chunks, so the temporary stays small (an n x m residual of a large
+    X would cost more in allocation than in arithmetic).
+    """
     if _is_sparse(X):
         X = X.to_dense()
-    R = X - W @ H  # (..., n, m)
-    if mask is not None:
-        R = R * mask
-    return (R * R).sum(dim=(-2, -1))
+    step = max(1, RESIDUAL_CHUNK // max(1, X.shape[-1]))
+    total = None
+    for start in range(0, X.shape[-2], step):
+        rows = slice(start, start + step)
+        R = X[rows] - W[..., rows, :] @ H  # (..., chunk, m)
+        if mask is not None:
+            R = R * mask[rows]
+        part = (R * R).sum(dim=(-2, -1))
+        total = part if total is None else total + part
+    return total
 
 
 class _GramSqError(torch.autograd.Function):

@@ -28,7 +28,18 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X") -> N
         raise TypeError(f"{name} must be a numpy array or a scipy sparse matrix, got {type(X)}.")
     if X.shape[0] == 0 or (X.ndim == 2 and X.shape[1] == 0):
         raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")
-    missing, positive = check_values(X, name)
+    if sparse or X.ndim != 2:
+        missing, positive = check_values(X, name)
+    else:  # in row chunks: no float64 copy of a large X
+        step = max(1, 2**22 // max(1, X.shape[1]))
+        missing, positive = 0, False
+        try:
+            for start in range(0, X.shape[0], step):
+                block_missing, block_positive = check_values(X[start : start + step], name)
+                missing, positive = missing + block_missing, positive or block_positive
+        except NMFInputError:
+            check_values(X, name)  # the message counts over all of X
+            raise
     check_totals(missing < X.size if not sparse else True, positive, X.size, name)
 
 

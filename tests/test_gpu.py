@@ -63,3 +63,34 @@ def test_gpu_sparse_restarts_and_bf16(make_cfg, tmp_path):
         )
     )
     assert np.isfinite(bf16["relative_error"]) and bf16["relative_error"] < 0.5
+
+
+@pytest.mark.parametrize(("layout", "optimizer"), [("dense", "hals"), ("sparse", "mu"), ("dense", "adam")])
+def test_gpu_streamed_rows_match_the_whole_matrix(make_cfg, tmp_path, layout, optimizer):
+    rng = np.random.default_rng(0)
+    if layout == "dense":
+        path = tmp_path / "x.npy"
+        np.save(path, rng.random((300, 5)) @ rng.random((5, 200)))
+    else:
+        path = tmp_path / "x.npz"
+        sp.save_npz(path, sp.random(300, 200, density=0.1, random_state=0, format="csr"))
+    runs = []
+    for extra in ((), ("data.batch_rows=64", "data.num_workers=1")):
+        out = tmp_path / f"run{len(runs)}"
+        out.mkdir()
+        metrics = train(
+            make_cfg(
+                "data=file",
+                f"data.path={path}",
+                "model.rank=5",
+                f"optimizer={optimizer}",
+                "trainer.accelerator=gpu",
+                "trainer.precision=64-true",
+                "trainer.max_steps=30",
+                f"paths.output_dir={out}",
+                *extra,
+            )
+        )
+        runs.append((metrics, _factors(out)))
+    np.testing.assert_allclose(runs[1][1][0], runs[0][1][0], rtol=1e-8, atol=1e-10)
+    assert runs[1][0]["relative_error"] == pytest.approx(runs[0][0]["relative_error"], rel=1e-8)

@@ -124,8 +124,9 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
     total, n_obs, positive = 0.0, 0, False
     block_sq, block_missing = [], []
     for start in range(0, n, batch_rows):
-        block = row_block(X, start, min(start + batch_rows, n))
-        missing, has_positive = check_values(block, name)
+        stop = min(start + batch_rows, n)
+        block = row_block(X, start, stop)
+        missing, has_positive = check_values(block, f"{name} (rows {start} to {stop - 1})")
         positive |= has_positive
         values = block.data if sp.issparse(block) else np.asarray(block).ravel()
         values = values.astype(np.float64, copy=False)

@@ -53,8 +53,9 @@ class SolverUpdate:
 
     Each block's rows of W are updated at once (the rule's ``update_w`` on that block)
     and the block's statistics for H, taken with the new rows, are summed; ``end``
-    updates H from the sums. A masked block holding every row updates H directly (for
-    HALS faster than from per-column Grams; identical up to rounding). ``update_H=False`` keeps H fixed (transform).
+    updates H from the sums. A block holding every row updates H directly when it is
+    masked (for HALS faster than from per-column Grams; identical up to rounding) or
+    when the rule has no sums (Kaczmarz samples rows of X). ``update_H=False`` keeps H fixed (transform).
 
     ``online`` updates H after every block from running statistics in which earlier
     blocks fade by ``forget`` per pass over X (Mairal et al. 2010, scikit-learn's
@@ -90,8 +91,9 @@ class SolverUpdate:
         W[..., rows, :] = Wb
         if not self.update_H:
             return
-        if t.shape[0] == W.shape[-2] and t.masked and not self.online:  # all of X at once, masked
-            self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])  # (HALS has a faster direct form)
+        direct = t.masked or not getattr(self.rule, "supports_blocks", True)
+        if direct and t.shape[0] == W.shape[-2] and not self.online:  # all of X at once
+            self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])  # masked HALS: faster than Grams
             return
         stats = self.rule.h_stats(t, Wb, H)
         if not t.masked:

@@ -24,7 +24,8 @@ def sweep(A: Tensor, G: Tensor, B: Tensor, l1: float = 0.0, l2: float = 0.0) -> 
 
     H-update: A = H, G = W^T W, B = W^T X. W-update: A = W^T, G = H H^T, B = (X H^T)^T.
     """
-    A = A.clone()
+    A = A.clone(memory_format=torch.contiguous_format)  # W^T comes as a view: rows must be contiguous
+    B = B.contiguous()
     G = _add_diag(G, l2)
     eps = eps_for(A)
     for j in range(A.shape[-2]):

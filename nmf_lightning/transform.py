@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from nmf_lightning.data.files import from_file
+from nmf_lightning.data.rows import materialize
 from nmf_lightning.engine import SolverUpdate, fit, to_target
 from nmf_lightning.solvers import SOLVERS
 from nmf_lightning.validation import NMFInputError, check_matrix
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"{factors} has no array 'H' (it holds {list(f.keys())}).")
         H = f["H"]
     try:
-        X = from_file(args.matrix, key=args.key, skip_header=args.skip_header).X
+        X = materialize(from_file(args.matrix, key=args.key, skip_header=args.skip_header).X)
         W = transform(X, H, args.solver, args.max_iter, args.tol, args.device)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None

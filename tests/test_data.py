@@ -10,6 +10,7 @@ import torch
 
 from nmf_lightning.data import NMFDataModule, digits, from_file, known_factors, newsgroups, synthetic, toy
 from nmf_lightning.data.newsgroups import load_documents
+from nmf_lightning.data.rows import materialize
 from nmf_lightning.validation import NMFInputError, check_matrix
 
 GROUPS = ["alt.atheism", "comp.graphics", "sci.space", "talk.religion.misc"]
@@ -76,7 +77,7 @@ def test_file_formats_load_with_the_right_shape_and_values(tmp_path, matrix, suf
         torch.save(torch.from_numpy(matrix), path)
     elif suffix == ".pt-sparse":
         torch.save(torch.from_numpy(matrix).to_sparse(), path)
-    X = from_file(str(path)).X
+    X = materialize(from_file(str(path)).X)  # .npy stays on disk until read
     assert X.shape == (4, 3)
     dense = X.toarray() if sp.issparse(X) else X
     np.testing.assert_allclose(dense, matrix)

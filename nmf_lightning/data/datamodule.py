@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from nmf_lightning.data.holdout import Holdout, split_holdout
-from nmf_lightning.data.rows import H5Matrix, RowBlocks, RowSummary, in_memory, scan
+from nmf_lightning.data.rows import RowBlocks, RowSummary, in_memory, materialize, scan
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.validation import NMFInputError, check_matrix
 
@@ -100,13 +100,12 @@ class NMFDataModule(L.LightningDataModule):
         if not isinstance(matrix, Matrix):
             raise TypeError(f"data loader {self.loader} returned {type(matrix).__name__}, expected a Matrix.")
         if not self.streamed:
-            if isinstance(matrix.X, H5Matrix):
-                matrix.X = matrix.X.read()
+            matrix.X = materialize(matrix.X)
             check_matrix(matrix.X)
         elif self.holdout_fraction and not in_memory(matrix.X):
             raise NMFInputError(
                 "data.holdout needs X in host memory to mark the held-out entries missing, but this X is read "
-                "from disk block by block (data.batch_rows with a memory-mapped or HDF5 file); hold out rows "
+                "from disk block by block (data.batch_rows with a .npy or HDF5 file); hold out rows "
                 "instead (train on a subset and transform the rest), or load X whole with data.batch_rows=null."
             )
         else:

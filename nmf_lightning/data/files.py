@@ -1,7 +1,8 @@
 """A user's matrix from disk: .npy, .npz (dense or scipy sparse), .csv/.tsv, .mtx, .pt, .h5ad/.h5.
 
-``.npy`` is memory-mapped and HDF5 is opened lazily, so a streamed run
-(``data.batch_rows``) reads them a block of rows at a time, never whole.
+``.npy`` and HDF5 files are opened lazily (:class:`~nmf_lightning.data.rows.OnDisk`), so a
+streamed run (``data.batch_rows``) reads them a block of rows at a time, never whole;
+other runs read them whole.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import scipy.io
 import scipy.sparse as sp
 
-from nmf_lightning.data.rows import H5Matrix
+from nmf_lightning.data.rows import H5Matrix, NpyFile, OnDisk
 from nmf_lightning.data.sources import Matrix
 
 SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".mtx", ".pt", ".pth", ".h5ad", ".h5", ".hdf5")
@@ -57,8 +58,10 @@ def from_file(
         raise ValueError(f"reading data.path={str(path)!r} needs h5py: pip install h5py ({err})") from err
     except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError) as err:
         raise ValueError(f"could not read data.path={str(path)!r} as {suffix}: {err}") from err
-    if isinstance(X, H5Matrix):
-        pass  # read in row slices when used
+    if isinstance(X, OnDisk):  # read in row slices when used
+        dtype = getattr(X, "dtype", np.dtype(np.float64))
+        if not np.issubdtype(dtype, np.number):
+            raise ValueError(f"data.path={str(path)!r} does not hold numbers (dtype {dtype}).")
     elif sp.issparse(X):
         X = sp.csr_matrix(X)
         if unstored == "missing" and X.nnz == 0:
@@ -102,8 +105,8 @@ def _image_shape(image_shape: list[int] | tuple[int, int], shape: tuple[int, ...
     return h, w
 
 
-def _npy(p: Path, **_) -> np.ndarray:
-    return np.load(p, mmap_mode="r", allow_pickle=False)  # pages are read when rows are used
+def _npy(p: Path, **_) -> NpyFile:
+    return NpyFile(p)  # rows are read when used
 
 
 def _h5(p: Path, key: str | None = None, **_) -> H5Matrix:

@@ -23,6 +23,10 @@ from torch.utils.data import Dataset
 from nmf_lightning.validation import NMFInputError, check_totals, check_values
 
 
+#: the scan reads X in pieces of at most this many entries
+_SCAN_ENTRIES = 2**22
+
+
 @dataclass
 class RowSummary:
     """What a streamed run needs of X before training: its sums, read in one pass."""
@@ -35,7 +39,51 @@ class RowSummary:
     block_missing: list[bool] = field(default_factory=list)  # whether each block has missing entries
 
 
-class H5Matrix:
+class OnDisk:
+    """A matrix left on disk: its rows are read when asked for, never all at once."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions (2 for a matrix)."""
+        return len(self.shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
+        """Rows ``start .. stop - 1``, read now."""
+        raise NotImplementedError
+
+    def read(self) -> np.ndarray | sp.csr_matrix:
+        """The whole matrix in memory (for runs that do not stream)."""
+        return self.rows(0, self.shape[0])
+
+
+class NpyFile(OnDisk):
+    """A ``.npy`` array whose rows are read with plain file reads.
+
+    A memory map would do too, but every page it touches stays mapped and counts in the
+    process's resident memory; reads into a fresh array leave only the OS page cache.
+    """
+
+    def __init__(self, path: str | Path):
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)  # header only: no page is read
+        self.path, self.shape, self.dtype, self.offset = str(path), mm.shape, mm.dtype, mm.offset
+        self.fortran = mm.ndim > 1 and mm.flags.f_contiguous and not mm.flags.c_contiguous
+        del mm
+
+    def rows(self, start: int, stop: int) -> np.ndarray:  # noqa: D102
+        if self.fortran or len(self.shape) != 2:  # rows are not contiguous on disk
+            return np.array(np.load(self.path, mmap_mode="r")[start:stop])
+        m = self.shape[1]
+        count = (stop - start) * m
+        block = np.fromfile(self.path, self.dtype, count=count, offset=self.offset + start * m * self.dtype.itemsize)
+        return block.reshape(stop - start, m)
+
+    def read(self) -> np.ndarray:  # noqa: D102
+        return np.load(self.path, allow_pickle=False)
+
+
+class H5Matrix(OnDisk):
     """A matrix inside an HDF5 file (AnnData's ``.h5ad`` among them), read in row slices.
 
     ``key`` names a dense 2-D dataset or a CSR group (``data``, ``indices``, ``indptr`` and
@@ -73,11 +121,6 @@ class H5Matrix:
         return self._file[self.key]
 
     @property
-    def ndim(self) -> int:
-        """Always 2."""
-        return 2
-
-    @property
     def nnz(self) -> int:
         """Stored entries (n * m when dense)."""
         return int(self.indptr[-1]) if self.sparse else self.shape[0] * self.shape[1]
@@ -91,10 +134,6 @@ class H5Matrix:
         indptr = self.indptr[start : stop + 1] - lo
         return sp.csr_matrix((node["data"][lo:hi], node["indices"][lo:hi], indptr), shape=(stop - start, self.shape[1]))
 
-    def read(self) -> np.ndarray | sp.csr_matrix:
-        """The whole matrix in memory (for runs that do not stream)."""
-        return self.rows(0, self.shape[0])
-
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None}  # a worker process opens the file again
 
@@ -104,13 +143,18 @@ def _text(value: Any) -> str:
 
 
 def row_block(X: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
-    """Rows ``start .. stop - 1`` of X (array, memory map, CSR matrix or :class:`H5Matrix`), read alone."""
-    return X.rows(start, stop) if isinstance(X, H5Matrix) else X[start:stop]
+    """Rows ``start .. stop - 1`` of X (array, memory map, CSR matrix or :class:`OnDisk`), read alone."""
+    return X.rows(start, stop) if isinstance(X, OnDisk) else X[start:stop]
 
 
 def in_memory(X: Any) -> bool:
-    """Whether X is already held in host memory (not a memory map or a file)."""
-    return not isinstance(X, (np.memmap, H5Matrix)) and not isinstance(getattr(X, "base", None), np.memmap)
+    """Whether X is already held in host memory (not a file or a memory map)."""
+    return not isinstance(X, (OnDisk, np.memmap)) and not isinstance(getattr(X, "base", None), np.memmap)
+
+
+def materialize(X: Any) -> np.ndarray | sp.spmatrix:
+    """X whole in memory: a matrix left on disk is read."""
+    return X.read() if isinstance(X, OnDisk) else X
 
 
 def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X") -> RowSummary:
@@ -118,24 +162,34 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
 
     ``unstored_missing``: the unstored entries of a sparse X are missing (ratings), not zeros.
     """
+    if len(X.shape) != 2:
+        raise NMFInputError(
+            f"{name} must be a 2-D matrix, got {len(X.shape)}-D with shape {X.shape}; "
+            "reshape it to (rows, columns) first."
+        )
     n, m = X.shape
     if n == 0 or m == 0:
         raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")
     total, n_obs, positive = 0.0, 0, False
     block_sq, block_missing = [], []
-    for start in range(0, n, batch_rows):
-        stop = min(start + batch_rows, n)
-        block = row_block(X, start, stop)
-        missing, has_positive = check_values(block, f"{name} (rows {start} to {stop - 1})")
-        positive |= has_positive
-        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
-        values = values.astype(np.float64, copy=False)
-        if missing:
-            values = values[~np.isnan(values)]
-        block_sq.append(float(np.dot(values, values)))
-        block_missing.append(bool(missing))
-        total += float(values.sum())
-        n_obs += values.size if not sp.issparse(block) or unstored_missing else block.shape[0] * m
+    step = max(1, min(batch_rows, _SCAN_ENTRIES // m))  # read in pieces that keep float64 copies small
+    for block_start in range(0, n, batch_rows):
+        block_stop = min(block_start + batch_rows, n)
+        sq, any_missing = [], False
+        for start in range(block_start, block_stop, step):
+            stop = min(start + step, block_stop)
+            piece = row_block(X, start, stop)
+            missing, has_positive = check_values(piece, f"{name} (rows {start} to {stop - 1})")
+            positive |= has_positive
+            values = (piece.data if sp.issparse(piece) else np.asarray(piece).ravel()).astype(np.float64, copy=False)
+            if missing:
+                values = values[~np.isnan(values)]
+            sq.append(float(np.dot(values, values)))
+            any_missing |= bool(missing)
+            total += float(values.sum())
+            n_obs += values.size if not sp.issparse(piece) or unstored_missing else piece.shape[0] * m
+        block_sq.append(math.fsum(sq))
+        block_missing.append(any_missing)
     check_totals(n_obs > 0, positive, n * m, name)
     return RowSummary(
         x_sq=math.fsum(block_sq),

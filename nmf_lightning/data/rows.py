@@ -22,7 +22,6 @@ from torch.utils.data import Dataset
 
 from nmf_lightning.validation import NMFInputError, check_totals, check_values
 
-
 #: the scan reads X in pieces of at most this many entries
 _SCAN_ENTRIES = 2**22
 

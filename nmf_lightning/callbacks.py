@@ -131,7 +131,7 @@ class RestoreBestFactors(L.Callback):
 
     With early stopping the run goes on for ``patience`` checks past its best; this makes
     factors.npz, metrics.json, the last checkpoint and the final pictures hold the best
-    check's factors instead. (The NMF run is one long epoch, so its end is the run's end.)
+    check's factors instead.
     """
 
     def __init__(self, monitor: str = "val/relative_error", mode: str = "min"):
@@ -157,8 +157,12 @@ class RestoreBestFactors(L.Callback):
             self._factors = (pl_module.W.detach().clone(), pl_module.H.detach().clone())
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Put the best factors back as training ends (before the last checkpoint, pictures and metrics)."""
-        if self._factors is None or self.best_step == trainer.global_step:
+        """Put the best factors back as training ends (before the last checkpoint, pictures and metrics).
+
+        A streamed run has an epoch per pass over X: only the last one counts.
+        """
+        ending = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if self._factors is None or self.best_step == trainer.global_step or not ending:
             return
         with torch.no_grad():
             pl_module.W.copy_(self._factors[0])

@@ -25,7 +25,6 @@ from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import csr_from_parts
-from nmf_lightning.engine.updates import PassResult
 from nmf_lightning.init import INITS, SVD_INITS, draw, initialize
 from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
 from nmf_lightning.solvers import Solver
@@ -136,7 +135,6 @@ class NMFModule(L.LightningModule):
         self._convergence = Convergence()  # the tol test's last objective
         self._update: Update | None = None  # built once per optimizer
         self._target: Target | None = None  # X in memory as the engine reads it
-        self._last_pass = PassResult()  # what the last streamed pass measured
         self._unlogged = 0  # streamed passes since the last log point
 
     # ------------------------------------------------------------------ data
@@ -217,7 +215,8 @@ class NMFModule(L.LightningModule):
                 "(data.batch_rows) never holds at once; use model.init=random (or normal_abs)."
             )
         self._check_loss_form(summary.masked)
-        self.matrix, self.streamed = matrix, True
+        self.matrix, self.streamed, self._stream_masked = matrix, True, summary.masked
+        self._stream_sparse = sp.issparse(matrix.X) or bool(getattr(matrix.X, "sparse", False))
         self.n_obs = summary.n_obs
         self.register_buffer("X_sq", torch.tensor(summary.x_sq, dtype=dtype), persistent=False)
         for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals"):
@@ -338,7 +337,7 @@ class NMFModule(L.LightningModule):
         ref = self.X if self.X is not None else self.obs_vals
         if t is None or (t.X if t.X is not None else t.vals) is not ref:
             shape = self.matrix.shape
-            t = Target(self.X, self.Xt, self.mask, self.obs_rows, self.obs_cols, self.obs_vals, shape)
+            t = Target(self.X, self.Xt, self.mask, self.obs_rows, self.obs_cols, self.obs_vals, shape, _zeroed=True)
             t._x_sq = self.X_sq.double()
             self._target = t
         return t
@@ -353,7 +352,7 @@ class NMFModule(L.LightningModule):
             if batch["missing"]:
                 mask = ~torch.isnan(X)
                 X = torch.nan_to_num(X, nan=0.0)
-            return Target(X, None, mask, None, None, None, tuple(X.shape), start, _x_sq=x_sq)
+            return Target(X, None, mask, None, None, None, tuple(X.shape), start, _x_sq=x_sq, _zeroed=True)
         shape = tuple(int(s) for s in batch["shape"])
         vals = batch["data"].to(dtype)
         if self.matrix.unstored_missing:
@@ -367,9 +366,9 @@ class NMFModule(L.LightningModule):
         form = self.hparams.loss_form
         if form != "auto":
             return form == "gram"
-        if self.mask is not None:
+        if self.mask is not None or (self.streamed and self._stream_masked):
             return False
-        return self.Xt is not None or self._gram_safe
+        return self.Xt is not None or (self.streamed and self._stream_sparse) or self._gram_safe
 
     # -------------------------------------------------------------- training
     @property
@@ -399,7 +398,8 @@ class NMFModule(L.LightningModule):
                     f"optimizer={name} has no closed form for the L2,1 penalty (model.l21_H="
                     f"{hp.l21_H}); use a gradient optimizer such as optimizer=adam."
                 )
-            if self.obs_vals is not None and not optimizer.supports_triplets:
+            triplets = self.obs_vals is not None or (self.streamed and self.matrix.unstored_missing)
+            if triplets and not optimizer.supports_triplets:
                 raise NMFInputError(
                     f"optimizer={name} needs a dense mask, but X is kept as observed entries "
                     "(ratings or mostly-missing data); use optimizer=mu, als or a gradient optimizer."
@@ -432,7 +432,12 @@ class NMFModule(L.LightningModule):
             hp = self.hparams
             if isinstance(optimizer, Solver):
                 self._update = SolverUpdate(
-                    optimizer, (hp.l1_W, hp.l1_H), (hp.l2_W, hp.l2_H), online=hp.online, forget=hp.forget
+                    optimizer,
+                    (hp.l1_W, hp.l1_H),
+                    (hp.l2_W, hp.l2_H),
+                    online=hp.online,
+                    forget=hp.forget,
+                    measure=self.streamed,
                 )
             else:
                 loss = self.loss_terms
@@ -488,33 +493,51 @@ class NMFModule(L.LightningModule):
     def _stream_step(self, batch: dict, batch_idx: int) -> None:
         """One row block of a pass over X; the pass's last block finishes the update (H)."""
         update = self.engine_update(self.optimizers().optimizer)
-        if batch_idx % self.trainer.num_training_batches == 0:
-            self._pass_start = (self.W.detach().clone(), self.H.detach().clone())
-            update.begin(self.W, self.H)
-        update.block(self.block_target(batch), self.W, self.H)
-        if (batch_idx + 1) % self.trainer.num_training_batches:
+        n_blocks = self.trainer.num_training_batches
+        if batch_idx >= n_blocks:  # Lightning finishing the epoch a checkpoint ended (a pass already done)
             return
-        self._last_pass = result = update.end(self.W, self.H)
+        if batch_idx == 0:
+            self._finite_start = getattr(self, "_pass_start", None)
+            self._pass_start = (self.W.detach().clone(), self.H.detach().clone())
+            self._in_pass = True
+            update.begin(self.W, self.H)
+        elif not getattr(self, "_in_pass", False):
+            raise NMFInputError(
+                "this run resumed in the middle of a pass over the row blocks of X (data.batch_rows), whose "
+                "partial sums no checkpoint holds; resume from a checkpoint saved at the end of a pass."
+            )
+        update.block(self.block_target(batch), self.W, self.H)
+        if batch_idx + 1 < n_blocks:
+            return
+        self._in_pass = False
+        result = update.end(self.W, self.H)
         self._advance_global_step(1)
-        if result.after or result.sq is None:  # the error of the new factors, or none: measure them
-            metrics, step = self.compute_metrics(sq=result.sq), self.global_step
+        self._unlogged += 1
+        # one log point a pass, at most about one a second (logging costs a millisecond a metric)
+        last = self.trainer.should_stop or 0 < self.trainer.max_steps <= self.global_step
+        due = last or self._last_time is None or time.perf_counter() - self._last_time >= _BLOCK_SECONDS
+        tol_due = bool(self.hparams.tol) and self.global_step % int(self.hparams.tol_window) == 0
+        sq = result.sq if result.running or self._gram_safe or not result.after else None  # Gram sums: noise
+        if sq is None and not (due or tol_due):
+            return  # the error is unknown without reading X again: not now
+        if result.after or sq is None:  # the error of the new factors (or measured now by a pass over X)
+            metrics, step, before = self.compute_metrics(sq=sq), self.global_step, None
         else:  # the error before this update (gradient steps, masked X): logged at the update before
-            metrics, step = self.compute_metrics(sq=result.sq, factors=self._pass_start), self.global_step - 1
+            metrics, step = self.compute_metrics(sq=sq, factors=self._pass_start), self.global_step - 1
+            before = self._finite_start  # the factors of the update before, if these are not finite
         if not bool(torch.isfinite(metrics["train/loss"])):
             losses = None if result.loss is None else result.loss[None]
-            self._diverged(losses, self.global_step - 1, *self._pass_start)
-        self._check_pass_tol(metrics["train/loss"])
-        # one log point a pass, at most about one a second (logging costs a millisecond a metric)
-        self._unlogged += 1
-        last = self.trainer.should_stop or 0 < self.trainer.max_steps <= self.global_step
-        if last or self._last_time is None or time.perf_counter() - self._last_time >= _BLOCK_SECONDS:
+            self._diverged(losses, step - 1, *(before if before is not None else self._pass_start))
+        if tol_due:
+            self._check_pass_tol(metrics["train/loss"])
+        if due or self.trainer.should_stop:
+            if result.running:  # each block's error as it was fit: not the error of these factors
+                metrics = {k.replace("train/", "online/", 1): v for k, v in metrics.items()}
             self._log_block(metrics, self._unlogged, step)
             self._unlogged = 0
 
     def _check_pass_tol(self, loss: Tensor) -> None:
         hp = self.hparams
-        if not hp.tol or self.global_step % int(hp.tol_window):
-            return
         current = loss.detach().min()
         previous, self._convergence.previous = self._convergence.previous, current
         if previous is not None and bool((previous - current).abs() <= hp.tol * previous.abs()):
@@ -528,10 +551,12 @@ class NMFModule(L.LightningModule):
         else:  # the first block carries warm-up costs: grow, measure from the next one
             self._block = 10 * n
         self._last_time = now
-        self._update_gram_safety(metrics["train/relative_error"])
+        if "train/relative_error" in metrics:
+            self._update_gram_safety(metrics["train/relative_error"])
         self.log("step", float(self.global_step if step is None else step), on_step=True, batch_size=1)
-        for key in ("train/loss", "train/relative_error"):
-            self.log(key, metrics.pop(key), prog_bar=True, on_step=True, batch_size=1)
+        for key in ("train/loss", "train/relative_error", "online/loss", "online/relative_error"):
+            if key in metrics:
+                self.log(key, metrics.pop(key), prog_bar=True, on_step=True, batch_size=1)
         self.log_dict(metrics, on_step=True, batch_size=1)
 
     def _advance_global_step(self, n: int) -> None:
@@ -564,7 +589,10 @@ class NMFModule(L.LightningModule):
 
     def _update_gram_safety(self, rel_err: Tensor) -> None:
         eps = torch.finfo(self.W.dtype).eps
-        if self.hparams.loss_form == "auto" and self.X is not None and self.Xt is None and self.mask is None:
+        dense = self.X is not None and self.Xt is None and self.mask is None
+        if self.streamed:
+            dense = not (self._stream_masked or self._stream_sparse)
+        if self.hparams.loss_form == "auto" and dense:
             # Gram-form cancellation: near sqrt(eps) relative error, switch to the residual.
             self._gram_safe = bool(rel_err > _GRAM_SAFETY * math.sqrt(eps))
 
@@ -639,6 +667,11 @@ class NMFModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Start the clock for the run's mean ``updates_per_sec``; warn of an lr too small for X."""
+        if self.streamed and self.trainer.num_training_batches != len(self.trainer.datamodule.row_blocks()):
+            raise NMFInputError(
+                f"a pass over X takes all its {len(self.trainer.datamodule.row_blocks())} row blocks, but the "
+                f"trainer runs {self.trainer.num_training_batches} per epoch; leave trainer.limit_train_batches unset."
+            )
         self._fit_start = (time.perf_counter(), self.global_step)
         self._warn_small_lr()
 

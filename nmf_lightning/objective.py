@@ -57,9 +57,8 @@ class _GramSqError(torch.autograd.Function):
         XHt = matmul(X, H.mT)  # (..., n, k)
         WtW = W.mT @ W  # (..., k, k)
         HHt = H @ H.mT  # (..., k, k)
-        sq = X_sq - 2 * (XHt * W).sum(dim=(-2, -1)) + (WtW * HHt).sum(dim=(-2, -1))
         ctx.save_for_backward(W, H, Xt, XHt, WtW, HHt)
-        return sq.clamp_min(0)
+        return gram_sq(X_sq, XHt, W, WtW, HHt)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -72,6 +71,15 @@ class _GramSqError(torch.autograd.Function):
             WtX = matmul(Xt, W).mT  # (..., k, m)
             dH = g2 * (WtW @ H - WtX)
         return dW, dH, None, None, None
+
+
+def gram_sq(X_sq: Tensor, A: Tensor, B: Tensor, WtW: Tensor, HHt: Tensor) -> Tensor:
+    """``||X||^2 - 2<A, B> + <W^T W, H H^T>``, clamped at 0: the Gram form of ``||X - W H||^2``.
+
+    The cross term ``<X H^T, W>`` equals ``<W^T X, H>``: pass whichever pair is at hand.
+    """
+    sq = X_sq.to(WtW.dtype) - 2 * (A * B).sum(dim=(-2, -1)) + (WtW * HHt).sum(dim=(-2, -1))
+    return sq.clamp_min(0)
 
 
 def matmul(X: Tensor, B: Tensor) -> Tensor:

@@ -125,8 +125,9 @@ def _model_config(cfg: DictConfig, callbacks: list[Any]) -> DictConfig:
 def _trainer_overrides(cfg: DictConfig, held_out: bool) -> dict[str, Any]:
     """Trainer arguments that follow from the data and the sweep: validation, device index."""
     extra: dict[str, Any] = {} if held_out else {"limit_val_batches": 0}
-    if held_out and cfg.trainer.get("val_check_interval") is None:
-        extra["val_check_interval"] = 1  # after every block of updates
+    streamed = cfg.data.get("batch_rows") is not None
+    if held_out and cfg.trainer.get("val_check_interval") is None and not streamed:
+        extra["val_check_interval"] = 1  # after every block of updates (a streamed run: after every pass)
     if cfg.get("gpu") is not None:
         extra["devices"] = [int(cfg.gpu)]
     return extra

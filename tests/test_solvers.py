@@ -281,3 +281,15 @@ def test_l2_penalty_matches_scikit_learn_folding():
         W = hals.update_w(t, W, H, 0.0, 0.5)
     gH = W.T @ (W @ H - Xd) + 0.5 * H  # projected gradient of the penalised objective vanishes
     assert torch.where(H > 0, gH.abs(), (-gH).clamp_min(0)).max() < 1e-6
+
+
+@pytest.mark.parametrize("rule", [hals, mu])
+def test_h_from_summed_statistics_equals_the_direct_update(rule):
+    t, W, H, _, _ = _problem(layout="masked")
+    W[:, 1] = 0  # a component no observed entry sees
+    halves = [
+        Target(t.X[a:b], None, t.mask[a:b], None, None, None, (b - a, t.shape[1]), a) for a, b in ((0, 13), (13, 30))
+    ]
+    stats = [rule.h_stats(h, W[h.start : h.stop], H) for h in halves]
+    summed = {k: stats[0][k] + stats[1][k] for k in stats[0]}
+    torch.testing.assert_close(rule.h_from_stats(summed, H, 0.1, 0.5), rule.update_h(t, W, H, 0.1, 0.5))

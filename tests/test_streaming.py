@@ -33,7 +33,7 @@ def _sparse(seed=0):
 
 def _run(make_cfg, tmp_path, name, path, *overrides):
     out = tmp_path / name
-    out.mkdir()
+    out.mkdir(parents=True)
     metrics = train(
         make_cfg(
             "data=file",
@@ -87,6 +87,18 @@ def test_missing_entries_stream_too(make_cfg, tmp_path, optimizer):
     np.testing.assert_allclose(W1, W0, rtol=1e-8, atol=1e-11)
     np.testing.assert_allclose(H1, H0, rtol=1e-8, atol=1e-11)
     assert m1["relative_error"] == pytest.approx(m0["relative_error"], rel=1e-8)
+
+
+def test_missing_entries_in_a_few_blocks_only(make_cfg, tmp_path):
+    X = _dense()
+    X[0, 0] = X[3, 5] = np.nan  # the first block alone has missing entries
+    path = tmp_path / "x.npy"
+    np.save(path, X)
+    for optimizer in ("hals", "mu"):
+        (_, W0, _), (_, W1, _) = _same_run_streamed(
+            make_cfg, tmp_path / optimizer, path, f"optimizer={optimizer}", "trainer.max_steps=10"
+        )
+        np.testing.assert_allclose(W1, W0, rtol=1e-8, atol=1e-11)
 
 
 def test_restarts_and_holdout_stream_too(make_cfg, tmp_path):
@@ -198,6 +210,7 @@ def test_the_engine_fit_is_what_transform_and_the_module_run(make_cfg, tmp_path,
         (("data.batch_rows=5", "optimizer=kaczmarz"), r"optimizer=kaczmarz samples rows anywhere in X"),
         (("model.online=true", "optimizer=hals"), r"model.online=true updates H after every row block"),
         (("data.batch_rows=5", "data.holdout=0.1"), r"data.holdout needs X in host memory"),
+        (("data.batch_rows=5", "+trainer.limit_train_batches=2"), r"leave trainer.limit_train_batches unset"),
     ],
 )
 def test_streaming_limits_are_named_before_training(make_cfg, tmp_path, overrides, message):
@@ -208,42 +221,98 @@ def test_streaming_limits_are_named_before_training(make_cfg, tmp_path, override
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_streamed_ratings_refuse_hals_before_training(make_cfg, tmp_path):
+    sp.save_npz(tmp_path / "r.npz", _sparse())
+    with pytest.raises(NMFInputError, match=r"optimizer=hals needs a dense mask"):
+        train(
+            make_cfg(
+                "data=file",
+                f"data.path={tmp_path / 'r.npz'}",
+                "data.unstored=missing",
+                "data.batch_rows=8",
+                "optimizer=hals",
+                "model.rank=3",
+            )
+        )
+
+
+def test_streamed_validation_and_online_curves(make_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = ("data=synthetic", "data.n_rows=45", "data.n_cols=30", "data.true_rank=4", "model.rank=4")
+    out = tmp_path / "val"
+    out.mkdir()
+    common = ("data.batch_rows=8", "optimizer=hals", "trainer.max_steps=12", f"paths.output_dir={out}")
+    train(make_cfg(*data, *common, "data.holdout=0.1"))
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("val/relative_error")] == list(range(1, 13))  # once a pass, not a block
+    out = tmp_path / "online"
+    out.mkdir()
+    metrics = train(make_cfg(*data, *common[:-1], f"paths.output_dir={out}", "model.online=true"))
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert "online/relative_error" in ea.Tags()["scalars"] and "train/relative_error" not in ea.Tags()["scalars"]
+    from nmf_lightning.data import synthetic
+
+    X = synthetic(n_rows=45, n_cols=30, true_rank=4).X
+    with np.load(out / "factors.npz") as f:
+        exact = np.linalg.norm(X - f["W"] @ f["H"]) / np.linalg.norm(X)
+    assert metrics["relative_error"] == pytest.approx(exact, rel=1e-4)  # the final error is exact
+
+
 _RSS = """
-import atexit, resource, sys, runpy
-atexit.register(lambda: print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))
-sys.argv = ["nmf-train", *sys.argv[1:]]
-runpy.run_module("nmf_lightning.train", run_name="__main__")
+import resource, sys
+from hydra import compose, initialize_config_dir
+from nmf_lightning.train import config_dir, train
+
+def run(*overrides):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.accelerator=cpu", "logger=none", "callbacks=none",
+                                          "paths.output_dir=" + sys.argv[1], *overrides])
+    train(cfg)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+common = ("model.rank=4", "optimizer=mu", "trainer.max_steps=2")
+tiny = run("data=toy", *common)
+streamed = run("data=file", "data.path=" + sys.argv[2], "data.batch_rows=2000", *common)
+print("PEAK_RSS_MB", tiny, streamed)
 """
 
 
-def _peak_rss_mb(tmp_path, *overrides):
+def test_peak_memory_of_a_streamed_file_stays_far_below_its_size(tmp_path):
+    n, m = 192_000, 500  # 384 MB of float32
+    X = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(n, m))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 16_000):
+        X[start : start + 16_000] = rng.random((16_000, m), dtype=np.float32)
+    X.flush()
+    del X
+    size_mb = (tmp_path / "big.npy").stat().st_size / 2**20
+    # one process: peak RSS after a tiny run, then after streaming the file (the peak only grows)
     proc = subprocess.run(
-        [sys.executable, "-c", _RSS, "trainer.accelerator=cpu", "logger=none", "callbacks=none", *overrides],
-        cwd=tmp_path,
+        [sys.executable, "-c", _RSS, str(tmp_path / "run"), str(tmp_path / "big.npy")],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    line = [x for x in proc.stderr.splitlines() if x.startswith("PEAK_RSS_KB")][-1]
-    return int(line.split()[1]) / 1024
-
-
-def test_peak_memory_of_a_streamed_file_stays_far_below_its_size(tmp_path):
-    n, m = 100_000, 500  # 400 MB of float64
-    X = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float64, shape=(n, m))
-    rng = np.random.default_rng(0)
-    for start in range(0, n, 10_000):
-        X[start : start + 10_000] = rng.random((10_000, m))
-    X.flush()
-    del X
-    size_mb = (tmp_path / "big.npy").stat().st_size / 2**20
-    common = ("model.rank=4", "optimizer=mu", "hydra.run.dir=run")
-    tiny = _peak_rss_mb(tmp_path, "data=toy", "trainer.max_steps=2", *common)
-    streamed = _peak_rss_mb(
-        tmp_path, "data=file", "data.path=big.npy", "data.batch_rows=5000", "trainer.max_steps=2", *common
-    )
+    tiny, streamed = (float(v) for v in proc.stdout.split("PEAK_RSS_MB")[-1].split())
     assert streamed < tiny + 0.25 * size_mb, (streamed, tiny, size_mb)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["relative_error"] < 0.6
+
+
+@pytest.mark.parametrize("optimizer", ["hals", "adam"])
+def test_a_streamed_run_resumes_exactly_from_its_checkpoint(make_cfg, tmp_path, optimizer):
+    path = tmp_path / "x.npy"
+    np.save(path, _dense())
+    args = (f"optimizer={optimizer}", "data.batch_rows=8", *(("optimizer.lr=0.01",) if optimizer == "adam" else ()))
+    _run(make_cfg, tmp_path, "first", path, *args, "trainer.max_steps=10")
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed, W1, H1 = _run(make_cfg, tmp_path, "resumed", path, *args, "trainer.max_steps=20", f"ckpt_path={ckpt}")
+    straight, W0, H0 = _run(make_cfg, tmp_path, "straight", path, *args, "trainer.max_steps=20")
+    assert resumed["steps"] == 20
+    np.testing.assert_allclose(W1, W0, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(H1, H0, rtol=1e-10, atol=1e-12)

@@ -101,20 +101,21 @@ class NMFDataModule(L.LightningDataModule):
             raise TypeError(f"data loader {self.loader} returned {type(matrix).__name__}, expected a Matrix.")
         if not self.streamed:
             matrix.X = materialize(matrix.X)
-            check_matrix(matrix.X)
         elif self.holdout_fraction and not in_memory(matrix.X):
             raise NMFInputError(
                 "data.holdout needs X in host memory to mark the held-out entries missing, but this X is read "
                 "from disk block by block (data.batch_rows with a .npy or HDF5 file); hold out rows "
                 "instead (train on a subset and transform the rest), or load X whole with data.batch_rows=null."
             )
-        else:
-            self.summary = scan(matrix.X, self.batch_rows, matrix.unstored_missing)
+        if not self.streamed or self.holdout_fraction:  # X is in memory: check it whole
+            check_matrix(matrix.X)
         if self.holdout_fraction:
             matrix, self.holdout = split_holdout(matrix, self.holdout_fraction, self.holdout_seed)
-            check_matrix(matrix.X, name="X without its held-out entries")
-            if self.streamed:
-                self.summary = scan(matrix.X, self.batch_rows, matrix.unstored_missing)
+            if not self.streamed:
+                check_matrix(matrix.X, name="X without its held-out entries")
+        if self.streamed:  # checks each block of what is trained on, and sums it
+            name = "X without its held-out entries" if self.holdout_fraction else "X"
+            self.summary = scan(matrix.X, self.batch_rows, matrix.unstored_missing, name)
         self.matrix = matrix
 
     def row_blocks(self) -> RowBlocks:

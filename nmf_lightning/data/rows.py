@@ -10,6 +10,7 @@ slices with h5py.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,29 +93,36 @@ class H5Matrix(OnDisk):
     def __init__(self, path: str | Path, key: str = "X"):
         self.path, self.key = str(path), key
         self._file: Any = None
-        node = self._node()
+        self._pid = os.getpid()
+        self.sparse, self.indptr = False, None
+        try:
+            self._read_header(self._node())
+        finally:
+            self.close()  # opened again, by each process, when rows are read
+
+    def _read_header(self, node: Any) -> None:
         if hasattr(node, "shape") and not hasattr(node, "keys"):
             if len(node.shape) != 2:
-                raise ValueError(f"its dataset {key!r} has shape {node.shape}, not a 2-D matrix")
-            self.sparse, self.shape = False, tuple(int(s) for s in node.shape)
+                raise ValueError(f"its dataset {self.key!r} has shape {node.shape}, not a 2-D matrix")
+            self.shape = tuple(int(s) for s in node.shape)
             return
         encoding = _text(node.attrs.get("encoding-type", "csr_matrix"))
         if encoding != "csr_matrix" or not {"data", "indices", "indptr"} <= set(node.keys()):
             raise ValueError(
-                f"its {key!r} is {encoding!r} with members {sorted(node.keys())}; rows stream from a CSR matrix "
-                "(data, indices, indptr) or a dense dataset: write X as CSR (e.g. adata.X = adata.X.tocsr())"
+                f"its {self.key!r} is {encoding!r} with members {sorted(node.keys())}; rows stream from a CSR "
+                "matrix (data, indices, indptr) or a dense dataset: write X as CSR (e.g. adata.X = adata.X.tocsr())"
             )
         shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
         if shape is None:
-            raise ValueError(f"its CSR group {key!r} has no 'shape' attribute")
+            raise ValueError(f"its CSR group {self.key!r} has no 'shape' attribute")
         self.sparse, self.shape = True, tuple(int(s) for s in shape)
         self.indptr = node["indptr"][:].astype(np.int64)  # n + 1 offsets: small next to the data
 
     def _node(self) -> Any:
-        if self._file is None:
+        if self._file is None or self._pid != os.getpid():  # a worker process opens its own handle
             import h5py
 
-            self._file = h5py.File(self.path, "r")
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
         if self.key not in self._file:
             raise KeyError(f"it has no {self.key!r}; it holds {sorted(self._file.keys())} (pick one with data.key)")
         return self._file[self.key]
@@ -135,6 +143,12 @@ class H5Matrix(OnDisk):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None}  # a worker process opens the file again
+
+    def close(self) -> None:
+        """Close the file (it is opened again when rows are read)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _text(value: Any) -> str:
@@ -230,8 +244,11 @@ class RowBlocks(Dataset):
         block = row_block(self.X, start, min(start + self.batch_rows, self.X.shape[0]))
         item = {"start": start, "x_sq": self.summary.block_sq[i]}
         if not sp.issparse(block):
-            block = np.array(block, dtype=self.dtype)  # a copy: pages of a memory map are released
-            return {**item, "X": torch.from_numpy(block), "missing": self.summary.block_missing[i]}
+            fresh = block.dtype == self.dtype and block.flags.c_contiguous and block.flags.writeable
+            if not fresh or isinstance(block, np.memmap):  # a view of X in memory, or a file's new read, is kept
+                block = np.array(block, dtype=self.dtype)
+            # one layout for every block: when any has missing entries, all are masked
+            return {**item, "X": torch.from_numpy(block), "missing": self.summary.masked}
         block = sp.csr_matrix(block, dtype=self.dtype)
         block.sum_duplicates()
         item.update(shape=torch.tensor(block.shape), **_csr_parts(block, ""))

@@ -17,7 +17,14 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from nmf_lightning.objective import frobenius_sq, matmul, sq_error_observed, sq_error_residual, transpose_sparse
+from nmf_lightning.objective import (
+    frobenius_sq,
+    gram_sq,
+    matmul,
+    sq_error_observed,
+    sq_error_residual,
+    transpose_sparse,
+)
 
 #: masked X with at most this fraction observed is kept as (row, col, value) triplets
 OBSERVED_FRACTION = 0.1
@@ -41,10 +48,12 @@ class Target:
     shape: tuple[int, int]
     start: int = 0
     _x_sq: Tensor | None = field(default=None, repr=False)
+    _zeroed: bool = field(default=False, repr=False)  # X already holds 0 at its missing entries
 
     def __post_init__(self) -> None:
-        if self.mask is not None:  # whatever the missing entries hold, they must not count
+        if self.mask is not None and not self._zeroed:  # whatever the missing entries hold, they must not count
             self.X = self.X * self.mask
+        self._zeroed = True
 
     @property
     def stop(self) -> int:
@@ -88,6 +97,7 @@ class Target:
             vals=self.vals,
             shape=(self.shape[1], self.shape[0]),
             _x_sq=self._x_sq,
+            _zeroed=True,
         )
 
     def to(self, device: torch.device | str) -> Target:
@@ -143,8 +153,7 @@ class Target:
         return sq_error_residual(self.X, W, H, self.mask)
 
     def _gram_sq(self, W: Tensor, H: Tensor, XHt: Tensor, HHt: Tensor) -> Tensor:
-        cross = (XHt * W).sum(dim=(-2, -1))
-        return (self.x_sq.to(W.dtype) - 2 * cross + (gram(W, left=True) * HHt).sum(dim=(-2, -1))).clamp_min(0)
+        return gram_sq(self.x_sq, XHt, W, gram(W, left=True), HHt)
 
     def sq_and_grads(self, W: Tensor, H: Tensor, gram_form: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The block's squared error and its gradients: d/dW (..., b, k) and this block's part of d/dH.
@@ -235,4 +244,5 @@ def to_target(
         return Target(None, None, None, rows, cols, Xt_[rows, cols], shape, start).to(device)
     Xt_ = Xt_.to(device)
     T = transpose_sparse(Xt_) if Xt_.layout == torch.sparse_csr else None
-    return Target(Xt_, T, mask.to(device) if mask is not None else None, None, None, None, shape, start)
+    mask = mask.to(device) if mask is not None else None
+    return Target(Xt_, T, mask, None, None, None, shape, start, _zeroed=True)  # NaN became 0 above

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from nmf_lightning.engine.target import Target, gram
+from nmf_lightning.objective import gram_sq
 
 
 @dataclass
@@ -60,6 +61,10 @@ class SolverUpdate:
     ``online`` updates H after every block from running statistics in which earlier
     blocks fade by ``forget`` per pass over X (Mairal et al. 2010, scikit-learn's
     ``MiniBatchNMF``): good factors after the first passes over a very large X.
+
+    The pass reports the squared error of the new factors from the sums (unmasked X);
+    with ``measure``, masked blocks add their error before the update instead, so a
+    streamed X need not be read again to know it.
     """
 
     def __init__(
@@ -70,23 +75,29 @@ class SolverUpdate:
         update_H: bool = True,
         online: bool = False,
         forget: float = 0.7,
+        measure: bool = False,
     ):
         self.rule, self.l1, self.l2 = rule, l1, l2
-        self.update_H, self.online, self.forget = update_H, online, forget
+        self.update_H, self.online, self.forget, self.measure = update_H, online, forget, measure
         self._stats: dict[str, Tensor] | None = None
         self._H: Tensor | None = None
         self._x_sq: Tensor | None = None
         self._running: Tensor | None = None  # online: the pass's errors, each block's as it was fit
+        self._before: Tensor | None = None  # measure: masked blocks' errors before the update
 
     def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
         self._H = None
         self._x_sq = None
+        self._before = None
         if not self.online:
             self._stats = None
 
     @torch.no_grad()
     def block(self, t: Target, W: Tensor, H: Tensor) -> None:  # noqa: D102
         rows = slice(t.start, t.stop)
+        if self.measure and t.masked and not self.online:  # the error before this update, as it passes
+            sq = t.sq_error(W[..., rows, :], H)
+            self._before = sq if self._before is None else self._before + sq
         Wb = self.rule.update_w(t, W[..., rows, :], H, self.l1[0], self.l2[0])
         W[..., rows, :] = Wb
         if not self.update_H:
@@ -96,7 +107,7 @@ class SolverUpdate:
             self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])  # masked HALS: faster than Grams
             return
         stats = self.rule.h_stats(t, Wb, H)
-        if not t.masked:
+        if not t.masked and not self.online:
             self._x_sq = t.x_sq if self._x_sq is None else self._x_sq + t.x_sq
         if self.online:  # earlier blocks fade by `forget` over a whole pass of X
             if "WtW" in stats:  # this block's error as it was fit (new rows of W, H before its update)
@@ -120,6 +131,8 @@ class SolverUpdate:
             running, self._running = self._running, None
             return PassResult(sq=running, after=True, running=True)
         stats, self._stats = self._stats, None
+        if self._before is not None:
+            return PassResult(sq=self._before, after=False)
         if self._x_sq is None or stats is None or "WtW" not in stats:
             return PassResult()
         return PassResult(sq=_sq_from_stats(self._x_sq, stats, H), after=True)
@@ -127,8 +140,9 @@ class SolverUpdate:
 
 def _sq_from_stats(x_sq: Tensor, stats: dict[str, Tensor], H: Tensor) -> Tensor:
     """``||X - W H||^2 = ||X||^2 - 2<W^T X, H> + <W^T W, H H^T>`` from the sums of unmasked rows."""
-    sq = x_sq.to(H.dtype) - 2 * (stats["WtX"] * H).sum(dim=(-2, -1))
-    return (sq + (stats["WtW"] * gram(H, left=False)).sum(dim=(-2, -1))).clamp_min(0)
+    dtype = torch.promote_types(H.dtype, torch.float32)  # a bf16 sum would be noise
+    H, WtX, WtW = H.to(dtype), stats["WtX"].to(dtype), stats["WtW"].to(dtype)
+    return gram_sq(x_sq, WtX, H, WtW, gram(H, left=False))
 
 
 class _SqWithGrads(torch.autograd.Function):

@@ -62,10 +62,10 @@ def h_from_stats(stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: f
     G, B = stats["grams"], stats["WtX"]  # (..., m, k, k), (..., k, m)
     H = H.clone()
     eps = eps_for(H)
-    for j in range(H.shape[-2]):
-        num = B[..., j, :] - (G[..., :, j, :] * H.mT).sum(-1) - l1_H
-        den = (G[..., :, j, j] + l2_H).clamp_min(eps)
-        H[..., j, :] = (H[..., j, :] + num / den).clamp_min(0)
+    for j in range(H.shape[-2]):  # column c: min over h of 1/2 G_c[j,j] h^2 - (B_jc - sum_{l != j} G_c[j,l] H_lc) h
+        Gjj = G[..., :, j, j]
+        num = B[..., j, :] - (G[..., :, j, :] * H.mT).sum(-1) + Gjj * H[..., j, :] - l1_H
+        H[..., j, :] = (num / (Gjj + l2_H).clamp_min(eps)).clamp_min(0)
     return H
 
 

@@ -158,7 +158,7 @@ def memory(args, work: Path) -> list[dict]:
     return [
         {
             "part": "memory",
-            "problem": f"dense memory-mapped .npy {n}x{m} float32 ({size_mb / 1024:.2f} GiB), k={args.rank}",
+            "problem": f"dense .npy {n}x{m} float32 ({size_mb / 1024:.2f} GiB), k={args.rank}",
             "method": f"hals streamed ({args.big_batch_rows} rows/block)",
             "updates": metrics["steps"],
             "updates_per_sec": metrics["updates_per_sec"],

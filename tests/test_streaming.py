@@ -316,3 +316,12 @@ def test_a_streamed_run_resumes_exactly_from_its_checkpoint(make_cfg, tmp_path, 
     assert resumed["steps"] == 20
     np.testing.assert_allclose(W1, W0, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(H1, H0, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bad_entry_in_a_streamed_file_is_named_with_its_rows(make_cfg, tmp_path):
+    X = _dense()
+    X[21, 3] = -1.0
+    np.save(tmp_path / "x.npy", X)
+    with pytest.raises(NMFInputError, match=r"X has 1 negative entries .* \(found in rows 21 to 27\)"):
+        train(make_cfg("data=file", f"data.path={tmp_path / 'x.npy'}", "data.batch_rows=7", "model.rank=3"))
+    assert not (tmp_path / "metrics.json").exists()

@@ -192,7 +192,10 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
         for start in range(block_start, block_stop, step):
             stop = min(start + step, block_stop)
             piece = row_block(X, start, stop)
-            missing, has_positive = check_values(piece, f"{name} (rows {start} to {stop - 1})")
+            try:
+                missing, has_positive = check_values(piece, name)
+            except NMFInputError as err:  # counts are of this piece: say where it is
+                raise NMFInputError(f"{err} (found in rows {start} to {stop - 1})") from None
             positive |= has_positive
             values = (piece.data if sp.issparse(piece) else np.asarray(piece).ravel()).astype(np.float64, copy=False)
             if missing:

@@ -528,20 +528,13 @@ class NMFModule(L.LightningModule):
         if not bool(torch.isfinite(metrics["train/loss"])):
             losses = None if result.loss is None else result.loss[None]
             self._diverged(losses, step - 1, *(before if before is not None else self._pass_start))
-        if tol_due:
-            self._check_pass_tol(metrics["train/loss"])
+        if tol_due and self._convergence.settled(metrics["train/loss"].detach().min(), self.hparams.tol):
+            self._converged()
         if due or self.trainer.should_stop:
             if result.running:  # each block's error as it was fit: not the error of these factors
                 metrics = {k.replace("train/", "online/", 1): v for k, v in metrics.items()}
             self._log_block(metrics, self._unlogged, step)
             self._unlogged = 0
-
-    def _check_pass_tol(self, loss: Tensor) -> None:
-        hp = self.hparams
-        current = loss.detach().min()
-        previous, self._convergence.previous = self._convergence.previous, current
-        if previous is not None and bool((previous - current).abs() <= hp.tol * previous.abs()):
-            self._converged()
 
     def _log_block(self, metrics: dict[str, Tensor], n: int, step: int | None = None) -> None:
         now = time.perf_counter()

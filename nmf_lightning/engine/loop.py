@@ -35,6 +35,11 @@ class Convergence:
 
     previous: Tensor | None = None
 
+    def settled(self, current: Tensor, tol: float) -> bool:
+        """Record ``current`` (the objective now); whether it moved by at most ``tol`` (relative) since the last."""
+        previous, self.previous = self.previous, current
+        return previous is not None and bool((previous - current).abs() <= tol * previous.abs())  # one sync
+
 
 def passes(blocks: Blocks) -> Iterable[Target]:
     """One pass over the row blocks of X."""
@@ -90,8 +95,7 @@ def fit(
             continue
         with torch.no_grad():
             current = objective(sq_error(blocks, W, H), W, H).detach().min()
-        previous, convergence.previous = convergence.previous, current
-        if previous is not None and bool((previous - current).abs() <= tol * previous.abs()):  # one sync per window
+        if convergence.settled(current, tol):
             return FitResult(i + 1, _stack(losses), True, last)
     return FitResult(steps, _stack(losses), False, last)
 

@@ -528,8 +528,11 @@ class NMFModule(L.LightningModule):
         if not bool(torch.isfinite(metrics["train/loss"])):
             losses = None if result.loss is None else result.loss[None]
             self._diverged(losses, step - 1, *(before if before is not None else self._pass_start))
-        if tol_due and self._convergence.settled(metrics["train/loss"].detach().min(), self.hparams.tol):
-            self._converged()
+        if tol_due:  # on the exact objective, as in memory: sums of float32 products are too noisy for tol
+            with torch.no_grad():
+                current = self.loss_terms(self._sq_error(exact=True), self.W, self.H).min()
+            if self._convergence.settled(current, self.hparams.tol):
+                self._converged()
         if due or self.trainer.should_stop:
             if result.running:  # each block's error as it was fit: not the error of these factors
                 metrics = {k.replace("train/", "online/", 1): v for k, v in metrics.items()}

@@ -325,3 +325,17 @@ def test_a_bad_entry_in_a_streamed_file_is_named_with_its_rows(make_cfg, tmp_pat
     with pytest.raises(NMFInputError, match=r"X has 1 negative entries .* \(found in rows 21 to 27\)"):
         train(make_cfg("data=file", f"data.path={tmp_path / 'x.npy'}", "data.batch_rows=7", "model.rank=3"))
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_tol_stops_a_streamed_run_where_the_whole_run_stops(make_cfg, tmp_path):
+    data = ("data=synthetic", "data.n_rows=120", "data.n_cols=60", "data.true_rank=6", "data.noise=0.1")
+    args = (*data, "model.rank=6", "optimizer=hals", "model.tol=1e-4", "trainer.max_steps=3000")
+    steps = []
+    for extra in ((), ("data.batch_rows=30",)):
+        out = tmp_path / f"run{len(steps)}"
+        out.mkdir()
+        metrics = train(make_cfg(*args, *extra, f"paths.output_dir={out}"))
+        assert metrics["stop_reason"].startswith("converged")
+        steps.append(metrics["steps"])
+    # the same objective is tested (float32 rounding may move the stop by one window of 10 updates)
+    assert abs(steps[1] - steps[0]) <= 10, steps

@@ -116,8 +116,9 @@ class Target:
         """W^T X, (..., k, m)."""
         if self.vals is not None:
             return _scatter(self.cols, self.shape[1], self.vals[:, None] * W[..., self.rows, :]).mT
-        Xt = self.Xt if self.Xt is not None else self.X.mT
-        return matmul(Xt, W).mT
+        if self.Xt is None and not self.sparse:
+            return W.mT @ self.X  # dense: one product in X's own layout
+        return matmul(self.Xt, W).mT
 
     def model_Ht(self, W: Tensor, H: Tensor, HHt: Tensor | None = None) -> Tensor:
         """(M * (W H)) H^T: the model's part of the W-gradient, (..., b, k)."""

@@ -3,36 +3,56 @@
 Each rule is a set of pure functions in its own module: ``update_w(target, W, H, l1, l2)``
 (row-local: a block of X's rows updates its rows of W), ``h_stats(target, W, H)`` (sums
 over row blocks) and ``h_from_stats(stats, H, l1, l2)``, with ``update_h`` for a whole X
-in memory. The classes here wrap them as ``torch.optim.Optimizer`` objects so Lightning
-checkpoints and configures them like Adam, while the engine
-(:class:`~nmf_lightning.engine.SolverUpdate`) drives them without gradients.
+in memory. :mod:`~nmf_lightning.solvers.rules` holds them with their options as plain
+objects, which the engine (:class:`~nmf_lightning.engine.SolverUpdate`) drives without
+gradients; the classes here wrap those as ``torch.optim.Optimizer`` objects so Lightning
+checkpoints and configures them like Adam.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from nmf_lightning.engine.target import Target
 from nmf_lightning.solvers import als, hals, kaczmarz, mu
+from nmf_lightning.solvers.rules import RULES, ALSRule, HALSRule, KaczmarzRule, MURule, Rule
 
 
 class Solver(torch.optim.Optimizer):
-    """Base class: one update = a pass over W's rows, then H (no gradients, no lr)."""
+    """Base class: one update = a pass over W's rows, then H (no gradients, no lr).
 
-    rule: ModuleType
-    #: whether the rule can fit (row, col, value) ratings triplets, a dense mask, L1/L2 weights
-    supports_triplets = True
-    supports_mask = True
-    supports_penalties = True
-    #: whether H can be updated from sums over row blocks (X streamed in blocks of rows)
-    supports_blocks = True
+    The update itself is the wrapped :class:`~nmf_lightning.solvers.rules.Rule`'s; being an
+    optimizer lets Lightning configure and checkpoint it like Adam.
+    """
 
-    def __init__(self, params: Iterable[Tensor], **defaults):
-        super().__init__(params, defaults=defaults)
+    rule_class: type[Rule]
+
+    def __init__(self, params: Iterable[Tensor], **options):
+        self.rule = self.rule_class(**options)
+        super().__init__(params, defaults=options)
+
+    @property
+    def supports_triplets(self) -> bool:
+        """Whether the rule fits (row, col, value) ratings triplets."""
+        return self.rule.supports_triplets
+
+    @property
+    def supports_mask(self) -> bool:
+        """Whether the rule skips missing entries of a dense X."""
+        return self.rule.supports_mask
+
+    @property
+    def supports_penalties(self) -> bool:
+        """Whether the rule takes L1/L2 weights."""
+        return self.rule.supports_penalties
+
+    @property
+    def supports_blocks(self) -> bool:
+        """Whether H can be updated from sums over row blocks (X streamed in blocks of rows)."""
+        return self.rule.supports_blocks
 
     def h_stats(self, target: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
         """This block's part of the sums over rows that the H-update reads."""
@@ -57,67 +77,38 @@ class Solver(torch.optim.Optimizer):
 class MU(Solver):
     """Lee-Seung multiplicative updates (scikit-learn's ``solver='mu'``)."""
 
-    rule = mu
+    rule_class = MURule
 
 
 class HALS(Solver):
     """Hierarchical ALS / exact coordinate descent (scikit-learn's ``solver='cd'`` family)."""
 
-    rule = hals
-    supports_triplets = False
+    rule_class = HALSRule
 
 
 class ALS(Solver):
     """Projected alternating least squares (the ALS notebook's method, made correct)."""
 
-    rule = als
+    rule_class = ALSRule
 
     def __init__(self, params: Iterable[Tensor], ridge: float = 1e-6):
-        if ridge < 0:
-            raise ValueError(f"optimizer.ridge must be >= 0, got {ridge}.")
         super().__init__(params, ridge=ridge)
-
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return als.update_h(target, W, H, l1, l2, self.defaults["ridge"])
-
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return als.update_w(target, W, H, l1, l2, self.defaults["ridge"])
-
-    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return als.h_from_stats(stats, H, l1, l2, self.defaults["ridge"])
 
 
 class Kaczmarz(Solver):
     """Randomized block Kaczmarz with projection (the ALS notebook's second method)."""
 
-    rule = kaczmarz
-    supports_triplets = False
-    supports_mask = False
-    supports_penalties = False
-    supports_blocks = False  # its H-steps sample rows of X anywhere in the matrix
+    rule_class = KaczmarzRule
 
     def __init__(self, params: Iterable[Tensor], steps: int = 10, block: int = 32, seed: int = 0):
-        if steps < 1 or block < 1:
-            raise ValueError(f"optimizer.steps and optimizer.block must be >= 1, got {steps} and {block}.")
         super().__init__(params, steps=steps, block=block, seed=seed)
-        self._generator: torch.Generator | None = None
-        self._saved_state: Tensor | None = None  # generator state from a checkpoint
-
-    def _gen(self, like: Tensor) -> torch.Generator:
-        if self._generator is None or self._generator.device != like.device:
-            self._generator = torch.Generator(device=like.device).manual_seed(self.defaults["seed"])
-            if self._saved_state is not None:
-                self._generator.set_state(self._saved_state)
-                self._saved_state = None
-        return self._generator
 
     def state_dict(self) -> dict:
         """The optimizer state plus the row sampler's, so a resumed run draws the same rows."""
         state = super().state_dict()
-        if self._generator is not None:
-            state["generator_state"] = self._generator.get_state()
-        elif self._saved_state is not None:
-            state["generator_state"] = self._saved_state
+        saved = self.rule.generator_state()
+        if saved is not None:
+            state["generator_state"] = saved
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -125,18 +116,23 @@ class Kaczmarz(Solver):
         state_dict = dict(state_dict)
         saved = state_dict.pop("generator_state", None)
         super().load_state_dict(state_dict)
-        self._generator = None
-        self._saved_state = saved.cpu() if saved is not None else None
-
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        d = self.defaults
-        return kaczmarz.update_h(target, W, H, self._gen(W), d["steps"], d["block"])
-
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        d = self.defaults
-        return kaczmarz.update_w(target, W, H, self._gen(W), d["steps"], d["block"])
+        self.rule.set_generator_state(saved)
 
 
 SOLVERS = {"mu": MU, "hals": HALS, "als": ALS, "kaczmarz": Kaczmarz}
 
-__all__ = ["ALS", "HALS", "MU", "SOLVERS", "Kaczmarz", "Solver", "Target"]
+__all__ = [
+    "ALS",
+    "HALS",
+    "MU",
+    "RULES",
+    "SOLVERS",
+    "Kaczmarz",
+    "Rule",
+    "Solver",
+    "Target",
+    "als",
+    "hals",
+    "kaczmarz",
+    "mu",
+]

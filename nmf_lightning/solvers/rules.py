@@ -1,0 +1,121 @@
+"""Closed-form update rules as plain objects: the engine's view of a solver.
+
+A rule holds its options (ALS's ridge, Kaczmarz's sampler) and calls its module's pure
+functions. It is not a ``torch.optim.Optimizer``: building one costs nothing, while the
+first optimizer a process builds imports TorchDynamo (seconds). The optimizers Lightning
+checkpoints (:class:`~nmf_lightning.solvers.Solver`) wrap these rules.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from nmf_lightning.engine.target import Target
+from nmf_lightning.solvers import als, hals, kaczmarz, mu
+
+
+class Rule:
+    """An update rule: ``update_w`` (row-local), ``h_stats`` summed over row blocks, ``h_from_stats``."""
+
+    module: ModuleType
+    #: whether the rule can fit (row, col, value) ratings triplets, a dense mask, L1/L2 weights
+    supports_triplets = True
+    supports_mask = True
+    supports_penalties = True
+    #: whether H can be updated from sums over row blocks (X streamed in blocks of rows)
+    supports_blocks = True
+
+    def h_stats(self, target: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
+        """This block's part of the sums over rows that the H-update reads."""
+        return self.module.h_stats(target, W, H)
+
+    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+        """The rule's new H from the statistics summed over all row blocks."""
+        return self.module.h_from_stats(stats, H, l1, l2)
+
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+        """The rule's new H for fixed W."""
+        return self.module.update_h(target, W, H, l1, l2)
+
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+        """The rule's new W for fixed H."""
+        return self.module.update_w(target, W, H, l1, l2)
+
+
+class MURule(Rule):
+    """Lee-Seung multiplicative updates (scikit-learn's ``solver='mu'``)."""
+
+    module = mu
+
+
+class HALSRule(Rule):
+    """Hierarchical ALS / exact coordinate descent (scikit-learn's ``solver='cd'`` family)."""
+
+    module = hals
+    supports_triplets = False
+
+
+class ALSRule(Rule):
+    """Projected alternating least squares with a small ridge."""
+
+    module = als
+
+    def __init__(self, ridge: float = 1e-6):
+        if ridge < 0:
+            raise ValueError(f"optimizer.ridge must be >= 0, got {ridge}.")
+        self.ridge = ridge
+
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return als.update_h(target, W, H, l1, l2, self.ridge)
+
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return als.update_w(target, W, H, l1, l2, self.ridge)
+
+    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return als.h_from_stats(stats, H, l1, l2, self.ridge)
+
+
+class KaczmarzRule(Rule):
+    """Randomized block Kaczmarz with projection; its row sampler is seeded and can be saved."""
+
+    module = kaczmarz
+    supports_triplets = False
+    supports_mask = False
+    supports_penalties = False
+    supports_blocks = False  # its H-steps sample rows of X anywhere in the matrix
+
+    def __init__(self, steps: int = 10, block: int = 32, seed: int = 0):
+        if steps < 1 or block < 1:
+            raise ValueError(f"optimizer.steps and optimizer.block must be >= 1, got {steps} and {block}.")
+        self.steps, self.block, self.seed = steps, block, seed
+        self._generator: torch.Generator | None = None
+        self._saved_state: Tensor | None = None  # generator state from a checkpoint
+
+    def _gen(self, like: Tensor) -> torch.Generator:
+        if self._generator is None or self._generator.device != like.device:
+            self._generator = torch.Generator(device=like.device).manual_seed(self.seed)
+            if self._saved_state is not None:
+                self._generator.set_state(self._saved_state)
+                self._saved_state = None
+        return self._generator
+
+    def generator_state(self) -> Tensor | None:
+        """The row sampler's state (None before the first update), so a resumed run draws the same rows."""
+        return self._generator.get_state() if self._generator is not None else self._saved_state
+
+    def set_generator_state(self, state: Tensor | None) -> None:
+        """Restore the row sampler's state (applied on the device of the next update)."""
+        self._generator = None
+        self._saved_state = state.cpu() if state is not None else None
+
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return kaczmarz.update_h(target, W, H, self._gen(W), self.steps, self.block)
+
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return kaczmarz.update_w(target, W, H, self._gen(W), self.steps, self.block)
+
+
+RULES: dict[str, type[Rule]] = {"mu": MURule, "hals": HALSRule, "als": ALSRule, "kaczmarz": KaczmarzRule}

@@ -9,13 +9,78 @@ Gallopoulos (2008), with scikit-learn's definitions of ``nndsvda`` and ``nndsvda
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from nmf_lightning.engine.target import Target
+
 INITS = ("random", "normal_abs", "nndsvd", "nndsvda", "nndsvdar")
 #: inits that read X's singular vectors and so need rank <= min(n, m)
 SVD_INITS = ("nndsvd", "nndsvda", "nndsvdar")
+
+
+def initial_factors(
+    t: Target, rank: int, init: str = "random", *, seed: int = 0, restarts: int = 1, scale: float = 0.01
+) -> tuple[Tensor, Tensor]:
+    """The starting W and H for X held whole as a :class:`~nmf_lightning.engine.Target`, in its dtype and device.
+
+    Restart r draws from seed ``seed + r``; with ``restarts`` > 1 the factors are stacked,
+    (r, n, k) and (r, k, m). Observed triplets take the SVD of X with zeros at the missing
+    entries; the random inits read only X's mean.
+    """
+    dtype, device = _dtype_device(t)
+    if init not in SVD_INITS and t.X is None:  # triplets: the mean is all a random init reads
+        mean = float(t.vals.double().sum()) / max(t.n_obs, 1)
+        return draw_factors(t.shape, rank, init, mean=mean, seed=seed, restarts=restarts, scale=scale, like=t.vals)
+    X, mask = t.X, t.mask
+    if X is None:  # the SVD of the observed entries, zeros elsewhere
+        X = torch.zeros(t.shape, dtype=dtype, device=device).index_put_((t.rows, t.cols), t.vals)
+        mask = torch.zeros(t.shape, dtype=torch.bool, device=device).index_put_(
+            (t.rows, t.cols), torch.tensor(True, device=device)
+        )
+    Xf = X if X.dtype in (torch.float32, torch.float64) else X.float()
+    pairs = [
+        initialize(Xf, rank, init, generator=_seeded(seed + r), mask=mask, scale=scale, n_obs=t.n_obs)
+        for r in range(restarts)
+    ]
+    return stack_restarts(pairs, like=X)
+
+
+def draw_factors(
+    shape: tuple[int, int],
+    rank: int,
+    init: str,
+    *,
+    mean: float,
+    seed: int = 0,
+    restarts: int = 1,
+    scale: float = 0.01,
+    like: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The random inits for ``restarts`` seeds from X's shape and mean (all a streamed X offers), like ``like``."""
+    pairs = [draw(shape, rank, init, generator=_seeded(seed + r), mean=mean, scale=scale) for r in range(restarts)]
+    return stack_restarts(pairs, like=like)
+
+
+def stack_restarts(pairs: list[tuple[Tensor, Tensor]], like: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(W, H) of one start as 2-D factors, of several stacked on a leading restart dimension."""
+    to = {} if like is None else {"dtype": like.dtype, "device": like.device}
+    if len(pairs) == 1:  # plain 2-D factors: no batch overhead in the hot loop
+        W, H = pairs[0]
+        return W.to(**to), H.to(**to)
+    return torch.stack([W for W, _ in pairs]).to(**to), torch.stack([H for _, H in pairs]).to(**to)
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _dtype_device(t: Target) -> tuple[torch.dtype, torch.device]:
+    ref = t.X if t.X is not None else t.vals
+    return ref.dtype, ref.device
 
 
 def initialize(

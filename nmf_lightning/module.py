@@ -25,7 +25,7 @@ from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import csr_from_parts
-from nmf_lightning.init import INITS, SVD_INITS, draw, initialize
+from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
 from nmf_lightning.solvers import Solver
 from nmf_lightning.transform import transform
@@ -175,33 +175,14 @@ class NMFModule(L.LightningModule):
         self.matrix = matrix
         self.n_obs = t.n_obs
         self.register_buffer("X_sq", t.x_sq.to(dtype), persistent=False)
-        if self.hparams.init in SVD_INITS or t.X is not None:
-            X = t.X if t.X is not None else torch.zeros(t.shape, dtype=dtype).index_put_((t.rows, t.cols), t.vals)
-            mask = t.mask
-            if t.X is None:  # the SVD of the observed entries (zeros elsewhere), as before
-                mask = torch.zeros(t.shape, dtype=torch.bool).index_put_((t.rows, t.cols), torch.tensor(True))
-            Xf = X if X.dtype in (torch.float32, torch.float64) else X.float()
-            pairs = [
-                initialize(
-                    Xf,
-                    self.hparams.rank,
-                    self.hparams.init,
-                    generator=self._generator(r),
-                    mask=mask,
-                    scale=self.hparams.init_scale,
-                    n_obs=t.n_obs,
-                )
-                for r in range(self.hparams.restarts)
-            ]
-        else:
-            mean = float(t.vals.double().sum()) / t.n_obs
-            pairs = self._draw(t.shape, mean)
+        hp = self.hparams
+        W, H = initial_factors(t, hp.rank, hp.init, seed=hp.seed, restarts=hp.restarts, scale=hp.init_scale)
         for name in ("X", "Xt", "mask"):
             self.register_buffer(name, getattr(t, name), persistent=False)
         for name in ("rows", "cols", "vals"):
             self.register_buffer(f"obs_{name}", getattr(t, name), persistent=False)
         self._set_holdout(holdout, dtype)
-        self._set_factors(pairs, dtype)
+        self._set_factors(W, H)
 
     def set_rows(
         self, matrix: Matrix, summary: RowSummary, dtype: torch.dtype | None = None, holdout: Holdout | None = None
@@ -222,7 +203,12 @@ class NMFModule(L.LightningModule):
         for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals"):
             self.register_buffer(name, None, persistent=False)
         self._set_holdout(holdout, dtype)
-        self._set_factors(self._draw(matrix.shape, summary.total / summary.n_obs), dtype)
+        hp = self.hparams
+        mean = summary.total / summary.n_obs
+        like = torch.empty((), dtype=dtype)
+        options = {"seed": hp.seed, "restarts": hp.restarts, "scale": hp.init_scale}
+        W, H = draw_factors(matrix.shape, hp.rank, hp.init, mean=mean, like=like, **options)
+        self._set_factors(W, H)
 
     def _check_shape(self, shape: tuple[int, int]) -> None:
         k = self.hparams.rank
@@ -240,16 +226,6 @@ class NMFModule(L.LightningModule):
                 "entries held out by data.holdout, or data.unstored=missing); use model.loss_form=auto or residual."
             )
 
-    def _generator(self, restart: int) -> torch.Generator:
-        return torch.Generator().manual_seed(int(self.hparams.seed) + restart)
-
-    def _draw(self, shape: tuple[int, int], mean: float) -> list[tuple[Tensor, Tensor]]:
-        hp = self.hparams
-        return [
-            draw(shape, hp.rank, hp.init, generator=self._generator(r), mean=mean, scale=hp.init_scale)
-            for r in range(hp.restarts)
-        ]
-
     def _set_holdout(self, holdout: Holdout | None, dtype: torch.dtype) -> None:
         held = None
         if holdout is not None:
@@ -258,11 +234,7 @@ class NMFModule(L.LightningModule):
         for name, value in zip(("val_rows", "val_cols", "val_vals"), held or (None,) * 3, strict=True):
             self.register_buffer(name, value, persistent=False)
 
-    def _set_factors(self, pairs: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> None:
-        W = torch.stack([W for W, _ in pairs]).to(dtype)
-        H = torch.stack([H for _, H in pairs]).to(dtype)
-        if self.hparams.restarts == 1:  # plain 2-D factors: no batch overhead in the hot loop
-            W, H = W[0], H[0]
+    def _set_factors(self, W: Tensor, H: Tensor) -> None:
         self.W = nn.Parameter(W)
         self.H = nn.Parameter(H)
         self._update = None

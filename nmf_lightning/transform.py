@@ -18,7 +18,7 @@ import torch
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.rows import materialize
 from nmf_lightning.engine import SolverUpdate, fit, to_target
-from nmf_lightning.solvers import SOLVERS
+from nmf_lightning.solvers.rules import RULES
 from nmf_lightning.validation import NMFInputError, check_matrix
 
 
@@ -36,8 +36,8 @@ def transform(
     updates or once the squared error changes by less than ``tol`` (relative) over 10
     updates. Runs the training engine with H held fixed.
     """
-    if solver not in SOLVERS:
-        raise NMFInputError(f"solver={solver!r} is not one of {sorted(SOLVERS)}.")
+    if solver not in RULES:
+        raise NMFInputError(f"solver={solver!r} is not one of {sorted(RULES)}.")
     check_matrix(X)
     if solver == "kaczmarz" and not sp.issparse(X) and np.isnan(X).any():
         raise NMFInputError("solver='kaczmarz' cannot skip missing (NaN) entries; use hals, mu or als.")
@@ -53,7 +53,7 @@ def transform(
     k = H.shape[0]
     mean = float(X.sum() if sp.issparse(X) else np.nansum(X)) / max(target.n_obs, 1)
     W = torch.full((X.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=dtype, device=device)
-    fit(target, W, Ht, SolverUpdate(SOLVERS[solver]([Ht]), update_H=False), max_iter, objective=_half_sq, tol=tol)
+    fit(target, W, Ht, SolverUpdate(RULES[solver](), update_H=False), max_iter, objective=_half_sq, tol=tol)
     return W.cpu().numpy()
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("factors", help="factors.npz of a run (or the run directory)")
     ap.add_argument("matrix", help="new rows: .npy .npz .csv .tsv .mtx .pt, same columns as the training X")
     ap.add_argument("--out", default=None, help="output .npy (default: <matrix stem>_W.npy here)")
-    ap.add_argument("--solver", default="hals", choices=sorted(SOLVERS))
+    ap.add_argument("--solver", default="hals", choices=sorted(RULES))
     ap.add_argument("--max-iter", type=int, default=500)
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

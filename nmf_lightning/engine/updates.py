@@ -62,6 +62,9 @@ class SolverUpdate:
     blocks fade by ``forget`` per pass over X (Mairal et al. 2010, scikit-learn's
     ``MiniBatchNMF``): good factors after the first passes over a very large X.
 
+    ``stats`` holds the sums of the pass under way; online, the running sums, which a
+    caller may save and set again to continue from a later batch of rows (``partial_fit``).
+
     The pass reports the squared error of the new factors from the sums (unmasked X);
     with ``measure``, masked blocks add their error before the update instead, so a
     streamed X need not be read again to know it.
@@ -79,7 +82,7 @@ class SolverUpdate:
     ):
         self.rule, self.l1, self.l2 = rule, l1, l2
         self.update_H, self.online, self.forget, self.measure = update_H, online, forget, measure
-        self._stats: dict[str, Tensor] | None = None
+        self.stats: dict[str, Tensor] | None = None
         self._H: Tensor | None = None
         self._x_sq: Tensor | None = None
         self._running: Tensor | None = None  # online: the pass's errors, each block's as it was fit
@@ -90,7 +93,7 @@ class SolverUpdate:
         self._x_sq = None
         self._before = None
         if not self.online:
-            self._stats = None
+            self.stats = None
 
     @torch.no_grad()
     def block(self, t: Target, W: Tensor, H: Tensor) -> None:  # noqa: D102
@@ -114,10 +117,10 @@ class SolverUpdate:
                 sq = _sq_from_stats(t.x_sq, stats, H)
                 self._running = sq if self._running is None else self._running + sq
             decay = self.forget ** (t.shape[0] / W.shape[-2])
-            self._stats = stats if self._stats is None else {k: decay * self._stats[k] + v for k, v in stats.items()}
-            H.copy_(self.rule.h_from_stats(self._stats, H, self.l1[1], self.l2[1]))
+            self.stats = stats if self.stats is None else {k: decay * self.stats[k] + v for k, v in stats.items()}
+            H.copy_(self.rule.h_from_stats(self.stats, H, self.l1[1], self.l2[1]))
             return
-        self._stats = stats if self._stats is None else {k: self._stats[k] + v for k, v in stats.items()}
+        self.stats = stats if self.stats is None else {k: self.stats[k] + v for k, v in stats.items()}
 
     @torch.no_grad()
     def end(self, W: Tensor, H: Tensor) -> PassResult:  # noqa: D102
@@ -125,12 +128,12 @@ class SolverUpdate:
             H.copy_(self._H)
             self._H = None
             return PassResult()
-        if self.update_H and not self.online and self._stats is not None:
-            H.copy_(self.rule.h_from_stats(self._stats, H, self.l1[1], self.l2[1]))
+        if self.update_H and not self.online and self.stats is not None:
+            H.copy_(self.rule.h_from_stats(self.stats, H, self.l1[1], self.l2[1]))
         if self.online:
             running, self._running = self._running, None
             return PassResult(sq=running, after=True, running=True)
-        stats, self._stats = self._stats, None
+        stats, self.stats = self.stats, None
         if self._before is not None:
             return PassResult(sq=self._before, after=False)
         if self._x_sq is None or stats is None or "WtW" not in stats:

@@ -451,14 +451,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _lr(self, W: Tensor, H: Tensor) -> float:
         """``lr``, or a step that fits the data's scale.
 
-        Adam-like steps move an entry by about lr, so 1% of the factors' typical size;
+        Adam-like steps move an entry by about lr, so 5% of the factors' typical size;
         SGD's safe step is 1/L, L the Lipschitz constant of the loss in W or H at the start.
         """
         if self.lr is not None:
             return float(self.lr)
         with torch.no_grad():
             if self.solver != "sgd":
-                return 0.01 * max(float(A.float().pow(2).mean().sqrt()) for A in (W, H))
+                return 0.05 * max(float(A.float().pow(2).mean().sqrt()) for A in (W, H))
             L = max(float(torch.linalg.matrix_norm(G.float(), ord=2).max()) for G in (H @ H.mT, W.mT @ W))
         return 1.0 / max(L, 1e-12)
 

@@ -94,3 +94,38 @@ def test_gpu_streamed_rows_match_the_whole_matrix(make_cfg, tmp_path, layout, op
         runs.append((metrics, _factors(out)))
     np.testing.assert_allclose(runs[1][1][0], runs[0][1][0], rtol=1e-8, atol=1e-10)
     assert runs[1][0]["relative_error"] == pytest.approx(runs[0][0]["relative_error"], rel=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["cd", "mu", "adam"])
+def test_estimator_on_cuda_matches_the_cpu(solver):
+    """NMF(device="cuda"): the same fit as on the CPU (float64), dense, sparse and with NaN; pickles to CPU."""
+    import pickle
+
+    from nmf_lightning import NMF
+
+    rng = np.random.default_rng(0)
+    X = rng.random((400, 6)) @ rng.random((6, 120))
+    X_nan = X.copy()
+    X_nan[rng.random(X.shape) < 0.1] = np.nan
+    for data in (X, sp.csr_matrix(np.where(X > 1.5, X, 0)), X_nan):
+        fits = {
+            dev: NMF(6, solver=solver, init="random", random_state=0, max_iter=50, tol=0, device=dev).fit(data)
+            for dev in ("cpu", "cuda")
+        }
+        np.testing.assert_allclose(fits["cuda"].components_, fits["cpu"].components_, rtol=1e-6, atol=1e-8)
+        assert fits["cuda"].reconstruction_err_ == pytest.approx(fits["cpu"].reconstruction_err_, rel=1e-8)
+    gpu = pickle.loads(pickle.dumps(fits["cuda"]))
+    assert isinstance(gpu.components_, np.ndarray)
+    np.testing.assert_allclose(gpu.transform(X_nan[:10]), fits["cpu"].transform(X_nan[:10]), rtol=1e-6, atol=1e-8)
+
+
+def test_estimator_float32_and_row_blocks_on_cuda():
+    from nmf_lightning import NMF
+
+    X = np.random.default_rng(1).random((3000, 200)).astype(np.float32)
+    whole = NMF(10, random_state=0, max_iter=30, tol=0, device="cuda").fit(X)
+    blocks = NMF(10, random_state=0, max_iter=30, tol=0, device="cuda", batch_rows=700).fit(X)
+    assert whole.components_.dtype == np.float32
+    np.testing.assert_allclose(blocks.components_, whole.components_, rtol=1e-3, atol=1e-5)
+    bf16 = NMF(10, random_state=0, max_iter=30, tol=0, device="cuda", precision="bf16").fit(X)
+    assert bf16.reconstruction_err_ < 1.2 * whole.reconstruction_err_

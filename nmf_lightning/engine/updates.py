@@ -10,7 +10,6 @@ alternating update (W, then H from the new W, as scikit-learn's ``cd`` and ``mu`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -20,20 +19,32 @@ from nmf_lightning.engine.target import Target, gram
 from nmf_lightning.objective import gram_sq
 
 
-@dataclass
 class PassResult:
     """What one update measured on the way.
 
     ``sq`` is the squared error of the factors before the update (``after`` False) or after
     it (``after`` True); ``running`` marks online mode's estimate, the sum of each block's
     error as it was fit (scikit-learn's ``MiniBatchNMF`` reports the same). ``loss`` is the
-    training loss before the update, when a gradient step made one.
+    training loss before the update, when a gradient step made one. An error that takes
+    work to form from the pass's sums is formed when first read, from the factors as they
+    are then: read it before the next update.
     """
 
-    sq: Tensor | None = None
-    after: bool = False
-    running: bool = False
-    loss: Tensor | None = None
+    def __init__(
+        self,
+        sq: Tensor | Callable[[], Tensor] | None = None,
+        after: bool = False,
+        running: bool = False,
+        loss: Tensor | None = None,
+    ):
+        self._sq, self.after, self.running, self.loss = sq, after, running, loss
+
+    @property
+    def sq(self) -> Tensor | None:
+        """The squared error (``...`` with restarts), or None when the pass could not tell."""
+        if callable(self._sq):
+            self._sq = self._sq()
+        return self._sq
 
 
 class Update(Protocol):
@@ -138,7 +149,8 @@ class SolverUpdate:
             return PassResult(sq=self._before, after=False)
         if self._x_sq is None or stats is None or "WtW" not in stats:
             return PassResult()
-        return PassResult(sq=_sq_from_stats(self._x_sq, stats, H), after=True)
+        x_sq = self._x_sq
+        return PassResult(sq=lambda: _sq_from_stats(x_sq, stats, H), after=True)
 
 
 def _sq_from_stats(x_sq: Tensor, stats: dict[str, Tensor], H: Tensor) -> Tensor:

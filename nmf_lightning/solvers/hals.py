@@ -41,17 +41,21 @@ def sweep(A: Tensor, G: Tensor, B: Tensor, l1: float = 0.0, l2: float = 0.0) -> 
 
 
 def _sweep_numpy(a: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> None:
-    """:func:`sweep` in place on numpy arrays (a, b: (..., k, p), g: (..., k, k), l1 folded into b)."""
-    inv = 1.0 / np.maximum(np.diagonal(g, axis1=-2, axis2=-1), eps)  # (..., k)
+    """:func:`sweep` in place on numpy arrays (a, b: (..., k, p), g: (..., k, k), l1 folded into b).
+
+    Rows of G and B are divided by G's diagonal first, so each row of A costs four calls:
+    ``A[j] = max(0, A[j] + B'[j] - G'[j] A)``.
+    """
+    inv = 1.0 / np.maximum(np.diagonal(g, axis1=-2, axis2=-1), eps)[..., None]  # (..., k, 1)
+    g, b = g * inv, b * inv
     flat = a.ndim == 2
     step = np.empty_like(a[0]) if flat else None
     for j in range(a.shape[-2]):
         if flat:
-            np.dot(g[j], a, out=step)  # (G A)[j]
+            np.dot(g[j], a, out=step)  # (G' A)[j]
         else:
             step = np.matmul(g[..., j : j + 1, :], a)[..., 0, :]
         np.subtract(b[..., j, :], step, out=step)
-        step *= inv[..., j, None]
         row = a[..., j, :]
         row += step
         np.maximum(row, 0, out=row)

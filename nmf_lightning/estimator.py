@@ -69,6 +69,7 @@ class _Plan:
     device: torch.device
     l1: tuple[float, float]
     l2: tuple[float, float]
+    seed: int  # restart r starts from seed + r; Kaczmarz samples rows from it
 
 
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -309,7 +310,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"precision={self.precision!r} has no sparse matrix kernels; X is sparse: use '32' or '64'."
             )
         l1_W, l1_H, l2_W, l2_H = self._regularization(n, m)
-        return _Plan(k, init, rule, dtype, self._device(), (l1_W, l1_H), (l2_W, l2_H))
+        return _Plan(k, init, rule, dtype, self._device(), (l1_W, l1_H), (l2_W, l2_H), self._seed())
+
+    def _seed(self) -> int:
+        if isinstance(self.random_state, numbers.Integral):
+            return int(self.random_state)  # the seed nmf-train takes: the same start for the same number
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
     def _rule_name(self) -> str | None:
         return None if self.optimizer is not None else CLOSED_FORM.get(self.solver)
@@ -425,10 +431,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             if W_ is None:  # partial_fit may start from H alone
                 W_ = torch.zeros((n, plan.k), dtype=plan.dtype, device=plan.device)
             return W_, H_
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        if isinstance(self.random_state, numbers.Integral):
-            seed = int(self.random_state)  # the seed nmf-train takes: the same start for the same number
-        options = {"seed": seed, "restarts": self.restarts}
+        options = {"seed": plan.seed, "restarts": self.restarts}
         if t is not None:  # X whole on the device: the init runs there
             return initial_factors(t, plan.k, plan.init, **options)
         if plan.init in SVD_INITS:  # row blocks: the SVD of X on the host, then to the device
@@ -439,7 +442,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _update(self, plan: _Plan, W: Tensor, H: Tensor, objective: Objective, sparse: bool):
         if plan.rule is not None:
-            return SolverUpdate(RULES[plan.rule](), plan.l1, plan.l2)
+            rule = RULES[plan.rule](seed=plan.seed) if plan.rule == "kaczmarz" else RULES[plan.rule]()
+            return SolverUpdate(rule, plan.l1, plan.l2)
         W.requires_grad_(True)
         H.requires_grad_(True)
         factory = self.optimizer or partial(GRADIENT[self.solver], lr=self._lr(W, H))

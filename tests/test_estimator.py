@@ -296,10 +296,9 @@ def test_cuda_without_a_gpu_is_named():
 @pytest.mark.parametrize("solver", ["cd", "kaczmarz", "adam"])
 def test_random_state_decides_the_fit(solver):
     X = _low_rank(50, 20, 3, 6)
-    fit = {
-        s: _quiet(NMF(3, solver=solver, init="random", random_state=s, max_iter=20).fit, X).components_
-        for s in (1, 1, 2)
-    }
-    again = _quiet(NMF(3, solver=solver, init="random", random_state=1, max_iter=20).fit, X).components_
-    np.testing.assert_array_equal(fit[1], again)
-    assert not np.array_equal(fit[1], fit[2])
+
+    def components(seed):
+        return _quiet(NMF(3, solver=solver, init="random", random_state=seed, max_iter=20).fit, X).components_
+
+    np.testing.assert_array_equal(components(1), components(1))
+    assert not np.array_equal(components(1), components(2))

@@ -371,21 +371,21 @@ class NMFModule(L.LightningModule):
                     f"{hp.l21_H}); use a gradient optimizer such as optimizer=adam."
                 )
             triplets = self.obs_vals is not None or (self.streamed and self.matrix.unstored_missing)
-            if triplets and not optimizer.supports_triplets:
+            if triplets and not optimizer.rule.supports_triplets:
                 raise NMFInputError(
                     f"optimizer={name} needs a dense mask, but X is kept as observed entries "
                     "(ratings or mostly-missing data); use optimizer=mu, als or a gradient optimizer."
                 )
-            if self.mask is not None and not optimizer.supports_mask:
+            if self.mask is not None and not optimizer.rule.supports_mask:
                 raise NMFInputError(
                     f"optimizer={name} cannot skip missing entries, and X has some (NaN entries or "
                     "entries held out by data.holdout); use optimizer=hals, mu, als or a gradient optimizer."
                 )
-            if (hp.l1_W or hp.l1_H or hp.l2_W or hp.l2_H) and not optimizer.supports_penalties:
+            if (hp.l1_W or hp.l1_H or hp.l2_W or hp.l2_H) and not optimizer.rule.supports_penalties:
                 raise NMFInputError(
                     f"optimizer={name} takes no L1/L2 penalty (model.l1_W, l1_H, l2_W, l2_H); use hals, mu or als."
                 )
-            if self.streamed and not optimizer.supports_blocks:
+            if self.streamed and not optimizer.rule.supports_blocks:
                 raise NMFInputError(
                     f"optimizer={name} samples rows anywhere in X for every update, so it cannot stream X "
                     "in row blocks (data.batch_rows); use optimizer=hals, mu or als, or data.batch_rows=null."
@@ -404,7 +404,7 @@ class NMFModule(L.LightningModule):
             hp = self.hparams
             if isinstance(optimizer, Solver):
                 self._update = SolverUpdate(
-                    optimizer,
+                    optimizer.rule,
                     (hp.l1_W, hp.l1_H),
                     (hp.l2_W, hp.l2_H),
                     online=hp.online,

@@ -88,7 +88,7 @@ def test_batched_restarts_update_each_restart_like_a_single_problem():
 def _start(solver, matrix, k, init):
     t = to_target(matrix.X, torch.float64)
     W, H = initialize(t.X, k, init, generator=torch.Generator().manual_seed(0))
-    return t, W, H, SolverUpdate(solver([W, H]))
+    return t, W, H, SolverUpdate(solver([W, H]).rule)
 
 
 def _fit(solver, matrix, k, steps, init="nndsvda"):

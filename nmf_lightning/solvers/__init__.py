@@ -16,7 +16,6 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from nmf_lightning.engine.target import Target
 from nmf_lightning.solvers import als, hals, kaczmarz, mu
 from nmf_lightning.solvers.rules import RULES, ALSRule, HALSRule, KaczmarzRule, MURule, Rule
 
@@ -24,8 +23,8 @@ from nmf_lightning.solvers.rules import RULES, ALSRule, HALSRule, KaczmarzRule, 
 class Solver(torch.optim.Optimizer):
     """Base class: one update = a pass over W's rows, then H (no gradients, no lr).
 
-    The update itself is the wrapped :class:`~nmf_lightning.solvers.rules.Rule`'s; being an
-    optimizer lets Lightning configure and checkpoint it like Adam.
+    The update itself is ``rule``'s (a :class:`~nmf_lightning.solvers.rules.Rule`, which
+    the engine drives); being an optimizer lets Lightning configure and checkpoint it like Adam.
     """
 
     rule_class: type[Rule]
@@ -33,42 +32,6 @@ class Solver(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Tensor], **options):
         self.rule = self.rule_class(**options)
         super().__init__(params, defaults=options)
-
-    @property
-    def supports_triplets(self) -> bool:
-        """Whether the rule fits (row, col, value) ratings triplets."""
-        return self.rule.supports_triplets
-
-    @property
-    def supports_mask(self) -> bool:
-        """Whether the rule skips missing entries of a dense X."""
-        return self.rule.supports_mask
-
-    @property
-    def supports_penalties(self) -> bool:
-        """Whether the rule takes L1/L2 weights."""
-        return self.rule.supports_penalties
-
-    @property
-    def supports_blocks(self) -> bool:
-        """Whether H can be updated from sums over row blocks (X streamed in blocks of rows)."""
-        return self.rule.supports_blocks
-
-    def h_stats(self, target: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
-        """This block's part of the sums over rows that the H-update reads."""
-        return self.rule.h_stats(target, W, H)
-
-    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
-        """The rule's new H from the statistics summed over all row blocks."""
-        return self.rule.h_from_stats(stats, H, l1, l2)
-
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
-        """The rule's new H for fixed W."""
-        return self.rule.update_h(target, W, H, l1, l2)
-
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
-        """The rule's new W for fixed H."""
-        return self.rule.update_w(target, W, H, l1, l2)
 
     def step(self, closure=None):  # noqa: D102 - a solver has no gradient step
         raise RuntimeError(f"{type(self).__name__} is a closed-form solver: the engine calls its updates, not step().")
@@ -130,7 +93,6 @@ __all__ = [
     "Kaczmarz",
     "Rule",
     "Solver",
-    "Target",
     "als",
     "hals",
     "kaczmarz",

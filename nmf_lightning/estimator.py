@@ -56,6 +56,7 @@ PRECISIONS = {
 TOL_WINDOW = 10
 #: the online rules: H from running sums after every batch (``partial_fit``)
 ONLINE = ("hals", "mu")
+HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     Parameters shared with :class:`sklearn.decomposition.NMF` mean the same:
     ``n_components`` (``"auto"``/None: from a custom H, else ``n_features``), ``init``
     (None: ``"nndsvda"`` when ``n_components <= min(n_samples, n_features)``, else
-    ``"random"``; also ``"normal_abs"``, ``"custom"``), ``solver`` (``"cd"`` is HALS, the
+    ``"random"``; also ``"normal_abs"``, ``"custom"`` with ``fit(X, W=W0, H=H0)``), ``solver`` (``"cd"`` is HALS, the
     same coordinate descent; ``"mu"``; and ours: ``"als"``, ``"kaczmarz"``, and the
     gradient optimizers ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"sgd"``), ``beta_loss``
     (``"frobenius"`` only), ``max_iter``, ``random_state``, ``alpha_W``, ``alpha_H``,
@@ -98,6 +99,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     weight on the sums of earlier batches) and ``log_dir`` (TensorBoard curves there).
 
     NaN entries of a dense X are missing: the fit and ``reconstruction_err_`` skip them.
+
+    Beyond and beside scikit-learn's ``NMF``: ``score`` (minus the reconstruction error of
+    ``transform``, so model selection needs no scorer); ``transform`` computes in the
+    dtype of ``components_`` (X of another float dtype is converted); ``init=None`` with
+    ``restarts > 1`` means random starts; random inits draw from torch's generator, so a
+    ``random_state`` gives other numbers than scikit-learn's (and the same as ``nmf-train``'s
+    ``seed``); ``shuffle`` is not offered (coordinates are swept in order).
     """
 
     def __init__(
@@ -155,6 +163,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def fit_transform(self, X, y=None, W=None, H=None) -> np.ndarray:
         """Learn the components of X and return its W (n_samples, n_components)."""
+        self._check_params()
         X = self._validate(X, reset=True)
         W, H, steps, error = self._factorize(X, W, H)
         self.components_ = H
@@ -171,12 +180,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         The batch's W is solved with H fixed, then H is updated from running sums in which
         earlier batches fade by ``forget_factor``. Only ``solver="cd"`` (HALS) and ``"mu"``.
         """
+        self._check_params(online=True)
         first = not hasattr(self, "components_")
         X = self._validate(X, reset=first)
-        plan = self._plan(X, W, H if first else self.components_, online=True)
+        plan = self._plan(X, W, H if first else self.components_, first=first)
         t = self._target(X, plan)
         if first:
-            _, H_now = self._start(X, t, plan, W, H)
+            _, H_now = self._start(X, t, plan, W, H, need_W=False)  # the batch's W is solved below
             self._online, self.n_steps_ = None, 0
         else:
             H_now = torch.as_tensor(self.components_).to(device=plan.device, dtype=plan.dtype)
@@ -189,7 +199,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         update.end(W_now, H_now)
         self._online = {k: v.cpu() for k, v in update.stats.items()}
         self.components_ = _numpy(H_now)
-        self.n_components_ = plan.k
+        self.n_components_ = self.components_.shape[0]
         self.n_steps_ += 1
         return self
 
@@ -245,12 +255,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"{int((values < 0).sum())} entries below 0 (min {np.nanmin(values):.4g}); "
                 "NMF needs X >= 0: clip or shift the data first."
             )
-        check_matrix(X)  # NaN in a sparse X, nothing observed, nothing positive
+        check_matrix(X, totals=reset)  # NaN in a sparse X; to fit, something observed and positive
         return X
 
-    def _plan(self, X, W=None, H=None, online: bool = False) -> _Plan:
-        """Check every parameter against X (and a custom W, H) before any work is done."""
-        n, m = X.shape
+    def _check_params(self, online: bool = False) -> None:
+        """Check every parameter on its own, before X is read."""
         _check_int("max_iter", self.max_iter, 1)
         _check_int("restarts", self.restarts, 1)
         _check_int("verbose", self.verbose, 0)
@@ -261,10 +270,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if self.alpha_H != "same":
             _check_real("alpha_H", self.alpha_H, 0)
         _check_real("lam", self.lam, 0)
-        if not isinstance(self.l1_ratio, numbers.Real) or not 0 <= self.l1_ratio <= 1:
-            raise ValueError(f"l1_ratio must be a number in [0, 1], got {self.l1_ratio!r}.")
-        if not isinstance(self.forget_factor, numbers.Real) or not 0 < self.forget_factor <= 1:
-            raise ValueError(f"forget_factor must be in (0, 1], got {self.forget_factor!r}.")
+        _check_real("l1_ratio", self.l1_ratio, 0, high=1)
+        _check_real("forget_factor", self.forget_factor, 0, strict=True, high=1)
+        if not isinstance(self.project, (bool, np.bool_)):
+            raise ValueError(f"project must be True or False, got {self.project!r}.")
         if self.lr is not None:
             _check_real("lr", self.lr, 0, strict=True)
         if self.beta_loss not in ("frobenius", 2, 2.0):
@@ -272,26 +281,65 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"beta_loss={self.beta_loss!r} is not supported: this NMF fits the Frobenius loss "
                 "(beta_loss='frobenius')."
             )
+        rs = self.random_state
+        if isinstance(rs, numbers.Integral) and not 0 <= rs < 2**32:
+            raise ValueError(f"random_state must be None, a RandomState or an integer in [0, 2**32), got {rs}.")
+        if self.optimizer is not None:
+            if not callable(self.optimizer):
+                raise ValueError(
+                    f"optimizer must be a factory params -> torch.optim.Optimizer (e.g. torch.optim.Adam or "
+                    f"functools.partial(torch.optim.Adam, lr=0.01)), got {self.optimizer!r}; for a name use solver=."
+                )
+            if self.lr is not None:
+                raise ValueError("lr and optimizer= are both set: give the learning rate in the optimizer factory.")
         rule = self._rule_name()
         if rule is None and self.solver not in GRADIENT and self.optimizer is None:
             known = sorted(CLOSED_FORM) + sorted(GRADIENT)
             raise ValueError(f"solver={self.solver!r} is not one of {known} (or pass optimizer=).")
-        if online and rule not in ONLINE:
-            raise ValueError(
-                f"partial_fit updates H from running sums, which solver='cd' (HALS) and 'mu' have; got "
-                f"solver={self.solver!r}{' with optimizer=' if self.optimizer is not None else ''}."
-            )
         if rule is not None and (self.lam or not self.project or self.lr is not None):
             raise ValueError(
                 f"lr, lam and project=False act on gradient solvers (adam, sgd, ...); solver={self.solver!r} "
                 "is closed-form and keeps W, H >= 0 by itself: leave them at their defaults."
             )
-        init = self._init_name(n, m, W, H)
+        if self.init is not None and self.init != "custom" and self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is not one of {[*INITS, 'custom']} (or None).")
+        if self.restarts > 1 and self.init in ("custom", "nndsvd", "nndsvda"):
+            raise ValueError(
+                f"init={self.init!r} gives the same start every time, so restarts={self.restarts} would train "
+                "identical copies: use init='random' (or None, which then means random) or nndsvdar."
+            )
+        if online and rule not in ONLINE:
+            raise ValueError(
+                f"partial_fit updates H from running sums, which solver='cd' (HALS) and 'mu' have; got "
+                f"solver={self.solver!r}{' with optimizer=' if self.optimizer is not None else ''}."
+            )
+        if online and self.restarts > 1:
+            raise ValueError(f"partial_fit follows one start; restarts={self.restarts} applies to fit only.")
+        if rule is not None and self.batch_rows is not None and not RULES[rule].supports_blocks:
+            raise ValueError(
+                f"solver={self.solver!r} samples rows anywhere in X for every update, so it cannot "
+                "take X in row blocks; use 'cd', 'mu' or 'als', or batch_rows=None."
+            )
+        if rule == "als" and self.precision is not None and PRECISIONS.get(str(self.precision)) in HALF:
+            raise ValueError(f"solver='als' solves k x k systems, which precision={self.precision!r} cannot: use '32'.")
+        self._device()  # a device that is not there fails now
+
+    def _plan(self, X, W=None, H=None, first: bool = True) -> _Plan:
+        """Check the parameters against X (and a custom W, H) before any work is done.
+
+        ``first`` is False for a later ``partial_fit`` batch, which starts from ``components_``.
+        """
+        n, m = X.shape
+        rule = self._rule_name()
+        init = self._init_name(n, m, W, H) if first else "custom"
         k = self._n_components(m, init, H)
         if init in SVD_INITS and k > min(n, m):
             raise ValueError(f"init={init!r} needs n_components <= min(n_samples, n_features) = {min(n, m)}, got {k}.")
-        if init == "custom" and self.restarts > 1:
-            raise ValueError(f"init='custom' is one start; restarts={self.restarts} needs a random init.")
+        if not first and H is not None and k != np.shape(H)[0]:
+            raise ValueError(
+                f"n_components={self.n_components} but the fitted components_ has {np.shape(H)[0]} rows: "
+                "fit again to change it."
+            )
         masked = not sp.issparse(X) and bool(np.isnan(X).any())
         if rule is not None:
             spec = RULES[rule]
@@ -299,13 +347,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 raise ValueError(f"solver={self.solver!r} cannot skip missing (NaN) entries; use 'cd', 'mu' or 'als'.")
             if (self.alpha_W or self.alpha_H not in ("same", 0)) and not spec.supports_penalties:
                 raise ValueError(f"solver={self.solver!r} takes no alpha_W / alpha_H; use 'cd', 'mu' or 'als'.")
-            if self.batch_rows is not None and not spec.supports_blocks:
-                raise ValueError(
-                    f"solver={self.solver!r} samples rows anywhere in X for every update, so it cannot "
-                    "take X in row blocks; use 'cd', 'mu' or 'als', or batch_rows=None."
-                )
         dtype = self._dtype(X)
-        if dtype in (torch.bfloat16, torch.float16) and sp.issparse(X):
+        if dtype in HALF and sp.issparse(X):
             raise ValueError(
                 f"precision={self.precision!r} has no sparse matrix kernels; X is sparse: use '32' or '64'."
             )
@@ -323,11 +366,15 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _init_name(self, n: int, m: int, W, H) -> str:
         if self.init is None:
             k = self.n_components if isinstance(self.n_components, numbers.Integral) else m
-            return "nndsvda" if k <= min(n, m) else "random"
-        if self.init != "custom" and self.init not in INITS:
-            raise ValueError(f"init={self.init!r} is not one of {[*INITS, 'custom']} (or None).")
+            return "nndsvda" if k <= min(n, m) and self.restarts == 1 else "random"
         if self.init == "custom" and H is None:
             raise ValueError("init='custom' starts from the W and H you pass: fit(X, W=W0, H=H0).")
+        if self.init != "custom" and (W is not None or H is not None):
+            warnings.warn(
+                f"init={self.init!r}: the W and H passed are not used; set init='custom' to start from them.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         return self.init
 
     def _n_components(self, m: int, init: str, H) -> int:
@@ -358,6 +405,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"device={self.device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from err
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: this NMF runs on 'cpu' or 'cuda' ('auto' picks).")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 f"device={self.device!r} but no CUDA device is visible (torch {torch.__version__}, CUDA build: "
@@ -421,16 +470,15 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             return lambda: iter(parts)
         return lambda: (p.to(plan.device) for p in parts)
 
-    def _start(self, X, t: Target | None, plan: _Plan, W, H) -> tuple[Tensor, Tensor]:
-        """The initial factors: custom, or drawn with seeds from ``random_state``."""
+    def _start(self, X, t: Target | None, plan: _Plan, W, H, need_W: bool = True) -> tuple[Tensor, Tensor]:
+        """The initial factors: custom (copies of W and H), or drawn with seeds from ``random_state``."""
         n, m = X.shape
         like = torch.empty((), dtype=plan.dtype, device=plan.device)
         if plan.init == "custom":
             H_ = _custom("H", H, (plan.k, m), like)
-            W_ = _custom("W", W, (n, plan.k), like) if W is not None else None
-            if W_ is None:  # partial_fit may start from H alone
-                W_ = torch.zeros((n, plan.k), dtype=plan.dtype, device=plan.device)
-            return W_, H_
+            if W is None and not need_W:
+                return torch.zeros((n, plan.k), dtype=plan.dtype, device=plan.device), H_
+            return _custom("W", W, (n, plan.k), like), H_
         options = {"seed": plan.seed, "restarts": self.restarts}
         if t is not None:  # X whole on the device: the init runs there
             return initial_factors(t, plan.k, plan.init, **options)
@@ -502,13 +550,18 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 writer.close()
         return done, converged
 
-    def _solve_w(self, X, H, plan: _Plan | None = None) -> np.ndarray | Tensor:
-        """W for rows X with H fixed: the fit's W-update (HALS, or MU for ``solver="mu"``) run to ``tol``."""
+    def _solve_w(self, X, H, plan: _Plan | None = None, return_n_iter: bool = False):
+        """W for rows X with H fixed: the fit's W-update (HALS, or MU for ``solver="mu"``) run to ``tol``.
+
+        The W penalties are the fit's (``alpha_W``, ``l1_ratio``, scaled by ``n_features``).
+        """
         rule = "mu" if self.solver == "mu" and self.optimizer is None else "hals"
-        if plan is None:  # transform: numpy in, numpy out
-            return solve_w(X, H, rule, self.max_iter, self.tol, str(self._device()))
-        W = solve_w(X, _numpy(H), rule, self.max_iter, self.tol, str(plan.device))
-        return torch.from_numpy(W).to(device=plan.device, dtype=plan.dtype)
+        l1_W, _, l2_W, _ = self._regularization(*X.shape)
+        device = plan.device if plan is not None else self._device()
+        W, steps = solve_w(X, _numpy(H), rule, self.max_iter, self.tol, str(device), l1_W, l2_W, return_n_iter=True)
+        if plan is not None:  # partial_fit: on to the engine
+            W = torch.from_numpy(W).to(device=plan.device, dtype=plan.dtype)
+        return (W, steps) if return_n_iter else W
 
 
 def non_negative_factorization(
@@ -552,14 +605,21 @@ def non_negative_factorization(
     if update_H:
         W = est.fit_transform(X, W=W, H=H)
         return W, est.components_, est.n_iter_
+    est._check_params()
+    X = est._validate(X, reset=True)
     if H is None:
         raise ValueError("update_H=False solves for W with H fixed: pass H.")
-    X = est._validate(X, reset=True)
     H = np.asarray(H, dtype=X.dtype)
-    if H.ndim != 2 or H.shape[1] != X.shape[1] or np.isnan(H).any() or (H < 0).any():
+    if H.ndim != 2 or H.shape[1] != X.shape[1] or not np.isfinite(H).all() or (H < 0).any():
         raise ValueError(f"H must be a finite (k, {X.shape[1]}) array >= 0, got shape {H.shape}.")
-    est._plan(X, None, H)  # the same checks as a fit
-    return est._solve_w(X, H), H, max_iter
+    if n_components not in ("auto", None) and n_components != H.shape[0]:
+        raise ValueError(f"n_components={n_components} but H has {H.shape[0]} rows.")
+    if W is not None:
+        warnings.warn("update_H=False solves for W: the W passed is not used.", RuntimeWarning, stacklevel=2)
+    est.set_params(n_components=H.shape[0])
+    est._plan(X, None, H, first=False)  # the checks of a fit, from a given H
+    W, steps = est._solve_w(X, H, return_n_iter=True)
+    return W, H, steps
 
 
 # ------------------------------------------------------------------ helpers
@@ -568,9 +628,11 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
 
 
-def _check_real(name: str, value, low: float, strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < low or strict and value == low:
-        raise ValueError(f"{name} must be a number {'>' if strict else '>='} {low}, got {value!r}.")
+def _check_real(name: str, value, low: float, strict: bool = False, high: float = math.inf) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+    if bad or value < low or strict and value == low or value > high:
+        span = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+        raise ValueError(f"{name} must be a finite number {span}, got {value!r}.")
 
 
 def _custom(name: str, A, shape: tuple[int, int], like: Tensor) -> Tensor:
@@ -582,7 +644,7 @@ def _custom(name: str, A, shape: tuple[int, int], like: Tensor) -> Tensor:
         raise ValueError(f"init='custom': {name} must have shape {shape}, got {A.shape}.")
     if not np.isfinite(A).all() or (A < 0).any():
         raise ValueError(f"init='custom': {name} must be finite and >= 0.")
-    return torch.from_numpy(A).to(dtype=like.dtype, device=like.device)
+    return torch.tensor(A, dtype=like.dtype, device=like.device)  # a copy: the caller's array stays as it was
 
 
 def _numpy(A: Tensor | np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,21 @@ def transform(
     max_iter: int = 500,
     tol: float = 1e-6,
     device: str = "cpu",
-) -> np.ndarray:
+    l1_W: float = 0.0,
+    l2_W: float = 0.0,
+    return_n_iter: bool = False,
+) -> np.ndarray | tuple[np.ndarray, int]:
     """Return W (n, k) >= 0 with X ~ W H for the fixed components H (k, m).
 
     NaN entries of a dense X are missing and do not count. Stops after ``max_iter``
     updates or once the squared error changes by less than ``tol`` (relative) over 10
-    updates. Runs the training engine with H held fixed.
+    updates. ``l1_W`` and ``l2_W`` weigh ``|W|_1`` and ``1/2 ||W||^2`` as in training.
+    Runs the training engine with H held fixed; ``return_n_iter`` also returns the
+    updates it ran.
     """
     if solver not in RULES:
         raise NMFInputError(f"solver={solver!r} is not one of {sorted(RULES)}.")
-    check_matrix(X)
+    check_matrix(X, totals=False)
     if solver == "kaczmarz" and not sp.issparse(X) and np.isnan(X).any():
         raise NMFInputError("solver='kaczmarz' cannot skip missing (NaN) entries; use hals, mu or als.")
     H = np.asarray(H)
@@ -53,12 +59,15 @@ def transform(
     k = H.shape[0]
     mean = float(X.sum() if sp.issparse(X) else np.nansum(X)) / max(target.n_obs, 1)
     W = torch.full((X.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=dtype, device=device)
-    fit(target, W, Ht, SolverUpdate(RULES[solver](), update_H=False), max_iter, objective=_half_sq, tol=tol)
-    return W.cpu().numpy()
+    step = SolverUpdate(RULES[solver](), l1=(l1_W, 0.0), l2=(l2_W, 0.0), update_H=False)
+    objective = partial(_penalised_half_sq, l1_W, l2_W)
+    result = fit(target, W, Ht, step, max_iter, objective=objective, tol=tol)
+    W = W.cpu().numpy()
+    return (W, result.steps) if return_n_iter else W
 
 
-def _half_sq(sq: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    return 0.5 * sq
+def _penalised_half_sq(l1_W: float, l2_W: float, sq: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    return 0.5 * sq + l1_W * W.abs().sum() + 0.5 * l2_W * (W * W).sum()
 
 
 def main(argv: list[str] | None = None) -> None:

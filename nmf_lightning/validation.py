@@ -17,11 +17,13 @@ class NMFInputError(ValueError):
     """Bad data or configuration, detected before any training work."""
 
 
-def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X") -> None:
+def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X", totals: bool = True) -> None:
     """Check that X is a 2-D, non-empty, finite, non-negative matrix with observed entries.
 
     NaN marks a missing entry in a dense X; sparse X must not hold NaN (its implicit
-    zeros are observed values, so a missing entry cannot be told apart).
+    zeros are observed values, so a missing entry cannot be told apart). ``totals=False``
+    skips the checks that only training needs (something observed, something positive):
+    new rows to transform may well be all zero.
     """
     sparse = sp.issparse(X)
     if not sparse and not isinstance(X, np.ndarray):
@@ -40,7 +42,8 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X") -> N
         except NMFInputError:
             check_values(X, name)  # the message counts over all of X
             raise
-    check_totals(missing < X.size if not sparse else True, positive, X.size, name)
+    if totals:
+        check_totals(missing < X.size if not sparse else True, positive, X.size, name)
 
 
 def check_values(X: np.ndarray | sp.spmatrix, name: str = "X") -> tuple[int, bool]:

@@ -262,8 +262,8 @@ def test_optimizer_factory():
         ({"solver": "lbfgs"}, "solver='lbfgs' is not one of"),
         ({"beta_loss": "kullback-leibler"}, "beta_loss='kullback-leibler' is not supported"),
         ({"max_iter": 0}, "max_iter must be an integer >= 1"),
-        ({"tol": -1}, "tol must be a number >= 0"),
-        ({"l1_ratio": 2}, "l1_ratio must be a number in"),
+        ({"tol": -1}, "tol must be a finite number >= 0"),
+        ({"l1_ratio": 2}, "l1_ratio must be a finite number >= 0 and <= 1"),
         ({"lr": 0.1}, "lr, lam and project=False act on gradient solvers"),
         ({"precision": "8"}, "precision='8' is not one of"),
         ({"device": "tpu:x"}, "device='tpu:x' is not a device"),
@@ -302,3 +302,82 @@ def test_random_state_decides_the_fit(solver):
 
     np.testing.assert_array_equal(components(1), components(1))
     assert not np.array_equal(components(1), components(2))
+
+
+def test_custom_factors_are_copied_and_both_needed(X_digits):
+    rng = np.random.default_rng(1)
+    W0, H0 = rng.random((len(X_digits), 4)), rng.random((4, 64))
+    W0_before, H0_before = W0.copy(), H0.copy()
+    W = NMF(4, init="custom", max_iter=5, tol=0).fit_transform(X_digits, W=W0, H=H0)
+    np.testing.assert_array_equal(W0, W0_before)
+    np.testing.assert_array_equal(H0, H0_before)
+    assert not np.shares_memory(W, W0)
+    with pytest.raises(ValueError, match="init='custom' needs W"):
+        NMF(4, init="custom", solver="mu").fit(X_digits, H=H0)
+    with pytest.warns(RuntimeWarning, match="not used; set init='custom'"):
+        NMF(4, init="random", max_iter=2, tol=0).fit(X_digits, W=W0, H=H0)
+
+
+def test_transform_keeps_the_w_penalty():
+    """transform solves the fit's W problem, alpha_W included, as scikit-learn's does."""
+    X = _low_rank(40, 10, 3, 7)
+    ours = NMF(3, alpha_W=0.05, l1_ratio=1.0, max_iter=1000, tol=1e-8, random_state=0)
+    W_fit = ours.fit_transform(X)
+    np.testing.assert_allclose(ours.transform(X).sum(), W_fit.sum(), rtol=0.05)
+    ref = SKNMF(3, alpha_W=0.05, l1_ratio=1.0, max_iter=1000, tol=1e-8, random_state=0).fit(X)
+    W_ref, _, _ = non_negative_factorization(X, H=ref.components_, update_H=False, alpha_W=0.05, l1_ratio=1.0)
+    np.testing.assert_allclose(W_ref.sum(), ref.transform(X).sum(), rtol=0.02)
+
+
+def test_new_rows_may_be_all_zero():
+    est = NMF(3, random_state=0).fit(_low_rank(30, 8, 3, 8))
+    np.testing.assert_array_equal(est.transform(np.zeros((2, 8))), np.zeros((2, 3)))
+    np.testing.assert_array_equal(est.transform(sp.csr_matrix((2, 8))), np.zeros((2, 3)))
+
+
+def test_partial_fit_edges():
+    X = _low_rank(60, 8, 3, 9)
+    est = NMF(5, init="nndsvda", random_state=0)
+    est.partial_fit(X[:20])
+    est.partial_fit(X[20:23])  # a short last batch: the init is not checked again
+    assert est.components_.shape == (5, 8) and est.n_components_ == 5
+    with pytest.raises(ValueError, match="fitted components_ has 5 rows"):
+        est.set_params(n_components=4).partial_fit(X[:20])
+    with pytest.raises(ValueError, match="partial_fit follows one start"):
+        NMF(3, init="random", restarts=2).partial_fit(X)
+
+
+def test_non_negative_factorization_with_h_fixed_counts_its_updates():
+    X = _low_rank(30, 8, 3, 10) + 0.1 * np.random.default_rng(0).random((30, 8))
+    H = NMF(3, random_state=0).fit(X).components_
+    W, H_same, n_iter = non_negative_factorization(X[:5], H=H, update_H=False, init="nndsvda", tol=1e-3)
+    assert W.shape == (5, 3) and H_same is not None and 10 <= n_iter < 200 and n_iter % 10 == 0
+    with pytest.raises(ValueError, match="n_components=2 but H has 3 rows"):
+        non_negative_factorization(X, H=H, n_components=2, update_H=False)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"tol": float("nan")}, "tol must be a finite number"),
+        ({"alpha_W": float("inf")}, "alpha_W must be a finite number"),
+        ({"random_state": -1}, "random_state must be None"),
+        ({"project": "no", "solver": "adam"}, "project must be True or False"),
+        ({"l1_ratio": True}, "l1_ratio must be a finite number"),
+        ({"optimizer": "adam"}, "optimizer must be a factory"),
+        ({"optimizer": __import__("torch").optim.Adam, "lr": 0.1}, "lr and optimizer= are both set"),
+        ({"device": "meta"}, "runs on 'cpu' or 'cuda'"),
+        ({"init": "nndsvda", "restarts": 2}, "restarts=2 would train identical copies"),
+        ({"solver": "als", "precision": "bf16"}, "solver='als' solves k x k systems"),
+    ],
+)
+def test_more_bad_parameters_are_named_before_the_data(params, message):
+    with pytest.raises(ValueError, match=message):
+        NMF(**params).fit([[-1.0]])  # the parameters are checked before X (which is bad too)
+    assert not hasattr(NMF(**params), "n_features_in_")
+
+
+def test_restarts_with_the_default_init_are_random(X_digits):
+    est = _quiet(NMF(4, restarts=3, random_state=0, max_iter=5).fit, X_digits)
+    random = _quiet(NMF(4, init="random", restarts=3, random_state=0, max_iter=5).fit, X_digits)
+    np.testing.assert_array_equal(est.components_, random.components_)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
+from nmf_lightning.engine.target import PRECISIONS, to_numpy
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import RULES
@@ -41,16 +42,6 @@ GRADIENT = {
     "adamw": torch.optim.AdamW,
     "rmsprop": torch.optim.RMSprop,
     "sgd": torch.optim.SGD,
-}
-PRECISIONS = {
-    "64": torch.float64,
-    "64-true": torch.float64,
-    "32": torch.float32,
-    "32-true": torch.float32,
-    "bf16": torch.bfloat16,
-    "bf16-true": torch.bfloat16,
-    "16": torch.float16,
-    "16-true": torch.float16,
 }
 #: updates between two checks of ``tol`` (and between two lines of ``verbose`` / ``log_dir``)
 TOL_WINDOW = 10
@@ -223,7 +214,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """Minus the reconstruction error ``||X - transform(X) H||_F`` (observed entries): higher is better."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        return -_frobenius_error(X, self._solve_w(X, self.components_), self.components_)
+        W, H = (torch.from_numpy(A) for A in (self._solve_w(X, self.components_), self.components_))
+        device = self._device()
+        sq = sq_error(to_target(X, H.dtype, device), W.to(device), H.to(device))  # as reconstruction_err_
+        return -math.sqrt(max(float(sq), 0.0))
 
     @property
     def _n_features_out(self) -> int:
@@ -648,10 +642,7 @@ def _custom(name: str, A, shape: tuple[int, int], like: Tensor) -> Tensor:
 
 
 def _numpy(A: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(A, np.ndarray):
-        return A
-    A = A.detach()
-    return (A.float() if A.dtype in (torch.bfloat16, torch.float16) else A).cpu().numpy()
+    return A if isinstance(A, np.ndarray) else to_numpy(A)
 
 
 def _n_obs(X) -> int:
@@ -662,18 +653,6 @@ def _n_obs(X) -> int:
 def _x_sq(X) -> float:
     values = X.data if sp.issparse(X) else X
     return float(np.nansum(np.square(values, dtype=np.float64)))
-
-
-def _frobenius_error(X, W: np.ndarray, H: np.ndarray) -> float:
-    """``||X - W H||_F`` over the observed entries, in row chunks (no n x m temporary of a large X)."""
-    total = 0.0
-    step = max(1, 2**22 // max(1, X.shape[1]))
-    for s in range(0, X.shape[0], step):
-        part = X[s : s + step]
-        part = part.toarray() if sp.issparse(part) else part
-        R = part - W[s : s + step] @ H
-        total += float(np.nansum(np.square(R, dtype=np.float64)))
-    return math.sqrt(total)
 
 
 def _writer(log_dir: str):

@@ -24,7 +24,7 @@ from nmf_lightning.data.rows import RowSummary
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
-from nmf_lightning.engine.target import csr_from_parts
+from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, to_numpy
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
 from nmf_lightning.solvers import Solver
@@ -32,12 +32,6 @@ from nmf_lightning.transform import transform
 from nmf_lightning.validation import NMFInputError, check_rank
 
 LOSS_FORMS = ("auto", "residual", "gram")
-_PRECISION_DTYPES = {
-    "64": torch.float64,
-    "64-true": torch.float64,
-    "bf16-true": torch.bfloat16,
-    "16-true": torch.float16,
-}
 #: auto mode leaves the Gram form when the relative error falls below this many sqrt(eps)
 _GRAM_SAFETY = 10.0
 #: optimizers whose steps are about lr in size whatever the gradient (see _warn_small_lr)
@@ -152,7 +146,7 @@ class NMFModule(L.LightningModule):
                 f"trainer.precision={precision} has no sparse matrix kernels; X is sparse, so use "
                 "trainer.precision=32-true (or 64-true)."
             )
-        dtype = _PRECISION_DTYPES.get(precision)
+        dtype = PRECISIONS.get(precision)
         if datamodule.streamed:
             datamodule.dtype = dtype or torch.float32
             self.set_rows(datamodule.matrix, datamodule.summary, dtype=dtype, holdout=datamodule.holdout)
@@ -551,8 +545,8 @@ class NMFModule(L.LightningModule):
             + ("" if self.hparams.project else ", or set model.project=true")
             + ".",
             step=step,
-            W=_to_numpy(W0 if W0.dim() == 2 else W0[self._best()]),
-            H=_to_numpy(H0 if H0.dim() == 2 else H0[self._best()]),
+            W=to_numpy(W0 if W0.dim() == 2 else W0[self._best()]),
+            H=to_numpy(H0 if H0.dim() == 2 else H0[self._best()]),
         )
 
     def _update_gram_safety(self, rel_err: Tensor) -> None:
@@ -707,19 +701,12 @@ class NMFModule(L.LightningModule):
         bf16/fp16 factors come back as float32.
         """
         W, H = self.best_factors(restart)
-        return _to_numpy(W), _to_numpy(H)
+        return to_numpy(W), to_numpy(H)
 
 
 def _batch(restarts: int) -> tuple[int, ...]:
     """Leading batch shape of the factors: none for a single start, (r,) for r restarts."""
     return () if restarts == 1 else (restarts,)
-
-
-def _to_numpy(A: Tensor) -> np.ndarray:
-    A = A.detach()
-    if A.dtype in (torch.bfloat16, torch.float16):
-        A = A.float()
-    return A.cpu().numpy()
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

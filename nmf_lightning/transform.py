@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.rows import materialize
 from nmf_lightning.engine import SolverUpdate, fit, to_target
+from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import RULES
 from nmf_lightning.validation import NMFInputError, check_matrix
 
@@ -60,14 +60,10 @@ def transform(
     mean = float(X.sum() if sp.issparse(X) else np.nansum(X)) / max(target.n_obs, 1)
     W = torch.full((X.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=dtype, device=device)
     step = SolverUpdate(RULES[solver](), l1=(l1_W, 0.0), l2=(l2_W, 0.0), update_H=False)
-    objective = partial(_penalised_half_sq, l1_W, l2_W)
+    objective = Objective("fro2", l1_W=l1_W, l2_W=l2_W)  # 1/2 ||X - W H||^2 + the W penalties
     result = fit(target, W, Ht, step, max_iter, objective=objective, tol=tol)
     W = W.cpu().numpy()
     return (W, result.steps) if return_n_iter else W
-
-
-def _penalised_half_sq(l1_W: float, l2_W: float, sq: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    return 0.5 * sq + l1_W * W.abs().sum() + 0.5 * l2_W * (W * W).sum()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,17 @@ from nmf_lightning.objective import (
 
 #: masked X with at most this fraction observed is kept as (row, col, value) triplets
 OBSERVED_FRACTION = 0.1
+#: the training dtype a precision names (Lightning's "-true" names and the short ones)
+PRECISIONS = {
+    "64": torch.float64,
+    "64-true": torch.float64,
+    "32": torch.float32,
+    "32-true": torch.float32,
+    "bf16": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16": torch.float16,
+    "16-true": torch.float16,
+}
 
 
 @dataclass
@@ -198,6 +209,14 @@ def matrix_to_tensor(X: np.ndarray | sp.spmatrix, dtype: torch.dtype) -> tuple[T
     if missing.any():
         return torch.from_numpy(np.where(missing, 0.0, Xn)).to(dtype), torch.from_numpy(~missing)
     return torch.from_numpy(Xn).to(dtype), None
+
+
+def to_numpy(A: Tensor) -> np.ndarray:
+    """A tensor as a numpy array on the host; bf16/fp16 come back as float32 (numpy has no bf16)."""
+    A = A.detach()
+    if A.dtype in (torch.bfloat16, torch.float16):
+        A = A.float()
+    return A.cpu().numpy()
 
 
 def csr_tensor(X: sp.csr_matrix, dtype: torch.dtype) -> Tensor:

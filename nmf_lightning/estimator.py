@@ -31,7 +31,7 @@ from nmf_lightning.engine.target import PRECISIONS, to_numpy
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import RULES
-from nmf_lightning.transform import transform as solve_w
+from nmf_lightning.transform import solve_w
 from nmf_lightning.validation import check_matrix
 
 #: scikit-learn's solver names and ours for the closed-form rules
@@ -603,11 +603,10 @@ def non_negative_factorization(
     X = est._validate(X, reset=True)
     if H is None:
         raise ValueError("update_H=False solves for W with H fixed: pass H.")
-    H = np.asarray(H, dtype=X.dtype)
-    if H.ndim != 2 or H.shape[1] != X.shape[1] or not np.isfinite(H).all() or (H < 0).any():
-        raise ValueError(f"H must be a finite (k, {X.shape[1]}) array >= 0, got shape {H.shape}.")
-    if n_components not in ("auto", None) and n_components != H.shape[0]:
-        raise ValueError(f"n_components={n_components} but H has {H.shape[0]} rows.")
+    k = np.shape(H)[0]
+    if n_components not in ("auto", None) and n_components != k:
+        raise ValueError(f"n_components={n_components} but H has {k} rows.")
+    H = _check_factor("H", H, (k, X.shape[1])).astype(X.dtype, copy=False)
     if W is not None:
         warnings.warn("update_H=False solves for W: the W passed is not used.", RuntimeWarning, stacklevel=2)
     est.set_params(n_components=H.shape[0])
@@ -630,15 +629,20 @@ def _check_real(name: str, value, low: float, strict: bool = False, high: float 
 
 
 def _custom(name: str, A, shape: tuple[int, int], like: Tensor) -> Tensor:
-    """A user's starting factor, checked: shape, finite, >= 0."""
+    """A user's starting factor, checked, as a copy on the training dtype and device."""
     if A is None:
         raise ValueError(f"init='custom' needs {name} of shape {shape}.")
+    return torch.tensor(_check_factor(name, A, shape), dtype=like.dtype, device=like.device)
+
+
+def _check_factor(name: str, A, shape: tuple[int, int]) -> np.ndarray:
+    """A user's factor as float64: of ``shape``, finite, >= 0."""
     A = np.asarray(A, dtype=np.float64)
     if A.shape != shape:
-        raise ValueError(f"init='custom': {name} must have shape {shape}, got {A.shape}.")
+        raise ValueError(f"{name} must have shape {shape}, got {A.shape}.")
     if not np.isfinite(A).all() or (A < 0).any():
-        raise ValueError(f"init='custom': {name} must be finite and >= 0.")
-    return torch.tensor(A, dtype=like.dtype, device=like.device)  # a copy: the caller's array stays as it was
+        raise ValueError(f"{name} must be finite and >= 0.")
+    return A
 
 
 def _numpy(A: Tensor | np.ndarray) -> np.ndarray:

@@ -53,6 +53,21 @@ def transform(
             f"H has shape {H.shape} but X has {X.shape[1]} columns; H must be (k, {X.shape[1]}) "
             "from a model trained on the same columns."
         )
+    return solve_w(X, H, solver, max_iter, tol, device, l1_W, l2_W, return_n_iter)
+
+
+def solve_w(
+    X: np.ndarray | sp.spmatrix,
+    H: np.ndarray,
+    solver: str = "hals",
+    max_iter: int = 500,
+    tol: float = 1e-6,
+    device: str = "cpu",
+    l1_W: float = 0.0,
+    l2_W: float = 0.0,
+    return_n_iter: bool = False,
+) -> np.ndarray | tuple[np.ndarray, int]:
+    """:func:`transform` for an X and H already checked (the estimator checks them its own way)."""
     dtype = torch.float64 if H.dtype == np.float64 else torch.float32
     target = to_target(X, dtype, device, triplets=False)
     Ht = torch.from_numpy(H).to(device=device, dtype=dtype)

@@ -2,7 +2,8 @@
 
 Each ``training_step`` runs a block of ``inner_steps`` optimizer updates on the full
 matrix with no host synchronisation inside the block, then computes the metrics once
-on the device and logs them. ``trainer.max_steps`` counts updates, not blocks.
+on the device and logs them. ``trainer.max_steps`` counts updates, not blocks, and the
+curves have a point every ``trainer.log_every_n_steps`` updates whatever the block sizes.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from nmf_lightning.curves import UpdateGrid
 from nmf_lightning.data.holdout import Holdout
 from nmf_lightning.data.rows import RowSummary
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, to_numpy
+from nmf_lightning.engine.updates import PassResult
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
 from nmf_lightning.solvers import Solver
@@ -124,12 +127,16 @@ class NMFModule(L.LightningModule):
         self.final_metrics: dict[str, float] = {}
         self.stop_reason = "max_steps"
         self._gram_safe = True
+        self._gram_points = True  # the Gram sums are safe for the points inside the next block too
         self._last_time: float | None = None
         self._block = 1  # current block size under inner_steps=auto
         self._convergence = Convergence()  # the tol test's last objective
         self._update: Update | None = None  # built once per optimizer
         self._target: Target | None = None  # X in memory as the engine reads it
-        self._unlogged = 0  # streamed passes since the last log point
+        self._unlogged = 0  # updates since the last block end (perf/updates_per_sec)
+        self._grid: UpdateGrid | None = None  # the curves' points (trainer.log_every_n_steps)
+        self._block_span = (0, 0)  # first and last update of the block under way
+        self._closed_form = False  # the optimizer is a closed-form rule (its factors are >= 0)
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -348,6 +355,27 @@ class NMFModule(L.LightningModule):
         k = self.hparams.inner_steps
         return self._block if k == "auto" else int(k)
 
+    def _block_size(self, start: int) -> int:
+        """Updates of the block starting after update ``start``.
+
+        Under ``auto`` a block ends on the logging grid, so every block end is a point of
+        the curves with all its metrics.
+        """
+        n = self.inner_steps
+        if self.hparams.inner_steps == "auto":
+            g = self.grid.every
+            n = max((start + n) // g * g, (start // g + 1) * g) - start
+        if self.trainer.max_steps > 0:
+            n = min(n, self.trainer.max_steps - start)
+        return n
+
+    @property
+    def grid(self) -> UpdateGrid:
+        """The points of the curves: every ``trainer.log_every_n_steps`` updates."""
+        if self._grid is None:
+            self._grid = UpdateGrid(self.trainer.log_every_n_steps if self._trainer is not None else 10)
+        return self._grid
+
     def _resize_block(self, n: int, seconds: float) -> None:
         if self.hparams.inner_steps == "auto" and seconds > 0:
             target = n * _BLOCK_SECONDS / seconds
@@ -357,6 +385,7 @@ class NMFModule(L.LightningModule):
         """Build the configured optimizer (or closed-form solver) over W and H."""
         optimizer = self.optimizer_factory([self.W, self.H])
         hp = self.hparams
+        self._closed_form = isinstance(optimizer, Solver)
         if isinstance(optimizer, Solver):
             name = type(optimizer).__name__.lower()
             if hp.l21_H:
@@ -418,9 +447,8 @@ class NMFModule(L.LightningModule):
             self._stream_step(batch, batch_idx)
             return
         start_step = self.global_step
-        n = self.inner_steps
-        if self.trainer.max_steps > 0:
-            n = min(n, self.trainer.max_steps - start_step)
+        n = self._block_size(start_step)
+        self._block_span = (start_step, start_step + n)
         W0, H0 = self.W.detach().clone(), self.H.detach().clone()
         result = self._fit(n)
         self._advance_global_step(result.steps)
@@ -428,6 +456,50 @@ class NMFModule(L.LightningModule):
         if not bool(torch.isfinite(metrics["train/loss"])):  # sync point, once per block
             self._diverged(result.losses, start_step, W0, H0)
         self._log_block(metrics, result.steps)
+
+    @torch.no_grad()
+    def _on_update(self, i: int, result: PassResult) -> None:
+        """Keep the grid's points inside a block on the device (the block end logs its own).
+
+        A gradient step reports the loss and error of the factors before it, so update
+        s gives the point s - 1 for free; a closed-form update's error is that of its new
+        factors. Factors reported clamped (``project=false``) are measured here.
+        """
+        start, end = self._block_span
+        s = start + i
+        grid = self.grid
+        if result.loss is not None:
+            p = s - 1
+            if start < p < end and grid.due(p):
+                point = {"train/loss": result.loss}
+                if self.hparams.project and result.sq is not None:
+                    point.update(self._errors(result.sq))
+                grid.add(p, point)
+        if not (s < end and grid.due(s)):
+            return
+        W, H = self.W.detach(), self.H.detach()
+        if result.loss is None:
+            exact = not self._gram_points  # near an exact fit the Gram sums are rounding noise
+            sq = result.sq if result.after and not result.running and not exact else None
+            sq = self._sq_error(exact=exact) if sq is None else sq
+            grid.add(s, {"train/loss": self.loss_terms(sq, W, H), **self._errors(sq)})
+        elif not self.hparams.project:
+            reported = self.reported_factors(W, H)
+            grid.add(s, self._errors(sq_error(self.blocks(), *reported, gram_form=self._use_gram())))
+
+    def _errors(self, sq: Tensor) -> dict[str, Tensor]:
+        """Relative error and RMSE from a squared error (one per restart)."""
+        sq = sq.double()
+        return {
+            "train/relative_error": relative_error(sq, self.X_sq.double()),
+            "train/rmse": torch.sqrt(sq.clamp_min(0) / self.n_obs),
+        }
+
+    def reported_factors(self, W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+        """The factors a user gets: clamped at 0 when training let them go negative (``project=false``)."""
+        if self.hparams.project or self._closed_form:
+            return W, H
+        return W.clamp(min=0), H.clamp(min=0)
 
     def _fit(self, n: int):
         hp = self.hparams
@@ -443,6 +515,7 @@ class NMFModule(L.LightningModule):
             tol_window=int(hp.tol_window),
             done=self.global_step,
             convergence=self._convergence,
+            on_update=self._on_update,
         )
         if result.converged:
             self._converged()
@@ -479,18 +552,20 @@ class NMFModule(L.LightningModule):
         result = update.end(self.W, self.H)
         self._advance_global_step(1)
         self._unlogged += 1
-        # one log point a pass, at most about one a second (logging costs a millisecond a metric)
-        last = self.trainer.should_stop or 0 < self.trainer.max_steps <= self.global_step
-        due = last or self._last_time is None or time.perf_counter() - self._last_time >= _BLOCK_SECONDS
-        tol_due = bool(self.hparams.tol) and self.global_step % int(self.hparams.tol_window) == 0
+        s = self.global_step
+        last = self.trainer.should_stop or 0 < self.trainer.max_steps <= s
+        tol_due = bool(self.hparams.tol) and s % int(self.hparams.tol_window) == 0
         sq = result.sq if result.running or self._gram_safe or not result.after else None  # Gram sums: noise
-        if sq is None and not (due or tol_due):
-            return  # the error is unknown without reading X again: not now
-        if result.after or sq is None:  # the error of the new factors (or measured now by a pass over X)
-            metrics, step, before = self.compute_metrics(sq=sq), self.global_step, None
-        else:  # the error before this update (gradient steps, masked X): logged at the update before
-            metrics, step = self.compute_metrics(sq=sq, factors=self._pass_start), self.global_step - 1
+        if result.after or sq is None or last:  # the error of the new factors (or measured by a pass over X)
+            step, factors, before = s, None, None
+            sq = sq if result.after else None
+        else:  # the error before this update (gradient steps, masked X): a point at the update before
+            step, factors = s - 1, self._pass_start
             before = self._finite_start  # the factors of the update before, if these are not finite
+        due = last or self.grid.due(step)
+        if not (due or tol_due):
+            return  # a point off the grid: not measured
+        metrics = self.compute_metrics(sq=sq, factors=factors)
         if not bool(torch.isfinite(metrics["train/loss"])):
             losses = None if result.loss is None else result.loss[None]
             self._diverged(losses, step - 1, *(before if before is not None else self._pass_start))
@@ -506,6 +581,8 @@ class NMFModule(L.LightningModule):
             self._unlogged = 0
 
     def _log_block(self, metrics: dict[str, Tensor], n: int, step: int | None = None) -> None:
+        """End of a block of ``n`` updates: its point (when on the grid or the last), progress, block size."""
+        step = self.global_step if step is None else step
         now = time.perf_counter()
         if self._last_time is not None:
             metrics["perf/updates_per_sec"] = torch.tensor(n / max(now - self._last_time, 1e-9))
@@ -515,11 +592,23 @@ class NMFModule(L.LightningModule):
         self._last_time = now
         if "train/relative_error" in metrics:
             self._update_gram_safety(metrics["train/relative_error"])
-        self.log("step", float(self.global_step if step is None else step), on_step=True, batch_size=1)
         for key in ("train/loss", "train/relative_error", "online/loss", "online/relative_error"):
-            if key in metrics:
-                self.log(key, metrics.pop(key), prog_bar=True, on_step=True, batch_size=1)
-        self.log_dict(metrics, on_step=True, batch_size=1)
+            if key in metrics:  # the progress bar and callbacks (early stopping) read these
+                self.log(key, metrics[key], prog_bar=True, logger=False, on_step=True, batch_size=1)
+        if self.grid.due(step) or self._ending():
+            self.grid.add(step, self._logged(metrics))
+            self._last_point = step
+        self.grid.flush(self.loggers)
+
+    def _ending(self) -> bool:
+        return bool(self.trainer.should_stop) or 0 < self.trainer.max_steps <= self.global_step
+
+    def _logged(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The metrics worth a curve: no term of weight 0, no negative share of factors kept >= 0."""
+        skip = {name for name, weight, _ in self.loss_terms.penalties(self.W, self.H) if not weight}
+        if self.hparams.project or self._closed_form:
+            skip |= {f"{A}_neg_{stat}" for A in "WH" for stat in ("fraction", "mean")}
+        return {k: v for k, v in metrics.items() if k.rpartition("/")[2] not in skip}
 
     def _advance_global_step(self, n: int) -> None:
         # The raw optimizer bypasses LightningOptimizer.step (and its per-call hooks), so
@@ -557,6 +646,8 @@ class NMFModule(L.LightningModule):
         if self.hparams.loss_form == "auto" and dense:
             # Gram-form cancellation: near sqrt(eps) relative error, switch to the residual.
             self._gram_safe = bool(rel_err > _GRAM_SAFETY * math.sqrt(eps))
+            # the error may fall 10x within a block: its points switch a decade early
+            self._gram_points = bool(rel_err > 10 * _GRAM_SAFETY * math.sqrt(eps))
 
     # ---------------------------------------------------------------- metrics
     @torch.no_grad()
@@ -565,7 +656,10 @@ class NMFModule(L.LightningModule):
     ) -> dict[str, Tensor]:
         """Objective terms, relative error, RMSE and factor statistics of the best restart.
 
-        Everything stays on the device; with restarts, ``restarts/loss_<r>`` logs each one.
+        The loss is the training objective; the errors and sparsity are those of the factors
+        a user gets (clamped at 0 under ``project=false``), the negative shares those of the
+        trained ones. Everything stays on the device; with restarts, ``restarts/loss_<r>``
+        logs each one.
         ``sq`` is the squared error of ``factors`` (default: the current W, H) when known.
         """
         sq = self._sq_error(exact=True) if sq is None else sq  # (r,): the residual form on dense X
@@ -573,13 +667,15 @@ class NMFModule(L.LightningModule):
         loss, terms = self.objective(all_terms=True, sq=sq, factors=(W, H))
         per_restart = {"train/loss": loss}
         per_restart.update({f"train/{name}": value for name, value in terms.items()})
-        per_restart["train/relative_error"] = relative_error(sq.double(), self.X_sq.double())
-        per_restart["train/rmse"] = torch.sqrt(sq.double().clamp_min(0) / self.n_obs)
-        for name, A in (("W", W), ("H", H)):
+        reported = self.reported_factors(W, H)
+        if reported[0] is not W:  # the errors of the factors a user gets, clamped at 0
+            sq = sq_error(self.blocks(), *reported, gram_form=False)
+        per_restart.update(self._errors(sq))
+        for name, A, R in (("W", W, reported[0]), ("H", H, reported[1])):
             per_restart[f"factors/{name}_neg_fraction"] = (A < 0).float().mean(dim=(-2, -1))
             per_restart[f"factors/{name}_neg_mean"] = torch.clamp(-A, min=0).float().mean(dim=(-2, -1))
-            top = A.abs().amax(dim=(-2, -1), keepdim=True)
-            per_restart[f"factors/{name}_sparsity"] = (A.abs() <= 1e-6 * top).float().mean(dim=(-2, -1))
+            top = R.abs().amax(dim=(-2, -1), keepdim=True)
+            per_restart[f"factors/{name}_sparsity"] = (R.abs() <= 1e-6 * top).float().mean(dim=(-2, -1))
         # the best restart has the lowest finite loss; NaN everywhere means all diverged
         if loss.dim() == 0:
             return per_restart
@@ -623,18 +719,22 @@ class NMFModule(L.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Score the current factors on the held-out entries (``data.holdout``)."""
         metrics = self.validation_metrics()
-        self.log("step", float(self.global_step), batch_size=1)  # x axis: updates, as in training
-        self.log("val/relative_error", metrics.pop("val/relative_error"), prog_bar=True, batch_size=1)
-        self.log_dict(metrics, batch_size=1)
+        for key, value in metrics.items():  # for early stopping and the progress bar
+            self.log(key, value, prog_bar=key == "val/relative_error", logger=False, batch_size=1)
+        if self.grid.due(self.global_step) or self._ending():  # a point of the curves
+            self.grid.add(self.global_step, metrics)
+            self.grid.flush(self.loggers)
 
     def on_train_start(self) -> None:
-        """Start the clock for the run's mean ``updates_per_sec``; warn of an lr too small for X."""
+        """Start the clock (``updates_per_sec``) and the curves' grid; warn of an lr too small for X."""
         if self.streamed and self.trainer.num_training_batches != len(self.trainer.datamodule.row_blocks()):
             raise NMFInputError(
                 f"a pass over X takes all its {len(self.trainer.datamodule.row_blocks())} row blocks, but the "
                 f"trainer runs {self.trainer.num_training_batches} per epoch; leave trainer.limit_train_batches unset."
             )
         self._fit_start = (time.perf_counter(), self.global_step)
+        self._grid = UpdateGrid(self.trainer.log_every_n_steps)
+        self._last_point = self.global_step  # a resumed run's curves go on from here
         self._warn_small_lr()
 
     def _warn_small_lr(self) -> None:
@@ -666,6 +766,9 @@ class NMFModule(L.LightningModule):
         rate = (self.global_step - first) / max(time.perf_counter() - start, 1e-9) if start is not None else None
         metrics = self.compute_metrics()  # (a streamed X is read once more for the final error)
         metrics.update(self.validation_metrics())
+        if getattr(self, "_last_point", self.global_step) < self.global_step:  # ended off the grid
+            self.grid.add(self.global_step, self._logged(metrics))
+            self.grid.flush(self.loggers)
         final = {k: float(v) for k, v in metrics.items()}
         final["steps"] = int(self.global_step)
         if rate is not None:
@@ -673,12 +776,13 @@ class NMFModule(L.LightningModule):
         if self.hparams.restarts > 1:
             final["best_restart"] = self._best()
         self.final_metrics = final
-        if not self.hparams.project:
+        if not self.hparams.project and not self._closed_form:
             negs = {n: final[f"factors/{n}_neg_fraction"] for n in ("W", "H")}
             if any(v > 0 for v in negs.values()):
                 warnings.warn(
-                    f"the factors keep negative entries (W {negs['W']:.1%}, H {negs['H']:.1%}); "
-                    "set model.project=true or raise model.lam for strictly non-negative factors.",
+                    f"the trained factors have negative entries (W {negs['W']:.1%}, H {negs['H']:.1%}); "
+                    "factors.npz and the errors reported use them clamped at 0. Set model.project=true "
+                    "or raise model.lam to train factors that need no clamping.",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -687,18 +791,21 @@ class NMFModule(L.LightningModule):
         """W >= 0 for new rows X (same columns) with this model's H held fixed."""
         return transform(X, self.factors()[1], solver, **options)
 
-    def best_factors(self, restart: int | None = None) -> tuple[Tensor, Tensor]:
-        """W (n, k) and H (k, m) of the best (or the given) restart, detached, on their device."""
+    def best_factors(self, restart: int | None = None, raw: bool = False) -> tuple[Tensor, Tensor]:
+        """W (n, k) and H (k, m) of the best (or the given) restart, detached, on their device.
+
+        Clamped at 0 when training let them go negative (``project=false``), unless ``raw``.
+        """
         W, H = self.W.detach(), self.H.detach()
-        if W.dim() == 2:
-            return W, H
-        r = self._best() if restart is None else restart
-        return W[r], H[r]
+        if W.dim() == 3:
+            r = self._best() if restart is None else restart
+            W, H = W[r], H[r]
+        return (W, H) if raw else self.reported_factors(W, H)
 
     def factors(self, restart: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """W (n, k) and H (k, m) of the best (or the given) restart as numpy, in the trained dtype.
 
-        bf16/fp16 factors come back as float32.
+        Clamped at 0 under ``project=false``; bf16/fp16 factors come back as float32.
         """
         W, H = self.best_factors(restart)
         return to_numpy(W), to_numpy(H)

@@ -40,21 +40,20 @@ def test_run_writes_factors_metrics_checkpoint_and_events(make_cfg, tmp_path):
     for tag in (
         "train/loss",
         "train/reconstruction",
-        "train/penalty",
         "train/relative_error",
         "train/rmse",
-        "factors/W_neg_fraction",
-        "factors/H_neg_mean",
         "factors/W_sparsity",
         "perf/updates_per_sec",
         "hp/relative_error",
         "hp/loss",
     ):
         assert tag in tags, tag
+    # no curve for a penalty of weight 0, nor for the negative share of factors projected to >= 0
+    assert not tags & {"train/penalty", "train/l1_W", "factors/W_neg_fraction", "factors/H_neg_mean"}
     loss = [e.value for e in ea.Scalars("train/loss")]
     steps = [e.step for e in ea.Scalars("train/loss")]
     assert loss[-1] < 0.5 * loss[0]
-    assert steps[-1] == 300  # the x-axis counts updates
+    assert steps == list(range(10, 301, 10))  # the x-axis counts updates: a point every 10
     assert ea.Scalars("hp/relative_error")[-1].value == pytest.approx(saved["relative_error"], rel=1e-5)
     assert "_hparams_/experiment" in ea.summary_metadata
 
@@ -139,8 +138,8 @@ def test_projection_keeps_factors_non_negative_after_every_update(optimizer):
     assert module.final_metrics["factors/W_neg_fraction"] == 0
 
 
-def test_without_projection_negatives_are_reported_and_warned(make_cfg):
-    with pytest.warns(UserWarning, match="factors keep negative entries"):
+def test_without_projection_the_result_is_clamped_and_the_raw_negatives_reported(make_cfg, tmp_path):
+    with pytest.warns(UserWarning, match="trained factors have negative entries"):
         metrics = train(
             make_cfg(
                 *SMALL,
@@ -148,9 +147,30 @@ def test_without_projection_negatives_are_reported_and_warned(make_cfg):
                 "trainer.max_steps=200",
                 "optimizer.lr=0.05",
                 "model.init=normal_abs",
+                "data.holdout=0.1",
             )
         )
-    assert metrics["W_neg_fraction"] > 0 or metrics["H_neg_fraction"] > 0
+    assert metrics["W_neg_fraction"] > 0 or metrics["H_neg_fraction"] > 0  # of the trained factors
+    W, H = _factors(tmp_path)
+    assert (W >= 0).all() and (H >= 0).all()  # what a user gets is an NMF
+    from nmf_lightning.data import synthetic
+    from nmf_lightning.data.holdout import split_holdout
+
+    matrix = synthetic(n_rows=40, n_cols=30, true_rank=3, seed=0)
+    X, holdout = matrix.X, split_holdout(matrix, 0.1, seed=0)[1]
+    held = np.zeros_like(X, dtype=bool)
+    held[holdout.rows, holdout.cols] = True
+    R = np.where(held, 0.0, X - W @ H)
+    # the reported errors are those of the saved (clamped) factors
+    assert metrics["relative_error"] == pytest.approx(np.linalg.norm(R) / np.linalg.norm(X[~held]), rel=1e-4)
+    V = (X - W @ H)[held]
+    assert metrics["val_relative_error"] == pytest.approx(np.linalg.norm(V) / np.linalg.norm(X[held]), rel=1e-4)
+    ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert ea.Scalars("factors/W_neg_fraction")[-1].value == pytest.approx(metrics["W_neg_fraction"])
+    curve = [e.step for e in ea.Scalars("train/relative_error")]
+    assert curve == list(range(10, 201, 10))
+    assert ea.Scalars("train/relative_error")[-1].value == pytest.approx(metrics["relative_error"], rel=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["fro", "fro2", "rmse"])

@@ -76,6 +76,7 @@ def fit(
     tol_window: int = 10,
     done: int = 0,
     convergence: Convergence | None = None,
+    on_update: Callable[[int, PassResult], None] | None = None,
 ) -> FitResult:
     """Run up to ``steps`` updates of W and H (in place) over the row blocks of X.
 
@@ -83,6 +84,8 @@ def fit(
     ``done`` updates ago, so where a run stops does not depend on how it is called) the
     ``objective(sq, W, H)`` is computed; a relative change below ``tol`` since the last
     check stops the fit. Per-update losses stay on the device: no host sync but the test.
+    ``on_update(i, result)`` is called after the i-th update (from 1) of this call, while
+    its lazily formed error can still be read (curves on a grid of updates).
     """
     convergence = convergence or Convergence()
     losses: list[Tensor] = []
@@ -91,6 +94,8 @@ def fit(
         last = update(blocks, W, H, step)
         if last.loss is not None:
             losses.append(last.loss)
+        if on_update is not None:
+            on_update(i + 1, last)
         if not tol or (done + i + 1) % tol_window:
             continue
         with torch.no_grad():

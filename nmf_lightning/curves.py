@@ -1,0 +1,71 @@
+"""Training curves on a fixed grid of updates, whatever the sizes of the blocks that ran them.
+
+A block of updates runs without a host sync; the values of the grid's points inside it
+stay on the device until the block ends, then go to the host in one copy and to the
+loggers with their true update numbers. A curve of 2000 updates logged every 10 has the
+same 200 points on a fast machine and a slow one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+class UpdateGrid:
+    """The points of a run's curves: every ``every`` updates, plus the run's last update."""
+
+    def __init__(self, every: int):
+        if isinstance(every, bool) or int(every) < 1:
+            raise ValueError(f"trainer.log_every_n_steps must be an integer >= 1 (updates), got {every!r}.")
+        self.every = int(every)
+        self._points: dict[int, dict[str, Tensor]] = {}
+
+    def due(self, step: int) -> bool:
+        """Whether update ``step`` is a point of the grid."""
+        return step > 0 and step % self.every == 0
+
+    def add(self, step: int, values: dict[str, Tensor]) -> None:
+        """Keep ``values`` (device tensors, one per restart or a scalar) for the point at ``step``."""
+        self._points.setdefault(step, {}).update(values)
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def flush(self, loggers: Iterable) -> dict[int, dict[str, float]]:
+        """Write the kept points to every logger, in update order, and forget them.
+
+        With restarts each point reports its best restart, the one of lowest
+        ``train/loss`` at that point. One device-to-host copy for all points.
+        """
+        points, self._points = self._points, {}
+        if not points:
+            return {}
+        keys: list[tuple[int, str]] = []
+        values: list[Tensor] = []
+        for step in sorted(points):
+            point = points[step]
+            best = _best(point.get("train/loss"))
+            for key, value in point.items():
+                value = value.detach()
+                if value.dim() == 1 and best is not None:
+                    value = value[best]
+                keys.append((step, key))
+                values.append(value.to(torch.float64).reshape(()))
+        host = torch.stack([v.to(values[0].device) for v in values]).cpu().tolist()
+        out: dict[int, dict[str, float]] = {}
+        for (step, key), value in zip(keys, host, strict=True):
+            out.setdefault(step, {})[key] = value
+        for logger in loggers:
+            for step, metrics in out.items():
+                logger.log_metrics(metrics, step=step)
+        return out
+
+
+def _best(loss: Tensor | None) -> Tensor | None:
+    """Index of the restart of lowest finite loss (None without restarts)."""
+    if loss is None or loss.dim() == 0:
+        return None
+    return torch.nan_to_num(loss.detach(), nan=float("inf")).argmin()

@@ -1,0 +1,79 @@
+"""Training curves: a point every trainer.log_every_n_steps updates, whatever the block sizes."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nmf_lightning.curves import UpdateGrid
+from nmf_lightning.train import train
+
+SMALL = ("data=synthetic", "data.n_rows=40", "data.n_cols=30", "data.true_rank=3", "model.rank=3")
+
+
+def _steps(run, tag):
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.step for e in ea.Scalars(tag)], ea
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("model.inner_steps=7",),
+        ("model.inner_steps=auto",),
+        ("optimizer=hals", "model.inner_steps=7"),
+        ("optimizer=hals", "model.restarts=2"),
+        ("optimizer=mu", "data.holdout=0.2", "model.inner_steps=13"),
+    ],
+    ids=["adam-7", "adam-auto", "hals-7", "hals-restarts", "mu-masked-13"],
+)
+def test_a_2000_update_run_has_the_grid_points_whatever_the_blocks(make_cfg, tmp_path, extra):
+    # noise keeps the fit off float32's floor, where rounding makes any solver's error bounce
+    metrics = train(make_cfg(*SMALL, "data.noise=0.1", "trainer.max_steps=2000", *extra))
+    grid = list(range(10, 2001, 10))
+    steps, ea = _steps(tmp_path, "train/loss")
+    assert steps == grid
+    assert [e.step for e in ea.Scalars("train/relative_error")] == grid
+    losses = [e.value for e in ea.Scalars("train/loss")]
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert ea.Scalars("train/relative_error")[-1].value == pytest.approx(metrics["relative_error"], rel=1e-5)
+    if any(e.startswith("optimizer=") for e in extra):  # closed form: never up, but for rounding
+        assert all(b <= a * (1 + 1e-3) for a, b in zip(losses, losses[1:], strict=False))
+
+
+def test_the_grid_follows_log_every_n_steps_and_ends_with_the_last_update(make_cfg, tmp_path):
+    train(make_cfg(*SMALL, "trainer.max_steps=95", "trainer.log_every_n_steps=25", "model.inner_steps=10"))
+    steps, ea = _steps(tmp_path, "train/loss")
+    assert steps == [25, 50, 75, 95]
+    # the full metrics of a block end are logged where a block ends on the grid, and at the end
+    assert [e.step for e in ea.Scalars("train/reconstruction")] == [50, 95]
+
+
+def test_converged_run_ends_its_curve_where_it_stopped(make_cfg, tmp_path):
+    metrics = train(make_cfg(*SMALL, "data.noise=0.3", "optimizer=hals", "model.tol=1e-4", "trainer.max_steps=5000"))
+    steps, _ = _steps(tmp_path, "train/loss")
+    assert metrics["steps"] < 5000 and steps[-1] == metrics["steps"]
+    assert steps[:-1] == list(range(10, steps[-1], 10))
+
+
+def test_update_grid_keeps_points_on_the_device_and_picks_each_points_best_restart():
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, metrics, step):
+            self.calls.append((step, metrics))
+
+    grid = UpdateGrid(5)
+    assert [s for s in range(12) if grid.due(s)] == [5, 10]
+    grid.add(10, {"train/loss": torch.tensor([3.0, 1.0]), "train/relative_error": torch.tensor([0.3, 0.1])})
+    grid.add(5, {"train/loss": torch.tensor([float("nan"), 2.0]), "train/relative_error": torch.tensor([0.9, 0.2])})
+    grid.add(5, {"val/rmse": torch.tensor(0.5)})
+    logger = Recorder()
+    out = grid.flush([logger])
+    assert [step for step, _ in logger.calls] == [5, 10]
+    assert out[5] == {"train/loss": 2.0, "train/relative_error": pytest.approx(0.2), "val/rmse": 0.5}
+    assert out[10]["train/relative_error"] == pytest.approx(0.1)
+    assert len(grid) == 0 and grid.flush([logger]) == {}
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        UpdateGrid(0)

@@ -93,21 +93,55 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
     metrics["status"] = "completed"
     metrics["stop_reason"] = _stop_reason(trainer, model)
+    W, H = model.factors()
+    reason = degenerate_reason(metrics, W, H)
+    if reason is not None:
+        metrics.update(status="degenerate", reason=reason)
     for logger in loggers:
         logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)
-        logger.finalize("success")
-    W, H = model.factors()
+        logger.finalize("success" if reason is None else "failed")
+    if reason is not None:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        raise DegenerateError(f"{reason}; {_degenerate_hint(cfg)}. No factors.npz was written.")
     np.savez(out / "factors.npz", W=W, H=H)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    key = cfg.get("optimized_metric") or "relative_error"
+    shown = [key] + [k for k in ("relative_error", "loss") if k != key]
     log.info(
-        "relative error %.6g, loss %.6g after %d updates (%s); wrote %s",
-        metrics["relative_error"],
-        metrics["loss"],
+        "%s after %d updates (%s); wrote %s",
+        ", ".join(f"{k} {metrics[k]:.6g}" for k in shown if k in metrics),
         metrics["steps"],
         metrics["stop_reason"],
         out,
     )
     return metrics
+
+
+class DegenerateError(RuntimeError):
+    """Training ran, but its factors are no factorization: they collapsed to zero."""
+
+
+def degenerate_reason(metrics: dict[str, Any], W: np.ndarray, H: np.ndarray) -> str | None:
+    """Why the final factors are useless as an NMF (all zero, or no better than zero), or None."""
+    for name, A in (("W", W), ("H", H)):
+        if not np.any(A):
+            return f"the factors collapsed: {name} is all zero (relative error {metrics['relative_error']:.4g})"
+    if metrics["relative_error"] >= DEGENERATE_ERROR:
+        return (
+            f"the factors collapsed: relative error {metrics['relative_error']:.4g}, "
+            "no better than all-zero factors (1.0)"
+        )
+    return None
+
+
+def _degenerate_hint(cfg: DictConfig) -> str:
+    """What to lower: the penalties that are on, or the learning rate."""
+    penalties = [f"model.{k}={cfg.model[k]}" for k in PENALTIES if cfg.model.get(k)]
+    lr = cfg.optimizer.get("lr")
+    hints = [f"lower the penalty ({', '.join(penalties)})"] if penalties else []
+    if lr is not None:
+        hints.append(f"lower the learning rate (e.g. optimizer.lr={float(lr) / 10:g})")
+    return " or ".join(hints) if hints else "check X and model.rank"
 
 
 def _model_config(cfg: DictConfig, callbacks: list[Any]) -> DictConfig:
@@ -157,6 +191,10 @@ def _build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+#: a final relative error at least this high is no fit (all-zero factors have 1.0)
+DEGENERATE_ERROR = 0.999
+#: the penalty weights of model/, in the order a hint names them
+PENALTIES = ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")
 #: with early stopping and model.inner_steps=auto, validate every this many updates
 EARLY_STOPPING_BLOCK = 100
 #: final metrics shown in TensorBoard's HPARAMS tab
@@ -242,7 +280,7 @@ def main(cfg: DictConfig) -> float | None:
                 cfg.gpu = gpu
             log.info("training on GPU %d", gpu)
             return optimized_value(cfg, train(cfg))
-    except (ValueError, TypeError, KeyError, FileNotFoundError, DivergenceError) as err:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, DivergenceError, DegenerateError) as err:
         log.error("%s: %s", type(err).__name__, err)
         if single:
             sys.exit(f"error: {err}")  # a plain message, not a traceback, for a single run
@@ -278,8 +316,8 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> float:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
-    if done.get("status") == "completed":
-        record = {**done, **record}  # keep the trained numbers
+    if done.get("status") in ("completed", "degenerate"):
+        record = {**done, **record, "status": done["status"] if isinstance(err, DegenerateError) else "failed"}
     path.write_text(json.dumps(record, indent=2) + "\n")
     sweeper = str(HydraConfig.get().sweeper.get("_target_", "")) if HydraConfig.initialized() else ""
     if sweeper and not sweeper.endswith("BasicSweeper"):

@@ -1,4 +1,6 @@
 import json
+import math
+import re
 import warnings
 
 import lightning as L
@@ -9,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nmf_lightning.module import DivergenceError, NMFModule
-from nmf_lightning.train import train
+from nmf_lightning.train import DegenerateError, _record_failure, degenerate_reason, train
 from nmf_lightning.validation import NMFInputError
 
 SMALL = ("data=synthetic", "data.n_rows=40", "data.n_cols=30", "data.true_rank=3", "model.rank=3")
@@ -445,3 +447,31 @@ def test_an_adam_lr_too_small_for_large_valued_x_is_named(make_cfg, tmp_path):
         warnings.simplefilter("always")
         train(make_cfg(*common, "optimizer.lr=1.0"))  # big enough: no warning
     assert not [w for w in caught if "moves a factor entry" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "extra, hint",
+    [
+        (("optimizer=sgd", "optimizer.lr=10"), "optimizer.lr=1"),
+        (("model.l1_W=1000", "model.l1_H=1000", "optimizer=hals"), "model.l1_W=1000"),
+    ],
+    ids=["lr", "penalty"],
+)
+def test_factors_that_collapse_end_degenerate_with_a_hint_and_no_factors(make_cfg, tmp_path, extra, hint):
+    with pytest.raises(DegenerateError, match=rf"collapsed.*{re.escape(hint)}"):
+        train(make_cfg(*SMALL, "trainer.max_steps=50", *extra))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["status"] == "degenerate" and "collapsed" in saved["reason"]
+    assert not (tmp_path / "factors.npz").exists()
+    # in a sweep the job's record keeps the numbers and the status, and the sweep goes on
+    err = DegenerateError(saved["reason"])
+    assert math.isnan(_record_failure(make_cfg(*SMALL), err))
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "degenerate" and record["steps"] == 50 and record["error"] == saved["reason"]
+
+
+def test_degenerate_reason_reads_zero_factors_and_no_better_than_zero():
+    ones = np.ones((2, 2))
+    assert degenerate_reason({"relative_error": 0.5}, ones, ones) is None
+    assert "W is all zero" in degenerate_reason({"relative_error": 1.0}, 0 * ones, ones)
+    assert "no better than all-zero" in degenerate_reason({"relative_error": 2.72}, ones, ones)

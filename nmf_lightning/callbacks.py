@@ -3,31 +3,62 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
 
 
 class UpdateProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, counting optimizer updates out of ``trainer.max_steps``.
+    """One bar for the run: updates done out of ``trainer.max_steps``, loss, relative error, updates/s.
 
-    A Lightning step holds a whole block of updates, so batches would say little about
-    how far a run is; this bar advances by the updates each block ran.
+    A Lightning step holds a whole block of updates and an epoch is a pass over X, so
+    Lightning's batch and epoch bars would say little; this bar advances by updates and
+    lasts the whole run (resumed runs start at their update).
     """
 
-    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        """Size the bar to the run's updates."""
-        super().on_train_epoch_start(trainer)
-        if trainer.max_steps and trainer.max_steps > 0:
-            self.train_progress_bar.total = trainer.max_steps
-        self.train_progress_bar.initial = trainer.global_step
-        self.train_progress_bar.set_description("updates")
+    #: progress-bar names of the logged metrics
+    NAMES = {
+        "train/loss": "loss",
+        "train/relative_error": "rel_error",
+        "val/relative_error": "val_rel_error",
+        "online/loss": "online_loss",
+        "online/relative_error": "online_rel_error",
+    }
+
+    def init_train_tqdm(self) -> Tqdm:
+        """The run's bar, counted in updates."""
+        steps = self.trainer.max_steps
+        return Tqdm(
+            desc="updates",
+            unit=" updates",
+            total=steps if steps and steps > 0 else None,
+            initial=self.trainer.global_step,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
+
+    def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
+        """Open the bar at the run's first update, sized to its updates."""
+        self.train_progress_bar = self.init_train_tqdm()
+
+    def on_train_epoch_start(self, *_: Any) -> None:
+        """An epoch is a pass over X, not a stage of the run: the bar goes on."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Keep the bar open across passes over X."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         """Show the updates done so far and the latest metrics."""
@@ -37,6 +68,19 @@ class UpdateProgressBar(TQDMProgressBar):
         bar.n = trainer.global_step
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         bar.refresh()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Close the bar on the final numbers."""
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        super().on_train_end(trainer, pl_module)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The run's numbers under short names (no Lightning version number)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        return {self.NAMES[k]: v for k, v in metrics.items() if k in self.NAMES}
 
     def on_validation_start(self, *_: Any) -> None:
         """Validation scores a few held-out entries in one tick: no bar of its own."""

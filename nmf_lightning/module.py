@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from nmf_lightning.console import NMFWarning
 from nmf_lightning.curves import UpdateGrid
 from nmf_lightning.data.holdout import Holdout
 from nmf_lightning.data.rows import RowSummary
@@ -113,7 +114,7 @@ class NMFModule(L.LightningModule):
             warnings.warn(
                 f"model.init={init} is deterministic, so the {restarts} restarts start (and end) alike; "
                 "use model.init=random or nndsvdar for different starts.",
-                UserWarning,
+                NMFWarning,
                 stacklevel=2,
             )
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
@@ -169,7 +170,7 @@ class NMFModule(L.LightningModule):
         if t.sparse and self.hparams.loss_form == "residual":
             warnings.warn(
                 "model.loss_form=residual densifies the sparse X at every update; loss_form=auto keeps it sparse.",
-                UserWarning,
+                NMFWarning,
                 stacklevel=2,
             )
         self._check_loss_form(t.masked)
@@ -756,7 +757,7 @@ class NMFModule(L.LightningModule):
                 f"{lr * updates:.3g} over {updates} updates, but the factors are at scale {scale:.3g} "
                 f"(X is large-valued): the run will end far from a fit. Raise the lr (e.g. "
                 f"optimizer.lr={scale / 100:.2g}) or trainer.max_steps, or use optimizer=hals.",
-                UserWarning,
+                NMFWarning,
                 stacklevel=2,
             )
 
@@ -783,7 +784,7 @@ class NMFModule(L.LightningModule):
                     f"the trained factors have negative entries (W {negs['W']:.1%}, H {negs['H']:.1%}); "
                     "factors.npz and the errors reported use them clamped at 0. Set model.project=true "
                     "or raise model.lam to train factors that need no clamping.",
-                    UserWarning,
+                    NMFWarning,
                     stacklevel=2,
                 )
 

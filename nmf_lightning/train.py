@@ -25,7 +25,9 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nmf_lightning.console import run_console
 from nmf_lightning.gpus import claimed_gpu
+from nmf_lightning.hparams import run_hparams, short_overrides, write_hparams
 from nmf_lightning.module import DivergenceError, NMFModule
 from nmf_lightning.validation import NMFInputError, check_accelerator
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # `${nmf.cuda_devices:}` in configs: the number of visible GPUs (at least 1), e.g. for n_jobs
 OmegaConf.register_new_resolver("nmf.cuda_devices", lambda: max(1, torch.cuda.device_count()), replace=True)
+# `${nmf.short:${hydra.job.override_dirname}}`: a sweep job's folder (and TensorBoard run) name, rank=8,lr=0.01
+OmegaConf.register_new_resolver("nmf.short", short_overrides, replace=True)
 
 
 def config_dir() -> str:
@@ -76,12 +80,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, **_trainer_overrides(cfg, held_out)
     )
-    hp_metrics = HP_METRICS + (VAL_METRICS if held_out else ())
+    hp_metrics = hp_metric_names(held_out)
+    choices, overrides = _command_line()
+    params, shown = run_hparams(cfg, choices, overrides)
+    log.info("config: %s", ", ".join(f"{k}={v}" for k, v in params.items() if k != "overrides"))
+    log.info("overrides: %s", params["overrides"])
+    log.info("device: %s, precision %s", _device(trainer), cfg.trainer.precision)
     for logger in loggers:
+        logger.log_hyperparams(params)
         if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
-            logger.log_hyperparams(hparams(cfg), metrics={f"hp/{k}": math.nan for k in hp_metrics})
-        else:
-            logger.log_hyperparams(hparams(cfg))
+            write_hparams(logger.experiment, params, [f"hp/{k}" for k in hp_metrics], shown)
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -95,6 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["stop_reason"] = _stop_reason(trainer, model)
     W, H = model.factors()
     reason = degenerate_reason(metrics, W, H)
+    log.info("final metrics: %s", json.dumps(metrics))
     if reason is not None:
         metrics.update(status="degenerate", reason=reason)
     for logger in loggers:
@@ -197,10 +206,17 @@ DEGENERATE_ERROR = 0.999
 PENALTIES = ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")
 #: with early stopping and model.inner_steps=auto, validate every this many updates
 EARLY_STOPPING_BLOCK = 100
-#: final metrics shown in TensorBoard's HPARAMS tab
-HP_METRICS = ("loss", "relative_error", "rmse", "reconstruction")
+#: final metrics shown in TensorBoard's HPARAMS tab, in its column order
+HP_METRICS = ("relative_error", "loss", "rmse", "reconstruction")
 #: ... and, with data.holdout > 0, the held-out ones
 VAL_METRICS = ("val_relative_error", "val_rmse")
+
+
+def hp_metric_names(held_out: bool) -> tuple[str, ...]:
+    """The HPARAMS columns: the errors first (held-out before training), then the loss."""
+    if not held_out:
+        return HP_METRICS
+    return ("val_relative_error", "relative_error", "val_rmse", "loss", "rmse", "reconstruction")
 
 
 def metric_key(name: str) -> str:
@@ -234,27 +250,17 @@ def _check_early_stopping(callbacks: list[Any], held_out: bool) -> None:
             )
 
 
-def hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The flat hyperparameters a sweep compares: rank, lambda, optimizer, lr, loss, data."""
-    opt = cfg.optimizer
-    return {
-        "data": _choice("data", cfg.data.get("loader", {}).get("path")),
-        "optimizer": _choice("optimizer", opt.get("_target_")),
-        "lr": float(opt.get("lr", math.nan)),
-        "rank": int(cfg.model.rank),
-        "lam": float(cfg.model.lam),
-        "loss": str(cfg.model.loss),
-        "init": str(cfg.model.init),
-        "project": bool(cfg.model.project),
-        "l1_W": float(cfg.model.l1_W),
-        "l1_H": float(cfg.model.l1_H),
-        "l2_W": float(cfg.model.get("l2_W", 0.0)),
-        "l2_H": float(cfg.model.get("l2_H", 0.0)),
-        "l21_H": float(cfg.model.l21_H),
-        "max_steps": int(cfg.trainer.max_steps),
-        "precision": str(cfg.trainer.precision),
-        "seed": int(cfg.seed),
-    }
+def _device(trainer: L.Trainer) -> str:
+    device = trainer.strategy.root_device
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def _command_line() -> tuple[dict[str, Any], list[str]]:
+    """The config groups picked and the command line's overrides (none outside Hydra)."""
+    if not HydraConfig.initialized():
+        return {}, []
+    hc = HydraConfig.get()
+    return dict(hc.runtime.choices), list(hc.overrides.task)
 
 
 def _choice(group: str, fallback: Any) -> str:
@@ -274,12 +280,14 @@ def main(cfg: DictConfig) -> float | None:
     single = HydraConfig.get().mode == RunMode.RUN
     try:
         if not cfg.get("spread_gpus"):
-            return optimized_value(cfg, train(cfg))
+            with run_console():
+                return optimized_value(cfg, train(cfg))
         with claimed_gpu(Path(HydraConfig.get().sweep.dir) / ".gpu_locks", torch.cuda.device_count()) as gpu:
             with open_dict(cfg):
                 cfg.gpu = gpu
             log.info("training on GPU %d", gpu)
-            return optimized_value(cfg, train(cfg))
+            with run_console():
+                return optimized_value(cfg, train(cfg))
     except (ValueError, TypeError, KeyError, FileNotFoundError, DivergenceError, DegenerateError) as err:
         log.error("%s: %s", type(err).__name__, err)
         if single:

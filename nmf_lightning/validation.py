@@ -12,6 +12,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from nmf_lightning.console import NMFWarning
+
 
 class NMFInputError(ValueError):
     """Bad data or configuration, detected before any training work."""
@@ -100,7 +102,7 @@ def check_rank(rank: int, shape: tuple[int, int] | None = None) -> None:
             f"model.rank={rank} exceeds min(n, m) = {min(shape)} for X of shape "
             f"{shape[0]}x{shape[1]}; the factorization is over-complete (allowed, as in the "
             "masked notebook), and a lower rank fits as well.",
-            UserWarning,
+            NMFWarning,
             stacklevel=2,
         )
 

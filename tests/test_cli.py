@@ -4,12 +4,14 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from itertools import product
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run_cli, run_sweep
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ("callbacks.progress_bar.refresh_rate=0",)
@@ -20,7 +22,7 @@ def _metrics(run: Path) -> dict:
 
 
 def _curve(run: Path, tag: str = "train/loss") -> list[float]:
-    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
     ea.Reload()
     return [e.value for e in ea.Scalars(tag)]
 
@@ -41,7 +43,7 @@ def test_cli_trains_end_to_end(tmp_path, data):
     assert proc.returncode == 0, proc.stderr
     for name in ("factors.npz", "metrics.json", ".hydra/config.yaml", "checkpoints/last.ckpt"):
         assert (run / name).exists(), name
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(run.glob("events.out.tfevents.*"))
     metrics = _metrics(run)
     assert metrics["steps"] == 300 and 0 <= metrics["relative_error"] < 0.3
     loss = _curve(run)
@@ -72,16 +74,27 @@ def test_synthetic_known_factors_beats_the_notebook_als(tmp_path):
         assert f["W"].dtype == np.float64 and (f["W"] >= 0).all() and (f["H"] >= 0).all()
 
 
+OPTS = ("adam", "sgd")
+
+
 def test_multirun_sweep_runs_every_combination_in_its_own_folder(tmp_path):
     sweep = tmp_path / "sweep"
     run_sweep(sweep, "data=toy", "model.rank=1,2", "optimizer=adam,sgd", "trainer.max_steps=20")
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").exists())
     assert len(jobs) == 4
-    # job folders are named by their overrides, so TensorBoard lists runs by what changed
-    for job, (rank, opt) in zip(jobs, [(1, "adam"), (1, "sgd"), (2, "adam"), (2, "sgd")], strict=True):
-        assert f"model.rank={rank}" in job.name and f"optimizer={opt}" in job.name
+    # job folders (TensorBoard's run names) say what the job changed, in short
+    names = [f"{i}_data=toy,rank={r},optimizer={o},max_steps=20" for i, (r, o) in enumerate(product((1, 2), OPTS))]
+    assert [job.name for job in jobs] == names
     for job in jobs:
-        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        assert list(job.glob("events.out.tfevents.*"))
+        # HPARAMS opens on the changed keys: TensorBoard shows the five marked as differing first
+        ea = EventAccumulator(str(job))
+        ea.Reload()
+        content = ea.summary_metadata["_hparams_/experiment"].plugin_data.content
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+        shown = {info.name for info in experiment.hparam_infos if info.differs}
+        assert shown == {"data", "rank", "optimizer", "max_steps", "lr"}
+        assert experiment.metric_infos[0].name.tag == "hp/relative_error"
         with np.load(job / "factors.npz") as f:
             assert f["W"].shape[1] == int(job.name.split("rank=")[1][0])
 

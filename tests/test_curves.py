@@ -11,7 +11,7 @@ SMALL = ("data=synthetic", "data.n_rows=40", "data.n_cols=30", "data.true_rank=3
 
 
 def _steps(run, tag):
-    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
     ea.Reload()
     return [e.step for e in ea.Scalars(tag)], ea
 
@@ -77,3 +77,28 @@ def test_update_grid_keeps_points_on_the_device_and_picks_each_points_best_resta
     assert len(grid) == 0 and grid.flush([logger]) == {}
     with pytest.raises(ValueError, match="log_every_n_steps"):
         UpdateGrid(0)
+
+
+def test_short_names_and_hparams_put_what_changed_first():
+    from omegaconf import OmegaConf
+
+    from nmf_lightning.hparams import SHOWN, run_hparams, short_overrides
+
+    dirname = "callbacks.progress_bar.refresh_rate=0,data=digits,model.rank=8,optimizer.lr=0.01,trainer.accelerator=cpu"
+    assert short_overrides(dirname) == "data=digits,rank=8,lr=0.01"
+    assert short_overrides("") == "defaults"
+    cfg = OmegaConf.create(
+        {
+            "model": {"rank": 8, "lam": 0.0, "loss": "fro", "init": "random", "project": True, "l21_H": 0.5},
+            "optimizer": {"_target_": "x", "lr": 0.01},
+            "data": {"holdout": 0.1, "seed": 3},
+            "trainer": {"max_steps": 100, "precision": "32-true"},
+            "seed": 0,
+        }
+    )
+    overrides = ["model.l21_H=0.5", "data.seed=3", "trainer.accelerator=cpu"]
+    params, shown = run_hparams(cfg, {"data": "digits", "optimizer": "adam"}, overrides)
+    assert list(params)[:2] == ["l21_H", "data.seed"] and params["data.seed"] == 3  # seed is the top-level one
+    assert shown == ["l21_H", "data.seed", "rank", "optimizer", "lr"] and len(shown) == SHOWN
+    assert params["optimizer"] == "adam" and params["holdout"] == 0.1 and "accelerator" not in params
+    assert params["overrides"] == " ".join(overrides)

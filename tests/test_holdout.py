@@ -115,7 +115,7 @@ def test_early_stopping_on_the_held_out_error_stops_the_run(make_cfg, tmp_path):
     assert metrics["steps"] < 20000
     assert metrics["stop_reason"].startswith("early stopping")
     # the run ends with the factors of its best check, not the last one
-    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea = EventAccumulator(str(tmp_path))
     ea.Reload()
     checks = {e.step: e.value for e in ea.Scalars("val/relative_error")}
     best_step = min(checks, key=checks.get)
@@ -137,7 +137,7 @@ def test_validation_metrics_without_a_holdout_fail_before_training(make_cfg, tmp
 def test_a_misspelt_optimized_metric_fails_before_training(make_cfg, tmp_path):
     with pytest.raises(NMFInputError, match="optimized_metric=val_rel is not a final metric"):
         train(make_cfg("data=toy", "data.holdout=0.2", "optimized_metric=val_rel"))
-    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "tensorboard").exists()
+    assert not (tmp_path / "metrics.json").exists() and not list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_resuming_with_another_holdout_is_refused(make_cfg, tmp_path):

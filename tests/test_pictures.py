@@ -32,7 +32,7 @@ def test_top_words_pick_the_heaviest_columns_of_each_component():
 
 
 def _tags(run):
-    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    ea = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0})
     ea.Reload()
     return ea
 

@@ -244,7 +244,7 @@ def test_streamed_validation_and_online_curves(make_cfg, tmp_path):
     out.mkdir()
     common = ("data.batch_rows=8", "optimizer=hals", "trainer.max_steps=12", f"paths.output_dir={out}")
     train(make_cfg(*data, *common, "data.holdout=0.1"))
-    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(out), size_guidance={"scalars": 0})
     ea.Reload()
     # validated once a pass; a point every 10 updates and at the last
     assert [e.step for e in ea.Scalars("val/relative_error")] == [10, 12]
@@ -252,7 +252,7 @@ def test_streamed_validation_and_online_curves(make_cfg, tmp_path):
     out = tmp_path / "online"
     out.mkdir()
     metrics = train(make_cfg(*data, *common[:-1], f"paths.output_dir={out}", "model.online=true"))
-    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(out), size_guidance={"scalars": 0})
     ea.Reload()
     assert "online/relative_error" in ea.Tags()["scalars"] and "train/relative_error" not in ea.Tags()["scalars"]
     from nmf_lightning.data import synthetic

@@ -36,7 +36,7 @@ def test_run_writes_factors_metrics_checkpoint_and_events(make_cfg, tmp_path):
     assert saved["relative_error"] == pytest.approx(np.linalg.norm(Xs - W @ H) / np.linalg.norm(Xs), rel=1e-4)
     assert saved["relative_error"] < 0.2
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     for tag in (
@@ -167,7 +167,7 @@ def test_without_projection_the_result_is_clamped_and_the_raw_negatives_reported
     assert metrics["relative_error"] == pytest.approx(np.linalg.norm(R) / np.linalg.norm(X[~held]), rel=1e-4)
     V = (X - W @ H)[held]
     assert metrics["val_relative_error"] == pytest.approx(np.linalg.norm(V) / np.linalg.norm(X[held]), rel=1e-4)
-    ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     ea.Reload()
     assert ea.Scalars("factors/W_neg_fraction")[-1].value == pytest.approx(metrics["W_neg_fraction"])
     curve = [e.step for e in ea.Scalars("train/relative_error")]
@@ -298,7 +298,7 @@ def test_batched_restarts_equal_separate_runs_with_the_same_seeds(make_cfg, tmp_
     batched_dir = tmp_path / "batched"
     batched_dir.mkdir()
     metrics = train(make_cfg(*common, "model.restarts=3", "seed=5", f"paths.output_dir={batched_dir}"))
-    ea = EventAccumulator(str(batched_dir / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(batched_dir), size_guidance={"scalars": 0})
     ea.Reload()
     finals = [ea.Scalars(f"restarts/loss_{r}")[-1].value for r in range(3)]
     best = metrics["best_restart"]

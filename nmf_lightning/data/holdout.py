@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from nmf_lightning.console import NMFWarning
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.validation import NMFInputError
 
@@ -96,7 +97,7 @@ def _warn_unseen(
         warnings.warn(
             f"data.holdout={fraction} leaves {empty_rows} rows and {empty_cols} columns of X with no "
             "training entry; their held-out predictions only reflect the initialisation. Lower data.holdout.",
-            UserWarning,
+            NMFWarning,
             stacklevel=3,
         )
 

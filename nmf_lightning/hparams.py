@@ -1,0 +1,129 @@
+"""What a run is called and which hyperparameters its HPARAMS row shows first.
+
+TensorBoard names a run by its folder and shows five hyperparameter columns by default:
+those that differ between runs, then the rest by name. A run here marks as differing the
+keys its command line changed, then the ones users compare most (rank, optimizer, lr,
+λ, loss), so the table opens on what a sweep varied.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+#: the flat hyperparameters of a run, in the order they matter to a comparison, and their config keys
+KEYS = {
+    "rank": "model.rank",
+    "optimizer": "optimizer",
+    "lr": "optimizer.lr",
+    "lam": "model.lam",
+    "loss": "model.loss",
+    "init": "model.init",
+    "restarts": "model.restarts",
+    "tol": "model.tol",
+    "holdout": "data.holdout",
+    "data": "data",
+    "project": "model.project",
+    "l1_W": "model.l1_W",
+    "l1_H": "model.l1_H",
+    "l2_W": "model.l2_W",
+    "l2_H": "model.l2_H",
+    "l21_H": "model.l21_H",
+    "max_steps": "trainer.max_steps",
+    "precision": "trainer.precision",
+    "seed": "seed",
+}
+#: columns TensorBoard's HPARAMS table shows before a user picks others
+SHOWN = 5
+#: command-line keys that say where or how a run goes, not what it is
+_NOT_HPARAMS = re.compile(
+    r"^(hydra|paths|callbacks|logger|launcher|hparams_search|ckpt_path|threads|gpu|spread_gpus"
+    r"|trainer\.(accelerator|devices|enable_\w+|default_root_dir)|data\.num_workers)\b"
+)
+
+
+def short_name(key: str) -> str:
+    """``model.rank`` -> ``rank``, ``optimizer=hals``'s key -> ``optimizer``; ``+``/``~`` dropped."""
+    return key.lstrip("+~").rpartition(".")[2]
+
+
+def short_overrides(override_dirname: str) -> str:
+    """A sweep job's name from Hydra's ``key=value,...``: ``model.rank=8,optimizer.lr=0.01`` -> ``rank=8,lr=0.01``."""
+    items = re.split(r",(?=[+~]*[\w.]+=)", override_dirname) if override_dirname else []
+    pairs = [item.partition("=") for item in items]
+    return ",".join(f"{short_name(k)}={v}" for k, _, v in pairs if not _NOT_HPARAMS.match(k.lstrip("+~"))) or "defaults"
+
+
+def overridden_keys(overrides: list[str]) -> list[str]:
+    """Config keys a command line changed (``model.rank=8`` -> ``model.rank``), hyperparameters only."""
+    keys = [item.partition("=")[0].lstrip("+~") for item in overrides]
+    return [k for k in dict.fromkeys(keys) if k and not _NOT_HPARAMS.match(k)]
+
+
+def run_hparams(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The run's flat hyperparameters (changed keys first) and the names to show first.
+
+    ``choices`` are the config groups picked (Hydra's runtime choices); ``overrides`` the
+    command line's ``key=value`` items, whose keys come first under their short names
+    (a full key where the short one would be ambiguous), with ``overrides`` itself as text.
+    """
+    opt = cfg.optimizer
+    base = {
+        "rank": int(cfg.model.rank),
+        "optimizer": str(choices.get("optimizer") or opt.get("_target_")),
+        "lr": float(opt.get("lr", math.nan)),
+        "lam": float(cfg.model.lam),
+        "loss": str(cfg.model.loss),
+        "init": str(cfg.model.init),
+        "restarts": int(cfg.model.get("restarts", 1)),
+        "tol": float(cfg.model.get("tol", 0.0)),
+        "holdout": float(cfg.data.get("holdout", 0.0)),
+        "data": str(choices.get("data") or cfg.data.get("loader", {}).get("path")),
+        "project": bool(cfg.model.project),
+        **{k: float(cfg.model.get(k, 0.0)) for k in ("l1_W", "l1_H", "l2_W", "l2_H", "l21_H")},
+        "max_steps": int(cfg.trainer.max_steps),
+        "precision": str(cfg.trainer.precision),
+        "seed": int(cfg.seed),
+    }
+    full = {v: k for k, v in KEYS.items()}
+    changed: dict[str, Any] = {}
+    for key in overridden_keys(overrides):
+        name = full.get(key) or short_name(key)
+        if name in base and KEYS.get(name) != key or name in changed:
+            name = key  # e.g. data.seed beside the top-level seed
+        value = base[name] if name in base else _value(cfg, choices, key)
+        changed[name] = value
+    params = {**changed, **{k: v for k, v in base.items() if k not in changed}}
+    params["overrides"] = " ".join(overrides) or "(defaults)"
+    return params, list(params)[:SHOWN]
+
+
+def _value(cfg: DictConfig, choices: dict[str, Any], key: str) -> Any:
+    if key in choices:
+        return str(choices[key])
+    value = OmegaConf.select(cfg, key, default=None)
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
+def write_hparams(writer: Any, params: dict[str, Any], metrics: list[str], shown: list[str]) -> None:
+    """Write the HPARAMS tab's experiment, session start and end for one run.
+
+    ``metrics`` are scalar tags logged at the end (their order is the table's); the
+    ``shown`` hyperparameters are marked as differing, which TensorBoard shows first.
+    """
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams
+
+    exp, ssi, sei = hparams(params, {m: math.nan for m in metrics})
+    content = plugin_data_pb2.HParamsPluginData.FromString(exp.value[0].metadata.plugin_data.content)
+    for info in content.experiment.hparam_infos:
+        info.differs = info.name in shown
+    exp.value[0].metadata.plugin_data.content = content.SerializeToString()
+    file_writer = writer._get_file_writer()
+    for summary in (exp, ssi, sei):
+        file_writer.add_summary(summary)

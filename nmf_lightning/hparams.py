@@ -1,4 +1,4 @@
-"""What a run is called and which hyperparameters its HPARAMS row shows first.
+"""What a run is called, which hyperparameters its HPARAMS row shows first, and its curves' layout.
 
 TensorBoard names a run by its folder and shows five hyperparameter columns by default:
 those that differ between runs, then the rest by name. A run here marks as differing the
@@ -8,8 +8,10 @@ keys its command line changed, then the ones users compare most (rank, optimizer
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -50,11 +52,39 @@ def short_name(key: str) -> str:
     return key.lstrip("+~").rpartition(".")[2]
 
 
-def short_overrides(override_dirname: str) -> str:
-    """A sweep job's name from Hydra's ``key=value,...``: ``model.rank=8,optimizer.lr=0.01`` -> ``rank=8,lr=0.01``."""
+def short_overrides(override_dirname: str, sweep_dir: str | None = None) -> str:
+    """A sweep job's name from Hydra's ``key=value,...``: ``model.rank=8,optimizer.lr=0.01`` -> ``rank=8,lr=0.01``.
+
+    With the ``sweep_dir``, only the keys the sweep varies (what tells its jobs apart);
+    the keys every job shares are in the sweep's ``multirun.yaml``.
+    """
     items = re.split(r",(?=[+~]*[\w.]+=)", override_dirname) if override_dirname else []
-    pairs = [item.partition("=") for item in items]
-    return ",".join(f"{short_name(k)}={v}" for k, _, v in pairs if not _NOT_HPARAMS.match(k.lstrip("+~"))) or "defaults"
+    pairs = [(k.lstrip("+~"), v) for k, _, v in (item.partition("=") for item in items)]
+    pairs = [(k, v) for k, v in pairs if not _NOT_HPARAMS.match(k)]
+    swept = swept_keys(sweep_dir) if sweep_dir else set()
+    if any(k in swept for k, _ in pairs):
+        pairs = [(k, v) for k, v in pairs if k in swept]
+    return ",".join(f"{short_name(k)}={v}" for k, v in pairs) or "defaults"
+
+
+@functools.lru_cache(maxsize=8)
+def swept_keys(sweep_dir: str) -> frozenset[str]:
+    """Keys a multirun varies: its sweep overrides (``model.rank=2,4``) and search space (Optuna's params)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys: set[str] = set()
+    path = Path(sweep_dir) / "multirun.yaml"
+    sweep = OmegaConf.load(path) if path.is_file() else OmegaConf.create()
+    task = list(OmegaConf.select(sweep, "hydra.overrides.task", default=None) or [])
+    for override in OverridesParser.create().parse_overrides(task):
+        if override.is_sweep_override():
+            keys.add(override.key_or_group)
+    params = OmegaConf.select(sweep, "hydra.sweeper.params", default=None)
+    if params is None and HydraConfig.initialized():  # a search sweeper writes no multirun.yaml first
+        params = HydraConfig.get().sweeper.get("params")
+    keys |= set(params or {})
+    return frozenset(keys)
 
 
 def overridden_keys(overrides: list[str]) -> list[str]:
@@ -63,12 +93,15 @@ def overridden_keys(overrides: list[str]) -> list[str]:
     return [k for k in dict.fromkeys(keys) if k and not _NOT_HPARAMS.match(k)]
 
 
-def run_hparams(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+def run_hparams(
+    cfg: DictConfig, choices: dict[str, Any], overrides: list[str], swept: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any], list[str]]:
     """The run's flat hyperparameters (changed keys first) and the names to show first.
 
     ``choices`` are the config groups picked (Hydra's runtime choices); ``overrides`` the
     command line's ``key=value`` items, whose keys come first under their short names
-    (a full key where the short one would be ambiguous), with ``overrides`` itself as text.
+    (a full key where the short one would be ambiguous), those a sweep varies (``swept``)
+    before the rest, with ``overrides`` itself as text.
     """
     opt = cfg.optimizer
     base = {
@@ -90,7 +123,7 @@ def run_hparams(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) 
     }
     full = {v: k for k, v in KEYS.items()}
     changed: dict[str, Any] = {}
-    for key in overridden_keys(overrides):
+    for key in sorted(overridden_keys(overrides), key=lambda k: k not in swept):
         name = full.get(key) or short_name(key)
         if name in base and KEYS.get(name) != key or name in changed:
             name = key  # e.g. data.seed beside the top-level seed
@@ -127,3 +160,29 @@ def write_hparams(writer: Any, params: dict[str, Any], metrics: list[str], shown
     file_writer = writer._get_file_writer()
     for summary in (exp, ssi, sei):
         file_writer.add_summary(summary)
+
+
+def write_layout(writer: Any, online: bool, negatives: bool, restarts: bool) -> None:
+    """Lay out the CUSTOM SCALARS tab: errors first, train and held-out on one chart.
+
+    SCALARS sorts groups by name, so ``factors`` comes before ``train`` there. Charts are
+    made only for curves the run logs: ``online`` errors, the ``negatives`` of factors
+    free to go below 0, each restart's loss.
+    """
+    group = "online" if online else "train"
+    layout: dict[str, dict[str, list]] = {
+        "errors": {
+            "relative error (train, held-out)": ["Multiline", [f"{group}/relative_error", "val/relative_error"]],
+            "RMSE (train, held-out)": ["Multiline", [f"{group}/rmse", "val/rmse"]],
+        },
+        "objective": {
+            "loss": ["Multiline", [f"{group}/loss"]],
+            "terms": ["Multiline", [rf"{group}/(reconstruction|penalty|l1_W|l1_H|l2_W|l2_H|l21_H)$"]],
+        },
+        "factors": {"sparsity of W and H": ["Multiline", [r"factors/.*_sparsity"]]},
+    }
+    if negatives:
+        layout["factors"]["negative share before clamping"] = ["Multiline", [r"factors/.*_neg_fraction"]]
+    if restarts:
+        layout["restarts"] = {"loss of each restart": ["Multiline", [r"restarts/loss_.*"]]}
+    writer.add_custom_scalars(layout)

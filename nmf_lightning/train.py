@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nmf_lightning.console import run_console
 from nmf_lightning.gpus import claimed_gpu
-from nmf_lightning.hparams import run_hparams, short_overrides, write_hparams
+from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
 from nmf_lightning.validation import NMFInputError, check_accelerator
 
@@ -81,8 +81,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer, callbacks=callbacks, logger=loggers, **_trainer_overrides(cfg, held_out)
     )
     hp_metrics = hp_metric_names(held_out)
-    choices, overrides = _command_line()
-    params, shown = run_hparams(cfg, choices, overrides)
+    choices, overrides, swept = _command_line()
+    params, shown = run_hparams(cfg, choices, overrides, swept)
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in params.items() if k != "overrides"))
     log.info("overrides: %s", params["overrides"])
     log.info("device: %s, precision %s", _device(trainer), cfg.trainer.precision)
@@ -90,6 +90,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(params)
         if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
             write_hparams(logger.experiment, params, [f"hp/{k}" for k in hp_metrics], shown)
+            negatives = not cfg.model.project and not str(cfg.optimizer.get("_target_")).startswith(SOLVERS)
+            write_layout(logger.experiment, bool(cfg.model.get("online")), negatives, model.hparams.restarts > 1)
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -200,6 +202,8 @@ def _build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+#: config targets of the closed-form solvers, whose factors are >= 0 by construction
+SOLVERS = "nmf_lightning.solvers."
 #: a final relative error at least this high is no fit (all-zero factors have 1.0)
 DEGENERATE_ERROR = 0.999
 #: the penalty weights of model/, in the order a hint names them
@@ -255,12 +259,13 @@ def _device(trainer: L.Trainer) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
-def _command_line() -> tuple[dict[str, Any], list[str]]:
-    """The config groups picked and the command line's overrides (none outside Hydra)."""
+def _command_line() -> tuple[dict[str, Any], list[str], frozenset[str]]:
+    """The config groups picked, the command line's overrides and the keys a sweep varies (none outside Hydra)."""
     if not HydraConfig.initialized():
-        return {}, []
+        return {}, [], frozenset()
     hc = HydraConfig.get()
-    return dict(hc.runtime.choices), list(hc.overrides.task)
+    swept = swept_keys(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else frozenset()
+    return dict(hc.runtime.choices), list(hc.overrides.task), swept
 
 
 def _choice(group: str, fallback: Any) -> str:

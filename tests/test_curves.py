@@ -79,7 +79,7 @@ def test_update_grid_keeps_points_on_the_device_and_picks_each_points_best_resta
         UpdateGrid(0)
 
 
-def test_short_names_and_hparams_put_what_changed_first():
+def test_short_names_and_hparams_put_what_changed_first(tmp_path):
     from omegaconf import OmegaConf
 
     from nmf_lightning.hparams import SHOWN, run_hparams, short_overrides
@@ -87,6 +87,9 @@ def test_short_names_and_hparams_put_what_changed_first():
     dirname = "callbacks.progress_bar.refresh_rate=0,data=digits,model.rank=8,optimizer.lr=0.01,trainer.accelerator=cpu"
     assert short_overrides(dirname) == "data=digits,rank=8,lr=0.01"
     assert short_overrides("") == "defaults"
+    sweep = OmegaConf.create({"hydra": {"overrides": {"task": ["data=digits", "model.rank=4,8", "optimizer.lr=0.01"]}}})
+    OmegaConf.save(sweep, tmp_path / "multirun.yaml")
+    assert short_overrides(dirname, str(tmp_path)) == "rank=8"  # only what tells the jobs apart
     cfg = OmegaConf.create(
         {
             "model": {"rank": 8, "lam": 0.0, "loss": "fro", "init": "random", "project": True, "l21_H": 0.5},
@@ -102,3 +105,5 @@ def test_short_names_and_hparams_put_what_changed_first():
     assert shown == ["l21_H", "data.seed", "rank", "optimizer", "lr"] and len(shown) == SHOWN
     assert params["optimizer"] == "adam" and params["holdout"] == 0.1 and "accelerator" not in params
     assert params["overrides"] == " ".join(overrides)
+    params, shown = run_hparams(cfg, {}, overrides, swept=frozenset({"data.seed"}))
+    assert shown[:2] == ["data.seed", "l21_H"]  # what the sweep varies, first

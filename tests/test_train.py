@@ -58,6 +58,7 @@ def test_run_writes_factors_metrics_checkpoint_and_events(make_cfg, tmp_path):
     assert steps == list(range(10, 301, 10))  # the x-axis counts updates: a point every 10
     assert ea.Scalars("hp/relative_error")[-1].value == pytest.approx(saved["relative_error"], rel=1e-5)
     assert "_hparams_/experiment" in ea.summary_metadata
+    assert "custom_scalars__config__" in ea.Tags()["tensors"]  # the CUSTOM SCALARS layout, errors first
 
 
 def test_checkpoint_restores_the_factors(make_cfg, tmp_path):

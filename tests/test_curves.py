@@ -29,11 +29,13 @@ def _steps(run, tag):
 )
 def test_a_2000_update_run_has_the_grid_points_whatever_the_blocks(make_cfg, tmp_path, extra):
     # noise keeps the fit off float32's floor, where rounding makes any solver's error bounce
-    metrics = train(make_cfg(*SMALL, "data.noise=0.1", "trainer.max_steps=2000", *extra))
+    metrics = train(make_cfg(*SMALL, "data.noise=0.1", "model.l1_W=0.001", "trainer.max_steps=2000", *extra))
     grid = list(range(10, 2001, 10))
     steps, ea = _steps(tmp_path, "train/loss")
     assert steps == grid
     assert [e.step for e in ea.Scalars("train/relative_error")] == grid
+    assert [e.step for e in ea.Scalars("train/l1_W")] == grid  # each term of non-zero weight too
+    assert "train/penalty" not in ea.Tags()["scalars"]  # weight 0
     losses = [e.value for e in ea.Scalars("train/loss")]
     assert all(map(torch.isfinite, torch.tensor(losses)))
     assert ea.Scalars("train/relative_error")[-1].value == pytest.approx(metrics["relative_error"], rel=1e-5)
@@ -45,8 +47,9 @@ def test_the_grid_follows_log_every_n_steps_and_ends_with_the_last_update(make_c
     train(make_cfg(*SMALL, "trainer.max_steps=95", "trainer.log_every_n_steps=25", "model.inner_steps=10"))
     steps, ea = _steps(tmp_path, "train/loss")
     assert steps == [25, 50, 75, 95]
-    # the full metrics of a block end are logged where a block ends on the grid, and at the end
-    assert [e.step for e in ea.Scalars("train/reconstruction")] == [50, 95]
+    # the factors' statistics of a block end are logged where a block ends on the grid, and at the end
+    assert [e.step for e in ea.Scalars("train/reconstruction")] == [25, 50, 75, 95]
+    assert [e.step for e in ea.Scalars("factors/W_sparsity")] == [50, 95]
 
 
 def test_converged_run_ends_its_curve_where_it_stopped(make_cfg, tmp_path):
@@ -107,3 +110,27 @@ def test_short_names_and_hparams_put_what_changed_first(tmp_path):
     assert params["overrides"] == " ".join(overrides)
     params, shown = run_hparams(cfg, {}, overrides, swept=frozenset({"data.seed"}))
     assert shown[:2] == ["data.seed", "l21_H"]  # what the sweep varies, first
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("optimizer=adam", "optimizer.lr=0.05"),
+        ("optimizer=hals",),
+        ("optimizer=adam", "optimizer.lr=0.05", "model.project=false", "model.restarts=2"),
+    ],
+    ids=["adam", "hals", "adam-unprojected-restarts"],
+)
+def test_a_points_value_is_the_same_whether_inside_a_block_or_at_its_end(make_cfg, tmp_path, extra):
+    """Each point carries the metrics of the factors after its update: no off-by-one inside blocks."""
+    curves = {}
+    for inner in (1, 7):
+        out = tmp_path / str(inner)
+        out.mkdir()
+        overrides = (*SMALL, "data.noise=0.1", "model.l1_W=0.001", *extra)
+        train(make_cfg(*overrides, "trainer.max_steps=100", f"model.inner_steps={inner}", f"paths.output_dir={out}"))
+        ea = _steps(out, "train/loss")[1]
+        tags = ("train/loss", "train/relative_error", "train/l1_W")
+        curves[inner] = {t: [e.value for e in ea.Scalars(t)] for t in tags}
+    for tag, values in curves[1].items():
+        assert curves[7][tag] == pytest.approx(values, rel=1e-4), tag

@@ -25,7 +25,8 @@ class PassResult:
     ``sq`` is the squared error of the factors before the update (``after`` False) or after
     it (``after`` True); ``running`` marks online mode's estimate, the sum of each block's
     error as it was fit (scikit-learn's ``MiniBatchNMF`` reports the same). ``loss`` is the
-    training loss before the update, when a gradient step made one. An error that takes
+    training loss before the update, when a gradient step made one, and ``terms`` its
+    unweighted terms when they were asked for (``GradientUpdate.record_terms``). An error that takes
     work to form from the pass's sums is formed when first read, from the factors as they
     are then: read it before the next update.
     """
@@ -36,8 +37,9 @@ class PassResult:
         after: bool = False,
         running: bool = False,
         loss: Tensor | None = None,
+        terms: dict[str, Tensor] | None = None,
     ):
-        self._sq, self.after, self.running, self.loss = sq, after, running, loss
+        self._sq, self.after, self.running, self.loss, self.terms = sq, after, running, loss, terms
 
     @property
     def sq(self) -> Tensor | None:
@@ -182,7 +184,8 @@ class GradientUpdate:
     turns them into the training loss (reconstruction term + penalties, through autograd
     so any optimizer and penalty works) and takes one optimizer step on W and H: the
     same step as on the whole matrix. ``gram_form`` computes unmasked errors without a
-    residual (two X-products and k x k work per block).
+    residual (two X-products and k x k work per block). ``record_terms`` makes the next
+    pass also report the loss's unweighted terms (for a curve's point), before its step.
     """
 
     def __init__(
@@ -193,6 +196,7 @@ class GradientUpdate:
         gram_form: bool = True,
     ):
         self.optimizer, self.loss, self.project, self.gram_form = optimizer, loss, project, gram_form
+        self.record_terms = False
         self._sq: Tensor | None = None
         self._dW: Tensor | None = None
         self._dH: Tensor | None = None
@@ -218,6 +222,10 @@ class GradientUpdate:
         self.optimizer.zero_grad(set_to_none=True)
         sq = _SqWithGrads.apply(W, H, self._sq, self._dW, self._dH)
         loss = self.loss(sq, W, H)  # (r,) with restarts: they are independent, so sum them
+        terms = None
+        if self.record_terms and hasattr(self.loss, "terms"):
+            with torch.no_grad():
+                terms = self.loss.terms(self._sq, W, H)[1]
         (loss.sum() if loss.dim() else loss).backward()
         self.optimizer.step()
         if self.project:
@@ -225,4 +233,4 @@ class GradientUpdate:
                 W.clamp_(min=0)
                 H.clamp_(min=0)
         self._dW = self._dH = None
-        return PassResult(sq=self._sq, after=False, loss=loss.detach())
+        return PassResult(sq=self._sq, after=False, loss=loss.detach(), terms=terms)

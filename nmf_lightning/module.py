@@ -450,6 +450,7 @@ class NMFModule(L.LightningModule):
         start_step = self.global_step
         n = self._block_size(start_step)
         self._block_span = (start_step, start_step + n)
+        self.grid.start(self.W.device)
         W0, H0 = self.W.detach().clone(), self.H.detach().clone()
         result = self._fit(n)
         self._advance_global_step(result.steps)
@@ -466,6 +467,8 @@ class NMFModule(L.LightningModule):
         s gives the point s - 1 for free; a closed-form update's error is that of its new
         factors. Factors reported clamped (``project=false``) are measured here.
         """
+        if not self.loggers:  # no curves to draw
+            return
         start, end = self._block_span
         s = start + i
         grid = self.grid

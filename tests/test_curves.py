@@ -134,3 +134,11 @@ def test_a_points_value_is_the_same_whether_inside_a_block_or_at_its_end(make_cf
         curves[inner] = {t: [e.value for e in ea.Scalars(t)] for t in tags}
     for tag, values in curves[1].items():
         assert curves[7][tag] == pytest.approx(values, rel=1e-4), tag
+
+
+def test_points_inside_a_block_carry_the_time_they_were_reached(make_cfg, tmp_path):
+    train(make_cfg(*SMALL, "optimizer=hals", "trainer.max_steps=3000", "model.inner_steps=3000"))
+    _, ea = _steps(tmp_path, "train/loss")
+    walls = [e.wall_time for e in ea.Scalars("train/loss")]
+    assert walls == sorted(walls) and walls[-1] - walls[0] > 0  # one block, yet the times advance
+    assert len(set(walls)) > len(walls) // 2

@@ -129,3 +129,21 @@ def test_estimator_float32_and_row_blocks_on_cuda():
     np.testing.assert_allclose(blocks.components_, whole.components_, rtol=1e-3, atol=1e-5)
     bf16 = NMF(10, random_state=0, max_iter=30, tol=0, device="cuda", precision="bf16").fit(X)
     assert bf16.reconstruction_err_ < 1.2 * whole.reconstruction_err_
+
+
+@pytest.mark.parametrize("optimizer", ["hals", "adam"])
+def test_gpu_curves_have_the_grid_points_timed_by_cuda_events(make_cfg, tmp_path, optimizer):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = train(
+        make_cfg(
+            *SMALL, "trainer.accelerator=gpu", f"optimizer={optimizer}", "trainer.max_steps=2000", "model.inner_steps=7"
+        )
+    )
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    ea.Reload()
+    events = ea.Scalars("train/relative_error")
+    assert [e.step for e in events] == list(range(10, 2001, 10))
+    assert events[-1].value == pytest.approx(metrics["relative_error"], rel=1e-4)
+    walls = [e.wall_time for e in events]
+    assert walls == sorted(walls)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
@@ -83,9 +84,9 @@ class UpdateGrid:
         for logger in loggers:
             writer = getattr(logger, "experiment", None)
             for step, metrics in out.items():
-                if isinstance(writer, SummaryWriter):  # TensorBoard keeps when each point was reached
-                    for key, value in metrics.items():
-                        writer.add_scalar(key, value, step, walltime=walls[step])
+                if isinstance(writer, SummaryWriter):  # one event per point, with when it was reached
+                    values = [Summary.Value(tag=key, simple_value=value) for key, value in metrics.items()]
+                    writer._get_file_writer().add_summary(Summary(value=values), step, walls[step])
                 else:
                     logger.log_metrics(metrics, step=step)
         return out

@@ -478,7 +478,7 @@ class NMFModule(L.LightningModule):
                 point = {"train/loss": result.loss, **{f"train/{k}": v for k, v in (result.terms or {}).items()}}
                 if self.hparams.project and result.sq is not None:
                     point.update(self._errors(result.sq))
-                grid.add(p, self._logged(point))
+                grid.add(p, point)
             self._update.record_terms = s < end and grid.due(s)  # the next step reports the terms at s
         if not (s < end and grid.due(s)):
             return
@@ -487,9 +487,8 @@ class NMFModule(L.LightningModule):
             exact = not self._gram_points  # near an exact fit the Gram sums are rounding noise
             sq = result.sq if result.after and not result.running and not exact else None
             sq = self._sq_error(exact=exact) if sq is None else sq
-            loss, terms = self.loss_terms.terms(sq, W, H)
-            point = {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}, **self._errors(sq)}
-            grid.add(s, self._logged(point))
+            loss, terms = self.loss_terms.terms(sq, W, H, zero_weights=False)
+            grid.add(s, {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}, **self._errors(sq)})
         elif not self.hparams.project:
             reported = self.reported_factors(W, H)
             grid.add(s, self._errors(sq_error(self.blocks(), *reported, gram_form=self._use_gram())))

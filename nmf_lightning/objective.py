@@ -226,12 +226,13 @@ class Objective:
                 total = total + weight * value()
         return total
 
-    def terms(self, sq: Tensor, W: Tensor, H: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The total and every unweighted term (also those of weight 0), for logging."""
+    def terms(self, sq: Tensor, W: Tensor, H: Tensor, zero_weights: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total and every unweighted term, for logging (those of weight 0 too, unless not ``zero_weights``)."""
         terms = {"reconstruction": reconstruction(sq, self.n_obs, self.loss)}
         total = terms["reconstruction"]
         for name, weight, value in self.penalties(W, H):
-            terms[name] = value()
+            if weight or zero_weights:
+                terms[name] = value()
             if weight:
                 total = total + weight * terms[name]
         return total, terms

@@ -147,7 +147,7 @@ def run_lightning(matrix, p: dict, device: str, steps: int, restarts: int = 1, s
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        log_every_n_steps=1,
+        log_every_n_steps=10,  # a point every 10 updates, each with the time it was reached
     )
     wall0 = time.time()
     t0 = time.perf_counter()

@@ -225,7 +225,7 @@ class GradientUpdate:
         terms = None
         if self.record_terms and hasattr(self.loss, "terms"):
             with torch.no_grad():
-                terms = self.loss.terms(self._sq, W, H)[1]
+                terms = self.loss.terms(self._sq, W, H, zero_weights=False)[1]
         (loss.sum() if loss.dim() else loss).backward()
         self.optimizer.step()
         if self.project:

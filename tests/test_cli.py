@@ -37,10 +37,16 @@ def test_cli_trains_end_to_end(tmp_path, data):
         "optimizer.lr=0.02",
         "trainer.accelerator=cpu",
         f"hydra.run.dir={run}",
-        *QUIET,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
+    # one progress bar, counted in updates; no Lightning chatter
+    assert "updates:" in proc.stdout and "300/300" in proc.stdout
+    for noise in ("Epoch 0", "Training:", "GPU available", "Tip:", "LeafSpec"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    log = (run / "train.log").read_text()
+    for line in ("config: ", "overrides: ", "device: cpu", "final metrics: ", "after 300 updates (max_steps)"):
+        assert line in log, line
     for name in ("factors.npz", "metrics.json", ".hydra/config.yaml", "checkpoints/last.ckpt"):
         assert (run / name).exists(), name
     assert list(run.glob("events.out.tfevents.*"))

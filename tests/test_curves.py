@@ -142,3 +142,17 @@ def test_points_inside_a_block_carry_the_time_they_were_reached(make_cfg, tmp_pa
     walls = [e.wall_time for e in ea.Scalars("train/loss")]
     assert walls == sorted(walls) and walls[-1] - walls[0] > 0  # one block, yet the times advance
     assert len(set(walls)) > len(walls) // 2
+
+
+def test_warnings_go_to_the_log_on_their_own_lines_attributed_to_us(caplog):
+    import warnings
+
+    from nmf_lightning.console import NMFWarning, run_console
+
+    with caplog.at_level("WARNING"), run_console():
+        warnings.warn("the factors collapsed", NMFWarning, stacklevel=1)
+        warnings.warn("a library's own warning", RuntimeWarning, stacklevel=1)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+    ours, theirs = caplog.records
+    assert ours.name == "nmf_lightning" and ours.getMessage() == "the factors collapsed"
+    assert "a library's own warning (RuntimeWarning: " in theirs.getMessage()

@@ -64,7 +64,14 @@ def short_overrides(override_dirname: str, sweep_dir: str | None = None) -> str:
     swept = swept_keys(sweep_dir) if sweep_dir else set()
     if any(k in swept for k, _ in pairs):
         pairs = [(k, v) for k, v in pairs if k in swept]
-    return ",".join(f"{short_name(k)}={v}" for k, v in pairs) or "defaults"
+    return ",".join(f"{short_name(k)}={_short_value(v)}" for k, v in pairs) or "defaults"
+
+
+def _short_value(value: str) -> str:
+    """A search sweeper's 0.30791800489830157 as 0.3079; other values as they are."""
+    if re.fullmatch(r"-?\d*\.\d{5,}(e-?\d+)?", value):
+        return f"{float(value):.4g}"
+    return value
 
 
 @functools.lru_cache(maxsize=8)

@@ -90,6 +90,7 @@ def test_short_names_and_hparams_put_what_changed_first(tmp_path):
     dirname = "callbacks.progress_bar.refresh_rate=0,data=digits,model.rank=8,optimizer.lr=0.01,trainer.accelerator=cpu"
     assert short_overrides(dirname) == "data=digits,rank=8,lr=0.01"
     assert short_overrides("") == "defaults"
+    assert short_overrides("model.lam=0.30791800489830157,optimizer.lr=0.001") == "lam=0.3079,lr=0.001"
     sweep = OmegaConf.create({"hydra": {"overrides": {"task": ["data=digits", "model.rank=4,8", "optimizer.lr=0.01"]}}})
     OmegaConf.save(sweep, tmp_path / "multirun.yaml")
     assert short_overrides(dirname, str(tmp_path)) == "rank=8"  # only what tells the jobs apart

@@ -17,8 +17,12 @@ from tqdm import tqdm
 
 log = logging.getLogger("nmf_lightning")
 
-#: library chatter that says nothing about the run (Lightning's pytree deprecation, its tips)
-_NOISE = (r".*isinstance\(treespec, LeafSpec\).*",)
+#: library chatter that says nothing about the run (Lightning's pytree deprecation; its logging interval
+#: counts batches, where nmf-lightning's counts updates)
+_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r"The number of training batches .* is smaller than the logging interval",
+)
 #: Lightning's info lines (GPU available, tips, "fit stopped"): the run's own log says these
 _QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 

@@ -359,13 +359,13 @@ class NMFModule(L.LightningModule):
     def _block_size(self, start: int) -> int:
         """Updates of the block starting after update ``start``.
 
-        Under ``auto`` a block ends on the logging grid, so every block end is a point of
-        the curves with all its metrics.
+        Under ``auto`` a block ends on the logging grid where it can, so block ends are
+        points of the curves with all their metrics.
         """
         n = self.inner_steps
-        if self.hparams.inner_steps == "auto":
-            g = self.grid.every
-            n = max((start + n) // g * g, (start // g + 1) * g) - start
+        if self.hparams.inner_steps == "auto":  # end on the grid where that leaves an update to run
+            aligned = (start + n) // self.grid.every * self.grid.every
+            n = aligned - start if aligned > start else n
         if self.trainer.max_steps > 0:
             n = min(n, self.trainer.max_steps - start)
         return n
@@ -437,7 +437,8 @@ class NMFModule(L.LightningModule):
                 )
             else:
                 loss = self.loss_terms
-                self._update = GradientUpdate(optimizer, torch.compile(loss) if hp.compile else loss, hp.project)
+                compiled = torch.compile(loss) if hp.compile else loss
+                self._update = GradientUpdate(optimizer, compiled, hp.project, objective=loss)
         if isinstance(self._update, GradientUpdate):
             self._update.gram_form = self._use_gram()
         return self._update
@@ -482,6 +483,7 @@ class NMFModule(L.LightningModule):
             self._update.record_terms = s < end and grid.due(s)  # the next step reports the terms at s
         if not (s < end and grid.due(s)):
             return
+        grid.add(s, {})  # reached now (a gradient step reports its values with the next update)
         W, H = self.W.detach(), self.H.detach()
         if result.loss is None:
             exact = not self._gram_points  # near an exact fit the Gram sums are rounding noise
@@ -491,7 +493,8 @@ class NMFModule(L.LightningModule):
             grid.add(s, {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}, **self._errors(sq)})
         elif not self.hparams.project:
             reported = self.reported_factors(W, H)
-            grid.add(s, self._errors(sq_error(self.blocks(), *reported, gram_form=self._use_gram())))
+            gram_form = self._use_gram() and self._gram_points
+            grid.add(s, self._errors(sq_error(self.blocks(), *reported, gram_form=gram_form)))
 
     def _errors(self, sq: Tensor) -> dict[str, Tensor]:
         """Relative error and RMSE from a squared error (one per restart)."""
@@ -730,6 +733,7 @@ class NMFModule(L.LightningModule):
         if self.grid.due(self.global_step) or self._ending():  # a point of the curves
             self.grid.add(self.global_step, metrics)
             self.grid.flush(self.loggers)
+            self._last_val_point = self.global_step
 
     def on_train_start(self) -> None:
         """Start the clock (``updates_per_sec``) and the curves' grid; warn of an lr too small for X."""
@@ -740,7 +744,7 @@ class NMFModule(L.LightningModule):
             )
         self._fit_start = (time.perf_counter(), self.global_step)
         self._grid = UpdateGrid(self.trainer.log_every_n_steps)
-        self._last_point = self.global_step  # a resumed run's curves go on from here
+        self._last_point = self._last_val_point = self.global_step  # a resumed run's curves go on from here
         self._warn_small_lr()
 
     def _warn_small_lr(self) -> None:
@@ -772,9 +776,13 @@ class NMFModule(L.LightningModule):
         rate = (self.global_step - first) / max(time.perf_counter() - start, 1e-9) if start is not None else None
         metrics = self.compute_metrics()  # (a streamed X is read once more for the final error)
         metrics.update(self.validation_metrics())
-        if getattr(self, "_last_point", self.global_step) < self.global_step:  # ended off the grid
+        restored = getattr(self, "restored_from_step", None) is not None  # these factors are of an earlier check
+        if getattr(self, "_last_point", self.global_step) < self.global_step and not restored:  # ended off the grid
             self.grid.add(self.global_step, self._logged(metrics))
-            self.grid.flush(self.loggers)
+        held_out = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        if held_out and getattr(self, "_last_val_point", self.global_step) < self.global_step and not restored:
+            self.grid.add(self.global_step, held_out)  # the last validation check came before the end
+        self.grid.flush(self.loggers)
         final = {k: float(v) for k, v in metrics.items()}
         final["steps"] = int(self.global_step)
         if rate is not None:

@@ -57,6 +57,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
         raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
+    every = cfg.trainer.get("log_every_n_steps", 10)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise NMFInputError(
+            f"trainer.log_every_n_steps must be an integer >= 1 (a curve point every so many updates), got {every!r}."
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))

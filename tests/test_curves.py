@@ -157,3 +157,19 @@ def test_warnings_go_to_the_log_on_their_own_lines_attributed_to_us(caplog):
     ours, theirs = caplog.records
     assert ours.name == "nmf_lightning" and ours.getMessage() == "the factors collapsed"
     assert "a library's own warning (RuntimeWarning: " in theirs.getMessage()
+
+
+def test_the_held_out_curve_ends_at_the_last_update_when_checks_are_sparser(make_cfg, tmp_path):
+    metrics = train(
+        make_cfg(
+            *SMALL,
+            "data.holdout=0.1",
+            "trainer.max_steps=95",
+            "model.inner_steps=10",
+            "trainer.val_check_interval=3",
+        )
+    )
+    ea = _steps(tmp_path, "train/loss")[1]
+    checks = ea.Scalars("val/relative_error")
+    assert [e.step for e in checks] == [30, 60, 90, 95]
+    assert checks[-1].value == pytest.approx(metrics["val_relative_error"], rel=1e-5)

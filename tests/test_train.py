@@ -271,6 +271,7 @@ def test_divergence_stops_with_the_step_and_keeps_last_finite_factors(make_cfg, 
         (("model.loss=l1",), NMFInputError, r"model.loss='l1' is not supported"),
         (("model.lam=-1",), NMFInputError, r"model.lam is a penalty weight and must be >= 0"),
         (("trainer.max_steps=0",), ValueError, r"trainer.max_steps must be >= 1"),
+        (("trainer.log_every_n_steps=0",), NMFInputError, r"trainer.log_every_n_steps must be an integer >= 1"),
         (("model.init=nndsvd", "model.rank=50"), NMFInputError, r"needs model.rank <= min\(n, m\) = 30"),
     ],
 )

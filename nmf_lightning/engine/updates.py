@@ -185,7 +185,8 @@ class GradientUpdate:
     so any optimizer and penalty works) and takes one optimizer step on W and H: the
     same step as on the whole matrix. ``gram_form`` computes unmasked errors without a
     residual (two X-products and k x k work per block). ``record_terms`` makes the next
-    pass also report the loss's unweighted terms (for a curve's point), before its step.
+    pass also report the unweighted terms of ``objective`` (default: ``loss``; the plain
+    one when ``loss`` is compiled) for a curve's point, before its step.
     """
 
     def __init__(
@@ -194,8 +195,10 @@ class GradientUpdate:
         loss: Callable[[Tensor, Tensor, Tensor], Tensor],
         project: bool = True,
         gram_form: bool = True,
+        objective: Any = None,
     ):
         self.optimizer, self.loss, self.project, self.gram_form = optimizer, loss, project, gram_form
+        self.objective = objective if objective is not None else loss  # its .terms, when loss is compiled
         self.record_terms = False
         self._sq: Tensor | None = None
         self._dW: Tensor | None = None
@@ -223,9 +226,9 @@ class GradientUpdate:
         sq = _SqWithGrads.apply(W, H, self._sq, self._dW, self._dH)
         loss = self.loss(sq, W, H)  # (r,) with restarts: they are independent, so sum them
         terms = None
-        if self.record_terms and hasattr(self.loss, "terms"):
+        if self.record_terms and hasattr(self.objective, "terms"):
             with torch.no_grad():
-                terms = self.loss.terms(self._sq, W, H, zero_weights=False)[1]
+                terms = self.objective.terms(self._sq, W, H, zero_weights=False)[1]
         (loss.sum() if loss.dim() else loss).backward()
         self.optimizer.step()
         if self.project:

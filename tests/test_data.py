@@ -201,3 +201,26 @@ def test_newsgroups_errors_name_the_problem(corpus, tmp_path):
         newsgroups(archive=str(tmp_path / "nope.tar.gz"))
     with pytest.raises(ValueError, match="data.subset='dev'"):
         newsgroups(subset="dev", archive=str(archive))
+
+
+def test_a_text_cell_that_is_not_a_number_is_an_error_naming_its_line(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("1,2,3\n\n4,abc,6\n7,,NA\n")
+    with pytest.raises(ValueError, match=r"line 3, column 2 holds 'abc', which is not a number.*data.na_values"):
+        from_file(str(path))
+    X = from_file(str(path), na_values=["", "NA", "abc"]).X  # listed: read as missing entries
+    assert np.isnan(X).sum() == 3 and X[0].tolist() == [1, 2, 3]
+
+
+def test_broken_and_unsafe_files_are_errors_that_say_what_the_file_must_hold(tmp_path):
+    import collections
+
+    good = tmp_path / "x.npz"
+    np.savez(good, X=np.ones((5, 4)))
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"could not read data.path=.*cut.npz.* as .npz: File is not a zip file"):
+        from_file(str(tmp_path / "cut.npz"))
+    torch.save(collections.OrderedDict(X=np.ones((5, 4))), tmp_path / "numpy.pt")
+    with pytest.raises(ValueError, match=r"must hold a tensor .* other Python objects, which are not loaded") as err:
+        from_file(str(tmp_path / "numpy.pt"), key="X")
+    assert "weights_only" not in str(err.value)

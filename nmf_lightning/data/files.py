@@ -7,6 +7,9 @@ other runs read them whole.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,8 @@ from nmf_lightning.data.rows import H5Matrix, NpyFile, OnDisk
 from nmf_lightning.data.sources import Matrix
 
 SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".mtx", ".pt", ".pth", ".h5ad", ".h5", ".hdf5")
+#: text cells that mean "missing" unless data.na_values says otherwise (compared case-insensitively)
+NA_VALUES = ("", "nan", "na", "n/a", "null")
 
 
 def from_file(
@@ -27,12 +32,14 @@ def from_file(
     unstored: str = "zero",
     col_names: str | None = None,
     image_shape: list[int] | tuple[int, int] | None = None,
+    na_values: Sequence[str] = NA_VALUES,
 ) -> Matrix:
     """Load X from ``path``; the format is chosen by the file extension.
 
     ``key`` picks an array in a multi-array .npz, a dict saved in .pt or the matrix of an
     HDF5 file (default ``X``, AnnData's cells x genes); ``skip_header``
-    and ``delimiter`` apply to text files (empty cells and ``nan`` become missing).
+    and ``delimiter`` apply to text files, where cells in ``na_values`` (empty, ``nan``,
+    ``NA``, ``N/A``, ``null``) are missing and any other non-number is an error.
     ``unstored='missing'`` reads a sparse matrix as ratings: only stored entries are
     observed (the default, ``'zero'``, treats unstored entries as observed zeros).
     ``col_names`` is a text file with one name per column (e.g. the vocabulary of a
@@ -53,11 +60,17 @@ def from_file(
     if not p.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist or is not a file.")
     try:
-        X = _READERS[suffix](p, key=key, skip_header=skip_header, delimiter=delimiter)
+        X = _READERS[suffix](p, key=key, skip_header=skip_header, delimiter=delimiter, na_values=na_values)
     except ImportError as err:
         raise ValueError(f"reading data.path={str(path)!r} needs h5py: pip install h5py ({err})") from err
-    except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError) as err:
+    except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError, zipfile.BadZipFile) as err:
         raise ValueError(f"could not read data.path={str(path)!r} as {suffix}: {err}") from err
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refuses what is not tensors
+        raise ValueError(
+            f"could not read data.path={str(path)!r} as {suffix}: it must hold a tensor (dense or sparse) or a "
+            "dict of tensors saved with torch.save, and it holds other Python objects, which are not loaded "
+            "(loading them could run code); save the matrix with torch.save(torch.as_tensor(X), path)"
+        ) from None
     if isinstance(X, OnDisk):  # read in row slices when used
         dtype = getattr(X, "dtype", np.dtype(np.float64))
         if not np.issubdtype(dtype, np.number):
@@ -124,7 +137,9 @@ def _npz(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
         return z[key]
 
 
-def _text(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) -> np.ndarray:
+def _text(
+    p: Path, skip_header: int = 0, delimiter: str | None = None, na_values: Sequence[str] = NA_VALUES, **_
+) -> np.ndarray:
     if delimiter is None:
         delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
     header = _first_line(p, skip_header).split(delimiter)
@@ -133,7 +148,28 @@ def _text(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) -> n
     X = np.genfromtxt(p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan)
     if X.ndim == 1 and X.size:  # a single row or column is still a (1, m) or (n, 1) matrix
         X = X[None, :] if len(header) > 1 else X[:, None]
+    if np.isnan(X).any():
+        _check_missing_cells(p, X, skip_header, delimiter, na_values)
     return X
+
+
+def _check_missing_cells(
+    p: Path, X: np.ndarray, skip_header: int, delimiter: str | None, na_values: Sequence[str]
+) -> None:
+    """A cell that read as NaN must be one of ``na_values``: a typo is not a missing entry."""
+    missing = {str(v).strip().lower() for v in na_values}
+    rows = set(np.nonzero(np.isnan(X).any(axis=1))[0].tolist())
+    with open(p) as f:
+        numbered = [(i, line) for i, line in enumerate(f, start=1) if i > skip_header and line.strip()]
+    for row, (number, line) in enumerate(numbered):
+        if row not in rows:
+            continue
+        for col, cell in enumerate(line.rstrip("\n").split(delimiter)):
+            if cell.strip().lower() not in missing and not _is_number(cell):
+                raise ValueError(
+                    f"line {number}, column {col + 1} holds {cell.strip()!r}, which is not a number; fix the "
+                    f"cell, or add it to data.na_values (now {list(na_values)}) to read it as a missing entry"
+                )
 
 
 def _first_line(p: Path, skip_header: int) -> str:

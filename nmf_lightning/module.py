@@ -33,7 +33,7 @@ from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
 from nmf_lightning.solvers import Solver
 from nmf_lightning.transform import transform
-from nmf_lightning.validation import NMFInputError, check_rank
+from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank
 
 LOSS_FORMS = ("auto", "residual", "gram")
 #: auto mode leaves the Gram form when the relative error falls below this many sqrt(eps)
@@ -165,7 +165,7 @@ class NMFModule(L.LightningModule):
     def set_matrix(self, matrix: Matrix, dtype: torch.dtype | None = None, holdout: Holdout | None = None) -> None:
         """Store X (and the held-out entries) as non-checkpointed buffers; draw the initial factors."""
         dtype = dtype or torch.float32
-        self._check_shape(matrix.shape)
+        self._check_shape(matrix.shape, dtype)
         t = to_target(matrix.X, dtype, unstored_missing=matrix.unstored_missing)
         if t.sparse and self.hparams.loss_form == "residual":
             warnings.warn(
@@ -191,7 +191,7 @@ class NMFModule(L.LightningModule):
     ) -> None:
         """Train on X streamed in row blocks: keep only its size and sums; draw the initial factors."""
         dtype = dtype or torch.float32
-        self._check_shape(matrix.shape)
+        self._check_shape(matrix.shape, dtype)
         if self.hparams.init in SVD_INITS:
             raise NMFInputError(
                 f"model.init={self.hparams.init} reads X's singular vectors, which a streamed X "
@@ -212,9 +212,10 @@ class NMFModule(L.LightningModule):
         W, H = draw_factors(matrix.shape, hp.rank, hp.init, mean=mean, like=like, **options)
         self._set_factors(W, H)
 
-    def _check_shape(self, shape: tuple[int, int]) -> None:
+    def _check_shape(self, shape: tuple[int, int], dtype: torch.dtype) -> None:
         k = self.hparams.rank
         check_rank(k, shape)
+        check_factor_memory(shape, k, int(self.hparams.restarts), torch.empty((), dtype=dtype).element_size())
         if self.hparams.init in SVD_INITS and k > min(shape):
             raise NMFInputError(
                 f"model.init={self.hparams.init} needs model.rank <= min(n, m) = {min(shape)}, "

@@ -118,7 +118,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.finalize("success" if reason is None else "failed")
     if reason is not None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        raise DegenerateError(f"{reason}; {_degenerate_hint(cfg)}. No factors.npz was written.")
+        hint = NAN_HINT if "not a number" in reason else _degenerate_hint(cfg)
+        raise DegenerateError(f"{reason}; {hint}. No factors.npz was written.")
     np.savez(out / "factors.npz", W=W, H=H)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     key = cfg.get("optimized_metric") or "relative_error"
@@ -138,7 +139,9 @@ class DegenerateError(RuntimeError):
 
 
 def degenerate_reason(metrics: dict[str, Any], W: np.ndarray, H: np.ndarray) -> str | None:
-    """Why the final factors are useless as an NMF (all zero, or no better than zero), or None."""
+    """Why the final factors are useless as an NMF (all zero, no better than zero, unmeasurable), or None."""
+    if not math.isfinite(metrics["relative_error"]):
+        return "the final relative error is not a number"
     for name, A in (("W", W), ("H", H)):
         if not np.any(A):
             return f"the factors collapsed: {name} is all zero (relative error {metrics['relative_error']:.4g})"
@@ -211,6 +214,11 @@ def _build(node: DictConfig, **kwargs: Any) -> Any:
 SOLVERS = "nmf_lightning.solvers."
 #: a final relative error at least this high is no fit (all-zero factors have 1.0)
 DEGENERATE_ERROR = 0.999
+#: what to do about a run whose error cannot be measured
+NAN_HINT = (
+    "X's values may be too small or too large for the training precision: rescale X "
+    "(e.g. divide by its largest value) or use trainer.precision=64-true"
+)
 #: the penalty weights of model/, in the order a hint names them
 PENALTIES = ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")
 #: with early stopping and model.inner_steps=auto, validate every this many updates

@@ -107,6 +107,31 @@ def check_rank(rank: int, shape: tuple[int, int] | None = None) -> None:
         )
 
 
+def available_memory() -> int | None:
+    """Bytes of host memory free for new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_factor_memory(shape: tuple[int, int], rank: int, restarts: int, itemsize: int) -> None:
+    """Refuse a rank whose W and H alone cannot fit in memory, before they are allocated."""
+    n, m = shape
+    need = restarts * (n + m) * rank * itemsize
+    free = available_memory()
+    if free is not None and need > free:
+        raise NMFInputError(
+            f"model.rank={rank} needs {need / 2**30:.3g} GiB for W and H alone ({restarts} x ({n} + {m}) x "
+            f"{rank} values) but {free / 2**30:.3g} GiB of memory is free; lower model.rank (X is {n} x {m}, "
+            f"so rank {min(n, m)} already fits it exactly) or model.restarts."
+        )
+
+
 def check_accelerator(accelerator: str | None, devices: int | str | list | None = None) -> None:
     """Fail at once when a GPU is requested but CUDA cannot see one, or several devices are asked for."""
     acc = str(accelerator or "auto").lower()

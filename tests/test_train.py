@@ -477,3 +477,9 @@ def test_degenerate_reason_reads_zero_factors_and_no_better_than_zero():
     assert degenerate_reason({"relative_error": 0.5}, ones, ones) is None
     assert "W is all zero" in degenerate_reason({"relative_error": 1.0}, 0 * ones, ones)
     assert "no better than all-zero" in degenerate_reason({"relative_error": 2.72}, ones, ones)
+    assert "not a number" in degenerate_reason({"relative_error": math.nan}, ones, ones)
+
+
+def test_a_rank_whose_factors_cannot_fit_in_memory_is_refused_before_allocating(make_cfg):
+    with pytest.raises(NMFInputError, match=r"model.rank=1000000000 needs .* GiB for W and H alone .* rank 30 already"):
+        train(make_cfg(*SMALL[:-1], "model.rank=1000000000"))

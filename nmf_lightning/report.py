@@ -299,7 +299,11 @@ def report(sweep_dir: str | Path, metric: str | None = None, mode: str = "min", 
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, say how many jobs failed and how to see the table."""
+    """Hydra callback: at the end of a multirun, say how many jobs failed and how to see the table.
+
+    A multirun with failed (or degenerate) jobs exits with code 1 once all have run, so a
+    script or scheduler does not read it as a success.
+    """
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         """Count the jobs' statuses from their metrics.json."""
@@ -309,9 +313,10 @@ class SweepSummary(Callback):
         rows = [read_job(job) for job in find_jobs(sweep)] if sweep.is_dir() else []
         failed = [r["job"] for r in rows if r["status"] != "completed"]
         log = logging.getLogger(__name__)
-        if failed:
-            log.warning("%d of %d jobs failed (jobs %s)", len(failed), len(rows), ", ".join(failed))
         log.info("sweep done: nmf-sweep-report %s writes its table and plots", sweep)
+        if failed:
+            log.error("%d of %d jobs failed (jobs %s): exit code 1", len(failed), len(rows), ", ".join(failed))
+            sys.exit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

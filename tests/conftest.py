@@ -51,8 +51,11 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
     )
 
 
-def run_sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """A quiet CPU multirun of the real entry point into ``sweep_dir``; the sweep itself must succeed."""
+def run_sweep(sweep_dir: Path, *overrides: str, failures: bool = False) -> subprocess.CompletedProcess:
+    """A quiet CPU multirun of the real entry point into ``sweep_dir``.
+
+    It must exit 0, or 1 when ``failures`` (some jobs are meant to fail: the others still run).
+    """
     proc = run_cli(
         "-m",
         *overrides,
@@ -61,7 +64,7 @@ def run_sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
         f"hydra.sweep.dir={sweep_dir}",
         cwd=sweep_dir.parent,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == (1 if failures else 0), proc.stderr
     return proc
 
 

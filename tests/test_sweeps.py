@@ -25,8 +25,9 @@ def sweep(tmp_path_factory):
         "optimizer.lr=0.05",
         "model.inner_steps=50",
         "optimized_metric=val_relative_error",
+        failures=True,
     )
-    assert "1 of 4 jobs failed" in proc.stderr + proc.stdout
+    assert "1 of 4 jobs failed (jobs 0): exit code 1" in proc.stderr + proc.stdout
     return sweep_dir
 
 
@@ -165,6 +166,7 @@ def test_optuna_study_goes_on_past_failing_trials(tmp_path):
         "model.rank=choice(0, 2)",  # rank 0 is rejected: those trials fail
         "model.lam=0.1",
         "trainer.max_steps=50",
+        failures=True,
     )
     records = [json.loads(p.read_text()) for p in out.glob("*/metrics.json")]
     statuses = sorted(r["status"] for r in records)

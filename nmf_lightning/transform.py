@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,11 @@ def transform(
         raise NMFInputError(
             f"H has shape {H.shape} but X has {X.shape[1]} columns; H must be (k, {X.shape[1]}) "
             "from a model trained on the same columns."
+        )
+    if not np.issubdtype(H.dtype, np.number) or not np.isfinite(H).all() or (H < 0).any():
+        raise NMFInputError(
+            f"H must hold finite numbers >= 0 (the components of a trained model), but it holds "
+            f"{'non-numbers' if not np.issubdtype(H.dtype, np.number) else 'NaN, infinite or negative values'}."
         )
     return solve_w(X, H, solver, max_iter, tol, device, l1_W, l2_W, return_n_iter)
 
@@ -99,17 +106,25 @@ def main(argv: list[str] | None = None) -> None:
         factors = factors / "factors.npz"
     if not factors.is_file():
         ap.error(f"{factors} does not exist: give a run's factors.npz or its directory.")
-    with np.load(factors) as f:
-        if "H" not in f:
-            ap.error(f"{factors} has no array 'H' (it holds {list(f.keys())}).")
-        H = f["H"]
+    out = Path(args.out) if args.out else Path(f"{Path(args.matrix).stem}_W.npy")
+    if not out.parent.is_dir():
+        ap.error(f"--out {out}: the folder {out.parent} does not exist; create it or pick another path.")
+    try:
+        with np.load(factors, allow_pickle=False) as f:
+            if "H" not in f:
+                ap.error(f"{factors} has no array 'H' (it holds {list(f.keys())}).")
+            H = f["H"]
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        ap.error(f"could not read {factors} ({err}); a run's factors.npz holds W and H as numeric arrays.")
     try:
         X = materialize(from_file(args.matrix, key=args.key, skip_header=args.skip_header).X)
         W = transform(X, H, args.solver, args.max_iter, args.tol, args.device)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    out = Path(args.out) if args.out else Path(f"{Path(args.matrix).stem}_W.npy")
-    np.save(out, W)
+    part = out.with_name(f".{out.name}.part")  # written whole, then renamed: never a truncated W
+    with open(part, "wb") as f:
+        np.save(f, W)
+    os.replace(part, out)
     if sp.issparse(X):  # Gram form: no dense copy of a large sparse X
         x2 = float((X.data**2).sum())
         sq = x2 - 2 * float((X @ H.T * W).sum()) + float(((W.T @ W) * (H @ H.T)).sum())

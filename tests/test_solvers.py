@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -271,6 +273,34 @@ def test_transform_recovers_the_rows_of_a_planted_matrix(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "w.npy"), W0[:5], atol=1e-5)
     with pytest.raises(NMFInputError, match=r"H has shape \(3, 25\) but X has 7 columns"):
         transform(np.ones((2, 7)), H0)
+
+
+@pytest.mark.parametrize(
+    ("factors", "out", "message"),
+    [
+        ("cut", "w.npy", r"could not read .*factors.npz \(File is not a zip file\); a run's factors.npz holds"),
+        ("objects", "w.npy", r"Object arrays cannot be loaded"),
+        ("nan", "w.npy", r"H must hold finite numbers >= 0"),
+        ("good", "nowhere/w.npy", r"the folder .*nowhere does not exist"),
+    ],
+)
+def test_transform_cli_refuses_bad_factors_and_outputs_in_one_line(tmp_path, capsys, factors, out, message):
+    from nmf_lightning.transform import main
+
+    H = np.random.default_rng(0).random((2, 4))
+    path = tmp_path / "factors.npz"
+    if factors == "objects":
+        np.savez(path, W=np.ones((3, 2)), H=np.array([[1, "a"]], dtype=object))
+    else:
+        np.savez(path, W=np.ones((3, 2)), H=np.full_like(H, np.nan) if factors == "nan" else H)
+    if factors == "cut":
+        path.write_bytes(path.read_bytes()[:60])
+    np.save(tmp_path / "new.npy", np.ones((3, 4)))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path), str(tmp_path / "new.npy"), "--out", str(tmp_path / out), "--device", "cpu"])
+    text = f"{exit_.value.code} {capsys.readouterr().err}"
+    assert re.search(message, text), text
+    assert not list(tmp_path.rglob("w.npy")) and not list(tmp_path.rglob("*.part"))
 
 
 def test_l2_penalty_matches_scikit_learn_folding():

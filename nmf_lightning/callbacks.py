@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from nmf_lightning.atomic import write_text
 from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
 
 
@@ -138,7 +139,7 @@ class FactorPictures(L.Callback):
             path = Path(self.dirpath) / "topics.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             matrix, rank = pl_module.matrix, pl_module.hparams.rank
-            path.write_text(f"# Topics of {matrix.name} (rank {rank}, after {trainer.global_step} updates)\n\n{text}")
+            write_text(path, f"# Topics of {matrix.name} (rank {rank}, after {trainer.global_step} updates)\n\n{text}")
 
     def topics(self, pl_module: L.LightningModule) -> str | None:
         """The top words of each component (Markdown), for a matrix with column names."""

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nmf_lightning.atomic import save_npz, write_text
 from nmf_lightning.console import run_console
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
@@ -102,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except DivergenceError as err:
         path = out / "factors_last_finite.npz"
-        np.savez(path, W=err.W, H=err.H)
+        save_npz(path, W=err.W, H=err.H)
         raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
 
     metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
@@ -117,11 +118,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)
         logger.finalize("success" if reason is None else "failed")
     if reason is not None:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         hint = NAN_HINT if "not a number" in reason else _degenerate_hint(cfg)
         raise DegenerateError(f"{reason}; {hint}. No factors.npz was written.")
-    np.savez(out / "factors.npz", W=W, H=H)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_npz(out / "factors.npz", W=W, H=H)
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     key = cfg.get("optimized_metric") or "relative_error"
     shown = [key] + [k for k in ("relative_error", "loss") if k != key]
     log.info(
@@ -344,7 +345,7 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> float:
     done = json.loads(path.read_text()) if path.is_file() else {}
     if done.get("status") in ("completed", "degenerate"):
         record = {**done, **record, "status": done["status"] if isinstance(err, DegenerateError) else "failed"}
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text(path, json.dumps(record, indent=2) + "\n")
     sweeper = str(HydraConfig.get().sweeper.get("_target_", "")) if HydraConfig.initialized() else ""
     if sweeper and not sweeper.endswith("BasicSweeper"):
         raise err

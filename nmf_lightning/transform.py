@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import zipfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from nmf_lightning.atomic import save_npy
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.rows import materialize
 from nmf_lightning.engine import SolverUpdate, fit, to_target
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         W = transform(X, H, args.solver, args.max_iter, args.tol, args.device)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    part = out.with_name(f".{out.name}.part")  # written whole, then renamed: never a truncated W
-    with open(part, "wb") as f:
-        np.save(f, W)
-    os.replace(part, out)
+    save_npy(out, W)  # written whole, then renamed: never a truncated W
     if sp.issparse(X):  # Gram form: no dense copy of a large sparse X
         x2 = float((X.data**2).sum())
         sq = x2 - 2 * float((X @ H.T * W).sum()) + float(((W.T @ W) * (H @ H.T)).sum())

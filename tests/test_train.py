@@ -483,3 +483,22 @@ def test_degenerate_reason_reads_zero_factors_and_no_better_than_zero():
 def test_a_rank_whose_factors_cannot_fit_in_memory_is_refused_before_allocating(make_cfg):
     with pytest.raises(NMFInputError, match=r"model.rank=1000000000 needs .* GiB for W and H alone .* rank 30 already"):
         train(make_cfg(*SMALL[:-1], "model.rank=1000000000"))
+
+
+def test_a_crash_while_writing_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    from nmf_lightning.atomic import save_npz
+
+    path = tmp_path / "factors.npz"
+    save_npz(path, W=np.ones((2, 2)))
+
+    def crash(f, **_):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_npz(path, W=np.zeros((2, 2)))
+    monkeypatch.undo()
+    with np.load(path) as f:
+        assert f["W"].tolist() == [[1, 1], [1, 1]]
+    assert [p.name for p in tmp_path.iterdir()] == ["factors.npz"]  # no temporary file left

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -213,3 +216,85 @@ class RestoreBestFactors(L.Callback):
             pl_module.W.copy_(self._factors[0])
             pl_module.H.copy_(self._factors[1])
         pl_module.restored_from_step = self.best_step
+
+
+class UpdateCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving ``last.ckpt`` every ``every_n_updates`` updates and ``every_n_minutes``.
+
+    Lightning's own triggers count batches and never fire under the fused blocks of
+    updates; these are checked where a block ends (for a streamed X, where a pass ends:
+    the only consistent points), and ``last.ckpt`` is also saved when training ends.
+    Checkpoints are written whole, then renamed, and a re-run into the same folder
+    replaces ``last.ckpt`` rather than writing ``last-v1.ckpt``.
+    """
+
+    def __init__(self, every_n_updates: int = 0, every_n_minutes: float = 0.0, **kwargs: Any):
+        if isinstance(every_n_updates, bool) or int(every_n_updates) < 0 or float(every_n_minutes) < 0:
+            raise ValueError(
+                "callbacks.model_checkpoint: every_n_updates and every_n_minutes must be >= 0 (0 = off), "
+                f"got {every_n_updates} and {every_n_minutes}."
+            )
+        kwargs.setdefault("save_last", True)
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(**kwargs)
+        self.every_n_updates = int(every_n_updates)
+        self.every_n_minutes = float(every_n_minutes)
+        self._clock = time.monotonic()
+        self._next = self.every_n_updates
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Count the triggers from this run's first update (a resumed run's too)."""
+        super().on_train_start(trainer, pl_module)
+        self._clock = time.monotonic()
+        if self.every_n_updates:
+            self._next = (trainer.global_step // self.every_n_updates + 1) * self.every_n_updates
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any, **__: Any) -> None:
+        """Save ``last.ckpt`` when a trigger is due at the end of a block of updates."""
+        if getattr(pl_module, "_in_pass", False):  # mid-pass over a streamed X: no consistent state
+            return
+        step = trainer.global_step
+        by_updates = bool(self.every_n_updates) and step >= self._next
+        by_clock = bool(self.every_n_minutes) and time.monotonic() - self._clock >= 60 * self.every_n_minutes
+        if not (by_updates or by_clock) or self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._clock = time.monotonic()
+        if self.every_n_updates:
+            self._next = (step // self.every_n_updates + 1) * self.every_n_updates
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        part = f"{filepath}.part"
+        super()._save_checkpoint(trainer, part)
+        if trainer.is_global_zero:
+            os.replace(part, filepath)
+        self._last_checkpoint_saved = filepath
+
+
+#: signals that stop a run gracefully, and the exit code each ends it with (128 + the signal)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class GracefulStop(L.Callback):
+    """SIGTERM, SIGINT (Ctrl+C) and SIGUSR1 (a scheduler's pre-emption notice) stop a run cleanly.
+
+    The update under way finishes (a streamed X: the pass under way), training ends as
+    if ``max_steps`` were reached (final metrics, ``last.ckpt``), and the run reports
+    ``interrupted``; ``ckpt_path=last`` continues exactly. A second Ctrl+C stops at once.
+    Replaces Lightning's SIGTERM handler, which would stop between blocks without saving.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take the stop signals for this run (Lightning restores the previous handlers at teardown)."""
+        pl_module.stop_signal = None
+
+        def handle(signum: int, _frame: Any) -> None:
+            if pl_module.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # asked twice: stop now
+            pl_module.stop_signal = signum
+
+        try:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, handle)
+        except ValueError:  # not the main thread: signals stay as they were
+            pass

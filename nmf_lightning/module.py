@@ -9,6 +9,7 @@ curves have a point every ``trainer.log_every_n_steps`` updates whatever the blo
 from __future__ import annotations
 
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -138,6 +139,7 @@ class NMFModule(L.LightningModule):
         self._grid: UpdateGrid | None = None  # the curves' points (trainer.log_every_n_steps)
         self._block_span = (0, 0)  # first and last update of the block under way
         self._closed_form = False  # the optimizer is a closed-form rule (its factors are >= 0)
+        self.stop_signal: int | None = None  # a signal asked the run to stop (GracefulStop)
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -462,15 +464,18 @@ class NMFModule(L.LightningModule):
         self._log_block(metrics, result.steps)
 
     @torch.no_grad()
-    def _on_update(self, i: int, result: PassResult) -> None:
+    def _on_update(self, i: int, result: PassResult) -> bool:
         """Keep the grid's points inside a block on the device (the block end logs its own).
 
         A gradient step reports the loss and error of the factors before it, so update
         s gives the point s - 1 for free; a closed-form update's error is that of its new
-        factors. Factors reported clamped (``project=false``) are measured here.
+        factors. Factors reported clamped (``project=false``) are measured here. Returns
+        True to stop the block here: a stop signal arrived (see ``GracefulStop``).
         """
+        if self.stop_signal is not None:
+            return True
         if not self.loggers:  # no curves to draw
-            return
+            return False
         start, end = self._block_span
         s = start + i
         grid = self.grid
@@ -483,7 +488,7 @@ class NMFModule(L.LightningModule):
                 grid.add(p, point)
             self._update.record_terms = s < end and grid.due(s)  # the next step reports the terms at s
         if not (s < end and grid.due(s)):
-            return
+            return False
         grid.add(s, {})  # reached now (a gradient step reports its values with the next update)
         W, H = self.W.detach(), self.H.detach()
         if result.loss is None:
@@ -496,6 +501,7 @@ class NMFModule(L.LightningModule):
             reported = self.reported_factors(W, H)
             gram_form = self._use_gram() and self._gram_points
             grid.add(s, self._errors(sq_error(self.blocks(), *reported, gram_form=gram_form)))
+        return False
 
     def _errors(self, sq: Tensor) -> dict[str, Tensor]:
         """Relative error and RMSE from a squared error (one per restart)."""
@@ -529,7 +535,13 @@ class NMFModule(L.LightningModule):
         )
         if result.converged:
             self._converged()
+        if self.stop_signal is not None:
+            self._interrupted()
         return result
+
+    def _interrupted(self) -> None:
+        self.stop_reason = f"interrupted by {signal.Signals(self.stop_signal).name}"
+        self.trainer.should_stop = True
 
     def _converged(self) -> None:
         hp = self.hparams
@@ -561,6 +573,8 @@ class NMFModule(L.LightningModule):
         self._in_pass = False
         result = update.end(self.W, self.H)
         self._advance_global_step(1)
+        if self.stop_signal is not None:  # the pass is done: a consistent place to stop
+            self._interrupted()
         self._unlogged += 1
         s = self.global_step
         last = self.trainer.should_stop or 0 < self.trainer.max_steps <= s

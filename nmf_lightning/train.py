@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nmf_lightning.atomic import save_npz, write_text
+from nmf_lightning.callbacks import GracefulStop
 from nmf_lightning.console import run_console
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
@@ -78,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("X: %s x %s %s", *matrix.shape, "sparse" if not isinstance(matrix.X, np.ndarray) else "dense")
 
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks.append(GracefulStop())  # SIGTERM, SIGINT, SIGUSR1: finish the update, save, report
     held_out = datamodule.holdout is not None
     _check_early_stopping(callbacks, held_out)
     model: NMFModule = _build(_model_config(cfg, callbacks), optimizer=_build(cfg.optimizer, _convert_="all"))
@@ -107,10 +110,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
 
     metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
-    metrics["status"] = "completed"
+    metrics["status"] = "completed" if model.stop_signal is None else "interrupted"
     metrics["stop_reason"] = _stop_reason(trainer, model)
     W, H = model.factors()
-    reason = degenerate_reason(metrics, W, H)
+    reason = degenerate_reason(metrics, W, H) if model.stop_signal is None else None
     log.info("final metrics: %s", json.dumps(metrics))
     if reason is not None:
         metrics.update(status="degenerate", reason=reason)
@@ -123,6 +126,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise DegenerateError(f"{reason}; {hint}. No factors.npz was written.")
     save_npz(out / "factors.npz", W=W, H=H)
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if model.stop_signal is not None:
+        raise InterruptedRunError(model.stop_signal, metrics["steps"], out)
     key = cfg.get("optimized_metric") or "relative_error"
     shown = [key] + [k for k in ("relative_error", "loss") if k != key]
     log.info(
@@ -133,6 +138,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         out,
     )
     return metrics
+
+
+class InterruptedRunError(Exception):
+    """A stop signal ended the run after a consistent update, with everything saved."""
+
+    def __init__(self, signum: int, steps: int, out: Path):
+        self.signum = signum
+        super().__init__(
+            f"{signal.Signals(signum).name} after {steps} updates: saved factors.npz, metrics.json "
+            f"(status interrupted) and checkpoints/last.ckpt in {out}; continue with ckpt_path=last"
+        )
 
 
 class DegenerateError(RuntimeError):
@@ -298,6 +314,15 @@ def main(cfg: DictConfig) -> float | None:
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     single = HydraConfig.get().mode == RunMode.RUN
     try:
+        return _main(cfg, single)
+    except InterruptedRunError as err:  # a scheduler reads 128 + the signal, and may requeue
+        log.warning("%s", err)
+        sys.exit(128 + err.signum)
+
+
+def _main(cfg: DictConfig, single: bool) -> float | None:
+    """Train; a user error ends a single run with its message and a sweep's job with its record."""
+    try:
         if not cfg.get("spread_gpus"):
             with run_console():
                 return optimized_value(cfg, train(cfg))
@@ -307,6 +332,8 @@ def main(cfg: DictConfig) -> float | None:
             log.info("training on GPU %d", gpu)
             with run_console():
                 return optimized_value(cfg, train(cfg))
+    except InterruptedRunError:
+        raise  # not a failure: the run saved everything and stops the sweep too
     except (ValueError, TypeError, KeyError, FileNotFoundError, DivergenceError, DegenerateError) as err:
         log.error("%s: %s", type(err).__name__, err)
         if single:

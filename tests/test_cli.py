@@ -217,3 +217,27 @@ def test_wheel_ships_the_config_tree(tmp_path):
 def test_unknown_experiment_name_is_an_error(tmp_path):
     proc = run_cli("experiment=bogus", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode != 0 and "experiment/bogus" in proc.stderr + proc.stdout
+
+
+def test_sigterm_stops_the_run_saved_with_exit_code_143(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmf_lightning.train", "data=toy", "model.rank=2", "trainer.max_steps=100000000",
+         "trainer.accelerator=cpu", f"hydra.run.dir={run}", *QUIET],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    log = run / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and "device:" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # training under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    metrics = _metrics(run)
+    assert metrics["status"] == "interrupted" and metrics["stop_reason"] == "interrupted by SIGTERM"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "factors.npz").is_file()
+    assert "continue with ckpt_path=last" in log.read_text()

@@ -1,6 +1,8 @@
 import json
 import math
+import os
 import re
+import signal
 import warnings
 
 import lightning as L
@@ -502,3 +504,73 @@ def test_a_crash_while_writing_leaves_the_previous_file_whole(tmp_path, monkeypa
     with np.load(path) as f:
         assert f["W"].tolist() == [[1, 1], [1, 1]]
     assert [p.name for p in tmp_path.iterdir()] == ["factors.npz"]  # no temporary file left
+
+
+class _SignalAt(L.Callback):
+    """Send this process a signal once a block of updates has passed ``step``."""
+
+    def __init__(self, step, signum):
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize(
+    ("extra", "signum"),
+    [(("optimizer.lr=0.05",), signal.SIGTERM), (("optimizer=hals", "data.batch_rows=16"), signal.SIGINT)],
+    ids=["adam-sigterm", "hals-streamed-sigint"],
+)
+def test_a_stop_signal_saves_a_checkpoint_that_resumes_exactly(make_cfg, tmp_path, monkeypatch, extra, signum):
+    from nmf_lightning import callbacks
+    from nmf_lightning.train import InterruptedRunError
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    common = (*SMALL, "trainer.max_steps=60", "model.inner_steps=10", *extra)
+    train(make_cfg(*common, f"paths.output_dir={straight}"))
+    original = callbacks.GracefulStop.on_train_start
+
+    def with_signal(self, trainer, pl_module):  # the signal comes once the handlers are in place
+        original(self, trainer, pl_module)
+        trainer.callbacks.append(_SignalAt(20, signum))
+
+    monkeypatch.setattr(callbacks.GracefulStop, "on_train_start", with_signal)
+    with pytest.raises(InterruptedRunError, match=rf"{signal.Signals(signum).name} after 2\d updates"):
+        train(make_cfg(*common, f"paths.output_dir={stopped}"))
+    monkeypatch.undo()
+    saved = json.loads((stopped / "metrics.json").read_text())
+    assert saved["status"] == "interrupted" and saved["stop_reason"].startswith("interrupted by SIG")
+    assert 20 <= saved["steps"] < 30 and (stopped / "checkpoints" / "last.ckpt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored after the run
+    resumed = train(make_cfg(*common, f"paths.output_dir={stopped}", "ckpt_path=last"))
+    assert resumed["steps"] == 60 and resumed["status"] == "completed"
+    for a, b in zip(_factors(straight), _factors(stopped), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise, on CPU
+
+
+def test_checkpoints_are_saved_every_n_updates_under_fused_blocks(make_cfg, tmp_path, monkeypatch):
+    from nmf_lightning.callbacks import UpdateCheckpoint
+
+    saved = []
+    original = UpdateCheckpoint._save_last_checkpoint
+
+    def record(self, trainer, candidates):
+        saved.append(trainer.global_step)
+        original(self, trainer, candidates)
+
+    monkeypatch.setattr(UpdateCheckpoint, "_save_last_checkpoint", record)
+    train(
+        make_cfg(
+            *SMALL,
+            "trainer.max_steps=100",
+            "model.inner_steps=7",
+            "callbacks.model_checkpoint.every_n_updates=30",
+            "callbacks.model_checkpoint.every_n_minutes=0",
+        )
+    )
+    assert saved[:3] == [35, 63, 91] and saved[-1] == 100  # at the first block end past each 30, and the end
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 100
+    assert not list((tmp_path / "checkpoints").glob("*.part"))

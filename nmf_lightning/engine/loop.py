@@ -20,13 +20,14 @@ class FitResult:
     """What :func:`fit` did.
 
     The updates run, per-update losses (gradient updates, on the device), whether ``tol``
-    stopped it, and the last pass's measurement.
+    stopped it, the last pass's measurement, and whether ``on_update`` asked it to stop.
     """
 
     steps: int
     losses: Tensor | None
     converged: bool
     last: PassResult
+    stopped: bool = False
 
 
 @dataclass
@@ -76,7 +77,7 @@ def fit(
     tol_window: int = 10,
     done: int = 0,
     convergence: Convergence | None = None,
-    on_update: Callable[[int, PassResult], None] | None = None,
+    on_update: Callable[[int, PassResult], bool | None] | None = None,
 ) -> FitResult:
     """Run up to ``steps`` updates of W and H (in place) over the row blocks of X.
 
@@ -85,7 +86,8 @@ def fit(
     ``objective(sq, W, H)`` is computed; a relative change below ``tol`` since the last
     check stops the fit. Per-update losses stay on the device: no host sync but the test.
     ``on_update(i, result)`` is called after the i-th update (from 1) of this call, while
-    its lazily formed error can still be read (curves on a grid of updates).
+    its lazily formed error can still be read (curves on a grid of updates); a true return
+    stops the fit there (a signal to stop).
     """
     convergence = convergence or Convergence()
     losses: list[Tensor] = []
@@ -94,8 +96,8 @@ def fit(
         last = update(blocks, W, H, step)
         if last.loss is not None:
             losses.append(last.loss)
-        if on_update is not None:
-            on_update(i + 1, last)
+        if on_update is not None and on_update(i + 1, last):
+            return FitResult(i + 1, _stack(losses), False, last, stopped=True)
         if not tol or (done + i + 1) % tol_window:
             continue
         with torch.no_grad():

@@ -32,6 +32,7 @@ from nmf_lightning.console import run_console
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
+from nmf_lightning.rundir import claim_run_dir
 from nmf_lightning.validation import NMFInputError, check_accelerator
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,14 @@ def config_dir() -> str:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one NMF as configured and write factors.npz and metrics.json to the output dir.
 
-    Returns the final metrics (the contents of metrics.json).
+    Returns the final metrics (the contents of metrics.json). The folder is held for the
+    run: one with a finished run is refused unless ``overwrite`` or ``ckpt_path`` is set.
     """
+    with claim_run_dir(Path(cfg.paths.output_dir), bool(cfg.get("overwrite")), cfg.get("ckpt_path") is not None):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:

@@ -28,6 +28,7 @@ def make_cfg(tmp_path):
                     "trainer.accelerator=cpu",
                     "++trainer.enable_progress_bar=false",
                     "++callbacks.progress_bar=null",
+                    "overwrite=true",  # tests train into one tmp_path again and again
                     *overrides,
                 ],
             )

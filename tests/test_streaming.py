@@ -270,7 +270,7 @@ from nmf_lightning.train import config_dir, train
 
 def run(*overrides):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["trainer.accelerator=cpu", "logger=none", "callbacks=none",
+        cfg = compose("train", overrides=["trainer.accelerator=cpu", "logger=none", "callbacks=none", "overwrite=true",
                                           "paths.output_dir=" + sys.argv[1], *overrides])
     train(cfg)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

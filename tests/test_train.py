@@ -574,3 +574,23 @@ def test_checkpoints_are_saved_every_n_updates_under_fused_blocks(make_cfg, tmp_
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 100
     assert not list((tmp_path / "checkpoints").glob("*.part"))
+
+
+def test_a_finished_run_is_not_overwritten_and_a_live_one_not_shared(make_cfg, tmp_path):
+    from nmf_lightning.rundir import LOCK, claim_run_dir
+
+    common = (*SMALL, "trainer.max_steps=20", "overwrite=false")
+    first = train(make_cfg(*common))
+    with pytest.raises(NMFInputError, match=r"holds a finished run \(status completed\).*overwrite=true"):
+        train(make_cfg(*common))
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(first)  # untouched
+    assert train(make_cfg(*common[:-1], "overwrite=true"))["steps"] == 20
+    assert train(make_cfg(*common, "trainer.max_steps=30", "ckpt_path=last"))["steps"] == 30  # continuing is fine
+    busy = tmp_path / "busy"
+    with claim_run_dir(busy):
+        assert (busy / LOCK).read_text() == str(os.getpid())
+        with pytest.raises(NMFInputError, match=rf"in use by a run \(PID {os.getpid()}\)"):
+            train(make_cfg(*SMALL, f"paths.output_dir={busy}"))
+    assert not (busy / LOCK).exists()
+    (busy / LOCK).write_text("999999999")  # left by a run that died
+    assert train(make_cfg(*SMALL, "trainer.max_steps=5", f"paths.output_dir={busy}"))["steps"] == 5

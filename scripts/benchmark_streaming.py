@@ -53,6 +53,7 @@ def _cfg(out: Path, *overrides: str):
                 "logger=none",
                 "callbacks=none",
                 "trainer.accelerator=cpu",
+                "overwrite=true",  # a re-run of the benchmark replaces its runs
                 *overrides,
             ],
         )
@@ -135,10 +136,11 @@ def memory(args, work: Path) -> list[dict]:
         X.flush()
         del X
     size_mb = path.stat().st_size / 2**20
-    common = ["logger=none", "callbacks=none", "trainer.accelerator=cpu", f"model.rank={args.rank}", "optimizer=hals"]
+    common = ["logger=none", "callbacks=none", "trainer.accelerator=cpu", "overwrite=true"]
+    common += [f"model.rank={args.rank}", "optimizer=hals"]
     cli = [sys.executable, "-m", "nmf_lightning.train"]
     tiny_rss, tiny_wall, _ = _time_v(
-        [*cli, "data=toy", "model.rank=2", *common[:3], "optimizer=hals", "trainer.max_steps=2", "hydra.run.dir=tiny"],
+        [*cli, "data=toy", "model.rank=2", *common[:4], "optimizer=hals", "trainer.max_steps=2", "hydra.run.dir=tiny"],
         work,
     )
     run = work / "big"

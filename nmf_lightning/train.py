@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -341,16 +342,33 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
                 return optimized_value(cfg, train(cfg))
     except InterruptedRunError:
         raise  # not a failure: the run saved everything and stops the sweep too
-    except (ValueError, TypeError, KeyError, FileNotFoundError, DivergenceError, DegenerateError) as err:
-        log.error("%s: %s", type(err).__name__, err)
+    except (DivergenceError, DegenerateError) as err:  # the run failed: exit code 1
         if single:
-            sys.exit(f"error: {err}")  # a plain message, not a traceback, for a single run
+            _fail(1, str(err))
+        log.error("%s: %s", type(err).__name__, err)
+        return _record_failure(cfg, err)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:  # the configuration or input: 2
+        if single:
+            _fail(2, str(err))
+        log.error("%s: %s", type(err).__name__, err)
         return _record_failure(cfg, err)
     except Exception as err:
-        if single:
+        if single and os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if single:
+            _fail(1, f"{type(err).__name__}: {err} (HYDRA_FULL_ERROR=1 shows the traceback)")
         log.exception("job failed")
         return _record_failure(cfg, err)
+
+
+def _fail(code: int, message: str) -> None:
+    """End a single run with one line on stderr (and in train.log): 2 = configuration or input, 1 = the run."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:

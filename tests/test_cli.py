@@ -140,8 +140,10 @@ def test_bad_input_fails_with_a_clear_message_and_no_results(tmp_path, args, mes
         resolved.append(arg)
     run = tmp_path / "run"
     proc = run_cli(*resolved, f"hydra.run.dir={run}", "trainer.accelerator=cpu", cwd=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == (1 if "Could not find" in message else 2)  # 2: the configuration or input
     assert message in proc.stderr + proc.stdout
+    if "Could not find" not in message:  # one line, no traceback
+        assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
     assert not (run / "factors.npz").exists() and not (run / "metrics.json").exists()
 
 

@@ -34,7 +34,7 @@ from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
 from nmf_lightning.solvers import Solver
 from nmf_lightning.transform import transform
-from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank
+from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank, check_scale
 
 LOSS_FORMS = ("auto", "residual", "gram")
 #: auto mode leaves the Gram form when the relative error falls below this many sqrt(eps)
@@ -178,6 +178,7 @@ class NMFModule(L.LightningModule):
         self._check_loss_form(t.masked)
         self.matrix = matrix
         self.n_obs = t.n_obs
+        check_scale(float(t.x_sq), t.n_obs, dtype)
         self.register_buffer("X_sq", t.x_sq.to(dtype), persistent=False)
         hp = self.hparams
         W, H = initial_factors(t, hp.rank, hp.init, seed=hp.seed, restarts=hp.restarts, scale=hp.init_scale)
@@ -203,6 +204,7 @@ class NMFModule(L.LightningModule):
         self.matrix, self.streamed, self._stream_masked = matrix, True, summary.masked
         self._stream_sparse = sp.issparse(matrix.X) or bool(getattr(matrix.X, "sparse", False))
         self.n_obs = summary.n_obs
+        check_scale(float(summary.x_sq), summary.n_obs, dtype)
         self.register_buffer("X_sq", torch.tensor(summary.x_sq, dtype=dtype), persistent=False)
         for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals"):
             self.register_buffer(name, None, persistent=False)

@@ -6,6 +6,7 @@ problem, the value found and the way out.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -130,6 +131,25 @@ def check_factor_memory(shape: tuple[int, int], rank: int, restarts: int, itemsi
             f"{rank} values) but {free / 2**30:.3g} GiB of memory is free; lower model.rank (X is {n} x {m}, "
             f"so rank {min(n, m)} already fits it exactly) or model.restarts."
         )
+
+
+#: root-mean-square values of X a precision trains on: squares and products stay normal numbers
+SAFE_SCALE = {torch.float16: (1e-2, 1e2), torch.float64: (1e-120, 1e120)}
+FLOAT32_SCALE = (1e-15, 1e15)  # float32 and bfloat16 share an exponent range
+
+
+def check_scale(x_sq: float, n_obs: int, dtype: torch.dtype) -> None:
+    """Refuse X whose values are too tiny or huge for the training precision, before training on noise."""
+    rms = math.sqrt(x_sq / max(n_obs, 1))
+    low, high = SAFE_SCALE.get(dtype, FLOAT32_SCALE)
+    if low <= rms <= high:
+        return
+    name = str(dtype).removeprefix("torch.")
+    raise NMFInputError(
+        f"X's values are at scale {rms:.3g} (root mean square), too {'small' if rms < low else 'large'} to train "
+        f"in {name} (squares and products would {'underflow' if rms < low else 'overflow'}); multiply X by "
+        f"{1 / rms:.3g} first (the factors scale back by its square root), or use trainer.precision=64-true."
+    )
 
 
 def check_accelerator(accelerator: str | None, devices: int | str | list | None = None) -> None:

@@ -594,3 +594,13 @@ def test_a_finished_run_is_not_overwritten_and_a_live_one_not_shared(make_cfg, t
     assert not (busy / LOCK).exists()
     (busy / LOCK).write_text("999999999")  # left by a run that died
     assert train(make_cfg(*SMALL, "trainer.max_steps=5", f"paths.output_dir={busy}"))["steps"] == 5
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_values_too_tiny_or_huge_for_float32_are_refused_with_the_factor_to_apply(make_cfg, tmp_path, scale):
+    X = np.random.default_rng(0).random((30, 20)) * scale
+    np.save(tmp_path / "x.npy", X)
+    word = "small" if scale < 1 else "large"
+    with pytest.raises(NMFInputError, match=rf"too {word} to train in float32.*multiply X by .*precision=64-true"):
+        train(make_cfg("data=file", f"data.path={tmp_path / 'x.npy'}", "model.rank=3"))
+    assert not (tmp_path / "metrics.json").exists()

@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _train(cfg)
 
 
+def _check_ckpt_path(cfg: DictConfig) -> None:
+    """A checkpoint to resume from must exist and be one, before any data is loaded."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return
+    if ckpt == "last":
+        checkpoint = cfg.get("callbacks", {}).get("model_checkpoint") or {}
+        folder = Path(checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints")
+        if not (folder / "last.ckpt").is_file():
+            raise NMFInputError(
+                f"ckpt_path=last continues the run in {cfg.paths.output_dir}, but {folder} holds no last.ckpt; "
+                "give that run's folder as hydra.run.dir (and the same overrides), or a checkpoint's path."
+            )
+        return
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not found"
+        raise NMFInputError(f"ckpt_path={ckpt} is {what}; give a checkpoint file (e.g. <run>/checkpoints/last.ckpt).")
+    if not zipfile.is_zipfile(path):
+        raise NMFInputError(f"ckpt_path={ckpt} is not a checkpoint (truncated, or another kind of file).")
+
+
 def _train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
+    _check_ckpt_path(cfg)
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
         raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")

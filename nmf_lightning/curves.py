@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 
 import torch
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
@@ -105,3 +106,15 @@ def _best(loss: Tensor | None) -> Tensor | None:
     if loss is None or loss.dim() == 0:
         return None
     return torch.nan_to_num(loss.detach(), nan=float("inf")).argmin()
+
+
+def restart_curves(loggers: Iterable, step: int) -> None:
+    """A resumed run's curves go on from ``step``: TensorBoard hides what a killed run logged past it.
+
+    The killed run may have logged points after its last checkpoint; the resumed run logs
+    them again, and TensorBoard's restart marker drops the old ones (no step twice).
+    """
+    for logger in loggers:
+        writer = getattr(logger, "experiment", None)
+        if isinstance(writer, SummaryWriter):
+            writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from nmf_lightning.console import NMFWarning
-from nmf_lightning.curves import UpdateGrid
+from nmf_lightning.curves import UpdateGrid, restart_curves
 from nmf_lightning.data.holdout import Holdout
 from nmf_lightning.data.rows import RowSummary
 from nmf_lightning.data.sources import Matrix
@@ -762,6 +762,8 @@ class NMFModule(L.LightningModule):
         self._fit_start = (time.perf_counter(), self.global_step)
         self._grid = UpdateGrid(self.trainer.log_every_n_steps)
         self._last_point = self._last_val_point = self.global_step  # a resumed run's curves go on from here
+        if self.global_step:
+            restart_curves(self.loggers, self.global_step + 1)
         self._warn_small_lr()
 
     def _warn_small_lr(self) -> None:

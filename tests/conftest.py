@@ -14,29 +14,31 @@ from nmf_lightning.train import config_dir
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
+def make_config(tmp_path: Path, *overrides: str) -> DictConfig:
+    """The real train.yaml with overrides, shrunk for a fast CPU run into tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                "trainer.accelerator=cpu",
+                "++trainer.enable_progress_bar=false",
+                "++callbacks.progress_bar=null",
+                "overwrite=true",  # tests train into one tmp_path again and again
+                *overrides,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.trainer.enable_checkpointing = True
+    GlobalHydra.instance().clear()
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
-    """Compose the real train.yaml with overrides, shrunk for a fast CPU run into tmp_path."""
-
-    def _make(*overrides: str) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose(
-                config_name="train",
-                overrides=[
-                    f"paths.output_dir={tmp_path}",
-                    "trainer.accelerator=cpu",
-                    "++trainer.enable_progress_bar=false",
-                    "++callbacks.progress_bar=null",
-                    "overwrite=true",  # tests train into one tmp_path again and again
-                    *overrides,
-                ],
-            )
-        with open_dict(cfg):
-            cfg.trainer.enable_checkpointing = True
-        return cfg
-
-    yield _make
+    """``make_config`` into this test's tmp_path."""
+    yield lambda *overrides: make_config(tmp_path, *overrides)
     GlobalHydra.instance().clear()
 
 

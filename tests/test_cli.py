@@ -243,3 +243,41 @@ def test_sigterm_stops_the_run_saved_with_exit_code_143(tmp_path):
     assert metrics["status"] == "interrupted" and metrics["stop_reason"] == "interrupted by SIGTERM"
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "factors.npz").is_file()
     assert "continue with ckpt_path=last" in log.read_text()
+
+
+def test_a_run_killed_outright_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    """SIGKILL leaves no chance to save: the periodic checkpoint is what a resumed run continues from."""
+    import signal
+    import time
+
+    from conftest import make_config
+
+    from nmf_lightning.train import train
+
+    run = tmp_path / "run"
+    common = ["data=synthetic", "data.n_rows=40", "data.n_cols=30", "data.true_rank=3", "model.rank=3",
+              "optimizer.lr=0.05", "trainer.max_steps=4000", "model.inner_steps=10", "threads=1",
+              "callbacks.model_checkpoint.every_n_updates=50",
+              "callbacks.model_checkpoint.every_n_minutes=0"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmf_lightning.train", *common, "trainer.accelerator=cpu", f"hydra.run.dir={run}",
+         *QUIET],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (run / "metrics.json").exists(), "the run finished before it was killed"
+    proc = run_cli(*common, "trainer.accelerator=cpu", f"hydra.run.dir={run}", "ckpt_path=last", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _metrics(run)["steps"] == 4000
+    straight = tmp_path / "straight"
+    train(make_config(tmp_path, *common, f"paths.output_dir={straight}"))
+    for name in ("W", "H"):
+        np.testing.assert_array_equal(np.load(run / "factors.npz")[name], np.load(straight / "factors.npz")[name])
+    ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(10, 4001, 10))  # no step twice, none missing

@@ -13,6 +13,8 @@ from nmf_lightning.validation import NMFInputError
 #: statuses of a run whose results are in its folder
 FINISHED = ("completed", "degenerate", "interrupted")
 LOCK = ".nmf-lightning.lock"
+#: a run's results, removed when ``overwrite`` replaces it
+RESULTS = ("metrics.json", "factors.npz", "factors_last_finite.npz", "topics.md", "checkpoints/last.ckpt")
 
 
 @contextmanager
@@ -32,6 +34,9 @@ def claim_run_dir(out: Path, overwrite: bool = False, resume: bool = False) -> I
         )
     lock = out / LOCK
     _take(lock)
+    if status in FINISHED and overwrite and not resume:  # the old results must not outlive a failed re-run
+        for name in RESULTS:
+            (out / name).unlink(missing_ok=True)
     try:
         yield out
     finally:

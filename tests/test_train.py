@@ -588,6 +588,9 @@ def test_a_finished_run_is_not_overwritten_and_a_live_one_not_shared(make_cfg, t
     with pytest.raises(NMFInputError, match=r"holds a finished run \(status completed\).*overwrite=true"):
         train(make_cfg(*common))
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(first)  # untouched
+    with pytest.raises(NMFInputError):  # a re-run that fails leaves no stale results behind
+        train(make_cfg(*common[:-1], "overwrite=true", "model.rank=0"))
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "factors.npz").exists()
     assert train(make_cfg(*common[:-1], "overwrite=true"))["steps"] == 20
     assert train(make_cfg(*common, "trainer.max_steps=30", "ckpt_path=last"))["steps"] == 30  # continuing is fine
     busy = tmp_path / "busy"

@@ -224,3 +224,15 @@ def test_broken_and_unsafe_files_are_errors_that_say_what_the_file_must_hold(tmp
     with pytest.raises(ValueError, match=r"must hold a tensor .* other Python objects, which are not loaded") as err:
         from_file(str(tmp_path / "numpy.pt"), key="X")
     assert "weights_only" not in str(err.value)
+
+
+def test_a_file_too_large_to_load_whole_is_refused_from_its_header(tmp_path, monkeypatch):
+    from nmf_lightning.data import datamodule
+
+    np.save(tmp_path / "x.npy", np.ones((100, 50)))
+    monkeypatch.setattr(datamodule, "available_memory", lambda: 10_000)  # bytes
+    dm = NMFDataModule(loader=from_file, path=str(tmp_path / "x.npy"))
+    with pytest.raises(ValueError, match=r"needs about .* GiB to load whole .* data.batch_rows=\d+"):
+        dm.setup("fit")
+    streamed = NMFDataModule(loader=from_file, path=str(tmp_path / "x.npy"), batch_rows=10)
+    streamed.setup("fit")  # a streamed X is never held whole: no such limit

@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from nmf_lightning.data.holdout import Holdout, split_holdout
-from nmf_lightning.data.rows import RowBlocks, RowSummary, in_memory, materialize, scan
+from nmf_lightning.data.rows import OnDisk, RowBlocks, RowSummary, in_memory, materialize, scan
 from nmf_lightning.data.sources import Matrix
-from nmf_lightning.validation import NMFInputError, check_matrix
+from nmf_lightning.validation import NMFInputError, available_memory, check_matrix
 
 
 class _Ticks:
@@ -100,6 +101,7 @@ class NMFDataModule(L.LightningDataModule):
         if not isinstance(matrix, Matrix):
             raise TypeError(f"data loader {self.loader} returned {type(matrix).__name__}, expected a Matrix.")
         if not self.streamed:
+            _check_fits(matrix.X)
             matrix.X = materialize(matrix.X)
         elif self.holdout_fraction and not in_memory(matrix.X):
             raise NMFInputError(
@@ -152,3 +154,19 @@ class NMFDataModule(L.LightningDataModule):
     def val_dataloader(self) -> Iterable[torch.Tensor]:
         """One tick per validation run when entries are held out; none otherwise."""
         return _Ticks(1 if self.holdout_fraction else 0)
+
+
+def _check_fits(X: object) -> None:
+    """A dense matrix on disk must fit in memory (as read, and as float32 for training) to load it whole."""
+    if not isinstance(X, OnDisk) or getattr(X, "sparse", False) or len(X.shape) != 2:
+        return
+    n, m = X.shape
+    itemsize = np.dtype(getattr(X, "dtype", np.float64)).itemsize
+    need = n * m * (itemsize + 4)
+    free = available_memory()
+    if free is not None and need > free:
+        raise NMFInputError(
+            f"X ({n} x {m}, {itemsize}-byte values) needs about {need / 2**30:.3g} GiB to load whole but "
+            f"{free / 2**30:.3g} GiB of memory is free; stream it in row blocks with data.batch_rows="
+            f"{max(1, int(free / 8 / max(m, 1) / (itemsize + 4)))} (or fewer), which never holds X at once."
+        )

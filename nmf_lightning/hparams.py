@@ -114,7 +114,7 @@ def run_hparams(
     base = {
         "rank": int(cfg.model.rank),
         "optimizer": str(choices.get("optimizer") or opt.get("_target_")),
-        "lr": float(opt.get("lr", math.nan)),
+        "lr": opt.get("lr") if opt.get("lr") == "auto" else float(opt.get("lr", math.nan)),
         "lam": float(cfg.model.lam),
         "loss": str(cfg.model.loss),
         "init": str(cfg.model.init),

@@ -8,6 +8,7 @@ curves have a point every ``trainer.log_every_n_steps`` updates whatever the blo
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -36,6 +37,8 @@ from nmf_lightning.solvers import Solver
 from nmf_lightning.transform import transform
 from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank, check_scale
 
+log = logging.getLogger(__name__)
+
 LOSS_FORMS = ("auto", "residual", "gram")
 #: auto mode leaves the Gram form when the relative error falls below this many sqrt(eps)
 _GRAM_SAFETY = 10.0
@@ -43,6 +46,8 @@ _GRAM_SAFETY = 10.0
 _ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam)
 #: inner_steps=auto sizes each block of updates to take about this long (one log point)
 _BLOCK_SECONDS = 1.0
+#: lr: auto's choice where it reaches the factors' scale (the notebooks' Adam lr)
+AUTO_LR = 1e-3
 #: closed-form rules whose H-update from running sums is monotone: they can run model.online=true
 ONLINE = ("HALS", "MU")
 
@@ -389,7 +394,10 @@ class NMFModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Build the configured optimizer (or closed-form solver) over W and H."""
-        optimizer = self.optimizer_factory([self.W, self.H])
+        factory = self.optimizer_factory
+        if isinstance(factory, partial) and factory.keywords.get("lr") == "auto":
+            factory = partial(factory, lr=self._auto_lr())
+        optimizer = factory([self.W, self.H])
         hp = self.hparams
         self._closed_form = isinstance(optimizer, Solver)
         if isinstance(optimizer, Solver):
@@ -765,6 +773,15 @@ class NMFModule(L.LightningModule):
         if self.global_step:
             restart_curves(self.loggers, self.global_step + 1)
         self._warn_small_lr()
+
+    def _auto_lr(self) -> float:
+        """``lr: auto``: 1e-3, unless 1e-3 per update cannot cover the factors' scale in the run's updates."""
+        updates = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else 0
+        with torch.no_grad():
+            scale = max(float(A.float().pow(2).mean().sqrt()) for A in (self.W, self.H)) if self.W.numel() else 0.0
+        lr = AUTO_LR if updates <= 0 or AUTO_LR * updates >= scale else scale / 100
+        log.info("optimizer.lr=auto: %g (factors at scale %.3g, %d updates)", lr, scale, updates)
+        return lr
 
     def _warn_small_lr(self) -> None:
         """Adam-like steps move an entry by about lr per update, whatever the gradient's size.

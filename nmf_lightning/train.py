@@ -154,7 +154,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         logger.finalize("success" if reason is None else "failed")
     if reason is not None:
         write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        hint = NAN_HINT if "not a number" in reason else _degenerate_hint(cfg)
+        lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
+        hint = NAN_HINT if "not a number" in reason else _degenerate_hint(cfg, lr)
         raise DegenerateError(f"{reason}; {hint}. No factors.npz was written.")
     save_npz(out / "factors.npz", W=W, H=H)
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -202,10 +203,9 @@ def degenerate_reason(metrics: dict[str, Any], W: np.ndarray, H: np.ndarray) -> 
     return None
 
 
-def _degenerate_hint(cfg: DictConfig) -> str:
-    """What to lower: the penalties that are on, or the learning rate."""
+def _degenerate_hint(cfg: DictConfig, lr: float | None) -> str:
+    """What to lower: the penalties that are on, or the learning rate (``lr``: the one trained with)."""
     penalties = [f"model.{k}={cfg.model[k]}" for k in PENALTIES if cfg.model.get(k)]
-    lr = cfg.optimizer.get("lr")
     hints = [f"lower the penalty ({', '.join(penalties)})"] if penalties else []
     if lr is not None:
         hints.append(f"lower the learning rate (e.g. optimizer.lr={float(lr) / 10:g})")

@@ -38,9 +38,13 @@ def test_optimizer_configs_build_torch_optimizers(make_cfg, name):
     assert isinstance(opt, Solver) if solver else opt.param_groups[0]["lr"] == 0.005
 
 
-def test_adam_default_is_the_notebook_recipe(make_cfg):
-    opt = instantiate(make_cfg().optimizer, _convert_="all")([torch.nn.Parameter(torch.ones(2))])
-    assert isinstance(opt, torch.optim.Adam)
+def test_adam_default_is_the_notebook_recipe_with_an_lr_sized_to_the_data(make_cfg):
+    factory = instantiate(make_cfg().optimizer, _convert_="all")
+    assert factory.keywords["lr"] == "auto" and tuple(factory.keywords["betas"]) == (0.9, 0.9)
+    opt = instantiate(make_cfg("experiment=newsgroups_adam").optimizer, _convert_="all")(
+        [torch.nn.Parameter(torch.ones(2))]
+    )
+    assert isinstance(opt, torch.optim.Adam)  # the notebook's recipe keeps its absolute lr
     assert opt.param_groups[0]["lr"] == 1e-3 and tuple(opt.param_groups[0]["betas"]) == (0.9, 0.9)
 
 

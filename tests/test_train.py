@@ -458,16 +458,18 @@ def test_batched_kaczmarz_survives_rows_that_are_zero_in_one_restart():
     assert torch.isfinite(out).all()
 
 
-def test_an_adam_lr_too_small_for_large_valued_x_is_named(make_cfg, tmp_path):
+def test_an_adam_lr_too_small_for_large_valued_x_is_named_and_auto_is_sized_to_it(make_cfg, tmp_path):
     X = np.random.default_rng(0).random((60, 8)) * 1000.0  # entries in the hundreds
     np.save(tmp_path / "big.npy", X)
     common = ("data=file", f"data.path={tmp_path / 'big.npy'}", "model.rank=3", "trainer.max_steps=200")
     with pytest.warns(UserWarning, match=r"optimizer.lr=0.001 moves a factor entry .* Raise the lr \(e.g. optimizer"):
-        train(make_cfg(*common))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train(make_cfg(*common, "optimizer.lr=1.0"))  # big enough: no warning
-    assert not [w for w in caught if "moves a factor entry" in str(w.message)]
+        fixed = train(make_cfg(*common, "optimizer.lr=0.001"))  # an lr given: named, not changed
+    for lr in ("1.0", "auto"):  # big enough, or lr: auto (the default) sized to the factors' scale
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fitted = train(make_cfg(*common, f"optimizer.lr={lr}"))
+        assert not [w for w in caught if "moves a factor entry" in str(w.message)]
+    assert fitted["relative_error"] < 0.6 * fixed["relative_error"]  # auto fits where 0.001 cannot
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
+
+from nmf_lightning.atomic import write_atomic, write_text
 
 #: metrics.json columns shown after the chosen metric, when present
 SHOWN_METRICS = ("relative_error", "val_relative_error", "rmse", "val_rmse", "loss", "steps", "updates_per_sec")
@@ -134,13 +137,14 @@ def write_tables(
 ) -> tuple[Path, Path]:
     """``report.csv`` (full precision, plus each job's folder) and ``report.md`` (4 significant digits)."""
     csv_path, md_path = out / "report.csv", out / "report.md"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*header, "dir"])
-        writer.writerows([*row, str(r["dir"])] for r, row in zip(rows, cells, strict=True))
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow([*header, "dir"])
+    writer.writerows([*row, str(r["dir"])] for r, row in zip(rows, cells, strict=True))
+    write_text(csv_path, table.getvalue())
     lines = [preamble, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in cells]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -183,7 +187,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, params: list[str], 
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = out / f"{metric}_vs_params.png"
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -229,7 +233,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], params: list[str], out: Path) ->
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = out / "curves.png"
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     return path
 

@@ -265,9 +265,13 @@ class UpdateCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         part = f"{filepath}.part"
-        super()._save_checkpoint(trainer, part)
-        if trainer.is_global_zero:
-            os.replace(part, filepath)
+        try:
+            super()._save_checkpoint(trainer, part)
+            if trainer.is_global_zero:
+                os.replace(part, filepath)
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
         self._last_checkpoint_saved = filepath
 
 

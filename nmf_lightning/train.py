@@ -34,7 +34,7 @@ from nmf_lightning.console import run_console
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
-from nmf_lightning.rundir import claim_run_dir
+from nmf_lightning.rundir import RunDirError, claim_run_dir
 from nmf_lightning.validation import NMFInputError, check_accelerator
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns the final metrics (the contents of metrics.json). The folder is held for the
     run: one with a finished run is refused unless ``overwrite`` or ``ckpt_path`` is set.
     """
-    with claim_run_dir(Path(cfg.paths.output_dir), bool(cfg.get("overwrite")), cfg.get("ckpt_path") is not None):
+    out = Path(cfg.paths.output_dir)
+    with claim_run_dir(out, bool(cfg.get("overwrite")), _continues(cfg.get("ckpt_path"), out)):
         return _train(cfg)
+
+
+def _continues(ckpt_path: str | None, out: Path) -> bool:
+    """Whether ``ckpt_path`` continues the run in ``out`` (not a checkpoint of another run's)."""
+    if ckpt_path is None:
+        return False
+    return ckpt_path == "last" or Path(str(ckpt_path)).expanduser().resolve().is_relative_to(out.resolve())
 
 
 def _check_ckpt_path(cfg: DictConfig) -> None:
@@ -366,6 +374,11 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
                 return optimized_value(cfg, train(cfg))
     except InterruptedRunError:
         raise  # not a failure: the run saved everything and stops the sweep too
+    except RunDirError as err:  # the folder is another run's: report, and write nothing into it
+        if single:
+            _fail(2, str(err))
+        log.error("%s", err)
+        return _sweep_failed(err)
     except (DivergenceError, DegenerateError) as err:  # the run failed: exit code 1
         if single:
             _fail(1, str(err))
@@ -422,6 +435,11 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> float:
     if done.get("status") in ("completed", "degenerate"):
         record = {**done, **record, "status": done["status"] if isinstance(err, DegenerateError) else "failed"}
     write_text(path, json.dumps(record, indent=2) + "\n")
+    return _sweep_failed(err)
+
+
+def _sweep_failed(err: BaseException) -> float:
+    """A failed job's value: NaN for the basic sweeper; a search sweeper gets the error (a failed trial)."""
     sweeper = str(HydraConfig.get().sweeper.get("_target_", "")) if HydraConfig.initialized() else ""
     if sweeper and not sweeper.endswith("BasicSweeper"):
         raise err

@@ -145,10 +145,12 @@ def check_scale(x_sq: float, n_obs: int, dtype: torch.dtype) -> None:
     if low <= rms <= high:
         return
     name = str(dtype).removeprefix("torch.")
+    small = rms < low
+    factor = f"{1 / rms:.3g}" if 0 < rms < math.inf else ("a large number" if small else "a small number")
     raise NMFInputError(
-        f"X's values are at scale {rms:.3g} (root mean square), too {'small' if rms < low else 'large'} to train "
-        f"in {name} (squares and products would {'underflow' if rms < low else 'overflow'}); multiply X by "
-        f"{1 / rms:.3g} first (the factors scale back by its square root), or use trainer.precision=64-true."
+        f"X's values are at scale {rms:.3g} (root mean square), too {'small' if small else 'large'} to train "
+        f"in {name} (squares and products would {'underflow' if small else 'overflow'}); multiply X by "
+        f"{factor} first (the factors scale back by its square root), or use trainer.precision=64-true."
     )
 
 

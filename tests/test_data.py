@@ -205,8 +205,8 @@ def test_newsgroups_errors_name_the_problem(corpus, tmp_path):
 
 def test_a_text_cell_that_is_not_a_number_is_an_error_naming_its_line(tmp_path):
     path = tmp_path / "x.csv"
-    path.write_text("1,2,3\n\n4,abc,6\n7,,NA\n")
-    with pytest.raises(ValueError, match=r"line 3, column 2 holds 'abc', which is not a number.*data.na_values"):
+    path.write_text("# a comment\n1,2,3\n\n4,abc,6 # inline\n7,,NA\n")
+    with pytest.raises(ValueError, match=r"line 4, column 2 holds 'abc', which is not a number.*data.na_values"):
         from_file(str(path))
     X = from_file(str(path), na_values=["", "NA", "abc"]).X  # listed: read as missing entries
     assert np.isnan(X).sum() == 3 and X[0].tolist() == [1, 2, 3]

@@ -603,6 +603,10 @@ def test_a_finished_run_is_not_overwritten_and_a_live_one_not_shared(make_cfg, t
     with pytest.raises(NMFInputError, match=r"holds a finished run \(status completed\).*overwrite=true"):
         train(make_cfg(*common))
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(first)  # untouched
+    from nmf_lightning.train import _main
+
+    assert math.isnan(_main(make_cfg(*common), single=False))  # a sweep's job into it fails, writing nothing
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(first)
     with pytest.raises(NMFInputError):  # a re-run that fails leaves no stale results behind
         train(make_cfg(*common[:-1], "overwrite=true", "model.rank=0"))
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "factors.npz").exists()
@@ -616,9 +620,13 @@ def test_a_finished_run_is_not_overwritten_and_a_live_one_not_shared(make_cfg, t
     assert not (busy / LOCK).exists()
     (busy / LOCK).write_text("999999999")  # left by a run that died
     assert train(make_cfg(*SMALL, "trainer.max_steps=5", f"paths.output_dir={busy}"))["steps"] == 5
+    finished = tmp_path / "finished"
+    train(make_cfg(*common, f"paths.output_dir={finished}"))
+    with pytest.raises(NMFInputError, match="holds a finished run"):  # another run's checkpoint continues nothing
+        train(make_cfg(*common, f"paths.output_dir={finished}", f"ckpt_path={busy / 'checkpoints' / 'last.ckpt'}"))
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e30])
+@pytest.mark.parametrize("scale", [1e-30, 1e30, 1e-50])
 def test_values_too_tiny_or_huge_for_float32_are_refused_with_the_factor_to_apply(make_cfg, tmp_path, scale):
     X = np.random.default_rng(0).random((30, 20)) * scale
     np.save(tmp_path / "x.npy", X)

@@ -159,8 +159,9 @@ def _check_missing_cells(
     """A cell that read as NaN must be one of ``na_values``: a typo is not a missing entry."""
     missing = {str(v).strip().lower() for v in na_values}
     rows = set(np.nonzero(np.isnan(X).any(axis=1))[0].tolist())
-    with open(p) as f:
-        numbered = [(i, line) for i, line in enumerate(f, start=1) if i > skip_header and line.strip()]
+    with open(p) as f:  # the rows genfromtxt read: past the header, without comments and blank lines
+        lines = ((i, line.split("#", 1)[0]) for i, line in enumerate(f, start=1) if i > skip_header)
+        numbered = [(i, line) for i, line in lines if line.strip()]
     for row, (number, line) in enumerate(numbered):
         if row not in rows:
             continue
@@ -177,7 +178,11 @@ def _first_line(p: Path, skip_header: int) -> str:
         lines = [line for line in f if line.strip()]
     if len(lines) <= skip_header:
         raise ValueError("it has no data rows")
-    return lines[skip_header].strip()
+    rows = [line.split("#", 1)[0].strip() for line in lines[skip_header:]]
+    rows = [row for row in rows if row]  # comment lines are skipped, as genfromtxt skips them
+    if not rows:
+        raise ValueError("it has no data rows")
+    return rows[0]
 
 
 def _is_number(cell: str) -> bool:

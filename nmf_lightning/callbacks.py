@@ -20,6 +20,11 @@ from nmf_lightning.atomic import write_text
 from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
 
 
+def next_multiple(step: int, every: int) -> int:
+    """The first multiple of ``every`` after update ``step``: when a periodic action is next due."""
+    return (step // every + 1) * every
+
+
 class UpdateProgressBar(TQDMProgressBar):
     """One bar for the run: updates done out of ``trainer.max_steps``, loss, relative error, updates/s.
 
@@ -126,13 +131,13 @@ class FactorPictures(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Schedule the next pictures after the current update (also when resuming)."""
         if self.every_n_steps:
-            self._next = (trainer.global_step // self.every_n_steps + 1) * self.every_n_steps
+            self._next = next_multiple(trainer.global_step, self.every_n_steps)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         """Draw once a block of updates has passed the next multiple of ``every_n_steps``."""
         if self.every_n_steps and trainer.global_step >= self._next:
             self.draw(trainer, pl_module)
-            self._next = (trainer.global_step // self.every_n_steps + 1) * self.every_n_steps
+            self._next = next_multiple(trainer.global_step, self.every_n_steps)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Final pictures, and topics.md for text data."""
@@ -247,7 +252,7 @@ class UpdateCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._clock = time.monotonic()
         if self.every_n_updates:
-            self._next = (trainer.global_step // self.every_n_updates + 1) * self.every_n_updates
+            self._next = next_multiple(trainer.global_step, self.every_n_updates)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any, **__: Any) -> None:
         """Save ``last.ckpt`` when a trigger is due at the end of a block of updates."""
@@ -261,7 +266,7 @@ class UpdateCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._clock = time.monotonic()
         if self.every_n_updates:
-            self._next = (step // self.every_n_updates + 1) * self.every_n_updates
+            self._next = next_multiple(step, self.every_n_updates)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         part = f"{filepath}.part"

@@ -83,9 +83,9 @@ class UpdateGrid:
             out.setdefault(step, {})[key] = value
         walls = {step: _wall(when) for step, when in times.items()}
         for logger in loggers:
-            writer = getattr(logger, "experiment", None)
+            writer = _writer(logger)
             for step, metrics in out.items():
-                if isinstance(writer, SummaryWriter):  # one event per point, with when it was reached
+                if writer is not None:  # one event per point, with when it was reached
                     values = [Summary.Value(tag=key, simple_value=value) for key, value in metrics.items()]
                     writer._get_file_writer().add_summary(Summary(value=values), step, walls[step])
                 else:
@@ -115,6 +115,12 @@ def restart_curves(loggers: Iterable, step: int) -> None:
     them again, and TensorBoard's restart marker drops the old ones (no step twice).
     """
     for logger in loggers:
-        writer = getattr(logger, "experiment", None)
-        if isinstance(writer, SummaryWriter):
+        writer = _writer(logger)
+        if writer is not None:
             writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+
+
+def _writer(logger: object) -> SummaryWriter | None:
+    """The logger's TensorBoard writer, or None for another kind of logger."""
+    writer = getattr(logger, "experiment", None)
+    return writer if isinstance(writer, SummaryWriter) else None

@@ -774,11 +774,16 @@ class NMFModule(L.LightningModule):
             restart_curves(self.loggers, self.global_step + 1)
         self._warn_small_lr()
 
-    def _auto_lr(self) -> float:
-        """``lr: auto``: 1e-3, unless 1e-3 per update cannot cover the factors' scale in the run's updates."""
+    def _lr_reach(self) -> tuple[int, float]:
+        """Updates left in the run, and the scale of the factors (the larger RMS of W and H) an lr must cover."""
         updates = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else 0
         with torch.no_grad():
             scale = max(float(A.float().pow(2).mean().sqrt()) for A in (self.W, self.H)) if self.W.numel() else 0.0
+        return updates, scale
+
+    def _auto_lr(self) -> float:
+        """``lr: auto``: 1e-3, unless 1e-3 per update cannot cover the factors' scale in the run's updates."""
+        updates, scale = self._lr_reach()
         lr = AUTO_LR if updates <= 0 or AUTO_LR * updates >= scale else scale / 100
         log.info("optimizer.lr=auto: %g (factors at scale %.3g, %d updates)", lr, scale, updates)
         return lr
@@ -793,9 +798,7 @@ class NMFModule(L.LightningModule):
         if not isinstance(optimizer, _ADAPTIVE):
             return
         lr = float(optimizer.param_groups[0]["lr"])
-        updates = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else 0
-        with torch.no_grad():
-            scale = max(float(A.float().pow(2).mean().sqrt()) for A in (self.W, self.H))
+        updates, scale = self._lr_reach()
         if updates > 0 and lr * updates < scale:
             warnings.warn(
                 f"optimizer.lr={lr:g} moves a factor entry by about {lr:g} per update, at most "

@@ -163,7 +163,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if reason is not None:
         write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
-        hint = NAN_HINT if "not a number" in reason else _degenerate_hint(cfg, lr)
+        hint = _degenerate_hint(cfg, lr) if math.isfinite(metrics["relative_error"]) else NAN_HINT
         raise DegenerateError(f"{reason}; {hint}. No factors.npz was written.")
     save_npz(out / "factors.npz", W=W, H=H)
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

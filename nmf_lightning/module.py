@@ -27,7 +27,8 @@ from nmf_lightning.curves import UpdateGrid, restart_curves
 from nmf_lightning.data.holdout import Holdout
 from nmf_lightning.data.rows import RowSummary
 from nmf_lightning.data.sources import Matrix
-from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, fit, sq_error, to_target
+from nmf_lightning.divergence import elementwise, loss_beta
+from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, divergence, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, to_numpy
 from nmf_lightning.engine.updates import PassResult
@@ -78,6 +79,7 @@ class NMFModule(L.LightningModule):
         rank: int = 10,
         optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None,
         loss: str = "fro",
+        beta: float | None = None,
         lam: float = 0.0,
         l1_W: float = 0.0,
         l1_H: float = 0.0,
@@ -100,6 +102,15 @@ class NMFModule(L.LightningModule):
         super().__init__()
         check_rank(rank)
         _check_choice("model.loss", loss, LOSSES)
+        try:
+            self.beta = loss_beta(loss, beta)  # None for the Frobenius losses
+        except ValueError as err:
+            raise NMFInputError(str(err)) from None
+        if self.beta is not None and not project:
+            raise NMFInputError(
+                f"model.loss={loss} is a beta-divergence, defined for W H >= 0 only; it trains with "
+                "model.project=true (the default)."
+            )
         _check_choice("model.init", init, INITS)
         _check_choice("model.loss_form", loss_form, LOSS_FORMS)
         weights = {"lam": lam, "l1_W": l1_W, "l1_H": l1_H, "l2_W": l2_W, "l2_H": l2_H, "l21_H": l21_H}
@@ -181,6 +192,7 @@ class NMFModule(L.LightningModule):
                 stacklevel=2,
             )
         self._check_loss_form(t.masked)
+        self._check_beta_data(_has_zeros(t), t.sparse)
         self.matrix = matrix
         self.n_obs = t.n_obs
         check_scale(float(t.x_sq), t.n_obs, dtype)
@@ -206,6 +218,7 @@ class NMFModule(L.LightningModule):
                 "(data.batch_rows) never holds at once; use model.init=random (or normal_abs)."
             )
         self._check_loss_form(summary.masked)
+        self._check_beta_data(summary.zeros, sp.issparse(matrix.X) or bool(getattr(matrix.X, "sparse", False)))
         self.matrix, self.streamed, self._stream_masked = matrix, True, summary.masked
         self._stream_sparse = sp.issparse(matrix.X) or bool(getattr(matrix.X, "sparse", False))
         self.n_obs = summary.n_obs
@@ -236,6 +249,25 @@ class NMFModule(L.LightningModule):
             raise NMFInputError(
                 "model.loss_form=gram cannot skip missing entries, and X has some (NaN entries, "
                 "entries held out by data.holdout, or data.unstored=missing); use model.loss_form=auto or residual."
+            )
+
+    def _check_beta_data(self, zeros: bool, sparse: bool) -> None:
+        """Itakura-Saito (beta <= 0) divides by X; other betas than 1 and 2 read W H densely."""
+        beta, loss = self.beta, self.hparams.loss
+        if beta is None:
+            return
+        if beta <= 0 and zeros:
+            raise NMFInputError(
+                f"model.loss={loss} (beta={beta:g}) is defined for X > 0 only, and X has zero entries "
+                "(a sparse X's unstored entries are zeros); add a small floor to X (a noise floor, e.g. "
+                "1e-6 of its largest value), or use model.loss=kl, which takes zeros."
+            )
+        if sparse and beta not in (1.0, 2.0):
+            warnings.warn(
+                f"model.loss={loss} with beta={beta:g} reads every entry of W H, so each update builds it "
+                "densely (rows x columns) although X is sparse; model.loss=kl (beta=1) keeps to X's non-zeros.",
+                NMFWarning,
+                stacklevel=3,
             )
 
     def _set_holdout(self, holdout: Holdout | None, dtype: torch.dtype) -> None:
@@ -284,18 +316,19 @@ class NMFModule(L.LightningModule):
         """The objective's formula and weights (a pure function of the squared error, W, H)."""
         hp = self.hparams
         weights = {key: float(hp[key]) for key in ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")}
-        return Objective(loss=hp.loss, n_obs=getattr(self, "n_obs", 1), **weights)
+        return Objective(loss=hp.loss, beta=self.beta, n_obs=getattr(self, "n_obs", 1), **weights)
 
     def objective(
         self, all_terms: bool = False, sq: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its unweighted terms, one value per restart (shape (r,)).
 
-        ``all_terms`` adds the terms whose weight is 0 (for logging); ``sq`` is a squared
-        error already computed for ``factors`` (default: the current W, H).
+        ``all_terms`` adds the terms whose weight is 0 (for logging); ``sq`` is the data term
+        (squared error, or beta-divergence) already computed for ``factors`` (default: the
+        current W, H).
         """
         W, H = factors or (self.W, self.H)
-        sq = self._sq_error() if sq is None else sq
+        sq = self._data_term(factors=factors) if sq is None else sq
         total, terms = self.loss_terms.terms(sq, W, H)
         if not all_terms:
             weights = {name: weight for name, weight, _ in self.loss_terms.penalties(W, H)}
@@ -314,6 +347,13 @@ class NMFModule(L.LightningModule):
     def _sq_error(self, exact: bool = False) -> Tensor:
         """Squared error of the current factors; ``exact`` avoids the Gram form on dense X."""
         return sq_error(self.blocks(), self.W.detach(), self.H.detach(), gram_form=not exact and self._use_gram())
+
+    def _data_term(self, sq: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """What the loss reads of ``factors`` (default: the current ones): the squared error ``sq``, or D_beta."""
+        if self.beta is None:
+            return self._sq_error() if sq is None else sq
+        W, H = factors or (self.W.detach(), self.H.detach())
+        return divergence(self.blocks(), W, H, self.beta)
 
     def target(self) -> Target:
         """X in memory as the engine reads it (built once per device)."""
@@ -402,6 +442,18 @@ class NMFModule(L.LightningModule):
         self._closed_form = isinstance(optimizer, Solver)
         if isinstance(optimizer, Solver):
             name = type(optimizer).__name__.lower()
+            if self.beta is not None:
+                if not hasattr(optimizer.rule, "beta"):
+                    raise NMFInputError(
+                        f"optimizer={name} minimises the Frobenius loss, not model.loss={hp.loss}; use "
+                        "optimizer=mu (multiplicative updates for any beta) or a gradient optimizer such as adam."
+                    )
+                if hp.online:
+                    raise NMFInputError(
+                        f"model.online=true runs the Frobenius loss only; model.loss={hp.loss} streams with "
+                        "model.online=false (H updated once per pass)."
+                    )
+                optimizer.rule.beta = self.beta
             if hp.l21_H:
                 raise NMFInputError(
                     f"optimizer={name} has no closed form for the L2,1 penalty (model.l21_H="
@@ -451,7 +503,7 @@ class NMFModule(L.LightningModule):
             else:
                 loss = self.loss_terms
                 compiled = torch.compile(loss) if hp.compile else loss
-                self._update = GradientUpdate(optimizer, compiled, hp.project, objective=loss)
+                self._update = GradientUpdate(optimizer, compiled, hp.project, objective=loss, beta=self.beta)
         if isinstance(self._update, GradientUpdate):
             self._update.gram_form = self._use_gram()
         return self._update
@@ -494,7 +546,7 @@ class NMFModule(L.LightningModule):
             if start < p < end and grid.due(p):
                 point = {"train/loss": result.loss, **{f"train/{k}": v for k, v in (result.terms or {}).items()}}
                 if self.hparams.project and result.sq is not None:
-                    point.update(self._errors(result.sq))
+                    point.update(self._errors(result.sq, result.divergence))
                 grid.add(p, point)
             self._update.record_terms = s < end and grid.due(s)  # the next step reports the terms at s
         if not (s < end and grid.due(s)):
@@ -505,20 +557,23 @@ class NMFModule(L.LightningModule):
             exact = not self._gram_points  # near an exact fit the Gram sums are rounding noise
             sq = result.sq if result.after and not result.running and not exact else None
             sq = self._sq_error(exact=exact) if sq is None else sq
-            loss, terms = self.loss_terms.terms(sq, W, H, zero_weights=False)
-            grid.add(s, {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}, **self._errors(sq)})
+            div = None if self.beta is None else self._data_term()
+            loss, terms = self.loss_terms.terms(sq if div is None else div, W, H, zero_weights=False)
+            point = {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}, **self._errors(sq, div)}
+            grid.add(s, point)
         elif not self.hparams.project:
             reported = self.reported_factors(W, H)
             gram_form = self._use_gram() and self._gram_points
             grid.add(s, self._errors(sq_error(self.blocks(), *reported, gram_form=gram_form)))
         return False
 
-    def _errors(self, sq: Tensor) -> dict[str, Tensor]:
-        """Relative error and RMSE from a squared error (one per restart)."""
+    def _errors(self, sq: Tensor, div: Tensor | None = None) -> dict[str, Tensor]:
+        """Relative error, RMSE and the divergence (``div``; 1/2 sq for the Frobenius losses), one per restart."""
         sq = sq.double()
         return {
             "train/relative_error": relative_error(sq, self.X_sq.double()),
             "train/rmse": torch.sqrt(sq.clamp_min(0) / self.n_obs),
+            "train/divergence": 0.5 * sq.clamp_min(0) if div is None else div,
         }
 
     def reported_factors(self, W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
@@ -605,7 +660,8 @@ class NMFModule(L.LightningModule):
             self._diverged(losses, step - 1, *(before if before is not None else self._pass_start))
         if tol_due:  # on the exact objective, as in memory: sums of float32 products are too noisy for tol
             with torch.no_grad():
-                current = self.loss_terms(self._sq_error(exact=True), self.W, self.H).min()
+                sq = self._sq_error(exact=True) if self.beta is None else None
+                current = self.loss_terms(self._data_term(sq), self.W, self.H).min()
             if self._convergence.settled(current, self.hparams.tol):
                 self._converged()
         if due or self.trainer.should_stop:
@@ -698,13 +754,14 @@ class NMFModule(L.LightningModule):
         """
         sq = self._sq_error(exact=True) if sq is None else sq  # (r,): the residual form on dense X
         W, H = factors or (self.W.detach(), self.H.detach())
-        loss, terms = self.objective(all_terms=True, sq=sq, factors=(W, H))
+        div = None if self.beta is None else self._data_term(factors=(W, H))
+        loss, terms = self.objective(all_terms=True, sq=sq if div is None else div, factors=(W, H))
         per_restart = {"train/loss": loss}
         per_restart.update({f"train/{name}": value for name, value in terms.items()})
         reported = self.reported_factors(W, H)
         if reported[0] is not W:  # the errors of the factors a user gets, clamped at 0
             sq = sq_error(self.blocks(), *reported, gram_form=False)
-        per_restart.update(self._errors(sq))
+        per_restart.update(self._errors(sq, div))
         for name, A, R in (("W", W, reported[0]), ("H", H, reported[1])):
             per_restart[f"factors/{name}_neg_fraction"] = (A < 0).float().mean(dim=(-2, -1))
             per_restart[f"factors/{name}_neg_mean"] = torch.clamp(-A, min=0).float().mean(dim=(-2, -1))
@@ -724,30 +781,38 @@ class NMFModule(L.LightningModule):
 
     def final_metric_names(self, held_out: bool = False) -> set[str]:
         """Names of the numbers a run writes to metrics.json (checked before training)."""
-        names = {"loss", "reconstruction", "relative_error", "rmse", "steps", "updates_per_sec"}
+        names = {"loss", "reconstruction", "relative_error", "rmse", "divergence", "steps", "updates_per_sec"}
         names |= {name for name, *_ in self.loss_terms.penalties(self.W, self.H)}
         names |= {f"{A}_{stat}" for A in "WH" for stat in ("neg_fraction", "neg_mean", "sparsity")}
         if self.hparams.restarts > 1:
             names |= {"best_restart"} | {f"loss_{r}" for r in range(self.hparams.restarts)}
         if held_out:
-            names |= {"val_relative_error", "val_rmse"}
+            names |= {"val_relative_error", "val_rmse", "val_divergence"}
         return names
 
     @torch.no_grad()
     def validation_metrics(self) -> dict[str, Tensor]:
-        """``val/relative_error`` and ``val/rmse`` of the best restart on the held-out entries."""
+        """``val/relative_error``, ``val/rmse`` and ``val/divergence`` of the best restart on the held-out entries.
+
+        The divergence is the training loss's (1/2 the squared error for the Frobenius losses).
+        """
         if self.val_vals is None:
             return {}
         W, H = (A.to(self.val_vals.dtype) for A in self.best_factors())
         sq = torch.zeros((), dtype=torch.float64, device=W.device)
+        div = torch.zeros((), dtype=torch.float64, device=W.device)
         chunk = max(1, 2**24 // max(1, W.shape[-1]))  # bounds the (chunk, k) gather
         for start in range(0, len(self.val_vals), chunk):
-            part = slice(start, start + chunk)
-            sq += sq_error_observed(self.val_rows[part], self.val_cols[part], self.val_vals[part], W, H).double()
+            rows, cols, vals = (A[start : start + chunk] for A in (self.val_rows, self.val_cols, self.val_vals))
+            sq += sq_error_observed(rows, cols, vals, W, H).double()
+            if self.beta is not None:
+                pred = (W[rows] * H[:, cols].mT).sum(-1)
+                div += elementwise(vals, pred, self.beta).sum().double()
         ref = (self.val_vals.double() ** 2).sum()
         return {
             "val/relative_error": relative_error(sq, ref),
             "val/rmse": torch.sqrt(sq.clamp_min(0) / len(self.val_vals)),
+            "val/divergence": 0.5 * sq if self.beta is None else div,
         }
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -862,6 +927,16 @@ class NMFModule(L.LightningModule):
         """
         W, H = self.best_factors(restart)
         return to_numpy(W), to_numpy(H)
+
+
+def _has_zeros(t: Target) -> bool:
+    """Whether an observed entry of X is 0 (a sparse X's unstored entries count, unless they are missing)."""
+    if t.vals is not None:
+        return bool((t.vals == 0).any())
+    if t.sparse:
+        return t.X.values().numel() < t.shape[0] * t.shape[1] or bool((t.X.values() == 0).any())
+    zero = t.X == 0
+    return bool((zero if t.mask is None else zero & t.mask).any())
 
 
 def _batch(restarts: int) -> tuple[int, ...]:

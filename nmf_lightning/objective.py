@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LOSSES = ("fro", "fro2", "rmse")
+#: the Frobenius family (read a squared error), then the beta-divergences (read D_beta itself)
+LOSSES = ("fro", "fro2", "rmse", "kl", "is", "beta")
+BETA_LOSSES = ("kl", "is", "beta")
 
 
 #: the residual form works through X in row chunks of at most this many entries
@@ -122,12 +124,15 @@ def sq_error_gram(X: Tensor, W: Tensor, H: Tensor, X_sq: Tensor | None = None, X
 
 
 def reconstruction(sq: Tensor, n_obs: int, loss: str) -> Tensor:
-    """Turn a sum of squared residuals into the configured reconstruction term.
+    """Turn the data term into the configured reconstruction term.
 
     ``fro`` = ||X - WH||_F (the 20 newsgroups notebook), ``fro2`` = 1/2 ||X - WH||_F^2
     (scikit-learn's objective), ``rmse`` = sqrt(mean over observed entries) (the
-    masked notebook).
+    masked notebook), from a sum of squared residuals; ``kl``, ``is`` and ``beta`` are
+    the beta-divergence D_beta(X | WH) itself (see :mod:`~nmf_lightning.divergence`).
     """
+    if loss in BETA_LOSSES:
+        return sq
     if loss == "fro":
         return _safe_sqrt(sq)
     if loss == "fro2":
@@ -194,11 +199,14 @@ def _is_sparse(X: Tensor) -> bool:
 class Objective:
     """reconstruction(loss) + lam * negativity + l1/l2 weights * |W|, |H| + l21_H * L2,1(H).
 
-    A pure function of (squared error, W, H): the engine's gradient updates and the
-    module's metrics both call it, so the trained and the logged loss are one formula.
+    A pure function of (data term, W, H): the engine's gradient updates and the module's
+    metrics both call it, so the trained and the logged loss are one formula. The data
+    term is the squared error, or the beta-divergence when ``beta`` is set (``kl``,
+    ``is``, ``beta`` losses).
     """
 
     loss: str = "fro"
+    beta: float | None = None
     n_obs: int = 1
     lam: float = 0.0
     l1_W: float = 0.0

@@ -8,7 +8,7 @@ from typing import Any
 
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.newsgroups import newsgroups
-from nmf_lightning.data.sources import Matrix, digits, known_factors, synthetic, toy
+from nmf_lightning.data.sources import Matrix, digits, known_factors, spectrogram, synthetic, toy
 
 __all__ = [
     "Matrix",
@@ -17,6 +17,7 @@ __all__ = [
     "from_file",
     "known_factors",
     "newsgroups",
+    "spectrogram",
     "synthetic",
     "toy",
 ]

@@ -37,6 +37,7 @@ class RowSummary:
     masked: bool  # whether some entries are missing
     block_sq: list[float] = field(default_factory=list)  # ||X||^2 of each block of batch_rows rows
     block_missing: list[bool] = field(default_factory=list)  # whether each block has missing entries
+    zeros: bool = False  # whether some observed entry is 0 (the Itakura-Saito loss needs X > 0)
 
 
 class OnDisk:
@@ -183,7 +184,7 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
     n, m = X.shape
     if n == 0 or m == 0:
         raise NMFInputError(f"{name} is empty (shape {X.shape}); NMF needs at least one row and column.")
-    total, n_obs, positive = 0.0, 0, False
+    total, n_obs, positive, zeros = 0.0, 0, False, False
     block_sq, block_missing = [], []
     step = max(1, min(batch_rows, _SCAN_ENTRIES // m))  # read in pieces that keep float64 copies small
     for block_start in range(0, n, batch_rows):
@@ -201,6 +202,8 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
             if missing:
                 values = values[~np.isnan(values)]
             sq.append(float(np.dot(values, values)))
+            unstored = sp.issparse(piece) and not unstored_missing and piece.nnz < piece.shape[0] * m
+            zeros |= unstored or bool((values == 0).any())
             any_missing |= bool(missing)
             total += float(values.sum())
             n_obs += values.size if not sp.issparse(piece) or unstored_missing else piece.shape[0] * m
@@ -214,6 +217,7 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
         masked=n_obs < n * m,
         block_sq=block_sq,
         block_missing=block_missing,
+        zeros=zeros,
     )
 
 

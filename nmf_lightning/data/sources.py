@@ -1,7 +1,7 @@
 """Built-in matrices, each returned as a :class:`Matrix`.
 
-The notebooks' toy and known-factor matrices, a planted low-rank generator and
-scikit-learn's digits.
+The notebooks' toy and known-factor matrices, a planted low-rank generator, a synthetic
+power spectrogram (for the Itakura-Saito loss) and scikit-learn's digits.
 """
 
 from __future__ import annotations
@@ -93,6 +93,47 @@ def synthetic(
     if noise > 0:
         X = np.clip(X + noise * X.std() * rng.standard_normal(X.shape), 0, None)
     return Matrix(X, name="synthetic", W_true=W0, H_true=H0, info={"noise": noise})
+
+
+def spectrogram(
+    n_frames: int = 300,
+    n_bins: int = 256,
+    notes: int = 4,
+    harmonics: int = 8,
+    noise_shape: float = 2.0,
+    seed: int = 0,
+) -> Matrix:
+    """A power spectrogram of ``notes`` harmonic notes (rows: time frames, columns: frequency bins).
+
+    Each note is a spectrum of ``harmonics`` peaks at multiples of its fundamental, of
+    amplitude 1/h, played in random bursts that decay; the power W0 H0 is multiplied by
+    Gamma noise of mean 1 and shape ``noise_shape`` (1 = the exponential spread of a
+    periodogram, the noise the Itakura-Saito divergence is the likelihood of), clipped
+    at 0.01. Every entry is > 1e-6, as the IS loss needs; H0's rows are the notes' spectra.
+    """
+    for key, value in (("n_frames", n_frames), ("n_bins", n_bins), ("notes", notes), ("harmonics", harmonics)):
+        if value < 1:
+            raise ValueError(f"data.{key} must be >= 1, got {value}.")
+    if noise_shape <= 0:
+        raise ValueError(f"data.noise_shape must be > 0, got {noise_shape}.")
+    rng = np.random.default_rng(seed)
+    bins = np.arange(n_bins)
+    top = n_bins / (harmonics + 1)  # fundamentals leave room for all harmonics
+    fundamentals = np.sort(rng.uniform(0.15 * top, top, size=notes))
+    H0 = np.full((notes, n_bins), 1e-3)  # a floor: every bin has some power
+    for i, f0 in enumerate(fundamentals):
+        for h in range(1, harmonics + 1):
+            H0[i] += np.exp(-0.5 * (bins - h * f0) ** 2) / h
+    W0 = np.zeros((n_frames, notes))
+    frames = np.arange(n_frames)
+    for i in range(notes):
+        for onset in rng.choice(n_frames, size=max(1, n_frames // 40), replace=False):
+            decay = np.exp(-(frames - onset) / rng.uniform(5, 20))
+            W0[:, i] += np.where(frames >= onset, rng.uniform(0.5, 2.0) * decay, 0.0)
+    W0 += 1e-2
+    noise = rng.gamma(noise_shape, 1.0 / noise_shape, size=(n_frames, n_bins)).clip(1e-2)
+    info = {"noise_shape": noise_shape, "fundamentals": fundamentals.round(2).tolist()}
+    return Matrix((W0 @ H0) * noise, name="spectrogram", W_true=W0, H_true=H0, info=info)
 
 
 def digits() -> Matrix:

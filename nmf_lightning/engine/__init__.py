@@ -6,7 +6,7 @@ of W are updated (they need only that block of X and H) and the block's statisti
 summed; H is then updated from the sums (see :mod:`nmf_lightning.engine.updates`).
 """
 
-from nmf_lightning.engine.loop import FitResult, fit, sq_error
+from nmf_lightning.engine.loop import FitResult, data_term, divergence, fit, sq_error
 from nmf_lightning.engine.target import Target, gram, to_target
 from nmf_lightning.engine.updates import GradientUpdate, SolverUpdate, Update
 
@@ -16,6 +16,8 @@ __all__ = [
     "SolverUpdate",
     "Target",
     "Update",
+    "data_term",
+    "divergence",
     "fit",
     "gram",
     "sq_error",

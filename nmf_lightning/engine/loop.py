@@ -65,6 +65,21 @@ def sq_error(blocks: Blocks, W: Tensor, H: Tensor, gram_form: bool = False) -> T
     return total
 
 
+@torch.no_grad()
+def divergence(blocks: Blocks, W: Tensor, H: Tensor, beta: float) -> Tensor:
+    """``D_beta(M * X | M * W H)`` over every row block, (...,) with restarts."""
+    total = None
+    for t in passes(blocks):
+        d = t.divergence(W[..., t.start : t.stop, :], H, beta)
+        total = d if total is None else total + d
+    return total
+
+
+def data_term(blocks: Blocks, W: Tensor, H: Tensor, beta: float | None = None, gram_form: bool = False) -> Tensor:
+    """What the objective's reconstruction term reads: the squared error, or the beta-divergence for a beta."""
+    return sq_error(blocks, W, H, gram_form) if beta is None else divergence(blocks, W, H, beta)
+
+
 def fit(
     blocks: Blocks,
     W: Tensor,
@@ -83,7 +98,8 @@ def fit(
 
     With ``tol`` > 0, every ``tol_window`` updates (counted from the start of training,
     ``done`` updates ago, so where a run stops does not depend on how it is called) the
-    ``objective(sq, W, H)`` is computed; a relative change below ``tol`` since the last
+    ``objective(data_term, W, H)`` is computed (its ``beta``, when it has one, picks the
+    data term: see :func:`data_term`); a relative change below ``tol`` since the last
     check stops the fit. Per-update losses stay on the device: no host sync but the test.
     ``on_update(i, result)`` is called after the i-th update (from 1) of this call, while
     its lazily formed error can still be read (curves on a grid of updates); a true return
@@ -101,7 +117,8 @@ def fit(
         if not tol or (done + i + 1) % tol_window:
             continue
         with torch.no_grad():
-            current = objective(sq_error(blocks, W, H), W, H).detach().min()
+            measured = data_term(blocks, W, H, getattr(objective, "beta", None))
+            current = objective(measured, W, H).detach().min()
         if convergence.settled(current, tol):
             return FitResult(i + 1, _stack(losses), True, last)
     return FitResult(steps, _stack(losses), False, last)

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from nmf_lightning import divergence as beta_div
 from nmf_lightning.objective import (
     frobenius_sq,
     gram_sq,
@@ -182,6 +183,71 @@ class Target:
         X = self.X.to_dense() if self.sparse else self.X
         R = X - W @ H
         return (R * R).sum(dim=(-2, -1)), -2 * R @ H.mT, -2 * W.mT @ R
+
+    # ------------------------------------------------------ beta-divergence
+    def divergence(self, W: Tensor, H: Tensor, beta: float) -> Tensor:
+        """``D_beta(X | W H)`` of this block over its observed entries, (...,); see :mod:`~nmf_lightning.divergence`.
+
+        A sparse X is read at its stored entries only: KL adds ``sum(W H)`` from W's column
+        sums and H's row sums, O(nnz k); other betas add ``sum((W H)^beta) / beta`` densely.
+        """
+        if beta == 2:
+            return 0.5 * self.sq_error(W, H)
+        if self.vals is not None:
+            return beta_div.elementwise(self.vals, self._predict(W, H), beta).sum(-1)
+        if self.sparse:
+            stored = self._at_stored(W, H, lambda x, y: beta_div.at_stored(x, y, beta)[..., None]).squeeze(-1)
+            if beta == 1:
+                return stored + (W.sum(-2) * H.sum(-1)).sum(-1)
+            return stored + ((W @ H) ** beta).sum(dim=(-2, -1)) / beta
+        d = beta_div.elementwise(self.X, W @ H, beta)
+        return (d if self.mask is None else d * self.mask).sum(dim=(-2, -1))
+
+    def beta_terms(self, W: Tensor, H: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        """The W-side MU terms of this block, ``(M * X * Y^(beta-2)) H^T`` and ``(M * Y^(beta-1)) H^T`` (Y = W H).
+
+        Their difference is ``dD/dW``; on ``transposed()`` (with H^T, W^T) they give the
+        H-side terms. Unmasked KL's second term is H's row sums, (..., 1, k), for any X.
+        """
+        ratio = self._rows_product(W, H, lambda x, y: beta_div.mu_ratio(x, y, beta))
+        if beta == 1 and not self.masked:
+            return ratio, H.sum(-1)[..., None, :]
+        if self.sparse:  # the model term reads every entry, the zeros of X too
+            model = beta_div.mu_model(W @ H, beta) @ H.mT
+        else:
+            model = self._rows_product(W, H, lambda x, y: beta_div.mu_model(y, beta))
+        return ratio, model
+
+    def div_and_grads(self, W: Tensor, H: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The block's beta-divergence, its gradient in W (..., b, k) and this block's part of the H-gradient."""
+        num_w, den_w = self.beta_terms(W, H, beta)
+        num_h, den_h = self.transposed().beta_terms(H.mT, W.mT, beta)
+        return self.divergence(W, H, beta), den_w - num_w, (den_h - num_h).mT
+
+    def _rows_product(self, W: Tensor, H: Tensor, fn) -> Tensor:
+        """``V H^T`` (..., b, k) for ``V = fn(x, W H)`` at the observed (a sparse X's stored) entries, 0 elsewhere."""
+        if self.vals is not None:
+            v = fn(self.vals, self._predict(W, H))
+            return _scatter(self.rows, self.shape[0], v[..., None] * H[..., :, self.cols].mT)
+        if self.sparse:
+            return self._at_stored(W, H, fn, H)
+        V = fn(self.X, W @ H)
+        return (V if self.mask is None else V * self.mask) @ H.mT
+
+    def _at_stored(self, W: Tensor, H: Tensor, fn, B: Tensor | None = None) -> Tensor:
+        """For a sparse X: ``fn(x, W H)`` at the stored entries only (one sampled product), times ``B^T`` when given.
+
+        Without ``B``, ``fn`` reduces the values to a (..., 1) tensor per restart.
+        """
+        X = self.X
+        out = []
+        for r in range(W.shape[0] if W.dim() == 3 else 1):
+            Wr, Hr = (W[r], H[r]) if W.dim() == 3 else (W, H)
+            Br = None if B is None else (B[r] if B.dim() == 3 else B)
+            y = torch.sparse.sampled_addmm(X, Wr, Hr, beta=0.0).values()
+            v = fn(X.values(), y)
+            out.append(v if Br is None else csr_from_parts(X.crow_indices(), X.col_indices(), v, X.shape) @ Br.mT)
+        return torch.stack(out) if W.dim() == 3 else out[0]
 
 
 def _scatter(index: Tensor, size: int, values: Tensor) -> Tensor:

@@ -26,7 +26,8 @@ class PassResult:
     it (``after`` True); ``running`` marks online mode's estimate, the sum of each block's
     error as it was fit (scikit-learn's ``MiniBatchNMF`` reports the same). ``loss`` is the
     training loss before the update, when a gradient step made one, and ``terms`` its
-    unweighted terms when they were asked for (``GradientUpdate.record_terms``). An error that takes
+    unweighted terms when they were asked for (``GradientUpdate.record_terms``); ``divergence``
+    the beta-divergence the step was taken on (beta losses). An error that takes
     work to form from the pass's sums is formed when first read, from the factors as they
     are then: read it before the next update.
     """
@@ -38,8 +39,10 @@ class PassResult:
         running: bool = False,
         loss: Tensor | None = None,
         terms: dict[str, Tensor] | None = None,
+        divergence: Tensor | None = None,
     ):
         self._sq, self.after, self.running, self.loss, self.terms = sq, after, running, loss, terms
+        self.divergence = divergence
 
     @property
     def sq(self) -> Tensor | None:
@@ -187,6 +190,10 @@ class GradientUpdate:
     residual (two X-products and k x k work per block). ``record_terms`` makes the next
     pass also report the unweighted terms of ``objective`` (default: ``loss``; the plain
     one when ``loss`` is compiled) for a curve's point, before its step.
+
+    With ``beta`` the data term is the beta-divergence instead of the squared error
+    (``loss`` reads it in the same place); a recorded pass then measures the squared
+    error too, for the relative error.
     """
 
     def __init__(
@@ -196,22 +203,31 @@ class GradientUpdate:
         project: bool = True,
         gram_form: bool = True,
         objective: Any = None,
+        beta: float | None = None,
     ):
         self.optimizer, self.loss, self.project, self.gram_form = optimizer, loss, project, gram_form
         self.objective = objective if objective is not None else loss  # its .terms, when loss is compiled
+        self.beta = beta
         self.record_terms = False
+        self._error: Tensor | None = None  # beta: the recorded pass's squared error
         self._sq: Tensor | None = None
         self._dW: Tensor | None = None
         self._dH: Tensor | None = None
 
     def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
         self._sq = self._dH = None
-        self._dW = None
+        self._dW = self._error = None
 
     @torch.no_grad()
     def block(self, t: Target, W: Tensor, H: Tensor) -> None:  # noqa: D102
         rows = slice(t.start, t.stop)
-        sq, dW, dH = t.sq_and_grads(W[..., rows, :], H, self.gram_form)
+        if self.beta is None:
+            sq, dW, dH = t.sq_and_grads(W[..., rows, :], H, self.gram_form)
+        else:
+            sq, dW, dH = t.div_and_grads(W[..., rows, :], H, self.beta)
+            if self.record_terms:
+                error = t.sq_error(W[..., rows, :], H, self.gram_form)
+                self._error = error if self._error is None else self._error + error
         if t.shape[0] == W.shape[-2]:
             self._dW = dW
         else:
@@ -236,4 +252,6 @@ class GradientUpdate:
                 W.clamp_(min=0)
                 H.clamp_(min=0)
         self._dW = self._dH = None
-        return PassResult(sq=self._sq, after=False, loss=loss.detach(), terms=terms)
+        if self.beta is None:
+            return PassResult(sq=self._sq, after=False, loss=loss.detach(), terms=terms)
+        return PassResult(sq=self._error, after=False, loss=loss.detach(), terms=terms, divergence=self._sq)

@@ -1,38 +1,61 @@
-"""Lee-Seung multiplicative updates for the (masked) Frobenius loss with L1 penalties.
+"""Multiplicative updates for the (masked) beta-divergence with L1/L2 penalties.
 
 Each factor is multiplied by a ratio of non-negative terms, so W, H stay >= 0 and the
-objective 1/2 ||M * (X - WH)||^2 + l1 |.|_1 + l2/2 ||.||^2 (per factor) never increases;
-the penalties enter the denominators as in scikit-learn. The H-update reads W^T X and
-the model term W^T (M * WH) (W^T W H without missing entries), sums over row blocks;
-the W-update is the H-update on the transposed problem.
-Ref: Lee & Seung, "Algorithms for non-negative matrix factorization", NIPS 2001.
+objective D_beta(M * X | M * WH) + l1 |.|_1 + l2/2 ||.||^2 (per factor) never increases;
+the penalties enter the denominators as in scikit-learn. For the Frobenius loss (beta = 2,
+Lee & Seung) the H-update reads W^T X and the model term W^T (M * WH) (W^T W H without
+missing entries); for other betas (Fevotte & Idier) ``W^T (M * X * (WH)^(beta-2))`` and
+``W^T (M * (WH)^(beta-1))``, with the ratio raised to gamma(beta). All are sums over row
+blocks; the W-update is the H-update on the transposed problem.
+Refs: Lee & Seung, NIPS 2001; Fevotte & Idier, Neural Computation 23(9), 2011.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from nmf_lightning.divergence import mu_exponent
 from nmf_lightning.engine.target import Target, eps_for, gram
 
-
-def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0) -> Tensor:
-    """H <- H * (W^T X) / (W^T (M * WH) + l1_H + l2_H H); shapes W (..., n, k), H (..., k, m)."""
-    return h_from_stats(h_stats(t, W, H), H, l1_H, l2_H)
+#: below this an entry is set to 0 for beta <= 1, as scikit-learn does for stability
+_ZERO = float(torch.finfo(torch.float64).eps)
 
 
-def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0) -> Tensor:
+def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, beta: float = 2.0) -> Tensor:
+    """H <- H * (W^T X) / (W^T (M * WH) + l1_H + l2_H H) (beta = 2); shapes W (..., n, k), H (..., k, m)."""
+    return h_from_stats(h_stats(t, W, H, beta), H, l1_H, l2_H, beta)
+
+
+def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, beta: float = 2.0) -> Tensor:
     """W <- W * (X H^T) / ((M * WH) H^T + l1_W + l2_W W): :func:`update_h` on the transposed problem."""
-    return update_h(t.transposed(), H.mT, W.mT, l1_W, l2_W).mT
+    W = _multiply(h_stats(t.transposed(), H.mT, W.mT, beta), W.mT, l1_W, l2_W, beta).mT
+    return W.masked_fill(W < _ZERO, 0.0) if beta < 1 else W  # scikit-learn: W's for beta < 1, H's for beta <= 1
 
 
-def h_stats(t: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
-    """The sums over row blocks the H-update reads: W^T X and W^T W (W^T (M * WH) when masked)."""
+def h_stats(t: Target, W: Tensor, H: Tensor, beta: float = 2.0) -> dict[str, Tensor]:
+    """The sums over row blocks the H-update reads: W^T X and W^T W (W^T (M * WH) when masked); the beta terms."""
+    if beta != 2:
+        num, den = t.transposed().beta_terms(H.mT, W.mT, beta)
+        return {"num": num.mT, "den": den.mT}
     if t.masked:
         return {"WtX": t.WtX(W), "model": t.Wt_model(W, H)}
     return {"WtX": t.WtX(W), "WtW": gram(W, left=True)}
 
 
-def h_from_stats(stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0) -> Tensor:
+def h_from_stats(
+    stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, beta: float = 2.0
+) -> Tensor:
     """The H-update from :func:`h_stats` summed over all row blocks."""
+    H = _multiply(stats, H, l1_H, l2_H, beta)
+    return H.masked_fill(H < _ZERO, 0.0) if beta <= 1 else H
+
+
+def _multiply(stats: dict[str, Tensor], H: Tensor, l1: float, l2: float, beta: float) -> Tensor:
+    """H times the ratio of the summed terms (to the power gamma(beta))."""
+    if "num" in stats:
+        ratio = stats["num"] / (stats["den"] + l1 + l2 * H).clamp_min(eps_for(H))
+        gamma = mu_exponent(beta)
+        return H * (ratio if gamma == 1 else ratio**gamma)
     model = stats["model"] if "model" in stats else stats["WtW"] @ H
-    return H * stats["WtX"] / (model + l1_H + l2_H * H).clamp_min(eps_for(H))
+    return H * stats["WtX"] / (model + l1 + l2 * H).clamp_min(eps_for(H))

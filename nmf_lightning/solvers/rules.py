@@ -46,9 +46,24 @@ class Rule:
 
 
 class MURule(Rule):
-    """Lee-Seung multiplicative updates (scikit-learn's ``solver='mu'``)."""
+    """Multiplicative updates (scikit-learn's ``solver='mu'``) for the beta-divergence: 2 Frobenius, 1 KL, 0 IS."""
 
     module = mu
+
+    def __init__(self, beta: float = 2.0):
+        self.beta = float(beta)
+
+    def h_stats(self, target: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:  # noqa: D102
+        return mu.h_stats(target, W, H, self.beta)
+
+    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return mu.h_from_stats(stats, H, l1, l2, self.beta)
+
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return mu.update_h(target, W, H, l1, l2, self.beta)
+
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return mu.update_w(target, W, H, l1, l2, self.beta)
 
 
 class HALSRule(Rule):

@@ -164,7 +164,9 @@ def test_kl_from_the_cli_config_reports_scikit_learns_divergence_of_its_factors(
 @pytest.mark.parametrize(("optimizer", "steps", "bound"), [("mu", 150, 0.3), ("adam", 1500, 0.5)])
 def test_itakura_saito_fits_the_synthetic_spectrogram(make_cfg, tmp_path, optimizer, steps, bound):
     metrics = train(
-        make_cfg("data=spectrogram", "model.loss=is", f"optimizer={optimizer}", "model.rank=4", f"trainer.max_steps={steps}")
+        make_cfg(
+            "data=spectrogram", "model.loss=is", f"optimizer={optimizer}", "model.rank=4", f"trainer.max_steps={steps}"
+        )
     )
     X = spectrogram().X
     # the Gamma(2) noise alone costs log 2 - digamma(2) = 0.27 per entry at the true spectra

@@ -25,7 +25,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, fit, sq_error, to_target
+from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, data_term, divergence, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import PRECISIONS, to_numpy
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
@@ -73,7 +73,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     ``"random"``; also ``"normal_abs"``, ``"custom"`` with ``fit(X, W=W0, H=H0)``), ``solver`` (``"cd"`` is HALS, the
     same coordinate descent; ``"mu"``; and ours: ``"als"``, ``"kaczmarz"``, and the
     gradient optimizers ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"sgd"``), ``beta_loss``
-    (``"frobenius"`` only), ``max_iter``, ``random_state``, ``alpha_W``, ``alpha_H``,
+    (``"frobenius"``, ``"kullback-leibler"``, ``"itakura-saito"`` or a float; other than
+    Frobenius with ``"mu"`` or a gradient solver), ``max_iter``, ``random_state``, ``alpha_W``, ``alpha_H``,
     ``l1_ratio`` (scaled by the data's size as scikit-learn does) and ``verbose``.
 
     ``tol`` stops the fit once the objective changes by less than ``tol`` (relative) over
@@ -211,13 +212,18 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return W.astype(self.components_.dtype, copy=False) @ self.components_
 
     def score(self, X, y=None) -> float:
-        """Minus the reconstruction error ``||X - transform(X) H||_F`` (observed entries): higher is better."""
+        """Minus the reconstruction error of ``transform(X)``, as ``reconstruction_err_``: higher is better.
+
+        That is ``||X - W H||_F`` over observed entries, or ``sqrt(2 D_beta(X | W H))`` for another ``beta_loss``.
+        """
         check_is_fitted(self)
         X = self._validate(X, reset=False)
         W, H = (torch.from_numpy(A) for A in (self._solve_w(X, self.components_), self.components_))
         device = self._device()
-        sq = sq_error(to_target(X, H.dtype, device), W.to(device), H.to(device))  # as reconstruction_err_
-        return -math.sqrt(max(float(sq), 0.0))
+        beta = self._beta()
+        target, W, H = to_target(X, H.dtype, device), W.to(device), H.to(device)
+        error = float(sq_error(target, W, H)) if beta == 2 else 2 * float(divergence(target, W, H, beta))
+        return -math.sqrt(max(error, 0.0))
 
     @property
     def _n_features_out(self) -> int:
@@ -270,11 +276,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"project must be True or False, got {self.project!r}.")
         if self.lr is not None:
             _check_real("lr", self.lr, 0, strict=True)
-        if self.beta_loss not in ("frobenius", 2, 2.0):
-            raise ValueError(
-                f"beta_loss={self.beta_loss!r} is not supported: this NMF fits the Frobenius loss "
-                "(beta_loss='frobenius')."
-            )
+        beta = self._beta()
         rs = self.random_state
         if isinstance(rs, numbers.Integral) and not 0 <= rs < 2**32:
             raise ValueError(f"random_state must be None, a RandomState or an integer in [0, 2**32), got {rs}.")
@@ -307,6 +309,15 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"partial_fit updates H from running sums, which solver='cd' (HALS) and 'mu' have; got "
                 f"solver={self.solver!r}{' with optimizer=' if self.optimizer is not None else ''}."
             )
+        if beta != 2 and rule not in (None, "mu"):
+            raise ValueError(
+                f"solver={self.solver!r} fits the Frobenius loss only; beta_loss={self.beta_loss!r} needs "
+                "solver='mu' or a gradient solver ('adam', ...)."
+            )
+        if beta != 2 and online:
+            raise ValueError(f"partial_fit runs the Frobenius loss only; beta_loss={self.beta_loss!r} needs fit.")
+        if beta != 2 and not self.project:
+            raise ValueError(f"beta_loss={self.beta_loss!r} is defined for W H >= 0 only: leave project=True.")
         if online and self.restarts > 1:
             raise ValueError(f"partial_fit follows one start; restarts={self.restarts} applies to fit only.")
         if rule is not None and self.batch_rows is not None and not RULES[rule].supports_blocks:
@@ -335,6 +346,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 "fit again to change it."
             )
         masked = not sp.issparse(X) and bool(np.isnan(X).any())
+        zeros = X.nnz < n * m or bool((X.data == 0).any()) if sp.issparse(X) else np.nanmin(X) == 0
+        if self._beta() <= 0 and zeros:
+            raise ValueError(
+                f"When beta_loss <= 0 and X contains zeros, the solver may diverge (beta_loss={self.beta_loss!r} "
+                "is defined for X > 0 only). Please add small values to X, or use a positive beta_loss."
+            )
         if rule is not None:
             spec = RULES[rule]
             if masked and not spec.supports_mask:
@@ -348,6 +365,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
         l1_W, l1_H, l2_W, l2_H = self._regularization(n, m)
         return _Plan(k, init, rule, dtype, self._device(), (l1_W, l1_H), (l2_W, l2_H), self._seed())
+
+    def _beta(self) -> float:
+        """``beta_loss`` as a number (scikit-learn's names: frobenius 2, kullback-leibler 1, itakura-saito 0)."""
+        names = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
+        if isinstance(self.beta_loss, str):
+            if self.beta_loss not in names:
+                raise ValueError(f"beta_loss={self.beta_loss!r} is not one of {sorted(names)} or a float.")
+            return names[self.beta_loss]
+        if isinstance(self.beta_loss, bool) or not isinstance(self.beta_loss, numbers.Real):
+            raise ValueError(f"beta_loss must be one of {sorted(names)} or a float, got {self.beta_loss!r}.")
+        return float(self.beta_loss)
 
     def _seed(self) -> int:
         if isinstance(self.random_state, numbers.Integral):
@@ -410,13 +438,15 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     # ----------------------------------------------------------------- fit
     def _factorize(self, X, W=None, H=None) -> tuple[np.ndarray, np.ndarray, int, float]:
-        """Fit W and H; return them as numpy with the updates run and ``||X - W H||_F``."""
+        """Fit W and H; return them as numpy with the updates run and ``||X - W H||_F`` (``sqrt(2 D_beta)``)."""
         plan = self._plan(X, W, H)
         blocks = self._blocks(X, plan)
         first = blocks if isinstance(blocks, Target) else None
         W_, H_ = self._start(X, first, plan, W, H)
+        beta = self._beta()
         objective = Objective(
-            loss="fro2",
+            loss="fro2" if beta == 2 else "beta",
+            beta=None if beta == 2 else beta,
             n_obs=_n_obs(X),
             lam=self.lam,
             l1_W=plan.l1[0],
@@ -428,7 +458,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         steps, converged = self._run(blocks, W_, H_, update, objective, X)
         with torch.no_grad():
             W_, H_ = W_.detach(), H_.detach()
-            sq = sq_error(blocks, W_, H_)
+            sq = data_term(blocks, W_, H_, objective.beta)  # (D_beta for a beta loss)
             loss = torch.nan_to_num(objective(sq, W_, H_).double(), nan=math.inf)
             best = int(loss.argmin()) if loss.dim() else None
             if best is not None:
@@ -445,7 +475,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 ConvergenceWarning,
                 stacklevel=2,
             )
-        return _numpy(W_), _numpy(H_), steps, math.sqrt(max(float(sq), 0.0))
+        error = float(sq) if objective.beta is None else 2 * float(sq)  # scikit-learn's sqrt(2 D_beta)
+        return _numpy(W_), _numpy(H_), steps, math.sqrt(max(error, 0.0))
 
     def _target(self, X, plan: _Plan, start: int = 0, device: torch.device | None = None) -> Target:
         triplets = None if plan.rule is None or RULES[plan.rule].supports_triplets else False
@@ -485,6 +516,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _update(self, plan: _Plan, W: Tensor, H: Tensor, objective: Objective, sparse: bool):
         if plan.rule is not None:
             rule = RULES[plan.rule](seed=plan.seed) if plan.rule == "kaczmarz" else RULES[plan.rule]()
+            if objective.beta is not None:
+                rule.beta = objective.beta
             return SolverUpdate(rule, plan.l1, plan.l2)
         W.requires_grad_(True)
         H.requires_grad_(True)
@@ -492,7 +525,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         optimizer = factory([W, H])
         # the Gram form (no n x m residual) for sparse X, and dense float64 where it stays exact
         gram_form = sparse or W.dtype == torch.float64
-        return GradientUpdate(optimizer, objective, project=self.project, gram_form=gram_form)
+        return GradientUpdate(optimizer, objective, project=self.project, gram_form=gram_form, beta=objective.beta)
 
     def _lr(self, W: Tensor, H: Tensor) -> float:
         """``lr``, or a step that fits the data's scale.
@@ -527,7 +560,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 done, converged = done + result.steps, result.converged
                 with torch.no_grad():
                     sq = sq_error(blocks, W.detach(), H.detach())
-                    loss = objective(sq, W.detach(), H.detach())
+                    term = sq if objective.beta is None else data_term(blocks, W.detach(), H.detach(), objective.beta)
+                    loss = objective(term, W.detach(), H.detach())
                 if loss.dim():  # restarts: report the best
                     best = int(torch.nan_to_num(loss.double(), nan=math.inf).argmin())
                     loss, sq = loss[best], sq[best]
@@ -552,7 +586,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         rule = "mu" if self.solver == "mu" and self.optimizer is None else "hals"
         l1_W, _, l2_W, _ = self._regularization(*X.shape)
         device = plan.device if plan is not None else self._device()
-        W, steps = solve_w(X, _numpy(H), rule, self.max_iter, self.tol, str(device), l1_W, l2_W, return_n_iter=True)
+        beta = self._beta()
+        if beta != 2:
+            rule = "mu"
+        W, steps = solve_w(X, _numpy(H), rule, self.max_iter, self.tol, str(device), l1_W, l2_W, True, beta)
         if plan is not None:  # partial_fit: on to the engine
             W = torch.from_numpy(W).to(device=plan.device, dtype=plan.dtype)
         return (W, steps) if return_n_iter else W

@@ -905,9 +905,14 @@ class NMFModule(L.LightningModule):
                     stacklevel=2,
                 )
 
-    def transform(self, X: np.ndarray | sp.spmatrix, solver: str = "hals", **options) -> np.ndarray:
-        """W >= 0 for new rows X (same columns) with this model's H held fixed."""
-        return transform(X, self.factors()[1], solver, **options)
+    def transform(self, X: np.ndarray | sp.spmatrix, solver: str | None = None, **options) -> np.ndarray:
+        """W >= 0 for new rows X (same columns) with this model's H held fixed, on the model's loss.
+
+        ``solver`` defaults to HALS for the Frobenius losses and MU for a beta-divergence.
+        """
+        if self.beta is not None:
+            options.setdefault("beta", self.beta)
+        return transform(X, self.factors()[1], solver or ("hals" if self.beta is None else "mu"), **options)
 
     def best_factors(self, restart: int | None = None, raw: bool = False) -> tuple[Tensor, Tensor]:
         """W (n, k) and H (k, m) of the best (or the given) restart, detached, on their device.

@@ -2,7 +2,8 @@
 
 H stays fixed, so this is a non-negative least-squares problem per row, solved with the
 W-update of a closed-form solver (HALS by default, as scikit-learn's ``transform`` does
-with its coordinate descent). ``nmf-transform`` runs it from the command line.
+with its coordinate descent); for a model trained on a beta-divergence (KL, IS), MU on
+that divergence. ``nmf-transform`` runs it from the command line.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def transform(
     l1_W: float = 0.0,
     l2_W: float = 0.0,
     return_n_iter: bool = False,
+    beta: float = 2.0,
 ) -> np.ndarray | tuple[np.ndarray, int]:
     """Return W (n, k) >= 0 with X ~ W H for the fixed components H (k, m).
 
@@ -42,11 +44,18 @@ def transform(
     updates or once the squared error changes by less than ``tol`` (relative) over 10
     updates. ``l1_W`` and ``l2_W`` weigh ``|W|_1`` and ``1/2 ||W||^2`` as in training.
     Runs the training engine with H held fixed; ``return_n_iter`` also returns the
-    updates it ran.
+    updates it ran. ``beta`` != 2 fits that beta-divergence instead (1 KL, 0 IS), with
+    ``solver="mu"``.
     """
     if solver not in RULES:
         raise NMFInputError(f"solver={solver!r} is not one of {sorted(RULES)}.")
+    if beta != 2 and solver != "mu":
+        raise NMFInputError(
+            f"beta={beta:g} (a beta-divergence other than Frobenius) is solved by solver='mu', not {solver!r}."
+        )
     check_matrix(X, totals=False)
+    if beta <= 0 and (sp.issparse(X) or np.nanmin(X) <= 0):
+        raise NMFInputError(f"beta={beta:g} (Itakura-Saito) is defined for X > 0 only, and X has zero entries.")
     if solver == "kaczmarz" and not sp.issparse(X) and np.isnan(X).any():
         raise NMFInputError("solver='kaczmarz' cannot skip missing (NaN) entries; use hals, mu or als.")
     H = np.asarray(H)
@@ -60,7 +69,7 @@ def transform(
             f"H must hold finite numbers >= 0 (the components of a trained model), but it holds "
             f"{'non-numbers' if not np.issubdtype(H.dtype, np.number) else 'NaN, infinite or negative values'}."
         )
-    return solve_w(X, H, solver, max_iter, tol, device, l1_W, l2_W, return_n_iter)
+    return solve_w(X, H, solver, max_iter, tol, device, l1_W, l2_W, return_n_iter, beta)
 
 
 def solve_w(
@@ -73,6 +82,7 @@ def solve_w(
     l1_W: float = 0.0,
     l2_W: float = 0.0,
     return_n_iter: bool = False,
+    beta: float = 2.0,
 ) -> np.ndarray | tuple[np.ndarray, int]:
     """:func:`transform` for an X and H already checked (the estimator checks them its own way)."""
     dtype = torch.float64 if H.dtype == np.float64 else torch.float32
@@ -81,8 +91,10 @@ def solve_w(
     k = H.shape[0]
     mean = float(X.sum() if sp.issparse(X) else np.nansum(X)) / max(target.n_obs, 1)
     W = torch.full((X.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=dtype, device=device)
-    step = SolverUpdate(RULES[solver](), l1=(l1_W, 0.0), l2=(l2_W, 0.0), update_H=False)
-    objective = Objective("fro2", l1_W=l1_W, l2_W=l2_W)  # 1/2 ||X - W H||^2 + the W penalties
+    rule = RULES[solver](beta) if beta != 2 else RULES[solver]()
+    step = SolverUpdate(rule, l1=(l1_W, 0.0), l2=(l2_W, 0.0), update_H=False)
+    # 1/2 ||X - W H||^2 (or D_beta) + the W penalties
+    objective = Objective("fro2", l1_W=l1_W, l2_W=l2_W) if beta == 2 else Objective("beta", beta, l1_W=l1_W, l2_W=l2_W)
     result = fit(target, W, Ht, step, max_iter, objective=objective, tol=tol)
     W = W.cpu().numpy()
     return (W, result.steps) if return_n_iter else W
@@ -94,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("factors", help="factors.npz of a run (or the run directory)")
     ap.add_argument("matrix", help="new rows: .npy .npz .csv .tsv .mtx .pt, same columns as the training X")
     ap.add_argument("--out", default=None, help="output .npy (default: <matrix stem>_W.npy here)")
-    ap.add_argument("--solver", default="hals", choices=sorted(RULES))
+    ap.add_argument("--solver", default=None, choices=sorted(RULES), help="default: hals, or mu with --beta")
+    ap.add_argument(
+        "--beta", type=float, default=2.0, help="the loss the model was trained on: 2 Frobenius, 1 KL, 0 IS"
+    )
     ap.add_argument("--max-iter", type=int, default=500)
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -118,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"could not read {factors} ({err}); a run's factors.npz holds W and H as numeric arrays.")
     try:
         X = materialize(from_file(args.matrix, key=args.key, skip_header=args.skip_header).X)
-        W = transform(X, H, args.solver, args.max_iter, args.tol, args.device)
+        solver = args.solver or ("hals" if args.beta == 2 else "mu")
+        W = transform(X, H, solver, args.max_iter, args.tol, args.device, beta=args.beta)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     save_npy(out, W)  # written whole, then renamed: never a truncated W

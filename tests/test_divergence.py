@@ -199,3 +199,22 @@ def test_general_beta_trains_by_gradient_and_by_mu(make_cfg):
         metrics = train(make_cfg(*common, *optimizer))
         assert metrics["relative_error"] < 0.05
         assert metrics["loss"] == metrics["divergence"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["mu", "adam"])
+def test_streamed_rows_give_the_in_memory_result(make_cfg, tmp_path, optimizer):
+    X = sp.random(90, 60, density=0.2, random_state=0, format="csr")
+    X.data = np.ceil(X.data * 4)
+    Xm = X.toarray()
+    Xm[np.random.default_rng(0).random(Xm.shape) < 0.1] = np.nan
+    sp.save_npz(tmp_path / "x.npz", X)
+    np.save(tmp_path / "m.npy", Xm)
+    for name in ("x.npz", "m.npy"):
+        runs = []
+        for rows in ("null", "32"):
+            common = ("data=file", f"data.path={tmp_path / name}", "model.loss=kl", f"optimizer={optimizer}")
+            metrics = train(make_cfg(*common, "model.rank=4", "trainer.max_steps=20", f"data.batch_rows={rows}"))
+            with np.load(tmp_path / "factors.npz") as f:
+                runs.append((metrics["divergence"], f["W"], f["H"]))
+        assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+        np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-6)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import NMF as SKNMF
+from sklearn.decomposition._nmf import _beta_divergence
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.model_selection import GridSearchCV
@@ -55,6 +56,36 @@ def _quiet(fn, *args, **kwargs):
 @pytest.fixture(scope="module")
 def X_digits():
     return digits().X
+
+
+@pytest.mark.parametrize("beta_loss", ["kullback-leibler", "itakura-saito", 1.5])
+def test_beta_losses_match_scikit_learn_from_the_same_start(X_digits, beta_loss):
+    X = X_digits[:300] + (1.0 if beta_loss == "itakura-saito" else 0.0)  # IS needs X > 0
+    rng = np.random.default_rng(0)
+    W0, H0 = rng.random((len(X), 8)), rng.random((8, 64))
+    common = {"init": "custom", "solver": "mu", "beta_loss": beta_loss, "max_iter": 50, "tol": 0}
+    ours = NMF(8, **common)
+    W = ours.fit_transform(X, W=W0, H=H0)
+    ref = SKNMF(8, **common)
+    W_ref = ref.fit_transform(X, W=W0.copy(), H=H0.copy())
+    np.testing.assert_allclose(W, W_ref, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ours.components_, ref.components_, rtol=1e-7, atol=1e-9)
+    assert ours.reconstruction_err_ == pytest.approx(ref.reconstruction_err_, rel=1e-9)
+    # transform fits new rows on the same divergence, and score reports it as reconstruction_err_ does
+    W_new = ours.transform(X[:50])
+    assert W_new.shape == (50, 8) and (W_new >= 0).all()
+    assert -ours.score(X[:50]) < 1.5 * np.sqrt(2 * _beta_divergence(X[:50], W[:50], ours.components_, beta_loss))
+
+
+def test_kl_by_adam_fits_counts():
+    X = sp.random(200, 80, density=0.1, random_state=0, format="csr")
+    X.data = np.ceil(5 * X.data)
+    common = {"beta_loss": "kullback-leibler", "max_iter": 300, "tol": 0, "random_state": 0, "init": "random"}
+    est = NMF(5, solver="adam", **common).fit(X)
+    by_mu = NMF(5, solver="mu", **common).fit(X)
+    start = NMF(5, solver="adam", **{**common, "max_iter": 1}).fit(X)
+    assert est.reconstruction_err_ < 1.01 * by_mu.reconstruction_err_ < 0.9 * start.reconstruction_err_
+    assert (est.components_ >= 0).all()
 
 
 @pytest.mark.parametrize("solver", ["cd", "mu"])
@@ -260,7 +291,8 @@ def test_optimizer_factory():
     [
         ({"n_components": 0}, "n_components must be an integer >= 1"),
         ({"solver": "lbfgs"}, "solver='lbfgs' is not one of"),
-        ({"beta_loss": "kullback-leibler"}, "beta_loss='kullback-leibler' is not supported"),
+        ({"beta_loss": "kl"}, "beta_loss='kl' is not one of"),
+        ({"beta_loss": "kullback-leibler"}, "solver='cd' fits the Frobenius loss only"),
         ({"max_iter": 0}, "max_iter must be an integer >= 1"),
         ({"tol": -1}, "tol must be a finite number >= 0"),
         ({"l1_ratio": 2}, "l1_ratio must be a finite number >= 0 and <= 1"),
@@ -285,6 +317,9 @@ def test_bad_data_is_named():
     X[0, 0] = np.nan
     with pytest.raises(ValueError, match="solver='kaczmarz' cannot skip missing"):
         NMF(2, solver="kaczmarz").fit(X)
+    for zeros in (np.eye(6), sp.eye(6, format="csr")):
+        with pytest.raises(ValueError, match="When beta_loss <= 0 and X contains zeros"):
+            NMF(2, solver="mu", beta_loss="itakura-saito").fit(zeros)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="tests the message on a machine without CUDA")

@@ -181,6 +181,7 @@ def write_layout(writer: Any, online: bool, negatives: bool, restarts: bool) -> 
         "errors": {
             "relative error (train, held-out)": ["Multiline", [f"{group}/relative_error", "val/relative_error"]],
             "RMSE (train, held-out)": ["Multiline", [f"{group}/rmse", "val/rmse"]],
+            "divergence (train, held-out)": ["Multiline", [f"{group}/divergence", "val/divergence"]],
         },
         "objective": {
             "loss": ["Multiline", [f"{group}/loss"]],

@@ -24,7 +24,17 @@ from hydra.experimental.callback import Callback
 from nmf_lightning.atomic import write_atomic, write_text
 
 #: metrics.json columns shown after the chosen metric, when present
-SHOWN_METRICS = ("relative_error", "val_relative_error", "rmse", "val_rmse", "loss", "steps", "updates_per_sec")
+SHOWN_METRICS = (
+    "relative_error",
+    "val_relative_error",
+    "rmse",
+    "val_rmse",
+    "divergence",
+    "val_divergence",
+    "loss",
+    "steps",
+    "updates_per_sec",
+)
 #: ... and these when some job's factors kept negative entries
 NEGATIVITY_METRICS = ("W_neg_fraction", "H_neg_fraction")
 #: TensorBoard tags drawn in curves.png, one panel each when logged

@@ -281,16 +281,25 @@ PENALTIES = ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")
 #: with early stopping and model.inner_steps=auto, validate every this many updates
 EARLY_STOPPING_BLOCK = 100
 #: final metrics shown in TensorBoard's HPARAMS tab, in its column order
-HP_METRICS = ("relative_error", "loss", "rmse", "reconstruction")
+HP_METRICS = ("relative_error", "loss", "rmse", "divergence", "reconstruction")
 #: ... and, with data.holdout > 0, the held-out ones
-VAL_METRICS = ("val_relative_error", "val_rmse")
+VAL_METRICS = ("val_relative_error", "val_rmse", "val_divergence")
 
 
 def hp_metric_names(held_out: bool) -> tuple[str, ...]:
     """The HPARAMS columns: the errors first (held-out before training), then the loss."""
     if not held_out:
         return HP_METRICS
-    return ("val_relative_error", "relative_error", "val_rmse", "loss", "rmse", "reconstruction")
+    return (
+        "val_relative_error",
+        "relative_error",
+        "val_rmse",
+        "loss",
+        "rmse",
+        "val_divergence",
+        "divergence",
+        "reconstruction",
+    )
 
 
 def metric_key(name: str) -> str:

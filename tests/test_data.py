@@ -191,6 +191,9 @@ def test_newsgroups_tfidf_shape_and_vocabulary(corpus):
     assert "orbit" in m.col_names and "the" not in m.col_names  # English stop words dropped
     all_groups = newsgroups(categories=None, archive=str(archive), vectorizer={"max_features": 5})
     assert all_groups.X.shape == (24, 5)
+    counts = newsgroups(archive=str(archive), weighting="counts")
+    assert counts.col_names == m.col_names and counts.X.nnz == m.X.nnz
+    assert (counts.X.data == np.round(counts.X.data)).all() and counts.X.data.min() >= 1  # word counts
 
 
 def test_newsgroups_errors_name_the_problem(corpus, tmp_path):
@@ -201,6 +204,8 @@ def test_newsgroups_errors_name_the_problem(corpus, tmp_path):
         newsgroups(archive=str(tmp_path / "nope.tar.gz"))
     with pytest.raises(ValueError, match="data.subset='dev'"):
         newsgroups(subset="dev", archive=str(archive))
+    with pytest.raises(ValueError, match="data.weighting='bm25' is not one of"):
+        newsgroups(weighting="bm25", archive=str(archive))
 
 
 def test_a_text_cell_that_is_not_a_number_is_an_error_naming_its_line(tmp_path):

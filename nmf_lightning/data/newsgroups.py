@@ -1,4 +1,4 @@
-"""TF-IDF of 20 newsgroups, as the 20 newsgroups notebook builds it.
+"""TF-IDF (or word counts) of 20 newsgroups, as the 20 newsgroups notebook builds it.
 
 Documents come from scikit-learn's ``fetch_20newsgroups`` or, offline, from the original
 ``20news-bydate.tar.gz`` read the way the fetcher reads its cache, so both routes give
@@ -31,25 +31,31 @@ def newsgroups(
     shuffle: bool = True,
     random_state: int = 42,
     vectorizer: dict | None = None,
+    weighting: str = "tfidf",
 ) -> Matrix:
-    """Documents x vocabulary TF-IDF matrix (sparse CSR) with the vocabulary as column names.
+    """Documents x vocabulary matrix (sparse CSR) with the vocabulary as column names.
 
+    ``weighting`` is ``tfidf`` (``TfidfVectorizer``, the notebook's) or ``counts``
+    (``CountVectorizer``: raw word counts, the data the KL loss is the likelihood of).
     ``archive`` is a path to ``20news-bydate.tar.gz`` (read offline); without it the
     scikit-learn fetcher is used (its cache in ``data_home``, downloading if missing).
-    ``vectorizer`` holds keyword arguments of ``TfidfVectorizer`` (default: English stop
+    ``vectorizer`` holds keyword arguments of the vectorizer (default: English stop
     words, as in the notebook). ``categories=None`` keeps all 20 groups.
     """
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
+    vectorizers = {"tfidf": TfidfVectorizer, "counts": CountVectorizer}
+    if weighting not in vectorizers:
+        raise ValueError(f"data.weighting={weighting!r} is not one of {sorted(vectorizers)}.")
     texts, target_names = load_documents(categories, subset, remove, archive, data_home, shuffle, random_state)
     options = {"stop_words": "english"} if vectorizer is None else dict(vectorizer)
-    tfidf = TfidfVectorizer(**options)
-    X = tfidf.fit_transform(texts).tocsr()
+    words = vectorizers[weighting](**options)
+    X = words.fit_transform(texts).tocsr().astype(np.float64)
     return Matrix(
         X,
         name="newsgroups",
-        col_names=tfidf.get_feature_names_out().tolist(),
-        info={"categories": list(target_names), "subset": subset, "n_documents": len(texts)},
+        col_names=words.get_feature_names_out().tolist(),
+        info={"categories": list(target_names), "subset": subset, "n_documents": len(texts), "weighting": weighting},
     )
 
 

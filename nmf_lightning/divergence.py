@@ -109,3 +109,20 @@ def mu_model(y: Tensor, beta: float) -> Tensor:
     if beta == 1:
         return torch.ones_like(y)
     return (floor(y) if beta < 1 else y) ** (beta - 1)
+
+
+def mu_ratio_(x: Tensor, y: Tensor, beta: float) -> Tensor:
+    """:func:`mu_ratio` written over ``y`` (a scratch W H): no allocation of an n x m temporary."""
+    y.clamp_(min=EPSILON)
+    if beta == 1:
+        return torch.div(x, y, out=y)
+    return y.pow_(beta - 2).mul_(x)
+
+
+def mu_model_(y: Tensor, beta: float) -> Tensor:
+    """:func:`mu_model` written over ``y`` (a scratch W H)."""
+    if beta == 1:
+        return y.fill_(1.0)
+    if beta < 1:
+        y.clamp_(min=EPSILON)
+    return y.pow_(beta - 1)

@@ -61,6 +61,7 @@ class Target:
     start: int = 0
     _x_sq: Tensor | None = field(default=None, repr=False)
     _zeroed: bool = field(default=False, repr=False)  # X already holds 0 at its missing entries
+    _buffers: dict = field(default_factory=dict, repr=False)  # scratch space of the dense beta updates
 
     def __post_init__(self) -> None:
         if self.mask is not None and not self._zeroed:  # whatever the missing entries hold, they must not count
@@ -115,7 +116,8 @@ class Target:
     def to(self, device: torch.device | str) -> Target:
         """The same block on another device."""
         move = {name: getattr(self, name) for name in ("X", "Xt", "mask", "rows", "cols", "vals")}
-        return replace(self, **{k: v.to(device) if v is not None else None for k, v in move.items()})
+        moved = {k: v.to(device) if v is not None else None for k, v in move.items()}
+        return replace(self, **moved, _buffers={})
 
     # ------------------------------------------------------------ products
     def XHt(self, H: Tensor) -> Tensor:
@@ -200,6 +202,11 @@ class Target:
             if beta == 1:
                 return stored + (W.sum(-2) * H.sum(-1)).sum(-1)
             return stored + ((W @ H) ** beta).sum(dim=(-2, -1)) / beta
+        if beta == 1:  # KL over scratch space: sum x log(x / y) - x + y, no n x m temporaries
+            Y = torch.matmul(W, H, out=self._scratch("Y", (*W.shape[:-1], H.shape[-1]), W))
+            y_sum = (Y if self.mask is None else Y * self.mask).sum(dim=(-2, -1))
+            torch.div(self.X, Y.clamp_(min=beta_div.EPSILON), out=Y)
+            return torch.xlogy(self.X, Y, out=Y).sum(dim=(-2, -1)) - self.X.sum() + y_sum
         d = beta_div.elementwise(self.X, W @ H, beta)
         return (d if self.mask is None else d * self.mask).sum(dim=(-2, -1))
 
@@ -209,6 +216,9 @@ class Target:
         Their difference is ``dD/dW``; on ``transposed()`` (with H^T, W^T) they give the
         H-side terms. Unmasked KL's second term is H's row sums, (..., 1, k), for any X.
         """
+        if self.X is not None and not self.sparse:
+            ratio, model = self._dense_mu_entries(W, H, beta)
+            return ratio @ H.mT, H.sum(-1)[..., None, :] if model is None else model @ H.mT
         ratio = self._rows_product(W, H, lambda x, y: beta_div.mu_ratio(x, y, beta))
         if beta == 1 and not self.masked:
             return ratio, H.sum(-1)[..., None, :]
@@ -218,11 +228,52 @@ class Target:
             model = self._rows_product(W, H, lambda x, y: beta_div.mu_model(y, beta))
         return ratio, model
 
+    def beta_terms_h(self, W: Tensor, H: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        """The H-side MU terms ``W^T (M * X * Y^(beta-2))`` and ``W^T (M * Y^(beta-1))``, (..., k, m) or (..., k, 1).
+
+        Dense X is read in its own layout (the transposed problem would stride across it).
+        """
+        if self.X is None or self.sparse:
+            num, den = self.transposed().beta_terms(H.mT, W.mT, beta)
+            return num.mT, den.mT
+        ratio, model = self._dense_mu_entries(W, H, beta)
+        return W.mT @ ratio, W.sum(-2)[..., :, None] if model is None else W.mT @ model
+
+    def _dense_mu_entries(self, W: Tensor, H: Tensor, beta: float) -> tuple[Tensor, Tensor | None]:
+        """``M * X * Y^(beta-2)`` and ``M * Y^(beta-1)`` (None for unmasked KL, whose is all ones) for dense X.
+
+        They are written over scratch buffers kept on the target: allocating two fresh
+        rows x columns tensors per half-update costs more than the arithmetic on a CPU.
+        """
+        Y = torch.matmul(W, H, out=self._scratch("Y", (*W.shape[:-1], H.shape[-1]), W))
+        model = None
+        if not (beta == 1 and self.mask is None):
+            model = beta_div.mu_model_(self._scratch("model", Y.shape, Y).copy_(Y), beta)
+            if self.mask is not None:
+                model.mul_(self.mask)
+        ratio = beta_div.mu_ratio_(self.X, Y, beta)
+        if self.mask is not None:
+            ratio.mul_(self.mask)
+        return ratio, model
+
+    def _scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A buffer of ``shape`` kept for reuse between updates (one per name)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
     def div_and_grads(self, W: Tensor, H: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
         """The block's beta-divergence, its gradient in W (..., b, k) and this block's part of the H-gradient."""
+        if self.X is not None and not self.sparse:  # dense: one W H serves the value and both gradients
+            Y = W @ H
+            G, d = beta_div.derivative(self.X, Y, beta), beta_div.elementwise(self.X, Y, beta)
+            if self.mask is not None:
+                G, d = G * self.mask, d * self.mask
+            return d.sum(dim=(-2, -1)), G @ H.mT, W.mT @ G
         num_w, den_w = self.beta_terms(W, H, beta)
-        num_h, den_h = self.transposed().beta_terms(H.mT, W.mT, beta)
-        return self.divergence(W, H, beta), den_w - num_w, (den_h - num_h).mT
+        num_h, den_h = self.beta_terms_h(W, H, beta)
+        return self.divergence(W, H, beta), den_w - num_w, den_h - num_h
 
     def _rows_product(self, W: Tensor, H: Tensor, fn) -> Tensor:
         """``V H^T`` (..., b, k) for ``V = fn(x, W H)`` at the observed (a sparse X's stored) entries, 0 elsewhere."""

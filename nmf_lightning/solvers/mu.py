@@ -29,15 +29,18 @@ def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0
 
 def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, beta: float = 2.0) -> Tensor:
     """W <- W * (X H^T) / ((M * WH) H^T + l1_W + l2_W W): :func:`update_h` on the transposed problem."""
-    W = _multiply(h_stats(t.transposed(), H.mT, W.mT, beta), W.mT, l1_W, l2_W, beta).mT
+    if beta == 2:
+        return _multiply(h_stats(t.transposed(), H.mT, W.mT), W.mT, l1_W, l2_W, beta).mT
+    num, den = t.beta_terms(W, H, beta)  # in X's own layout (the transposed problem would stride across X)
+    W = _multiply({"num": num, "den": den}, W, l1_W, l2_W, beta)
     return W.masked_fill(W < _ZERO, 0.0) if beta < 1 else W  # scikit-learn: W's for beta < 1, H's for beta <= 1
 
 
 def h_stats(t: Target, W: Tensor, H: Tensor, beta: float = 2.0) -> dict[str, Tensor]:
     """The sums over row blocks the H-update reads: W^T X and W^T W (W^T (M * WH) when masked); the beta terms."""
     if beta != 2:
-        num, den = t.transposed().beta_terms(H.mT, W.mT, beta)
-        return {"num": num.mT, "den": den.mT}
+        num, den = t.beta_terms_h(W, H, beta)
+        return {"num": num, "den": den}
     if t.masked:
         return {"WtX": t.WtX(W), "model": t.Wt_model(W, H)}
     return {"WtX": t.WtX(W), "WtW": gram(W, left=True)}

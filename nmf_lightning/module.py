@@ -106,6 +106,9 @@ class NMFModule(L.LightningModule):
             self.beta = loss_beta(loss, beta)  # None for the Frobenius losses
         except ValueError as err:
             raise NMFInputError(str(err)) from None
+        self._loss = loss
+        if self.beta == 2:  # the beta-divergence at 2 is scikit-learn's 1/2 ||X - WH||^2: the Gram form's loss
+            self.beta, self._loss = None, "fro2"
         if self.beta is not None and not project:
             raise NMFInputError(
                 f"model.loss={loss} is a beta-divergence, defined for W H >= 0 only; it trains with "
@@ -316,7 +319,7 @@ class NMFModule(L.LightningModule):
         """The objective's formula and weights (a pure function of the squared error, W, H)."""
         hp = self.hparams
         weights = {key: float(hp[key]) for key in ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")}
-        return Objective(loss=hp.loss, beta=self.beta, n_obs=getattr(self, "n_obs", 1), **weights)
+        return Objective(loss=self._loss, beta=self.beta, n_obs=getattr(self, "n_obs", 1), **weights)
 
     def objective(
         self, all_terms: bool = False, sq: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None

@@ -193,6 +193,14 @@ def test_beta_loss_limits_are_named_before_training(make_cfg, tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_beta_2_is_scikit_learns_frobenius_loss(make_cfg):
+    common = ("data=digits", "model.rank=8", "trainer.max_steps=30", "trainer.precision=64-true")
+    as_beta = train(make_cfg(*common, "model.loss=beta", "model.beta=2"))
+    as_fro2 = train(make_cfg(*common, "model.loss=fro2"))
+    assert as_beta["loss"] == pytest.approx(as_fro2["loss"], rel=1e-12)
+    assert as_beta["divergence"] == pytest.approx(as_fro2["loss"], rel=1e-12)
+
+
 def test_general_beta_trains_by_gradient_and_by_mu(make_cfg):
     common = ("data=synthetic", "model.loss=beta", "model.beta=1.5", "model.rank=20", "trainer.max_steps=400")
     for optimizer in (("optimizer=mu",), ("optimizer=adam", "optimizer.lr=0.01")):
@@ -218,3 +226,24 @@ def test_streamed_rows_give_the_in_memory_result(make_cfg, tmp_path, optimizer):
                 runs.append((metrics["divergence"], f["W"], f["H"]))
         assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
         np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_new_rows_are_solved_on_the_models_divergence(tmp_path, capsys):
+    from nmf_lightning.transform import main, transform
+
+    rng = np.random.default_rng(0)
+    H = rng.random((3, 12))
+    X = rng.poisson(rng.random((40, 3)) @ H * 4).astype(np.float64)
+    W_kl = transform(X, H, "mu", beta=1.0, max_iter=300)
+    W_fro = transform(X, H, "hals", max_iter=300)
+    kl = [_beta_divergence(X, W, H, 1) for W in (W_kl, W_fro)]
+    assert kl[0] < kl[1]  # each solves its own loss
+    np.savez(tmp_path / "factors.npz", W=W_kl, H=H)
+    np.save(tmp_path / "new.npy", X)
+    main([str(tmp_path), str(tmp_path / "new.npy"), "--out", str(tmp_path / "w.npy"), "--beta", "1", "--device", "cpu"])
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), transform(X, H, "mu", beta=1.0), rtol=1e-6)
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(NMFInputError, match="is solved by solver='mu', not 'hals'"):
+        transform(X, H, "hals", beta=1.0)
+    with pytest.raises(NMFInputError, match=r"beta=0 \(Itakura-Saito\) is defined for X > 0 only"):
+        transform(X, H, "mu", beta=0.0)

@@ -147,3 +147,42 @@ def test_gpu_curves_have_the_grid_points_timed_by_cuda_events(make_cfg, tmp_path
     assert events[-1].value == pytest.approx(metrics["relative_error"], rel=1e-4)
     walls = [e.wall_time for e in events]
     assert walls == sorted(walls)
+
+
+@pytest.mark.parametrize(
+    ("loss", "optimizer", "layout"),
+    [("kl", "mu", "sparse"), ("kl", "adam", "sparse"), ("is", "mu", "dense"), ("kl", "mu", "masked")],
+)
+def test_gpu_beta_divergence_matches_the_cpu(make_cfg, tmp_path, loss, optimizer, layout):
+    rng = np.random.default_rng(0)
+    if layout == "sparse":
+        X = sp.random(300, 200, density=0.05, random_state=0, format="csr")
+        X.data = np.ceil(4 * X.data)
+        sp.save_npz(tmp_path / "x.npz", X)
+        path = tmp_path / "x.npz"
+    else:
+        X = rng.gamma(2.0, 1.0, (300, 200)) + 0.01
+        if layout == "masked":
+            X[rng.random(X.shape) < 0.1] = np.nan
+        np.save(tmp_path / "x.npy", X)
+        path = tmp_path / "x.npy"
+    out = {}
+    for acc in ("cpu", "gpu"):
+        d = tmp_path / acc
+        d.mkdir()
+        metrics = train(
+            make_cfg(
+                "data=file",
+                f"data.path={path}",
+                f"model.loss={loss}",
+                f"optimizer={optimizer}",
+                "model.rank=5",
+                f"trainer.accelerator={acc}",
+                "trainer.precision=64-true",
+                "trainer.max_steps=100",
+                f"paths.output_dir={d}",
+            )
+        )
+        out[acc] = (metrics, _factors(d))
+    assert out["gpu"][0]["divergence"] == pytest.approx(out["cpu"][0]["divergence"], rel=1e-8)
+    np.testing.assert_allclose(out["gpu"][1][1], out["cpu"][1][1], rtol=1e-6, atol=1e-9)

@@ -58,6 +58,10 @@ def test_report_has_one_row_per_job_sorted_with_failures_last_and_plots(sweep, t
     assert md.count("\n| ") == 5 and "failed" in md  # header + 4 jobs
     for name in ("val_relative_error_vs_params.png", "curves.png"):
         assert (out / name).read_bytes().startswith(PNG), name
+    by_divergence = report(sweep, out=tmp_path / "by_divergence", metric="val_divergence")
+    with (tmp_path / "by_divergence" / "report.csv").open() as f:
+        values = [float(r["val_divergence"]) for r in list(csv.DictReader(f))[:3]]
+    assert by_divergence["metric"] == "val_divergence" and values == sorted(values) and values[0] > 0
 
 
 def test_report_console_script_and_its_errors(sweep, tmp_path, capsys):

@@ -123,6 +123,22 @@ def time_to(curve: list[tuple[float, float]], target: float | None) -> float | N
 
 
 # ----------------------------------------------------------------------------- methods
+def bench_trainer(out: Path, device: str, steps: int) -> L.Trainer:
+    """nmf-train's Trainer, quiet, logging a point every 10 updates (each with the time it was reached) to ``out``."""
+    return L.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        max_steps=steps,
+        logger=TensorBoardLogger(str(out), name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+    )
+
+
 def run_lightning(matrix, p: dict, device: str, steps: int, restarts: int = 1, solver: str | None = None) -> dict:
     """nmf-lightning: the real NMFModule + NMFDataModule + Trainer path of nmf-train.
 
@@ -137,18 +153,7 @@ def run_lightning(matrix, p: dict, device: str, steps: int, restarts: int = 1, s
     else:
         opt, extra = SOLVERS[solver], dict(init="nndsvda", tol=1e-4)
     model = NMFModule(rank=p["k"], optimizer=opt, restarts=restarts, seed=0, **extra)
-    trainer = L.Trainer(
-        accelerator="gpu" if device.startswith("cuda") else "cpu",
-        devices=1,
-        max_steps=steps,
-        logger=TensorBoardLogger(str(out), name="", version=""),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=10,  # a point every 10 updates, each with the time it was reached
-    )
+    trainer = bench_trainer(out, device, steps)
     wall0 = time.time()
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=NMFDataModule(loader=lambda: matrix))

@@ -26,11 +26,10 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import scipy.sparse as sp
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from benchmark import bench_trainer  # scripts/ is on the path when a script runs
 from sklearn.decomposition._nmf import _beta_divergence
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -70,18 +69,7 @@ def run_lightning(matrix: Matrix, loss: str, k: int, iters: int) -> tuple[dict, 
     model = NMFModule(rank=k, optimizer=MU, loss=loss, seed=0)
     model.set_matrix(matrix, dtype=torch.float32)  # draws W0, H0 here, so the peers can share them
     W0, H0 = (A.detach().numpy().copy() for A in (model.W, model.H))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=iters,
-        logger=TensorBoardLogger(str(out), name="", version=""),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=10,
-    )
+    trainer = bench_trainer(out, "cpu", iters)
     wall0 = time.time()
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=NMFDataModule(loader=lambda: matrix))

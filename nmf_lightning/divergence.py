@@ -60,8 +60,8 @@ def floor(y: Tensor, x: Tensor | None = None) -> Tensor:
 
 
 def elementwise(x: Tensor, y: Tensor, beta: float) -> Tensor:
-    """d(x, y) entry by entry (dense x, y of one shape; y floored where x > 0)."""
-    y = floor(y, x)
+    """d(x, y) entry by entry (dense x, y of one shape; y floored where x > 0, everywhere for beta <= 0)."""
+    y = floor(y) if beta <= 0 else floor(y, x)
     if beta == 2:
         return 0.5 * (x - y) ** 2
     pos = x > 0
@@ -76,16 +76,21 @@ def elementwise(x: Tensor, y: Tensor, beta: float) -> Tensor:
     return torch.where(pos, full, zero)
 
 
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a divergence is summed in: at least float32 (a bf16 sum of n m terms is rounding noise)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def at_stored(x: Tensor, y: Tensor, beta: float) -> Tensor:
     """The part of D over stored entries that differs from their d(0, y), summed on the last axis.
 
     For a sparse X: D = this + sum over all entries of d(0, WH), which for KL is sum(WH)
     (no n x m product) and for beta > 0 is ``sum(WH^beta) / beta``.
     """
-    y = floor(y)
+    y, acc = floor(y), accumulator(y.dtype)
     if beta == 1:
-        return (torch.xlogy(x, x / y) - x).sum(-1)  # a stored 0 adds nothing
-    return ((x**beta - beta * x * y ** (beta - 1)) / (beta * (beta - 1))).sum(-1)
+        return (torch.xlogy(x, x / y) - x).sum(-1, dtype=acc)  # a stored 0 adds nothing
+    return ((x**beta - beta * x * y ** (beta - 1)) / (beta * (beta - 1))).sum(-1, dtype=acc)
 
 
 def derivative(x: Tensor, y: Tensor, beta: float) -> Tensor:

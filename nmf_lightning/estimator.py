@@ -31,7 +31,7 @@ from nmf_lightning.engine.target import PRECISIONS, to_numpy
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import RULES
-from nmf_lightning.transform import solve_w
+from nmf_lightning.transform import check_positive, solve_w
 from nmf_lightning.validation import check_matrix
 
 #: scikit-learn's solver names and ours for the closed-form rules
@@ -199,6 +199,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """W >= 0 for new rows of X with the components held fixed."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
+        self._check_positive(X)
         return self._solve_w(X, self.components_)
 
     def inverse_transform(self, X) -> np.ndarray:
@@ -218,6 +219,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = self._validate(X, reset=False)
+        self._check_positive(X)
         W, H = (torch.from_numpy(A) for A in (self._solve_w(X, self.components_), self.components_))
         device = self._device()
         beta = self._beta()
@@ -346,12 +348,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 "fit again to change it."
             )
         masked = not sp.issparse(X) and bool(np.isnan(X).any())
-        zeros = X.nnz < n * m or bool((X.data == 0).any()) if sp.issparse(X) else np.nanmin(X) == 0
-        if self._beta() <= 0 and zeros:
-            raise ValueError(
-                f"When beta_loss <= 0 and X contains zeros, the solver may diverge (beta_loss={self.beta_loss!r} "
-                "is defined for X > 0 only). Please add small values to X, or use a positive beta_loss."
-            )
+        self._check_positive(X)
         if rule is not None:
             spec = RULES[rule]
             if masked and not spec.supports_mask:
@@ -365,6 +362,16 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
         l1_W, l1_H, l2_W, l2_H = self._regularization(n, m)
         return _Plan(k, init, rule, dtype, self._device(), (l1_W, l1_H), (l2_W, l2_H), self._seed())
+
+    def _check_positive(self, X) -> None:
+        """scikit-learn's refusal of zeros for beta_loss <= 0 (fit, transform and score alike)."""
+        try:
+            check_positive(X, self._beta())
+        except ValueError:
+            raise ValueError(
+                f"When beta_loss <= 0 and X contains zeros, the solver may diverge (beta_loss={self.beta_loss!r} "
+                "is defined for X > 0 only). Please add small values to X, or use a positive beta_loss."
+            ) from None
 
     def _beta(self) -> float:
         """``beta_loss`` as a number (scikit-learn's names: frobenius 2, kullback-leibler 1, itakura-saito 0)."""

@@ -872,7 +872,8 @@ class NMFModule(L.LightningModule):
                 f"optimizer.lr={lr:g} moves a factor entry by about {lr:g} per update, at most "
                 f"{lr * updates:.3g} over {updates} updates, but the factors are at scale {scale:.3g} "
                 f"(X is large-valued): the run will end far from a fit. Raise the lr (e.g. "
-                f"optimizer.lr={scale / 100:.2g}) or trainer.max_steps, or use optimizer=hals.",
+                f"optimizer.lr={scale / 100:.2g}) or trainer.max_steps, or use optimizer="
+                f"{'hals' if self.beta is None else 'mu'}.",
                 NMFWarning,
                 stacklevel=2,
             )
@@ -915,7 +916,7 @@ class NMFModule(L.LightningModule):
         """
         if self.beta is not None:
             options.setdefault("beta", self.beta)
-        return transform(X, self.factors()[1], solver or ("hals" if self.beta is None else "mu"), **options)
+        return transform(X, self.factors()[1], solver, **options)
 
     def best_factors(self, restart: int | None = None, raw: bool = False) -> tuple[Tensor, Tensor]:
         """W (n, k) and H (k, m) of the best (or the given) restart, detached, on their device.

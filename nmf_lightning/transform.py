@@ -29,7 +29,7 @@ from nmf_lightning.validation import NMFInputError, check_matrix
 def transform(
     X: np.ndarray | sp.spmatrix,
     H: np.ndarray,
-    solver: str = "hals",
+    solver: str | None = None,
     max_iter: int = 500,
     tol: float = 1e-6,
     device: str = "cpu",
@@ -45,8 +45,9 @@ def transform(
     updates. ``l1_W`` and ``l2_W`` weigh ``|W|_1`` and ``1/2 ||W||^2`` as in training.
     Runs the training engine with H held fixed; ``return_n_iter`` also returns the
     updates it ran. ``beta`` != 2 fits that beta-divergence instead (1 KL, 0 IS), with
-    ``solver="mu"``.
+    ``solver="mu"`` (the default then; HALS otherwise).
     """
+    solver = solver or ("hals" if beta == 2 else "mu")
     if solver not in RULES:
         raise NMFInputError(f"solver={solver!r} is not one of {sorted(RULES)}.")
     if beta != 2 and solver != "mu":
@@ -54,8 +55,7 @@ def transform(
             f"beta={beta:g} (a beta-divergence other than Frobenius) is solved by solver='mu', not {solver!r}."
         )
     check_matrix(X, totals=False)
-    if beta <= 0 and (sp.issparse(X) or np.nanmin(X) <= 0):
-        raise NMFInputError(f"beta={beta:g} (Itakura-Saito) is defined for X > 0 only, and X has zero entries.")
+    check_positive(X, beta)
     if solver == "kaczmarz" and not sp.issparse(X) and np.isnan(X).any():
         raise NMFInputError("solver='kaczmarz' cannot skip missing (NaN) entries; use hals, mu or als.")
     H = np.asarray(H)
@@ -70,6 +70,20 @@ def transform(
             f"{'non-numbers' if not np.issubdtype(H.dtype, np.number) else 'NaN, infinite or negative values'}."
         )
     return solve_w(X, H, solver, max_iter, tol, device, l1_W, l2_W, return_n_iter, beta)
+
+
+def check_positive(X: np.ndarray | sp.spmatrix, beta: float) -> None:
+    """A beta <= 0 divergence (Itakura-Saito) divides by X: refuse a zero entry (a sparse X's unstored ones count)."""
+    if beta > 0:
+        return
+    n, m = X.shape
+    zeros = X.nnz < n * m or bool((X.data == 0).any()) if sp.issparse(X) else bool(np.nanmin(X) == 0)
+    if zeros:
+        name = "Itakura-Saito" if beta == 0 else f"beta={beta:g}"
+        raise NMFInputError(
+            f"the {name} divergence (beta <= 0) is defined for X > 0 only, and X has zero entries; "
+            "add a small floor to X first."
+        )
 
 
 def solve_w(
@@ -133,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"could not read {factors} ({err}); a run's factors.npz holds W and H as numeric arrays.")
     try:
         X = materialize(from_file(args.matrix, key=args.key, skip_header=args.skip_header).X)
-        solver = args.solver or ("hals" if args.beta == 2 else "mu")
-        W = transform(X, H, solver, args.max_iter, args.tol, args.device, beta=args.beta)
+        W = transform(X, H, args.solver, args.max_iter, args.tol, args.device, beta=args.beta)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     save_npy(out, W)  # written whole, then renamed: never a truncated W

@@ -245,5 +245,28 @@ def test_new_rows_are_solved_on_the_models_divergence(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(NMFInputError, match="is solved by solver='mu', not 'hals'"):
         transform(X, H, "hals", beta=1.0)
-    with pytest.raises(NMFInputError, match=r"beta=0 \(Itakura-Saito\) is defined for X > 0 only"):
+    with pytest.raises(NMFInputError, match=r"the Itakura-Saito divergence \(beta <= 0\) is defined for X > 0 only"):
         transform(X, H, "mu", beta=0.0)
+
+
+def test_is_on_masked_x_with_an_empty_row_stays_finite_and_transform_refuses_zeros():
+    from nmf_lightning import NMF
+
+    rng = np.random.default_rng(0)
+    X = rng.random((30, 20)) + 0.1
+    X[0, :] = np.nan  # its row of W goes to 0 under MU: W H = 0 at missing entries only
+    est = NMF(3, beta_loss="itakura-saito", solver="mu", init="random", random_state=0, max_iter=50).fit(X)
+    assert np.isfinite(est.reconstruction_err_)
+    with pytest.raises(ValueError, match="When beta_loss <= 0 and X contains zeros"):
+        est.transform(np.zeros((2, 20)))
+    with pytest.raises(ValueError, match="When beta_loss <= 0 and X contains zeros"):
+        est.score(np.zeros((2, 20)))
+
+
+def test_bfloat16_sums_the_divergence_in_float32():
+    X = _x(False, 200, 100)
+    W, H = (torch.from_numpy(A) for A in _factors(200, 100))
+    exact = float(to_target(X, torch.float64).divergence(W, H, 1.0))
+    t = to_target(X, torch.bfloat16)
+    value = t.divergence(W.bfloat16(), H.bfloat16(), 1.0)
+    assert value.dtype == torch.float32 and float(value) == pytest.approx(exact, rel=1e-2)

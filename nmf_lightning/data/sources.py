@@ -109,7 +109,8 @@ def spectrogram(
     amplitude 1/h, played in random bursts that decay; the power W0 H0 is multiplied by
     Gamma noise of mean 1 and shape ``noise_shape`` (1 = the exponential spread of a
     periodogram, the noise the Itakura-Saito divergence is the likelihood of), clipped
-    at 0.01. Every entry is > 1e-6, as the IS loss needs; H0's rows are the notes' spectra.
+    at 0.01, and floored at 1e-6: every entry is > 0, as the IS loss needs (and above
+    scikit-learn's EPSILON, so its divergence values agree). H0's rows are the notes' spectra.
     """
     for key, value in (("n_frames", n_frames), ("n_bins", n_bins), ("notes", notes), ("harmonics", harmonics)):
         if value < 1:
@@ -133,7 +134,8 @@ def spectrogram(
     W0 += 1e-2
     noise = rng.gamma(noise_shape, 1.0 / noise_shape, size=(n_frames, n_bins)).clip(1e-2)
     info = {"noise_shape": noise_shape, "fundamentals": fundamentals.round(2).tolist()}
-    return Matrix((W0 @ H0) * noise, name="spectrogram", W_true=W0, H_true=H0, info=info)
+    X = np.maximum((W0 @ H0) * noise, 1e-6)
+    return Matrix(X, name="spectrogram", W_true=W0, H_true=H0, info=info)
 
 
 def digits() -> Matrix:

@@ -52,6 +52,8 @@ def update(blocks: Blocks, W: Tensor, H: Tensor, step: Update) -> PassResult:
     step.begin(W, H)
     for t in passes(blocks):
         step.block(t, W, H)
+        if not isinstance(blocks, Target):  # a block held between passes keeps no scratch space
+            t.release()
     return step.end(W, H)
 
 

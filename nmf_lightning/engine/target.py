@@ -195,20 +195,22 @@ class Target:
         """
         if beta == 2:
             return 0.5 * self.sq_error(W, H)
+        acc = beta_div.accumulator(W.dtype)  # summed in float32 at least, whatever the training dtype
         if self.vals is not None:
-            return beta_div.elementwise(self.vals, self._predict(W, H), beta).sum(-1)
+            return beta_div.elementwise(self.vals, self._predict(W, H), beta).sum(-1, dtype=acc)
         if self.sparse:
             stored = self._at_stored(W, H, lambda x, y: beta_div.at_stored(x, y, beta)[..., None]).squeeze(-1)
             if beta == 1:
-                return stored + (W.sum(-2) * H.sum(-1)).sum(-1)
-            return stored + ((W @ H) ** beta).sum(dim=(-2, -1)) / beta
+                return stored + (W.sum(-2, dtype=acc) * H.sum(-1, dtype=acc)).sum(-1)
+            return stored + ((W @ H) ** beta).sum(dim=(-2, -1), dtype=acc) / beta
+        both = (-2, -1)
         if beta == 1:  # KL over scratch space: sum x log(x / y) - x + y, no n x m temporaries
             Y = torch.matmul(W, H, out=self._scratch("Y", (*W.shape[:-1], H.shape[-1]), W))
-            y_sum = (Y if self.mask is None else Y * self.mask).sum(dim=(-2, -1))
+            y_sum = (Y if self.mask is None else Y * self.mask).sum(dim=both, dtype=acc)
             torch.div(self.X, Y.clamp_(min=beta_div.EPSILON), out=Y)
-            return torch.xlogy(self.X, Y, out=Y).sum(dim=(-2, -1)) - self.X.sum() + y_sum
+            return torch.xlogy(self.X, Y, out=Y).sum(dim=both, dtype=acc) - self.X.sum(dtype=acc) + y_sum
         d = beta_div.elementwise(self.X, W @ H, beta)
-        return (d if self.mask is None else d * self.mask).sum(dim=(-2, -1))
+        return (d if self.mask is None else torch.where(self.mask, d, 0.0)).sum(dim=both, dtype=acc)
 
     def beta_terms(self, W: Tensor, H: Tensor, beta: float) -> tuple[Tensor, Tensor]:
         """The W-side MU terms of this block, ``(M * X * Y^(beta-2)) H^T`` and ``(M * Y^(beta-1)) H^T`` (Y = W H).
@@ -256,6 +258,10 @@ class Target:
             ratio.mul_(self.mask)
         return ratio, model
 
+    def release(self) -> None:
+        """Free the scratch buffers (a row block kept between passes should not hold a second copy of itself)."""
+        self._buffers.clear()
+
     def _scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A buffer of ``shape`` kept for reuse between updates (one per name)."""
         buf = self._buffers.get(name)
@@ -268,9 +274,9 @@ class Target:
         if self.X is not None and not self.sparse:  # dense: one W H serves the value and both gradients
             Y = W @ H
             G, d = beta_div.derivative(self.X, Y, beta), beta_div.elementwise(self.X, Y, beta)
-            if self.mask is not None:
-                G, d = G * self.mask, d * self.mask
-            return d.sum(dim=(-2, -1)), G @ H.mT, W.mT @ G
+            if self.mask is not None:  # where, not a product: 0 * inf at a missing entry is NaN
+                G, d = torch.where(self.mask, G, 0.0), torch.where(self.mask, d, 0.0)
+            return d.sum(dim=(-2, -1), dtype=beta_div.accumulator(d.dtype)), G @ H.mT, W.mT @ G
         num_w, den_w = self.beta_terms(W, H, beta)
         num_h, den_h = self.beta_terms_h(W, H, beta)
         return self.divergence(W, H, beta), den_w - num_w, den_h - num_h

@@ -55,6 +55,12 @@ PROBLEMS = {
         steps=2000,
         recipe=PROJECTED,
     ),
+    "dense-500": dict(
+        load=partial(synthetic, n_rows=500, n_cols=400, true_rank=20, noise=0.05),
+        k=20,
+        steps=2000,
+        recipe=PROJECTED,
+    ),
     "dense-large": dict(
         load=partial(synthetic, n_rows=20000, n_cols=20000, true_rank=128, noise=0.05),
         k=128,
@@ -330,6 +336,9 @@ def bench_problem(name: str, device: str, peak: float, args) -> list[dict]:
                 lambda: run_lightning(matrix, p, device, steps, restarts=args.restarts),
             )
         )
+    if args.methods:
+        wanted = args.methods.split(",")
+        methods = [(name, fn) for name, fn in methods if any(w in name for w in wanted)]
     dense_gb = n * m * 4 / 2**30
     rows: list[dict] = []
     for method, fn in methods:
@@ -423,6 +432,7 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=1, help="also time r batched restarts")
     ap.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
     ap.add_argument("--out", default="results/benchmark")
+    ap.add_argument("--methods", default=None, help="comma-separated: only the methods whose name contains one")
     args = ap.parse_args()
     torch.set_float32_matmul_precision(args.matmul_precision)
     names = list(PROBLEMS) if args.problems == "all" else args.problems.split(",")

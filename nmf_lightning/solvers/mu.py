@@ -55,10 +55,25 @@ def h_from_stats(
 
 
 def _multiply(stats: dict[str, Tensor], H: Tensor, l1: float, l2: float, beta: float) -> Tensor:
-    """H times the ratio of the summed terms (to the power gamma(beta))."""
+    """H times the ratio of the summed terms (to the power gamma(beta)).
+
+    The denominator is formed in place and penalties of weight 0 are skipped: on small
+    matrices each elementwise op costs more in dispatch than in arithmetic. The summed
+    terms themselves are left as they are (online mode keeps them).
+    """
     if "num" in stats:
-        ratio = stats["num"] / (stats["den"] + l1 + l2 * H).clamp_min(eps_for(H))
+        num, den = stats["num"], _denominator(stats["den"] + 0.0, H, l1, l2)  # den may broadcast: a copy
+        ratio = torch.div(num, den, out=den) if den.shape == num.shape else num / den
         gamma = mu_exponent(beta)
-        return H * (ratio if gamma == 1 else ratio**gamma)
-    model = stats["model"] if "model" in stats else stats["WtW"] @ H
-    return H * stats["WtX"] / (model + l1 + l2 * H).clamp_min(eps_for(H))
+        return ratio.mul_(H) if gamma == 1 else ratio.pow_(gamma).mul_(H)
+    den = stats["WtW"] @ H if "model" not in stats else stats["model"].clone()
+    return torch.div(stats["WtX"], _denominator(den, H, l1, l2), out=den).mul_(H)
+
+
+def _denominator(den: Tensor, H: Tensor, l1: float, l2: float) -> Tensor:
+    """``den + l1 + l2 H``, clamped away from 0, written over ``den``."""
+    if l1:
+        den.add_(l1)
+    if l2:  # a broadcast den (KL's sums) grows to H's shape here
+        den = den.add_(H, alpha=l2) if den.shape == H.shape else torch.add(den, H, alpha=l2)
+    return den.clamp_min_(eps_for(H))

@@ -28,6 +28,7 @@ from torch import Tensor
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, data_term, divergence, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import PRECISIONS, to_numpy
+from nmf_lightning.engine.updates import fused_optimizer
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import RULES
@@ -529,7 +530,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         W.requires_grad_(True)
         H.requires_grad_(True)
         factory = self.optimizer or partial(GRADIENT[self.solver], lr=self._lr(W, H))
-        optimizer = factory([W, H])
+        optimizer = fused_optimizer(factory, [W, H])
         # the Gram form (no n x m residual) for sparse X, and dense float64 where it stays exact
         gram_form = sparse or W.dtype == torch.float64
         return GradientUpdate(optimizer, objective, project=self.project, gram_form=gram_form, beta=objective.beta)

@@ -31,7 +31,7 @@ from nmf_lightning.divergence import elementwise, loss_beta
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, divergence, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, to_numpy
-from nmf_lightning.engine.updates import PassResult
+from nmf_lightning.engine.updates import PassResult, fused_optimizer
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
 from nmf_lightning.solvers import Solver
@@ -440,7 +440,7 @@ class NMFModule(L.LightningModule):
         factory = self.optimizer_factory
         if isinstance(factory, partial) and factory.keywords.get("lr") == "auto":
             factory = partial(factory, lr=self._auto_lr())
-        optimizer = factory([self.W, self.H])
+        optimizer = fused_optimizer(factory, [self.W, self.H])
         hp = self.hparams
         self._closed_form = isinstance(optimizer, Solver)
         if isinstance(optimizer, Solver):

@@ -178,9 +178,10 @@ class Target:
         """
         if self.vals is not None or self.mask is not None or gram_form:
             XHt, HHt = self.XHt(H), gram(H, left=False)
-            sq = self.sq_error(W, H) if self.masked else self._gram_sq(W, H, XHt, HHt)
-            dW = 2 * (self.model_Ht(W, H, HHt) - XHt)
-            dH = 2 * (self.Wt_model(W, H) - self.WtX(W))
+            WtW = None if self.masked else gram(W, left=True)
+            sq = self.sq_error(W, H) if self.masked else gram_sq(self.x_sq, XHt, W, WtW, HHt)
+            dW = (self.model_Ht(W, H, HHt) - XHt).mul_(2)
+            dH = (self.Wt_model(W, H, WtW) - self.WtX(W)).mul_(2)
             return sq, dW, dH
         X = self.X.to_dense() if self.sparse else self.X
         R = X - W @ H

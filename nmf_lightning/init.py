@@ -189,10 +189,14 @@ def _nndsvd(
 
 
 def _top_svd(X: Tensor, rank: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Leading ``rank`` singular triplets: exact for small dense X, randomized otherwise."""
+    """Leading ``rank`` singular triplets: exact for a small dense X, randomized otherwise.
+
+    The randomized SVD (scikit-learn's choice for NNDSVD, with the same oversampling) costs
+    a few products with X: a full SVD of 2000 x 1000 takes longer than a whole fit.
+    """
     n, m = X.shape
     sparse = X.is_sparse or X.layout == torch.sparse_csr
-    if not sparse and min(n, m) <= 2000:
+    if not sparse and min(n, m) <= max(128, 4 * (rank + 10)):
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
         return U[:, :rank], S[:rank], Vh[:rank].T
     if X.layout == torch.sparse_csr:

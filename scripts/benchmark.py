@@ -3,7 +3,11 @@
 Every method runs in this one process on the same matrix and device. For each it reports
 wall time to a target relative error (scikit-learn's best + 1%), the final relative error
 ||X - WH||_F / ||X||_F, updates per second, peak GPU memory and achieved GFLOP/s against
-the device's measured matmul rate. Writes <out>/benchmark.json and <out>/benchmark.md.
+the device's measured matmul rate. nmf-lightning and scikit-learn first run a few updates
+on the problem's own matrix, so one-time costs of a process (Lightning's first fit, the
+thread pool, the allocator's first pages of each size) are charged to no method, and each
+method starts after a second's pause: the BLAS and OpenMP threads of the one before spin
+for a while after it returns, and on a 2-core machine that halves the next one's speed. Writes <out>/benchmark.json and <out>/benchmark.md.
 
     python scripts/benchmark.py --device cpu --problems digits,dense-small,newsgroups4
     python scripts/benchmark.py --device cuda --problems all --matmul-precision high
@@ -43,6 +47,25 @@ ARCHIVE = Path(
         Path(__file__).resolve().parents[1].parent / "shared/data/newsgroups/20news-bydate.tar.gz",
     )
 )
+
+
+def sparse_low_rank(n: int, m: int, nnz: int, rank: int, seed: int = 0):
+    """A sparse n x m matrix with ``nnz`` entries at random places, valued by a random rank-``rank`` W0 H0 plus noise."""
+    from nmf_lightning.data import Matrix
+
+    rng = np.random.default_rng(seed)
+    flat = np.unique(rng.integers(0, n * m, size=int(nnz * 1.1)))  # sorted, distinct places
+    flat = np.sort(rng.choice(flat, size=min(nnz, len(flat)), replace=False))
+    rows, cols = np.divmod(flat, m)
+    W0, H0 = rng.random((n, rank), dtype=np.float32), rng.random((rank, m), dtype=np.float32)
+    vals = np.empty(len(flat), dtype=np.float32)
+    for start in range(0, len(flat), 1 << 22):  # bounded (chunk, rank) gathers
+        part = slice(start, start + (1 << 22))
+        vals[part] = np.einsum("ij,ij->i", W0[rows[part]], H0[:, cols[part]].T)
+    vals *= rng.uniform(0.9, 1.1, size=len(vals)).astype(np.float32)
+    return Matrix(sp.csr_matrix((vals, (rows, cols)), shape=(n, m)), name="sparse-low-rank")
+
+
 # The 20 newsgroups notebook's recipe: ||X-WH||_F + 10 * clamp penalty, Adam(1e-3, (.9, .9)),
 # init |N(0, 0.01)|, no projection. Dense problems use a projected Adam with a scaled init.
 NOTEBOOK = dict(lam=10.0, project=False, init="normal_abs", lr=1e-3, betas=(0.9, 0.9))
@@ -62,17 +85,25 @@ PROBLEMS = {
         recipe=PROJECTED,
     ),
     "dense-large": dict(
-        load=partial(synthetic, n_rows=20000, n_cols=20000, true_rank=128, noise=0.05),
-        k=128,
+        load=partial(synthetic, n_rows=20000, n_cols=20000, true_rank=64, noise=0.05),
+        k=64,
         steps=300,
         recipe=PROJECTED,
         gpu_only=True,
+    ),
+    # RcppML's published GPU figure (H100 NVL): about 0.14 s per ALS iteration at this size
+    "sparse-33m": dict(
+        load=partial(sparse_low_rank, 5000, 40000, 33_000_000, 20), k=20, steps=100, recipe=PROJECTED, gpu_only=True
     ),
     "newsgroups4": dict(load=partial(newsgroups, archive=str(ARCHIVE)), k=100, steps=1000, recipe=NOTEBOOK),
     "newsgroups20": dict(
         load=partial(newsgroups, categories=None, archive=str(ARCHIVE)), k=100, steps=300, recipe=NOTEBOOK
     ),
 }
+
+
+#: pause before each timed method (see the module's docstring)
+SETTLE_S = 1.0
 
 
 def sync(device: str) -> None:
@@ -266,7 +297,7 @@ def run_torchnmf(matrix, p: dict, device: str, max_iter: int) -> dict:
     return dict(wall_s=total, curve=None, updates=n_iter, updates_per_s=n_iter / total, W=Wn, H=Hn, form="residual")
 
 
-def run_nmf_torch(matrix, p: dict, device: str) -> dict:
+def run_nmf_torch(matrix, p: dict, device: str, algo: str = "halsvar") -> dict:
     from nmf import run_nmf
 
     Xd = matrix.X.toarray() if sp.issparse(matrix.X) else matrix.X
@@ -276,7 +307,7 @@ def run_nmf_torch(matrix, p: dict, device: str) -> dict:
         X,
         n_components=p["k"],
         init="nndsvda",
-        algo="halsvar",
+        algo=algo,
         tol=1e-4,
         use_gpu=device.startswith("cuda"),
         random_state=0,
@@ -328,19 +359,20 @@ def bench_problem(name: str, device: str, peak: float, args) -> list[dict]:
         ("torch loop adam (gram)", lambda: run_torch_loop(matrix, p, device, steps, "gram")),
         ("torchnmf mu (GPU package)", lambda: run_torchnmf(matrix, p, device, args.sk_max_iter)),
         ("nmf-torch halsvar (GPU package)", lambda: run_nmf_torch(matrix, p, device)),
+        ("nmf-torch mu (GPU package)", lambda: run_nmf_torch(matrix, p, device, algo="mu")),
+        ("nmf-torch bpp (GPU package)", lambda: run_nmf_torch(matrix, p, device, algo="bpp")),
     ]
-    if args.restarts > 1:
-        methods.append(
-            (
-                f"nmf-lightning adam x{args.restarts} restarts",
-                lambda: run_lightning(matrix, p, device, steps, restarts=args.restarts),
+    for r in (int(v) for v in str(args.restarts).split(",")):  # batched restarts against r sequential runs
+        if r > 1:
+            methods.append(
+                (f"nmf-lightning adam x{r} restarts", partial(run_lightning, matrix, p, device, steps, restarts=r))
             )
-        )
     if args.methods:
         wanted = args.methods.split(",")
         methods = [(name, fn) for name, fn in methods if any(w in name for w in wanted)]
     dense_gb = n * m * 4 / 2**30
     rows: list[dict] = []
+    warm_up(matrix, p, device, sklearn=_skip_reason(name, "sklearn cd", device, dense_gb, args) is None)
     for method, fn in methods:
         row = dict(base, method=method)
         skip = _skip_reason(name, method, device, dense_gb, args)
@@ -348,6 +380,7 @@ def bench_problem(name: str, device: str, peak: float, args) -> list[dict]:
             rows.append(dict(row, status=f"skipped: {skip}"))
             continue
         _reset_peak(device)
+        time.sleep(SETTLE_S)  # let the previous method's spinning threads go idle
         try:
             res = fn()
         except Exception as err:  # a peer that fails is reported, not dropped
@@ -386,6 +419,16 @@ def bench_problem(name: str, device: str, peak: float, args) -> list[dict]:
         for r in rows:
             r["mem_budget_mb"] = 3 * base_bytes / 2**20  # 3 x (X's CSR arrays + W + H)
     return rows
+
+
+def warm_up(matrix, p: dict, device: str, sklearn: bool = True) -> None:
+    """A few updates of each library on the problem's matrix, untimed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for solver in ("hals", None):
+            run_lightning(matrix, p, device, 3, solver=solver)
+        if sklearn:
+            run_sklearn(matrix, p, "cd", 3)
 
 
 def _skip_reason(problem: str, method: str, device: str, dense_gb: float, args) -> str | None:
@@ -429,7 +472,7 @@ def main() -> None:
     ap.add_argument("--problems", default="digits,dense-small,newsgroups4")
     ap.add_argument("--steps", type=int, default=None, help="override each problem's update count")
     ap.add_argument("--sk-max-iter", type=int, default=400)
-    ap.add_argument("--restarts", type=int, default=1, help="also time r batched restarts")
+    ap.add_argument("--restarts", default="1", help="also time r batched restarts (comma-separated: 8,32)")
     ap.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
     ap.add_argument("--out", default="results/benchmark")
     ap.add_argument("--methods", default=None, help="comma-separated: only the methods whose name contains one")

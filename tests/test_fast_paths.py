@@ -1,0 +1,62 @@
+"""Fast paths give the factors of the plain formulas they replace, and are chosen on their own."""
+
+from functools import partial
+
+import pytest
+import torch
+from test_solvers import _problem
+
+from nmf_lightning.engine import GradientUpdate, fit
+from nmf_lightning.engine.target import eps_for
+from nmf_lightning.engine.updates import fused_optimizer
+from nmf_lightning.objective import Objective
+from nmf_lightning.solvers import mu
+
+LAYOUTS = ["dense", "sparse", "masked", "triplets"]
+
+
+def _reference_mu_h(t, W, H, l1, l2):
+    """Lee-Seung's H-update written out: H * W^T X / (W^T (M * W H) + l1 + l2 H)."""
+    model = t.Wt_model(W, H) if t.masked else (W.mT @ W) @ H
+    return H * t.WtX(W) / (model + l1 + l2 * H).clamp_min(eps_for(H))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("restarts", [1, 3])
+@pytest.mark.parametrize(("l1", "l2"), [(0.0, 0.0), (0.1, 0.2)])
+def test_mu_in_place_update_equals_the_formula(layout, restarts, l1, l2):
+    t, W, H, *_ = _problem(layout=layout)
+    if restarts > 1:
+        W, H = W.expand(restarts, *W.shape).clone(), H.expand(restarts, *H.shape).clone()
+        W = W * torch.linspace(0.5, 1.5, restarts, dtype=W.dtype)[:, None, None]
+    stats = mu.h_stats(t, W, H)
+    kept = {k: v.clone() for k, v in stats.items()}
+    torch.testing.assert_close(mu.h_from_stats(stats, H, l1, l2), _reference_mu_h(t, W, H, l1, l2))
+    for key, value in stats.items():  # the summed terms are left as they were (online mode keeps them)
+        torch.testing.assert_close(value, kept[key], rtol=0, atol=0)
+    W_ref = _reference_mu_h(t.transposed(), H.mT, W.mT, l1, l2).mT
+    torch.testing.assert_close(mu.update_w(t, W, H, l1, l2), W_ref)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_fused_adam_gives_the_factors_of_torchs_loop(layout, restarts):
+    t, W0, H0, *_ = _problem(layout=layout)
+    if restarts > 1:
+        W0, H0 = W0.expand(restarts, *W0.shape).clone(), H0.expand(restarts, *H0.shape).clone()
+    runs = []
+    for fused in (None, False):
+        W, H = W0.clone().requires_grad_(), H0.clone().requires_grad_()
+        optimizer = fused_optimizer(partial(torch.optim.Adam, lr=1e-2, fused=fused), [W, H])
+        assert optimizer.param_groups[0]["fused"] is (fused is None)  # None: chosen fused
+        fit(t, W, H, GradientUpdate(optimizer, Objective("fro2", n_obs=t.n_obs)), 60)
+        runs.append((W.detach(), H.detach()))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-10, atol=1e-12)
+
+
+def test_only_adam_and_adamw_are_fused_and_an_explicit_choice_is_kept():
+    W = torch.zeros(3, 2, requires_grad=True)
+    assert fused_optimizer(partial(torch.optim.AdamW, lr=0.1), [W]).param_groups[0]["fused"]
+    assert not fused_optimizer(partial(torch.optim.Adam, lr=0.1, foreach=True), [W]).param_groups[0]["fused"]
+    assert not fused_optimizer(partial(torch.optim.SGD, lr=0.1), [W]).param_groups[0].get("fused")

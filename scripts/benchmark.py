@@ -176,7 +176,9 @@ def bench_trainer(out: Path, device: str, steps: int) -> L.Trainer:
     )
 
 
-def run_lightning(matrix, p: dict, device: str, steps: int, restarts: int = 1, solver: str | None = None) -> dict:
+def run_lightning(
+    matrix, p: dict, device: str, steps: int, restarts: int = 1, solver: str | None = None, sweeps: int = 1
+) -> dict:
     """nmf-lightning: the real NMFModule + NMFDataModule + Trainer path of nmf-train.
 
     ``solver`` (hals, mu) swaps Adam for a closed-form solver with scikit-learn's init and
@@ -189,6 +191,8 @@ def run_lightning(matrix, p: dict, device: str, steps: int, restarts: int = 1, s
         extra = dict(lam=r["lam"], project=r["project"], init=r["init"])
     else:
         opt, extra = SOLVERS[solver], dict(init="nndsvda", tol=1e-4)
+        if sweeps > 1:  # accelerated HALS
+            opt = partial(opt, sweeps=sweeps)
     model = NMFModule(rank=p["k"], optimizer=opt, restarts=restarts, seed=0, **extra)
     trainer = bench_trainer(out, device, steps)
     wall0 = time.time()
@@ -345,6 +349,10 @@ def bench_problem(name: str, device: str, peak: float, args) -> list[dict]:
         ("sklearn cd", lambda: run_sklearn(matrix, p, "cd", args.sk_max_iter)),
         ("sklearn mu", lambda: run_sklearn(matrix, p, "mu", args.sk_max_iter)),
         ("nmf-lightning hals (tol 1e-4)", lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="hals")),
+        (
+            "nmf-lightning hals, 2 sweeps (tol 1e-4)",
+            lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="hals", sweeps=2),
+        ),
         ("nmf-lightning mu (tol 1e-4)", lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="mu")),
         ("nmf-lightning als (tol 1e-4)", lambda: run_lightning(matrix, p, device, args.sk_max_iter, solver="als")),
         (

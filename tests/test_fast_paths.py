@@ -60,3 +60,21 @@ def test_only_adam_and_adamw_are_fused_and_an_explicit_choice_is_kept():
     assert fused_optimizer(partial(torch.optim.AdamW, lr=0.1), [W]).param_groups[0]["fused"]
     assert not fused_optimizer(partial(torch.optim.Adam, lr=0.1, foreach=True), [W]).param_groups[0]["fused"]
     assert not fused_optimizer(partial(torch.optim.SGD, lr=0.1), [W]).param_groups[0].get("fused")
+
+
+def test_accelerated_hals_reaches_a_lower_error_in_as_many_x_products():
+    from nmf_lightning.engine import SolverUpdate, sq_error
+    from nmf_lightning.solvers.rules import HALSRule
+
+    t, W0, H0, *_ = _problem(n=60, m=40, k=5)
+    errors = {}
+    for sweeps in (1, 3):
+        W, H = W0.clone(), H0.clone()
+        fit(t, W, H, SolverUpdate(HALSRule(sweeps)), 10)
+        errors[sweeps] = float(sq_error(t, W, H))
+    assert errors[3] < errors[1]
+    W, H = W0.clone(), H0.clone()
+    fit(t, W, H, SolverUpdate(HALSRule(1)), 10)
+    assert float(sq_error(t, W, H)) == errors[1]  # sweeps=1 is the plain pass
+    with pytest.raises(ValueError, match="optimizer.sweeps must be an integer >= 1"):
+        HALSRule(0)

@@ -44,9 +44,12 @@ class MU(Solver):
 
 
 class HALS(Solver):
-    """Hierarchical ALS / exact coordinate descent (scikit-learn's ``solver='cd'`` family)."""
+    """Hierarchical ALS / exact coordinate descent (scikit-learn's ``solver='cd'`` family); ``sweeps``: see HALSRule."""
 
     rule_class = HALSRule
+
+    def __init__(self, params: Iterable[Tensor], sweeps: int = 1):
+        super().__init__(params, sweeps=sweeps)
 
 
 class ALS(Solver):

@@ -67,10 +67,27 @@ class MURule(Rule):
 
 
 class HALSRule(Rule):
-    """Hierarchical ALS / exact coordinate descent (scikit-learn's ``solver='cd'`` family)."""
+    """Hierarchical ALS / exact coordinate descent (scikit-learn's ``solver='cd'`` family).
+
+    ``sweeps`` > 1 is accelerated HALS: up to that many passes per X product.
+    """
 
     module = hals
     supports_triplets = False
+
+    def __init__(self, sweeps: int = 1):
+        if isinstance(sweeps, bool) or int(sweeps) < 1:
+            raise ValueError(f"optimizer.sweeps must be an integer >= 1, got {sweeps!r}.")
+        self.sweeps = int(sweeps)
+
+    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return hals.h_from_stats(stats, H, l1, l2, self.sweeps)
+
+    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return hals.update_h(target, W, H, l1, l2, self.sweeps)
+
+    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+        return hals.update_w(target, W, H, l1, l2, self.sweeps)
 
 
 class ALSRule(Rule):

@@ -18,7 +18,11 @@ from nmf_lightning.solvers import als, hals, kaczmarz, mu
 
 
 class Rule:
-    """An update rule: ``update_w`` (row-local), ``h_stats`` summed over row blocks, ``h_from_stats``."""
+    """An update rule: ``update_w`` (row-local), ``h_stats`` summed over row blocks, ``h_from_stats``.
+
+    A rule's options (MU's beta, HALS's sweeps, ALS's ridge) reach its module's functions
+    as keywords: :meth:`options` for the updates, :meth:`stats_options` for ``h_stats``.
+    """
 
     module: ModuleType
     #: whether the rule can fit (row, col, value) ratings triplets, a dense mask, L1/L2 weights
@@ -28,21 +32,29 @@ class Rule:
     #: whether H can be updated from sums over row blocks (X streamed in blocks of rows)
     supports_blocks = True
 
+    def options(self) -> dict:
+        """Keywords of the module's ``update_h``, ``update_w`` and ``h_from_stats``."""
+        return {}
+
+    def stats_options(self) -> dict:
+        """Keywords of the module's ``h_stats``."""
+        return {}
+
     def h_stats(self, target: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
         """This block's part of the sums over rows that the H-update reads."""
-        return self.module.h_stats(target, W, H)
+        return self.module.h_stats(target, W, H, **self.stats_options())
 
     def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """The rule's new H from the statistics summed over all row blocks."""
-        return self.module.h_from_stats(stats, H, l1, l2)
+        return self.module.h_from_stats(stats, H, l1, l2, **self.options())
 
     def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """The rule's new H for fixed W."""
-        return self.module.update_h(target, W, H, l1, l2)
+        return self.module.update_h(target, W, H, l1, l2, **self.options())
 
     def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """The rule's new W for fixed H."""
-        return self.module.update_w(target, W, H, l1, l2)
+        return self.module.update_w(target, W, H, l1, l2, **self.options())
 
 
 class MURule(Rule):
@@ -53,17 +65,11 @@ class MURule(Rule):
     def __init__(self, beta: float = 2.0):
         self.beta = float(beta)
 
-    def h_stats(self, target: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:  # noqa: D102
-        return mu.h_stats(target, W, H, self.beta)
+    def options(self) -> dict:  # noqa: D102
+        return {"beta": self.beta}
 
-    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return mu.h_from_stats(stats, H, l1, l2, self.beta)
-
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return mu.update_h(target, W, H, l1, l2, self.beta)
-
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return mu.update_w(target, W, H, l1, l2, self.beta)
+    def stats_options(self) -> dict:  # noqa: D102
+        return {"beta": self.beta}
 
 
 class HALSRule(Rule):
@@ -80,14 +86,8 @@ class HALSRule(Rule):
             raise ValueError(f"optimizer.sweeps must be an integer >= 1, got {sweeps!r}.")
         self.sweeps = int(sweeps)
 
-    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return hals.h_from_stats(stats, H, l1, l2, self.sweeps)
-
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return hals.update_h(target, W, H, l1, l2, self.sweeps)
-
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return hals.update_w(target, W, H, l1, l2, self.sweeps)
+    def options(self) -> dict:  # noqa: D102
+        return {"sweeps": self.sweeps}
 
 
 class ALSRule(Rule):
@@ -100,14 +100,8 @@ class ALSRule(Rule):
             raise ValueError(f"optimizer.ridge must be >= 0, got {ridge}.")
         self.ridge = ridge
 
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return als.update_h(target, W, H, l1, l2, self.ridge)
-
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return als.update_w(target, W, H, l1, l2, self.ridge)
-
-    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
-        return als.h_from_stats(stats, H, l1, l2, self.ridge)
+    def options(self) -> dict:  # noqa: D102
+        return {"ridge": self.ridge}
 
 
 class KaczmarzRule(Rule):

@@ -143,6 +143,29 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - t) / 1e9
 
 
+def spmm_bytes(n: int, m: int, nnz: int, k: int) -> float:
+    """Bytes the two sparse products of an update move at least: X (values + int64 column
+    indices + row pointers) read once as CSR and once as its transpose, each dense operand
+    read once and each (rows, k) result written once, in float32."""
+    return 2 * (12.0 * nnz) + 8.0 * (n + m + 2) + 2 * 4.0 * k * (n + m)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Measured memory bandwidth in GB/s: a large tensor copy (bytes read + written per second)."""
+    numel = (1 << 26) if device.startswith("cuda") else (1 << 25)  # 256 MB / 128 MB of float32
+    a = torch.ones(numel, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    reps = 20 if device.startswith("cuda") else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    sync(device)
+    return 2 * 4 * numel * reps / (time.perf_counter() - t) / 1e9
+
+
 def _reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -408,6 +431,9 @@ def bench_problem(name: str, device: str, peak: float, args) -> list[dict]:
         if res["updates_per_s"] and res["form"] in ("gram", "residual"):
             gflops = flops_per_update(n, m, nnz, p["k"], res["form"]) * res["updates_per_s"] / 1e9
             row.update(gflops=gflops, pct_of_matmul_peak=100 * gflops / peak)
+        if res["updates_per_s"] and sp.issparse(X) and method.startswith("nmf-lightning"):
+            gbs = spmm_bytes(n, m, nnz, p["k"]) * res["updates_per_s"] / 1e9  # as if the SpMMs took the update
+            row.update(spmm_gbs=gbs, pct_of_bandwidth=100 * gbs / args.bandwidth)
         rows.append(row)
         print(_fmt_row(row), flush=True)
     sk = [r["final_rel_err"] for r in rows if r["method"].startswith("sklearn") and r.get("status") == "ok"]
@@ -464,13 +490,15 @@ def _fmt_row(r: dict) -> str:
         f"| {r['problem']} | {r['method']} | {_fmt(r.get('time_to_target_s'), '.2f')} | {r['final_rel_err']:.4f} "
         f"| {r['wall_s']:.2f} | {_fmt(r['updates'], 'd')} | {_fmt(r['updates_per_s'], '.1f')} "
         f"| {_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('gflops'), '.1f')} "
-        f"| {_fmt(r.get('pct_of_matmul_peak'), '.1f')} |"
+        f"| {_fmt(r.get('pct_of_matmul_peak'), '.1f')} | {_fmt(r.get('spmm_gbs'), '.1f')} "
+        f"| {_fmt(r.get('pct_of_bandwidth'), '.1f')} |"
     )
 
 
 HEADER = (
     "| problem | method | time to target (s) | final rel. error | wall (s) | updates | updates/s "
-    "| peak GPU MB | GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| peak GPU MB | GFLOP/s | % of matmul peak | SpMM GB/s | % of bandwidth |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -489,6 +517,7 @@ def main() -> None:
     names = list(PROBLEMS) if args.problems == "all" else args.problems.split(",")
     device = args.device
     peak = matmul_rate(device, torch.float32)
+    args.bandwidth = copy_bandwidth(device)
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} threads)"
     print(f"device: {dev_name}, float32 matmul ({args.matmul_precision}): {peak:.0f} GFLOP/s", flush=True)
     print(HEADER)
@@ -500,6 +529,7 @@ def main() -> None:
         torch=torch.__version__,
         python=platform.python_version(),
         matmul_gflops=peak,
+        bandwidth_gbs=args.bandwidth,
         matmul_precision=args.matmul_precision,
     )
     out = Path(args.out)
@@ -515,8 +545,9 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     md = [
         f"Command: `{meta['command']}`  ",
         f"Device: {meta['device']}, torch {meta['torch']}, {meta['date']}; measured float32 matmul "
-        f"({meta['matmul_precision']}): {meta['matmul_gflops']:.0f} GFLOP/s. "
-        "Target = best scikit-learn relative error + 1%.",
+        f"({meta['matmul_precision']}): {meta['matmul_gflops']:.0f} GFLOP/s; measured copy bandwidth: "
+        f"{meta.get('bandwidth_gbs', float('nan')):.0f} GB/s. Target = best scikit-learn relative error + 1%. "
+        "SpMM GB/s (sparse X): the bytes the update's two sparse products move at least, per second of update.",
         "",
         HEADER,
         *[_fmt_row(r) for r in rows],

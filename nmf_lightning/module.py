@@ -477,6 +477,11 @@ class NMFModule(L.LightningModule):
                 raise NMFInputError(
                     f"optimizer={name} takes no L1/L2 penalty (model.l1_W, l1_H, l2_W, l2_H); use hals, mu or als."
                 )
+            if self.W.dtype in (torch.bfloat16, torch.float16) and not optimizer.rule.supports_half:
+                raise NMFInputError(
+                    f"optimizer={name} solves k x k systems, which trainer.precision={self.trainer.precision} "
+                    "cannot; use trainer.precision=32-true (or optimizer=hals or mu)."
+                )
             if self.streamed and not optimizer.rule.supports_blocks:
                 raise NMFInputError(
                     f"optimizer={name} samples rows anywhere in X for every update, so it cannot stream X "

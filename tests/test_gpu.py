@@ -186,3 +186,96 @@ def test_gpu_beta_divergence_matches_the_cpu(make_cfg, tmp_path, loss, optimizer
         out[acc] = (metrics, _factors(d))
     assert out["gpu"][0]["divergence"] == pytest.approx(out["cpu"][0]["divergence"], rel=1e-8)
     np.testing.assert_allclose(out["gpu"][1][1], out["cpu"][1][1], rtol=1e-6, atol=1e-9)
+
+
+def _moved(t, W, H, device, dtype):
+    from dataclasses import replace
+
+    moved = t.to(device)
+    if moved.X is not None and not moved.sparse:
+        moved = replace(moved, X=moved.X.to(dtype), _buffers={})
+    elif moved.X is not None:
+        X, Xt = moved.X, moved.Xt
+        moved = replace(moved, X=X.to(dtype), Xt=Xt.to(dtype) if Xt is not None else None, _buffers={})
+    elif moved.vals is not None:
+        moved = replace(moved, vals=moved.vals.to(dtype), _buffers={})
+    moved._x_sq = None
+    return moved, W.detach().to(device, dtype).clone(), H.detach().to(device, dtype).clone()
+
+
+SOLVER_LAYOUTS = [
+    (solver, layout)
+    for solver in ("hals", "mu", "als", "kaczmarz", "adam")
+    for layout in ("dense", "sparse", "masked", "triplets")
+    if not (solver == "hals" and layout == "triplets")
+    and not (solver == "kaczmarz" and layout in ("masked", "triplets"))
+]
+
+
+@pytest.mark.parametrize(("solver", "layout"), SOLVER_LAYOUTS)
+@pytest.mark.parametrize("restarts", [1, 3])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "tf32", "bf16"])
+def test_every_solver_layout_and_precision_on_cuda_follows_the_cpu(solver, layout, restarts, dtype):
+    """The engine on CUDA against float64 on the CPU from the same start.
+
+    float64: the same factors to 1e-8. Lower precisions: HALS and ALS clip at 0, so rounding
+    changes which entries do and the factors part ways; the fit must not, so the relative
+    error is compared, to the dtype's rounding.
+    """
+    import torch
+    from test_solvers import _problem
+
+    from nmf_lightning.engine import GradientUpdate, SolverUpdate, fit, sq_error
+    from nmf_lightning.objective import Objective
+    from nmf_lightning.solvers.rules import RULES
+
+    if dtype == "bf16" and (layout == "sparse" or solver == "als"):
+        pytest.skip("no bf16 sparse kernels or Cholesky (refused up front)")
+    torch_dtype = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32}.get(dtype, torch.bfloat16)
+    t, W0, H0, *_ = _problem(n=120, m=80, k=5, layout=layout)
+    if restarts > 1:
+        W0 = W0.expand(restarts, *W0.shape) * torch.linspace(0.5, 1.5, restarts, dtype=W0.dtype)[:, None, None]
+        H0 = H0.expand(restarts, *H0.shape).clone()
+    runs = {}
+    for device in ("cpu", "cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+        try:
+            target, W, H = _moved(t, W0, H0, device, torch.float64 if device == "cpu" else torch_dtype)
+            if solver == "adam":
+                W.requires_grad_(True)
+                H.requires_grad_(True)
+                update = GradientUpdate(torch.optim.Adam([W, H], lr=1e-2), Objective("fro2", n_obs=target.n_obs))
+            else:
+                update = SolverUpdate(RULES[solver]())
+            fit(target, W, H, update, 20)
+            W, H = W.detach().double(), H.detach().double()
+            exact, _, _ = _moved(t, W, H, device, torch.float64)
+            rel = (sq_error(exact, W, H) / exact.x_sq).sqrt().cpu()
+            runs[device] = (rel, W.cpu())
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+    assert torch.isfinite(runs["cuda"][0]).all()
+    if dtype == "float64" and solver != "kaczmarz":  # Kaczmarz draws other rows on another device
+        torch.testing.assert_close(runs["cuda"][1], runs["cpu"][1], rtol=1e-8, atol=1e-10)
+    tol = {"float64": 1e-8, "float32": 5e-3, "tf32": 2e-2, "bf16": 5e-2}[dtype]
+    tol = max(tol, 0.05) if solver == "kaczmarz" else tol
+    torch.testing.assert_close(runs["cuda"][0], runs["cpu"][0], rtol=0, atol=tol)
+
+
+def test_cli_on_cuda_with_factor_pictures(make_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = train(
+        make_cfg(
+            "data=digits",
+            "optimizer=hals",
+            "model.rank=8",
+            "trainer.accelerator=gpu",
+            "trainer.max_steps=60",
+            "callbacks.factor_pictures.every_n_steps=20",
+        )
+    )
+    assert metrics["relative_error"] < 0.5
+    ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    ea.Reload()
+    assert ea.Tags()["images"], "the pictures callback drew nothing from CUDA factors"

@@ -187,6 +187,10 @@ def test_solver_limits_are_named(make_cfg, tmp_path):
                 "trainer.max_steps=5",
             )
         )
+    with pytest.raises(NMFInputError, match=r"optimizer=als solves k x k systems, which trainer.precision=bf16-true"):
+        train(
+            make_cfg("data=toy", "model.rank=2", "optimizer=als", "trainer.precision=bf16-true", "trainer.max_steps=5")
+        )
     assert not (tmp_path / "metrics.json").exists()
 
 

@@ -31,6 +31,8 @@ class Rule:
     supports_penalties = True
     #: whether H can be updated from sums over row blocks (X streamed in blocks of rows)
     supports_blocks = True
+    #: whether the rule runs in bf16/fp16 (solving k x k systems needs float32 at least)
+    supports_half = True
 
     def options(self) -> dict:
         """Keywords of the module's ``update_h``, ``update_w`` and ``h_from_stats``."""
@@ -94,6 +96,7 @@ class ALSRule(Rule):
     """Projected alternating least squares with a small ridge."""
 
     module = als
+    supports_half = False  # Cholesky has no bf16/fp16 kernels
 
     def __init__(self, ridge: float = 1e-6):
         if ridge < 0:

@@ -283,14 +283,14 @@ class Target:
         return self.divergence(W, H, beta), den_w - num_w, den_h - num_h
 
     def _rows_product(self, W: Tensor, H: Tensor, fn) -> Tensor:
-        """``V H^T`` (..., b, k) for ``V = fn(x, W H)`` at the observed (a sparse X's stored) entries, 0 elsewhere."""
+        """``V H^T`` (..., b, k) for ``V = fn(x, W H)`` at the observed triplets or a sparse X's stored entries.
+
+        (Dense X takes :meth:`_dense_mu_entries`, over scratch buffers.)
+        """
         if self.vals is not None:
             v = fn(self.vals, self._predict(W, H))
             return _scatter(self.rows, self.shape[0], v[..., None] * H[..., :, self.cols].mT)
-        if self.sparse:
-            return self._at_stored(W, H, fn, H)
-        V = fn(self.X, W @ H)
-        return (V if self.mask is None else V * self.mask) @ H.mT
+        return self._at_stored(W, H, fn, H)
 
     def _at_stored(self, W: Tensor, H: Tensor, fn, B: Tensor | None = None) -> Tensor:
         """For a sparse X: ``fn(x, W H)`` at the stored entries only (one sampled product), times ``B^T`` when given.

@@ -32,8 +32,8 @@ from nmf_lightning.engine.updates import fused_optimizer
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import RULES
-from nmf_lightning.transform import check_positive, solve_w
-from nmf_lightning.validation import check_matrix
+from nmf_lightning.transform import solve_w
+from nmf_lightning.validation import check_matrix, has_zeros
 
 #: scikit-learn's solver names and ours for the closed-form rules
 CLOSED_FORM = {"cd": "hals", "hals": "hals", "mu": "mu", "als": "als", "kaczmarz": "kaczmarz"}
@@ -366,13 +366,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _check_positive(self, X) -> None:
         """scikit-learn's refusal of zeros for beta_loss <= 0 (fit, transform and score alike)."""
-        try:
-            check_positive(X, self._beta())
-        except ValueError:
+        if self._beta() <= 0 and has_zeros(X):
             raise ValueError(
                 f"When beta_loss <= 0 and X contains zeros, the solver may diverge (beta_loss={self.beta_loss!r} "
                 "is defined for X > 0 only). Please add small values to X, or use a positive beta_loss."
-            ) from None
+            )
 
     def _beta(self) -> float:
         """``beta_loss`` as a number (scikit-learn's names: frobenius 2, kullback-leibler 1, itakura-saito 0)."""
@@ -591,12 +589,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
         The W penalties are the fit's (``alpha_W``, ``l1_ratio``, scaled by ``n_features``).
         """
-        rule = "mu" if self.solver == "mu" and self.optimizer is None else "hals"
+        beta = self._beta()
+        rule = "mu" if (self.solver == "mu" and self.optimizer is None) or beta != 2 else "hals"
         l1_W, _, l2_W, _ = self._regularization(*X.shape)
         device = plan.device if plan is not None else self._device()
-        beta = self._beta()
-        if beta != 2:
-            rule = "mu"
         W, steps = solve_w(X, _numpy(H), rule, self.max_iter, self.tol, str(device), l1_W, l2_W, True, beta)
         if plan is not None:  # partial_fit: on to the engine
             W = torch.from_numpy(W).to(device=plan.device, dtype=plan.dtype)

@@ -36,7 +36,7 @@ from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
 from nmf_lightning.solvers import Solver
 from nmf_lightning.transform import transform
-from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank, check_scale
+from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank, check_scale, has_zeros
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class NMFModule(L.LightningModule):
                 stacklevel=2,
             )
         self._check_loss_form(t.masked)
-        self._check_beta_data(_has_zeros(t), t.sparse)
+        self._check_beta_data(lambda: has_zeros(matrix.X, matrix.unstored_missing), t.sparse)
         self.matrix = matrix
         self.n_obs = t.n_obs
         check_scale(float(t.x_sq), t.n_obs, dtype)
@@ -221,9 +221,9 @@ class NMFModule(L.LightningModule):
                 "(data.batch_rows) never holds at once; use model.init=random (or normal_abs)."
             )
         self._check_loss_form(summary.masked)
-        self._check_beta_data(summary.zeros, sp.issparse(matrix.X) or bool(getattr(matrix.X, "sparse", False)))
-        self.matrix, self.streamed, self._stream_masked = matrix, True, summary.masked
-        self._stream_sparse = sp.issparse(matrix.X) or bool(getattr(matrix.X, "sparse", False))
+        sparse = sp.issparse(matrix.X) or bool(getattr(matrix.X, "sparse", False))
+        self._check_beta_data(lambda: summary.zeros, sparse)
+        self.matrix, self.streamed, self._stream_masked, self._stream_sparse = matrix, True, summary.masked, sparse
         self.n_obs = summary.n_obs
         check_scale(float(summary.x_sq), summary.n_obs, dtype)
         self.register_buffer("X_sq", torch.tensor(summary.x_sq, dtype=dtype), persistent=False)
@@ -254,12 +254,15 @@ class NMFModule(L.LightningModule):
                 "entries held out by data.holdout, or data.unstored=missing); use model.loss_form=auto or residual."
             )
 
-    def _check_beta_data(self, zeros: bool, sparse: bool) -> None:
-        """Itakura-Saito (beta <= 0) divides by X; other betas than 1 and 2 read W H densely."""
+    def _check_beta_data(self, zeros: Callable[[], bool], sparse: bool) -> None:
+        """Itakura-Saito (beta <= 0) divides by X; other betas than 1 and 2 read W H densely.
+
+        ``zeros`` tells whether an observed entry of X is 0, asked only for beta <= 0.
+        """
         beta, loss = self.beta, self.hparams.loss
         if beta is None:
             return
-        if beta <= 0 and zeros:
+        if beta <= 0 and zeros():
             raise NMFInputError(
                 f"model.loss={loss} (beta={beta:g}) is defined for X > 0 only, and X has zero entries "
                 "(a sparse X's unstored entries are zeros); add a small floor to X (a noise floor, e.g. "
@@ -941,16 +944,6 @@ class NMFModule(L.LightningModule):
         """
         W, H = self.best_factors(restart)
         return to_numpy(W), to_numpy(H)
-
-
-def _has_zeros(t: Target) -> bool:
-    """Whether an observed entry of X is 0 (a sparse X's unstored entries count, unless they are missing)."""
-    if t.vals is not None:
-        return bool((t.vals == 0).any())
-    if t.sparse:
-        return t.X.values().numel() < t.shape[0] * t.shape[1] or bool((t.X.values() == 0).any())
-    zero = t.X == 0
-    return bool((zero if t.mask is None else zero & t.mask).any())
 
 
 def _batch(restarts: int) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ from nmf_lightning.data.rows import materialize
 from nmf_lightning.engine import SolverUpdate, fit, to_target
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import RULES
-from nmf_lightning.validation import NMFInputError, check_matrix
+from nmf_lightning.validation import NMFInputError, check_matrix, has_zeros
 
 
 def transform(
@@ -74,11 +74,7 @@ def transform(
 
 def check_positive(X: np.ndarray | sp.spmatrix, beta: float) -> None:
     """A beta <= 0 divergence (Itakura-Saito) divides by X: refuse a zero entry (a sparse X's unstored ones count)."""
-    if beta > 0:
-        return
-    n, m = X.shape
-    zeros = X.nnz < n * m or bool((X.data == 0).any()) if sp.issparse(X) else bool(np.nanmin(X) == 0)
-    if zeros:
+    if beta <= 0 and has_zeros(X):
         name = "Itakura-Saito" if beta == 0 else f"beta={beta:g}"
         raise NMFInputError(
             f"the {name} divergence (beta <= 0) is defined for X > 0 only, and X has zero entries; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -47,6 +48,17 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X", tota
             raise
     if totals:
         check_totals(missing < X.size if not sparse else True, positive, X.size, name)
+
+
+def has_zeros(X: np.ndarray | sp.spmatrix, unstored_missing: bool = False) -> bool:
+    """Whether an observed entry of X is 0.
+
+    NaN is missing in a dense X; a sparse X's unstored entries are zeros unless ``unstored_missing`` (ratings).
+    """
+    if sp.issparse(X):
+        unstored = not unstored_missing and X.nnz < X.shape[0] * X.shape[1]
+        return unstored or bool((X.data == 0).any())
+    return bool((np.asarray(X) == 0).any())
 
 
 def check_values(X: np.ndarray | sp.spmatrix, name: str = "X") -> tuple[int, bool]:
@@ -120,17 +132,29 @@ def available_memory() -> int | None:
     return None
 
 
+def require_memory(need: int, what: str, fix: str | Callable[[int], str]) -> None:
+    """Refuse work that needs more host memory than is free, before anything is allocated.
+
+    The message reads ``<what> but <free> GiB of memory is free; <fix>``, where ``what``
+    says ``{need}`` for the GiB needed and ``fix`` may be worked out from the free bytes.
+    """
+    free = available_memory()
+    if free is None or need <= free:
+        return
+    advice = fix(free) if callable(fix) else fix
+    raise NMFInputError(
+        f"{what.format(need=f'{need / 2**30:.3g}')} but {free / 2**30:.3g} GiB of memory is free; {advice}"
+    )
+
+
 def check_factor_memory(shape: tuple[int, int], rank: int, restarts: int, itemsize: int) -> None:
     """Refuse a rank whose W and H alone cannot fit in memory, before they are allocated."""
     n, m = shape
-    need = restarts * (n + m) * rank * itemsize
-    free = available_memory()
-    if free is not None and need > free:
-        raise NMFInputError(
-            f"model.rank={rank} needs {need / 2**30:.3g} GiB for W and H alone ({restarts} x ({n} + {m}) x "
-            f"{rank} values) but {free / 2**30:.3g} GiB of memory is free; lower model.rank (X is {n} x {m}, "
-            f"so rank {min(n, m)} already fits it exactly) or model.restarts."
-        )
+    require_memory(
+        restarts * (n + m) * rank * itemsize,
+        f"model.rank={rank} needs {{need}} GiB for W and H alone ({restarts} x ({n} + {m}) x {rank} values)",
+        f"lower model.rank (X is {n} x {m}, so rank {min(n, m)} already fits it exactly) or model.restarts.",
+    )
 
 
 #: root-mean-square values of X a precision trains on: squares and products stay normal numbers

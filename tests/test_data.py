@@ -232,10 +232,10 @@ def test_broken_and_unsafe_files_are_errors_that_say_what_the_file_must_hold(tmp
 
 
 def test_a_file_too_large_to_load_whole_is_refused_from_its_header(tmp_path, monkeypatch):
-    from nmf_lightning.data import datamodule
+    from nmf_lightning import validation
 
     np.save(tmp_path / "x.npy", np.ones((100, 50)))
-    monkeypatch.setattr(datamodule, "available_memory", lambda: 10_000)  # bytes
+    monkeypatch.setattr(validation, "available_memory", lambda: 10_000)  # bytes
     dm = NMFDataModule(loader=from_file, path=str(tmp_path / "x.npy"))
     with pytest.raises(ValueError, match=r"needs about .* GiB to load whole .* data.batch_rows=\d+"):
         dm.setup("fit")

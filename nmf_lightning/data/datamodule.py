@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from nmf_lightning.data.holdout import Holdout, split_holdout
 from nmf_lightning.data.rows import OnDisk, RowBlocks, RowSummary, in_memory, materialize, scan
 from nmf_lightning.data.sources import Matrix
-from nmf_lightning.validation import NMFInputError, available_memory, check_matrix
+from nmf_lightning.validation import NMFInputError, check_matrix, require_memory
 
 
 class _Ticks:
@@ -162,11 +162,11 @@ def _check_fits(X: object) -> None:
         return
     n, m = X.shape
     itemsize = np.dtype(getattr(X, "dtype", np.float64)).itemsize
-    need = n * m * (itemsize + 4)
-    free = available_memory()
-    if free is not None and need > free:
-        raise NMFInputError(
-            f"X ({n} x {m}, {itemsize}-byte values) needs about {need / 2**30:.3g} GiB to load whole but "
-            f"{free / 2**30:.3g} GiB of memory is free; stream it in row blocks with data.batch_rows="
-            f"{max(1, int(free / 8 / max(m, 1) / (itemsize + 4)))} (or fewer), which never holds X at once."
-        )
+    require_memory(
+        n * m * (itemsize + 4),
+        f"X ({n} x {m}, {itemsize}-byte values) needs about {{need}} GiB to load whole",
+        lambda free: (
+            f"stream it in row blocks with data.batch_rows={max(1, int(free / 8 / max(m, 1) / (itemsize + 4)))}"
+            " (or fewer), which never holds X at once."
+        ),
+    )

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import Dataset
 
-from nmf_lightning.validation import NMFInputError, check_totals, check_values
+from nmf_lightning.validation import NMFInputError, check_totals, check_values, has_zeros
 
 #: the scan reads X in pieces of at most this many entries
 _SCAN_ENTRIES = 2**22
@@ -202,8 +202,7 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
             if missing:
                 values = values[~np.isnan(values)]
             sq.append(float(np.dot(values, values)))
-            unstored = sp.issparse(piece) and not unstored_missing and piece.nnz < piece.shape[0] * m
-            zeros |= unstored or bool((values == 0).any())
+            zeros = zeros or has_zeros(piece, unstored_missing)
             any_missing |= bool(missing)
             total += float(values.sum())
             n_obs += values.size if not sp.issparse(piece) or unstored_missing else piece.shape[0] * m

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from nmf_lightning.validation import NMFInputError, available_memory
+from nmf_lightning.validation import require_memory
 
 
 @dataclass
@@ -79,13 +79,11 @@ def synthetic(
             raise ValueError(f"data.{key} must be >= 1, got {value}.")
     if noise < 0:
         raise ValueError(f"data.noise must be >= 0, got {noise}.")
-    need = (3 if noise > 0 else 1) * 8 * n_rows * n_cols  # float64 X (and the noise while it is added)
-    free = available_memory()
-    if free is not None and need > free:
-        raise NMFInputError(
-            f"data=synthetic at {n_rows} x {n_cols} needs {need / 2**30:.3g} GiB to generate but "
-            f"{free / 2**30:.3g} GiB of memory is free; lower data.n_rows or data.n_cols."
-        )
+    require_memory(
+        (3 if noise > 0 else 1) * 8 * n_rows * n_cols,  # float64 X (and the noise while it is added)
+        f"data=synthetic at {n_rows} x {n_cols} needs {{need}} GiB to generate",
+        "lower data.n_rows or data.n_cols.",
+    )
     rng = np.random.default_rng(seed)
     W0 = rng.random((n_rows, true_rank))
     H0 = rng.random((true_rank, n_cols))

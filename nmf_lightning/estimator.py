@@ -312,7 +312,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"partial_fit updates H from running sums, which solver='cd' (HALS) and 'mu' have; got "
                 f"solver={self.solver!r}{' with optimizer=' if self.optimizer is not None else ''}."
             )
-        if beta != 2 and rule not in (None, "mu"):
+        if beta != 2 and rule is not None and not RULES[rule].supports_beta:
             raise ValueError(
                 f"solver={self.solver!r} fits the Frobenius loss only; beta_loss={self.beta_loss!r} needs "
                 "solver='mu' or a gradient solver ('adam', ...)."

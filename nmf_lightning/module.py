@@ -33,7 +33,7 @@ from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, to_numpy
 from nmf_lightning.engine.updates import PassResult, fused_optimizer
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
-from nmf_lightning.objective import LOSSES, Objective, relative_error, sq_error_observed
+from nmf_lightning.objective import LOSSES, Objective, predict_observed, relative_error
 from nmf_lightning.solvers import Solver
 from nmf_lightning.transform import transform
 from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank, check_scale, has_zeros
@@ -449,7 +449,7 @@ class NMFModule(L.LightningModule):
         if isinstance(optimizer, Solver):
             name = type(optimizer).__name__.lower()
             if self.beta is not None:
-                if not hasattr(optimizer.rule, "beta"):
+                if not optimizer.rule.supports_beta:
                     raise NMFInputError(
                         f"optimizer={name} minimises the Frobenius loss, not model.loss={hp.loss}; use "
                         "optimizer=mu (multiplicative updates for any beta) or a gradient optimizer such as adam."
@@ -815,9 +815,9 @@ class NMFModule(L.LightningModule):
         chunk = max(1, 2**24 // max(1, W.shape[-1]))  # bounds the (chunk, k) gather
         for start in range(0, len(self.val_vals), chunk):
             rows, cols, vals = (A[start : start + chunk] for A in (self.val_rows, self.val_cols, self.val_vals))
-            sq += sq_error_observed(rows, cols, vals, W, H).double()
+            pred = predict_observed(rows, cols, W, H)  # one gather serves both
+            sq += ((vals - pred) ** 2).sum().double()
             if self.beta is not None:
-                pred = (W[rows] * H[:, cols].mT).sum(-1)
                 div += elementwise(vals, pred, self.beta).sum().double()
         ref = (self.val_vals.double() ** 2).sum()
         return {

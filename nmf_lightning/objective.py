@@ -99,14 +99,18 @@ def matmul(X: Tensor, B: Tensor) -> Tensor:
     return out.reshape(X.shape[0], r, k).permute(1, 0, 2)
 
 
+def predict_observed(rows: Tensor, cols: Tensor, W: Tensor, H: Tensor) -> Tensor:
+    """(W H) at the listed entries (rows[i], cols[i]) only, (..., n_obs): O(|obs| k), never an n x m product."""
+    return (W[..., rows, :] * H[..., :, cols].mT).sum(dim=-1)
+
+
 def sq_error_observed(rows: Tensor, cols: Tensor, vals: Tensor, W: Tensor, H: Tensor) -> Tensor:
     """Sum of squared residuals at the listed observed entries only, O(|obs| k).
 
     For ratings-like data with few observed entries: predictions are made at
     (rows[i], cols[i]) alone, as recommender ALS does, never as a full n x m product.
     """
-    pred = (W[..., rows, :] * H[..., :, cols].mT).sum(dim=-1)  # (..., n_obs)
-    R = vals - pred
+    R = vals - predict_observed(rows, cols, W, H)
     return (R * R).sum(dim=-1)
 
 

@@ -22,6 +22,7 @@ from nmf_lightning.objective import (
     frobenius_sq,
     gram_sq,
     matmul,
+    predict_observed,
     sq_error_observed,
     sq_error_residual,
     transpose_sparse,
@@ -152,7 +153,7 @@ class Target:
 
     def _predict(self, W: Tensor, H: Tensor) -> Tensor:
         """(W H) at the observed triplets only, (..., n_obs)."""
-        return (W[..., self.rows, :] * H[..., :, self.cols].mT).sum(-1)
+        return predict_observed(self.rows, self.cols, W, H)
 
     # ------------------------------------------------------- squared error
     def sq_error(self, W: Tensor, H: Tensor, gram_form: bool = False) -> Tensor:

@@ -33,6 +33,8 @@ class Rule:
     supports_blocks = True
     #: whether the rule runs in bf16/fp16 (solving k x k systems needs float32 at least)
     supports_half = True
+    #: whether the rule minimises any beta-divergence (its ``beta``), not just the Frobenius loss
+    supports_beta = False
 
     def options(self) -> dict:
         """Keywords of the module's ``update_h``, ``update_w`` and ``h_from_stats``."""
@@ -63,6 +65,7 @@ class MURule(Rule):
     """Multiplicative updates (scikit-learn's ``solver='mu'``) for the beta-divergence: 2 Frobenius, 1 KL, 0 IS."""
 
     module = mu
+    supports_beta = True
 
     def __init__(self, beta: float = 2.0):
         self.beta = float(beta)

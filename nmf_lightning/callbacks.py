@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
@@ -16,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from nmf_lightning.atomic import write_text
+from nmf_lightning.atomic import atomic_path, write_text
 from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
 
 
@@ -269,14 +268,8 @@ class UpdateCheckpoint(ModelCheckpoint):
             self._next = next_multiple(step, self.every_n_updates)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        part = f"{filepath}.part"
-        try:
-            super()._save_checkpoint(trainer, part)
-            if trainer.is_global_zero:
-                os.replace(part, filepath)
-        finally:
-            if os.path.exists(part):
-                os.remove(part)
+        with atomic_path(filepath) as part:  # only the rank that writes a file has one to rename
+            super()._save_checkpoint(trainer, str(part))
         self._last_checkpoint_saved = filepath
 
 

@@ -18,14 +18,23 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from nmf_lightning.validation import NMFInputError
+
+
+def check_every(every: object) -> int:
+    """``trainer.log_every_n_steps`` as the grid's spacing: an integer >= 1."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise NMFInputError(
+            f"trainer.log_every_n_steps must be an integer >= 1 (a curve point every so many updates), got {every!r}."
+        )
+    return every
+
 
 class UpdateGrid:
     """The points of a run's curves: every ``every`` updates, plus the run's last update."""
 
     def __init__(self, every: int):
-        if isinstance(every, bool) or int(every) < 1:
-            raise ValueError(f"trainer.log_every_n_steps must be an integer >= 1 (updates), got {every!r}.")
-        self.every = int(every)
+        self.every = check_every(every)
         self._points: dict[int, dict[str, Tensor]] = {}
         self._times: dict[int, float | tuple[torch.cuda.Event, torch.cuda.Event, float]] = {}
         self._origin: tuple[torch.cuda.Event, float] | None = None

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from nmf_lightning.atomic import save_npz, write_text
 from nmf_lightning.callbacks import GracefulStop
 from nmf_lightning.console import run_console
+from nmf_lightning.curves import check_every
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
@@ -100,11 +101,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
         raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
-    every = cfg.trainer.get("log_every_n_steps", 10)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise NMFInputError(
-            f"trainer.log_every_n_steps must be an integer >= 1 (a curve point every so many updates), got {every!r}."
-        )
+    check_every(cfg.trainer.get("log_every_n_steps", 10))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))

@@ -15,23 +15,22 @@ def _factors(path):
         return f["W"], f["H"]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "64-true"])
-def test_gpu_run_matches_the_cpu_run(make_cfg, tmp_path, precision):
+def _on_cpu_and_gpu(make_cfg, tmp_path, *overrides: str) -> dict[str, tuple[dict, tuple]]:
+    """The same run on the CPU and on CUDA, each in its own folder: accelerator -> (metrics, (W, H))."""
     out = {}
     for acc in ("cpu", "gpu"):
         d = tmp_path / acc
         d.mkdir()
-        metrics = train(
-            make_cfg(
-                *SMALL,
-                f"trainer.accelerator={acc}",
-                f"trainer.precision={precision}",
-                "trainer.max_steps=200",
-                "optimizer.lr=0.01",
-                f"paths.output_dir={d}",
-            )
-        )
+        metrics = train(make_cfg(*overrides, f"trainer.accelerator={acc}", f"paths.output_dir={d}"))
         out[acc] = (metrics, _factors(d))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
+def test_gpu_run_matches_the_cpu_run(make_cfg, tmp_path, precision):
+    out = _on_cpu_and_gpu(
+        make_cfg, tmp_path, *SMALL, f"trainer.precision={precision}", "trainer.max_steps=200", "optimizer.lr=0.01"
+    )
     tol = 1e-3 if precision == "32-true" else 1e-9
     assert out["gpu"][0]["relative_error"] == pytest.approx(out["cpu"][0]["relative_error"], rel=tol)
     np.testing.assert_allclose(out["gpu"][1][0], out["cpu"][1][0], rtol=tol * 10, atol=tol)
@@ -166,24 +165,17 @@ def test_gpu_beta_divergence_matches_the_cpu(make_cfg, tmp_path, loss, optimizer
             X[rng.random(X.shape) < 0.1] = np.nan
         np.save(tmp_path / "x.npy", X)
         path = tmp_path / "x.npy"
-    out = {}
-    for acc in ("cpu", "gpu"):
-        d = tmp_path / acc
-        d.mkdir()
-        metrics = train(
-            make_cfg(
-                "data=file",
-                f"data.path={path}",
-                f"model.loss={loss}",
-                f"optimizer={optimizer}",
-                "model.rank=5",
-                f"trainer.accelerator={acc}",
-                "trainer.precision=64-true",
-                "trainer.max_steps=100",
-                f"paths.output_dir={d}",
-            )
-        )
-        out[acc] = (metrics, _factors(d))
+    out = _on_cpu_and_gpu(
+        make_cfg,
+        tmp_path,
+        "data=file",
+        f"data.path={path}",
+        f"model.loss={loss}",
+        f"optimizer={optimizer}",
+        "model.rank=5",
+        "trainer.precision=64-true",
+        "trainer.max_steps=100",
+    )
     assert out["gpu"][0]["divergence"] == pytest.approx(out["cpu"][0]["divergence"], rel=1e-8)
     np.testing.assert_allclose(out["gpu"][1][1], out["cpu"][1][1], rtol=1e-6, atol=1e-9)
 

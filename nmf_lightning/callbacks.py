@@ -142,7 +142,7 @@ class FactorPictures(L.Callback):
         """Final pictures, and topics.md for text data."""
         text = self.topics(pl_module)
         self.draw(trainer, pl_module, text)
-        if text is not None and self.dirpath:
+        if text is not None and self.dirpath and trainer.is_global_zero:
             path = Path(self.dirpath) / "topics.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             matrix, rank = pl_module.matrix, pl_module.hparams.rank
@@ -163,7 +163,9 @@ class FactorPictures(L.Callback):
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers:
             return
-        W, H = pl_module.best_factors()
+        W, H = pl_module.whole_factors()  # (under DDP every rank gathers W; rank 0 draws)
+        if not trainer.is_global_zero:
+            return
         step = trainer.global_step
         images = {"factors/W": heatmap(W, self.max_side), "factors/H": heatmap(H, self.max_side)}
         matrix = pl_module.matrix
@@ -260,6 +262,9 @@ class UpdateCheckpoint(ModelCheckpoint):
         step = trainer.global_step
         by_updates = bool(self.every_n_updates) and step >= self._next
         by_clock = bool(self.every_n_minutes) and time.monotonic() - self._clock >= 60 * self.every_n_minutes
+        shard = getattr(pl_module, "shard", None)
+        if self.every_n_minutes and shard is not None:  # saving gathers W from every rank: all must agree
+            by_clock = shard.any(by_clock, pl_module.W.device)
         if not (by_updates or by_clock) or self._should_skip_saving_checkpoint(trainer):
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -268,8 +273,11 @@ class UpdateCheckpoint(ModelCheckpoint):
             self._next = next_multiple(step, self.every_n_updates)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        with atomic_path(filepath) as part:  # only the rank that writes a file has one to rename
-            super()._save_checkpoint(trainer, str(part))
+        if not trainer.is_global_zero:  # rank 0 writes; under DDP the others take part (W is gathered), write nothing
+            super()._save_checkpoint(trainer, filepath)
+        else:
+            with atomic_path(filepath) as part:
+                super()._save_checkpoint(trainer, str(part))
         self._last_checkpoint_saved = filepath
 
 

@@ -27,10 +27,11 @@ from nmf_lightning.curves import UpdateGrid, restart_curves
 from nmf_lightning.data.holdout import Holdout
 from nmf_lightning.data.rows import RowSummary
 from nmf_lightning.data.sources import Matrix
+from nmf_lightning.distributed import RowShard
 from nmf_lightning.divergence import elementwise, loss_beta
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, divergence, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
-from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, to_numpy
+from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, dense_layout, to_numpy
 from nmf_lightning.engine.updates import PassResult, fused_optimizer
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, predict_observed, relative_error
@@ -159,6 +160,16 @@ class NMFModule(L.LightningModule):
         self._block_span = (0, 0)  # first and last update of the block under way
         self._closed_form = False  # the optimizer is a closed-form rule (its factors are >= 0)
         self.stop_signal: int | None = None  # a signal asked the run to stop (GracefulStop)
+        self.shard: RowShard | None = None  # this process's rows of X and W under DDP (trainer=ddp)
+        self._whole_W: Tensor | None = None  # under DDP: the best restart's W gathered at the end
+
+    #: what DDP must neither verify nor broadcast: W and X differ in shape between ranks (see ShardedDDP).
+    #: DDP checks a root module's parameters under two names, "W" and ".W"
+    _ddp_params_and_buffers_to_ignore = ("W", ".W") + tuple(
+        f"{prefix}{name}"
+        for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals", "val_rows", "val_cols", "val_vals", "X_sq")
+        for prefix in ("", ".")
+    )
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -176,6 +187,9 @@ class NMFModule(L.LightningModule):
                 "trainer.precision=32-true (or 64-true)."
             )
         dtype = PRECISIONS.get(precision)
+        if self.trainer.world_size > 1:
+            self.shard = _row_shard(datamodule)
+            datamodule.shard = self.shard
         if datamodule.streamed:
             datamodule.dtype = dtype or torch.float32
             self.set_rows(datamodule.matrix, datamodule.summary, dtype=dtype, holdout=datamodule.holdout)
@@ -187,7 +201,10 @@ class NMFModule(L.LightningModule):
         """Store X (and the held-out entries) as non-checkpointed buffers; draw the initial factors."""
         dtype = dtype or torch.float32
         self._check_shape(matrix.shape, dtype)
-        t = to_target(matrix.X, dtype, unstored_missing=matrix.unstored_missing)
+        X, masked, triplets = matrix.X, False, None
+        if self.shard is not None:  # this rank's rows, kept in the layout the whole X takes
+            X, (masked, triplets) = X[self.shard.rows], dense_layout(X)
+        t = to_target(X, dtype, unstored_missing=matrix.unstored_missing, triplets=triplets, masked=masked)
         if t.sparse and self.hparams.loss_form == "residual":
             warnings.warn(
                 "model.loss_form=residual densifies the sparse X at every update; loss_form=auto keeps it sparse.",
@@ -197,17 +214,36 @@ class NMFModule(L.LightningModule):
         self._check_loss_form(t.masked)
         self._check_beta_data(lambda: has_zeros(matrix.X, matrix.unstored_missing), t.sparse)
         self.matrix = matrix
-        self.n_obs = t.n_obs
-        check_scale(float(t.x_sq), t.n_obs, dtype)
-        self.register_buffer("X_sq", t.x_sq.to(dtype), persistent=False)
-        hp = self.hparams
-        W, H = initial_factors(t, hp.rank, hp.init, seed=hp.seed, restarts=hp.restarts, scale=hp.init_scale)
+        self.n_obs, x_sq = t.n_obs, t.x_sq
+        self._local_x_sq = t.x_sq
+        if self.shard is not None:  # the whole X's sums
+            total = self.shard.sum({"n": torch.tensor(float(t.n_obs), dtype=torch.float64), "sq": t.x_sq})
+            self.n_obs, x_sq = int(total["n"]), total["sq"]
+        check_scale(float(x_sq), self.n_obs, dtype)
+        self.register_buffer("X_sq", x_sq.to(dtype), persistent=False)
+        W, H = self._initial_factors(t, matrix, dtype)
         for name in ("X", "Xt", "mask"):
             self.register_buffer(name, getattr(t, name), persistent=False)
         for name in ("rows", "cols", "vals"):
             self.register_buffer(f"obs_{name}", getattr(t, name), persistent=False)
         self._set_holdout(holdout, dtype)
         self._set_factors(W, H)
+
+    def _initial_factors(self, t: Target, matrix: Matrix, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """W and H as one process would draw them from the whole X; under DDP, this rank's rows of W."""
+        hp = self.hparams
+        options = {"seed": hp.seed, "restarts": hp.restarts, "scale": hp.init_scale}
+        if self.shard is None:
+            return initial_factors(t, hp.rank, hp.init, **options)
+        if hp.init in SVD_INITS:  # the singular vectors of the whole X
+            whole = to_target(matrix.X, dtype, unstored_missing=matrix.unstored_missing, triplets=t.vals is not None)
+            W, H = initial_factors(whole, hp.rank, hp.init, **options)
+        else:
+            values = t.vals if t.X is None else t.X
+            total = values.values() if t.sparse else values
+            mean = float(self.shard.sum({"s": total.double().sum()})["s"]) / max(self.n_obs, 1)
+            W, H = draw_factors(matrix.shape, hp.rank, hp.init, mean=mean, like=values, **options)
+        return W[..., self.shard.rows, :].clone(), H
 
     def set_rows(
         self, matrix: Matrix, summary: RowSummary, dtype: torch.dtype | None = None, holdout: Holdout | None = None
@@ -235,6 +271,8 @@ class NMFModule(L.LightningModule):
         like = torch.empty((), dtype=dtype)
         options = {"seed": hp.seed, "restarts": hp.restarts, "scale": hp.init_scale}
         W, H = draw_factors(matrix.shape, hp.rank, hp.init, mean=mean, like=like, **options)
+        if self.shard is not None:
+            W = W[..., self.shard.rows, :].clone()
         self._set_factors(W, H)
 
     def _check_shape(self, shape: tuple[int, int], dtype: torch.dtype) -> None:
@@ -279,8 +317,12 @@ class NMFModule(L.LightningModule):
     def _set_holdout(self, holdout: Holdout | None, dtype: torch.dtype) -> None:
         held = None
         if holdout is not None:
-            held = (torch.from_numpy(holdout.rows).long(), torch.from_numpy(holdout.cols).long())
-            held += (torch.from_numpy(holdout.values).to(torch.promote_types(dtype, torch.float32)),)
+            rows, cols, values = holdout.rows, holdout.cols, holdout.values
+            if self.shard is not None:  # this rank's held-out entries, in its own row numbers
+                mine = (rows >= self.shard.start) & (rows < self.shard.stop)
+                rows, cols, values = rows[mine] - self.shard.start, cols[mine], values[mine]
+            held = (torch.from_numpy(rows).long(), torch.from_numpy(cols).long())
+            held += (torch.from_numpy(values).to(torch.promote_types(dtype, torch.float32)),)
         for name, value in zip(("val_rows", "val_cols", "val_vals"), held or (None,) * 3, strict=True):
             self.register_buffer(name, value, persistent=False)
 
@@ -292,6 +334,8 @@ class NMFModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Shape W and H like the checkpoint's before Lightning copies the values in."""
         state = checkpoint["state_dict"]
+        if self.shard is not None:  # the checkpoint holds all of W (and of its optimizer state): keep this rank's rows
+            _map_w_state(checkpoint, lambda A: A[..., self.shard.rows, :].clone(), state["W"].shape)
         for name, now in (("W", self.W), ("H", self.H)):
             if now.numel() and tuple(state[name].shape) != tuple(now.shape):
                 raise NMFInputError(
@@ -315,6 +359,8 @@ class NMFModule(L.LightningModule):
         """Record which restart is best, so a loaded module returns the same factors."""
         checkpoint["best_restart"] = self._best()
         checkpoint["holdout"] = getattr(self, "holdout_spec", {"fraction": 0.0, "seed": 0})
+        if self.shard is not None:  # all of W, in row order: a checkpoint resumes on any number of ranks
+            _map_w_state(checkpoint, self.shard.gather_rows, self.W.shape)
 
     # ------------------------------------------------------------- objective
     @property
@@ -322,6 +368,8 @@ class NMFModule(L.LightningModule):
         """The objective's formula and weights (a pure function of the squared error, W, H)."""
         hp = self.hparams
         weights = {key: float(hp[key]) for key in ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")}
+        if self.shard is not None:
+            weights.update(sum_rows=self.shard.sum_rows, n_rows=self.shard.n)
         return Objective(loss=self._loss, beta=self.beta, n_obs=getattr(self, "n_obs", 1), **weights)
 
     def objective(
@@ -352,29 +400,35 @@ class NMFModule(L.LightningModule):
 
     def _sq_error(self, exact: bool = False) -> Tensor:
         """Squared error of the current factors; ``exact`` avoids the Gram form on dense X."""
-        return sq_error(self.blocks(), self.W.detach(), self.H.detach(), gram_form=not exact and self._use_gram())
+        W, H = self.W.detach(), self.H.detach()
+        return sq_error(self.blocks(), W, H, gram_form=not exact and self._use_gram(), sum_ranks=self.sum_ranks)
+
+    @property
+    def sum_ranks(self) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
+        """Sums over the ranks holding X's other rows (under DDP), for the engine; None in one process."""
+        return None if self.shard is None else self.shard.sum
 
     def _data_term(self, sq: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """What the loss reads of ``factors`` (default: the current ones): the squared error ``sq``, or D_beta."""
         if self.beta is None:
             return self._sq_error() if sq is None else sq
         W, H = factors or (self.W.detach(), self.H.detach())
-        return divergence(self.blocks(), W, H, self.beta)
+        return divergence(self.blocks(), W, H, self.beta, sum_ranks=self.sum_ranks)
 
     def target(self) -> Target:
         """X in memory as the engine reads it (built once per device)."""
         t = self._target
         ref = self.X if self.X is not None else self.obs_vals
         if t is None or (t.X if t.X is not None else t.vals) is not ref:
-            shape = self.matrix.shape
+            shape = (int(self.W.shape[-2]), self.matrix.shape[1])  # this rank's rows under DDP
             t = Target(self.X, self.Xt, self.mask, self.obs_rows, self.obs_cols, self.obs_vals, shape, _zeroed=True)
-            t._x_sq = self.X_sq.double()
+            t._x_sq = (self.X_sq if self.shard is None else self._local_x_sq.to(self.X_sq.device)).double()
             self._target = t
         return t
 
     def block_target(self, batch: dict) -> Target:
         """A row block from the dataloader (see :class:`~nmf_lightning.data.rows.RowBlocks`) as a target."""
-        dtype, start = self.W.dtype, int(batch["start"])
+        dtype, start = self.W.dtype, int(batch["start"]) - (0 if self.shard is None else self.shard.start)
         x_sq = torch.tensor(float(batch["x_sq"]), dtype=torch.float64, device=self.W.device)
         if "X" in batch:
             X = batch["X"].to(dtype)
@@ -434,6 +488,8 @@ class NMFModule(L.LightningModule):
         return self._grid
 
     def _resize_block(self, n: int, seconds: float) -> None:
+        if self.hparams.inner_steps == "auto" and self.shard is not None:  # every rank runs the same block sizes
+            seconds = float(self.shard.max(torch.tensor(seconds, dtype=torch.float64, device=self.W.device)))
         if self.hparams.inner_steps == "auto" and seconds > 0:
             target = n * _BLOCK_SECONDS / seconds
             self._block = int(min(max(target, 1), 10 * n, 100_000))
@@ -510,11 +566,15 @@ class NMFModule(L.LightningModule):
                     online=hp.online,
                     forget=hp.forget,
                     measure=self.streamed,
+                    sum_ranks=self.sum_ranks,
+                    x_sq=None if self.shard is None else self.X_sq.double(),
                 )
             else:
                 loss = self.loss_terms
                 compiled = torch.compile(loss) if hp.compile else loss
-                self._update = GradientUpdate(optimizer, compiled, hp.project, objective=loss, beta=self.beta)
+                self._update = GradientUpdate(
+                    optimizer, compiled, hp.project, objective=loss, beta=self.beta, sum_ranks=self.sum_ranks
+                )
         if isinstance(self._update, GradientUpdate):
             self._update.gram_form = self._use_gram()
         return self._update
@@ -545,7 +605,7 @@ class NMFModule(L.LightningModule):
         factors. Factors reported clamped (``project=false``) are measured here. Returns
         True to stop the block here: a stop signal arrived (see ``GracefulStop``).
         """
-        if self.stop_signal is not None:
+        if self.stop_signal is not None and self.shard is None:  # under DDP: where the block ends, all ranks together
             return True
         if not self.loggers:  # no curves to draw
             return False
@@ -575,7 +635,8 @@ class NMFModule(L.LightningModule):
         elif not self.hparams.project:
             reported = self.reported_factors(W, H)
             gram_form = self._use_gram() and self._gram_points
-            grid.add(s, self._errors(sq_error(self.blocks(), *reported, gram_form=gram_form)))
+            sq = sq_error(self.blocks(), *reported, gram_form=gram_form, sum_ranks=self.sum_ranks)
+            grid.add(s, self._errors(sq))
         return False
 
     def _errors(self, sq: Tensor, div: Tensor | None = None) -> dict[str, Tensor]:
@@ -608,12 +669,19 @@ class NMFModule(L.LightningModule):
             done=self.global_step,
             convergence=self._convergence,
             on_update=self._on_update,
+            sum_ranks=self.sum_ranks,
         )
         if result.converged:
             self._converged()
-        if self.stop_signal is not None:
+        if self._stop_asked():
             self._interrupted()
         return result
+
+    def _stop_asked(self) -> bool:
+        """Whether a stop signal arrived (under DDP: on any rank, so all stop after the same update)."""
+        if self.shard is not None and self.shard.any(self.stop_signal is not None, self.W.device):
+            self.stop_signal = self.stop_signal or signal.SIGTERM
+        return self.stop_signal is not None
 
     def _interrupted(self) -> None:
         self.stop_reason = f"interrupted by {signal.Signals(self.stop_signal).name}"
@@ -649,7 +717,7 @@ class NMFModule(L.LightningModule):
         self._in_pass = False
         result = update.end(self.W, self.H)
         self._advance_global_step(1)
-        if self.stop_signal is not None:  # the pass is done: a consistent place to stop
+        if self._stop_asked():  # the pass is done: a consistent place to stop
             self._interrupted()
         self._unlogged += 1
         s = self.global_step
@@ -735,7 +803,7 @@ class NMFModule(L.LightningModule):
             + ("" if self.hparams.project else ", or set model.project=true")
             + ".",
             step=step,
-            W=to_numpy(W0 if W0.dim() == 2 else W0[self._best()]),
+            W=to_numpy(self._whole(W0 if W0.dim() == 2 else W0[self._best()])),
             H=to_numpy(H0 if H0.dim() == 2 else H0[self._best()]),
         )
 
@@ -771,13 +839,11 @@ class NMFModule(L.LightningModule):
         per_restart.update({f"train/{name}": value for name, value in terms.items()})
         reported = self.reported_factors(W, H)
         if reported[0] is not W:  # the errors of the factors a user gets, clamped at 0
-            sq = sq_error(self.blocks(), *reported, gram_form=False)
+            sq = sq_error(self.blocks(), *reported, gram_form=False, sum_ranks=self.sum_ranks)
         per_restart.update(self._errors(sq, div))
         for name, A, R in (("W", W, reported[0]), ("H", H, reported[1])):
-            per_restart[f"factors/{name}_neg_fraction"] = (A < 0).float().mean(dim=(-2, -1))
-            per_restart[f"factors/{name}_neg_mean"] = torch.clamp(-A, min=0).float().mean(dim=(-2, -1))
-            top = R.abs().amax(dim=(-2, -1), keepdim=True)
-            per_restart[f"factors/{name}_sparsity"] = (R.abs() <= 1e-6 * top).float().mean(dim=(-2, -1))
+            whole = self.shard if name == "W" else None  # W's rows are sharded under DDP
+            per_restart.update({f"factors/{name}_{k}": v for k, v in factor_stats(A, R, whole).items()})
         # the best restart has the lowest finite loss; NaN everywhere means all diverged
         if loss.dim() == 0:
             return per_restart
@@ -809,7 +875,7 @@ class NMFModule(L.LightningModule):
         """
         if self.val_vals is None:
             return {}
-        W, H = (A.to(self.val_vals.dtype) for A in self.best_factors())
+        W, H = (A.to(self.val_vals.dtype) for A in self.best_factors(local=True))
         sq = torch.zeros((), dtype=torch.float64, device=W.device)
         div = torch.zeros((), dtype=torch.float64, device=W.device)
         chunk = max(1, 2**24 // max(1, W.shape[-1]))  # bounds the (chunk, k) gather
@@ -820,9 +886,12 @@ class NMFModule(L.LightningModule):
             if self.beta is not None:
                 div += elementwise(vals, pred, self.beta).sum().double()
         ref = (self.val_vals.double() ** 2).sum()
+        count = torch.tensor(float(len(self.val_vals)), dtype=torch.float64, device=W.device)
+        if self.shard is not None:  # every rank's held-out entries
+            sq, div, ref, count = self.shard.sum({"sq": sq, "div": div, "ref": ref, "n": count}).values()
         return {
             "val/relative_error": relative_error(sq, ref),
-            "val/rmse": torch.sqrt(sq.clamp_min(0) / len(self.val_vals)),
+            "val/rmse": torch.sqrt(sq.clamp_min(0) / count),
             "val/divergence": 0.5 * sq if self.beta is None else div,
         }
 
@@ -854,7 +923,12 @@ class NMFModule(L.LightningModule):
         """Updates left in the run, and the scale of the factors (the larger RMS of W and H) an lr must cover."""
         updates = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else 0
         with torch.no_grad():
-            scale = max(float(A.float().pow(2).mean().sqrt()) for A in (self.W, self.H)) if self.W.numel() else 0.0
+            sums = {name: A.double().pow(2).sum() for name, A in (("W", self.W), ("H", self.H))}
+            if self.shard is not None:  # W's rows are sharded: its mean square over every rank
+                sums["W"] = self.shard.sum({"W": sums["W"]})["W"]
+            rows = self.W.shape[-2] if self.shard is None else self.shard.n
+            sizes = {"W": self.W.numel() // max(self.W.shape[-2], 1) * rows, "H": self.H.numel()}
+            scale = max(math.sqrt(float(sums[name]) / max(sizes[name], 1)) for name in sums)
         return updates, scale
 
     def _auto_lr(self) -> float:
@@ -892,6 +966,8 @@ class NMFModule(L.LightningModule):
         rate = (self.global_step - first) / max(time.perf_counter() - start, 1e-9) if start is not None else None
         metrics = self.compute_metrics()  # (a streamed X is read once more for the final error)
         metrics.update(self.validation_metrics())
+        if self.shard is not None:  # the factors a user gets: all of W, in row order
+            self._whole_W = self._whole(self.best_factors(local=True)[0])
         restored = getattr(self, "restored_from_step", None) is not None  # these factors are of an earlier check
         if getattr(self, "_last_point", self.global_step) < self.global_step and not restored:  # ended off the grid
             self.grid.add(self.global_step, self._logged(metrics))
@@ -926,16 +1002,29 @@ class NMFModule(L.LightningModule):
             options.setdefault("beta", self.beta)
         return transform(X, self.factors()[1], solver, **options)
 
-    def best_factors(self, restart: int | None = None, raw: bool = False) -> tuple[Tensor, Tensor]:
+    def best_factors(self, restart: int | None = None, raw: bool = False, local: bool = False) -> tuple[Tensor, Tensor]:
         """W (n, k) and H (k, m) of the best (or the given) restart, detached, on their device.
 
         Clamped at 0 when training let them go negative (``project=false``), unless ``raw``.
+        Under DDP, all of W once training has ended (gathered from every rank); ``local``
+        gives this rank's rows.
         """
+        if self._whole_W is not None and not local and restart is None and not raw:
+            return self._whole_W, self.best_factors(local=True)[1]
         W, H = self.W.detach(), self.H.detach()
         if W.dim() == 3:
             r = self._best() if restart is None else restart
             W, H = W[r], H[r]
         return (W, H) if raw else self.reported_factors(W, H)
+
+    def whole_factors(self) -> tuple[Tensor, Tensor]:
+        """The best restart's W and H, all of W's rows: under DDP every rank must call it (W is gathered)."""
+        W, H = self.best_factors(local=True)
+        return self._whole(W), H
+
+    def _whole(self, W: Tensor) -> Tensor:
+        """All rows of a W of this rank's rows (itself in one process); every rank calls it under DDP."""
+        return W if self.shard is None else self.shard.gather_rows(W)
 
     def factors(self, restart: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """W (n, k) and H (k, m) of the best (or the given) restart as numpy, in the trained dtype.
@@ -944,6 +1033,56 @@ class NMFModule(L.LightningModule):
         """
         W, H = self.best_factors(restart)
         return to_numpy(W), to_numpy(H)
+
+
+def _row_shard(datamodule: L.LightningDataModule) -> RowShard:
+    """This rank's rows of X under DDP (whole row blocks when X is streamed); refused when some rank would get none."""
+    n = datamodule.matrix.shape[0]
+    block = datamodule.batch_rows or 1
+    shard = RowShard.of_this_process(n, block)
+    blocks = -(-n // block)
+    if blocks < shard.world:
+        unit = f"row blocks of data.batch_rows={block}" if datamodule.streamed else "rows"
+        raise NMFInputError(
+            f"DDP runs {shard.world} ranks, each on its own rows of X, but X has {blocks} {unit}; "
+            "use fewer trainer.devices (or a smaller data.batch_rows)."
+        )
+    return shard
+
+
+def _map_w_state(checkpoint: dict, fn: Callable[[Tensor], Tensor], shape: torch.Size) -> None:
+    """Apply ``fn`` to W in a checkpoint and to W's optimizer state (W is the optimizer's first parameter)."""
+    state = checkpoint["state_dict"]
+    state["W"] = fn(state["W"])
+    for i, optimizer in enumerate(checkpoint.get("optimizer_states", [])):
+        if 0 not in optimizer.get("state", {}):
+            continue
+        # new dicts: a saved optimizer state holds the live optimizer's own per-parameter dicts
+        w_state = {
+            k: fn(v) if isinstance(v, Tensor) and v.shape == shape else v for k, v in optimizer["state"][0].items()
+        }
+        checkpoint["optimizer_states"][i] = {**optimizer, "state": {**optimizer["state"], 0: w_state}}
+
+
+def factor_stats(A: Tensor, reported: Tensor, shard: RowShard | None = None) -> dict[str, Tensor]:
+    """Share and mean size of A's negative entries, and the sparsity of the factor a user gets (one per restart).
+
+    ``shard``: A holds this rank's rows of a row-sharded factor; the statistics are the whole factor's.
+    """
+    both = (-2, -1)
+    top = reported.abs().amax(dim=both, keepdim=True)
+    if shard is not None:
+        top = shard.max(top)
+    counts = {
+        "neg_fraction": (A < 0).sum(dim=both, dtype=torch.float64),
+        "neg_mean": torch.clamp(-A, min=0).sum(dim=both, dtype=torch.float64),
+        "sparsity": (reported.abs() <= 1e-6 * top).sum(dim=both, dtype=torch.float64),
+    }
+    size = A.shape[-2] * A.shape[-1]
+    if shard is not None:
+        counts = shard.sum(counts)
+        size = shard.n * A.shape[-1]
+    return {name: (value / size).float() for name, value in counts.items()}
 
 
 def _batch(restarts: int) -> tuple[int, ...]:

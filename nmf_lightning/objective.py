@@ -13,7 +13,7 @@ loses precision once the relative error nears sqrt(eps) of the dtype.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -207,6 +207,10 @@ class Objective:
     metrics both call it, so the trained and the logged loss are one formula. The data
     term is the squared error, or the beta-divergence when ``beta`` is set (``kl``,
     ``is``, ``beta`` losses).
+
+    When W's rows are sharded over processes, ``sum_rows`` completes a sum over this
+    rank's rows of W with the other ranks' (its gradient stays this rank's) and ``n_rows``
+    is W's whole number of rows, so W's penalties are those of the whole factor.
     """
 
     loss: str = "fro"
@@ -218,14 +222,24 @@ class Objective:
     l2_W: float = 0.0
     l2_H: float = 0.0
     l21_H: float = 0.0
+    sum_rows: Callable[[Tensor], Tensor] | None = field(default=None, compare=False)
+    n_rows: int | None = None
 
     def penalties(self, W: Tensor, H: Tensor) -> list[tuple[str, float, Callable[[], Tensor]]]:
         """(name, weight, value) of every penalty term; values are computed when called."""
+        whole = self.sum_rows or (lambda value: value)  # W's rows sharded: its terms summed over every rank
+
+        def negativity() -> Tensor:
+            if self.sum_rows is None:
+                return negativity_penalty(W, H)
+            w = whole(torch.clamp(-W, min=0).sum(dim=(-2, -1))) / (self.n_rows * W.shape[-1])
+            return w + torch.clamp(-H, min=0).mean(dim=(-2, -1))
+
         return [
-            ("penalty", self.lam, lambda: negativity_penalty(W, H)),
-            ("l1_W", self.l1_W, lambda: l1(W)),
+            ("penalty", self.lam, negativity),
+            ("l1_W", self.l1_W, lambda: whole(l1(W))),
             ("l1_H", self.l1_H, lambda: l1(H)),
-            ("l2_W", self.l2_W, lambda: l2(W)),
+            ("l2_W", self.l2_W, lambda: whole(l2(W))),
             ("l2_H", self.l2_H, lambda: l2(H)),
             ("l21_H", self.l21_H, lambda: l21(H)),
         ]

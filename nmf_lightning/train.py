@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nmf_lightning.atomic import save_npz, write_text
 from nmf_lightning.callbacks import GracefulStop
-from nmf_lightning.console import run_console
+from nmf_lightning.console import TqdmHandler, run_console
 from nmf_lightning.curves import check_every
+from nmf_lightning.distributed import ShardedDDP, is_main_process
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
@@ -62,8 +63,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run: one with a finished run is refused unless ``overwrite`` or ``ckpt_path`` is set.
     """
     out = Path(cfg.paths.output_dir)
+    if not is_main_process():  # a DDP rank started for rank 0's run: that one holds the folder and writes
+        _quiet_console()
+        return _train(cfg)
     with claim_run_dir(out, bool(cfg.get("overwrite")), _continues(cfg.get("ckpt_path"), out)):
         return _train(cfg)
+
+
+def _quiet_console() -> None:
+    """Other ranks than 0 say only errors on the console (their warnings are rank 0's) (rank 0 reports the run)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, TqdmHandler):
+            handler.setLevel(logging.ERROR)
 
 
 def _continues(ckpt_path: str | None, out: Path) -> bool:
@@ -98,7 +109,7 @@ def _check_ckpt_path(cfg: DictConfig) -> None:
 def _train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     _check_ckpt_path(cfg)
-    check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
+    check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), sharded=_sharded(cfg))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
         raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
     check_every(cfg.trainer.get("log_every_n_steps", 10))
@@ -126,13 +137,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, **_trainer_overrides(cfg, held_out)
     )
+    _check_ranks(cfg, trainer, matrix.shape[0])
     hp_metrics = hp_metric_names(held_out)
     choices, overrides, swept = _command_line()
     params, shown = run_hparams(cfg, choices, overrides, swept)
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in params.items() if k != "overrides"))
     log.info("overrides: %s", params["overrides"])
     log.info("device: %s, precision %s", _device(trainer), cfg.trainer.precision)
-    for logger in loggers:
+    for logger in loggers if is_main_process() else ():  # (the trainer learns its rank when fit starts)
         logger.log_hyperparams(params)
         if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
             write_hparams(logger.experiment, params, [f"hp/{k}" for k in hp_metrics], shown)
@@ -143,9 +155,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except DivergenceError as err:
         path = out / "factors_last_finite.npz"
-        save_npz(path, W=err.W, H=err.H)
+        if trainer.is_global_zero:
+            save_npz(path, W=err.W, H=err.H)
         raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
 
+    if not trainer.is_global_zero:  # rank 0 writes the results (W gathered from every rank)
+        return {metric_key(k): v for k, v in model.final_metrics.items()}
     metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
     metrics["status"] = "completed" if model.stop_signal is None else "interrupted"
     metrics["stop_reason"] = _stop_reason(trainer, model)
@@ -231,13 +246,47 @@ def _model_config(cfg: DictConfig, callbacks: list[Any]) -> DictConfig:
 
 def _trainer_overrides(cfg: DictConfig, held_out: bool) -> dict[str, Any]:
     """Trainer arguments that follow from the data and the sweep: validation, device index."""
-    extra: dict[str, Any] = {} if held_out else {"limit_val_batches": 0}
+    # the datamodule hands each DDP rank its own rows: no sampler of Lightning's splits them again
+    extra: dict[str, Any] = {"use_distributed_sampler": False}
+    if not held_out:
+        extra["limit_val_batches"] = 0
     streamed = cfg.data.get("batch_rows") is not None
     if held_out and cfg.trainer.get("val_check_interval") is None and not streamed:
         extra["val_check_interval"] = 1  # after every block of updates (a streamed run: after every pass)
     if cfg.get("gpu") is not None:
         extra["devices"] = [int(cfg.gpu)]
     return extra
+
+
+def _sharded(cfg: DictConfig) -> bool:
+    """Whether the trainer runs the row-sharded DDP strategy (``trainer=ddp``)."""
+    strategy = cfg.trainer.get("strategy")
+    return isinstance(strategy, DictConfig) and strategy.get("_target_") == SHARDED_DDP
+
+
+def _check_ranks(cfg: DictConfig, trainer: L.Trainer, n_rows: int) -> None:
+    """What DDP cannot shard is refused here, before any rank is started."""
+    if trainer.world_size <= 1:
+        return
+    ranks = f"trainer=ddp with {trainer.world_size} ranks"
+    target = str(cfg.optimizer.get("_target_", ""))
+    if target.endswith("Kaczmarz"):
+        raise NMFInputError(
+            f"optimizer=kaczmarz samples rows anywhere in X for every update, which {ranks} splits between "
+            "processes; use optimizer=hals, mu or als (their H-updates read sums over the ranks)."
+        )
+    if cfg.model.get("online"):
+        raise NMFInputError(
+            f"model.online=true updates H after every row block, but under {ranks} each rank holds other "
+            "blocks; use model.online=false (H updated once per pass)."
+        )
+    if n_rows < trainer.world_size:
+        raise NMFInputError(f"{ranks} needs at least one row of X per rank, and X has {n_rows}; use fewer.")
+    if not isinstance(trainer.strategy, ShardedDDP):
+        raise NMFInputError(
+            f"trainer.strategy={type(trainer.strategy).__name__} would sync W, whose rows differ between ranks; "
+            "use trainer=ddp (nmf-lightning's row-sharded DDP strategy)."
+        )
 
 
 def _stop_reason(trainer: L.Trainer, model: NMFModule) -> str:
@@ -264,6 +313,8 @@ def _build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+#: the config target of the row-sharded DDP strategy (trainer=ddp)
+SHARDED_DDP = "nmf_lightning.distributed.ShardedDDP"
 #: config targets of the closed-form solvers, whose factors are >= 0 by construction
 SOLVERS = "nmf_lightning.solvers."
 #: a final relative error at least this high is no fit (all-zero factors have 1.0)

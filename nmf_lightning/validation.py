@@ -178,13 +178,18 @@ def check_scale(x_sq: float, n_obs: int, dtype: torch.dtype) -> None:
     )
 
 
-def check_accelerator(accelerator: str | None, devices: int | str | list | None = None) -> None:
-    """Fail at once when a GPU is requested but CUDA cannot see one, or several devices are asked for."""
+def check_accelerator(accelerator: str | None, devices: int | str | list | None = None, sharded: bool = False) -> None:
+    """Fail at once when a GPU is requested but CUDA cannot see one, or several devices without ``trainer=ddp``.
+
+    ``sharded``: the trainer runs the row-sharded DDP strategy, which takes several devices.
+    """
     acc = str(accelerator or "auto").lower()
-    if isinstance(devices, int) and devices > 1 or isinstance(devices, (list, tuple)) and len(devices) > 1:
+    several = isinstance(devices, int) and devices > 1 or isinstance(devices, (list, tuple)) and len(devices) > 1
+    if several and not sharded:
         raise NMFInputError(
-            f"trainer.devices={devices}: a run trains on one device (restarts batch on it); "
-            "use trainer.devices=1 and a multirun sweep to use several."
+            f"trainer.devices={devices}: one run on several devices shards X's rows over them with "
+            f"trainer=ddp (trainer=ddp trainer.devices={devices}); a multirun sweep with trainer.devices=1 "
+            "runs separate jobs instead."
         )
     if acc not in ("gpu", "cuda"):
         return

@@ -87,6 +87,7 @@ class NMFDataModule(L.LightningDataModule):
         self.holdout: Holdout | None = None
         self.summary: RowSummary | None = None
         self.dtype = torch.float32  # of the streamed blocks; the module sets it to its own
+        self.shard: Any = None  # under DDP, this rank's rows (a RowShard, set by the module)
 
     @property
     def streamed(self) -> bool:
@@ -121,8 +122,9 @@ class NMFDataModule(L.LightningDataModule):
         self.matrix = matrix
 
     def row_blocks(self) -> RowBlocks:
-        """The row blocks of X in order (a map-style dataset: item i is block i)."""
-        return RowBlocks(self.matrix.X, self.batch_rows, self.summary, self.dtype, self.matrix.unstored_missing)
+        """The row blocks of X in order (a map-style dataset: item i is block i); under DDP, this rank's."""
+        rows = None if self.shard is None else (self.shard.start, self.shard.stop)
+        return RowBlocks(self.matrix.X, self.batch_rows, self.summary, self.dtype, self.matrix.unstored_missing, rows)
 
     def train_dataloader(self) -> Iterable[Any]:
         """Row blocks when streaming; else one tick per ``training_step`` (enough for ``max_steps``).

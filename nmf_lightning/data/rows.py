@@ -227,6 +227,7 @@ class RowBlocks(Dataset):
     is the block's ||X||^2 over observed entries, from the :func:`scan` before training);
     CSR blocks as their ``indptr``, ``indices``, ``data`` and, unless ``unstored_missing``,
     the transposed block's (``t_*``), built here so the device multiplies both ways row-major.
+    ``rows`` = (start, stop) keeps to those rows (a rank's shard under DDP; start a multiple of ``batch_rows``).
     """
 
     def __init__(
@@ -236,19 +237,21 @@ class RowBlocks(Dataset):
         summary: RowSummary,
         dtype: torch.dtype = torch.float32,
         unstored_missing: bool = False,
+        rows: tuple[int, int] | None = None,
     ):
         self.X, self.batch_rows, self.summary, self.unstored_missing = X, batch_rows, summary, unstored_missing
+        self.rows = rows or (0, X.shape[0])
         self.dtype = np.float64 if dtype == torch.float64 else np.float32
 
     def __len__(self) -> int:
-        return math.ceil(self.X.shape[0] / self.batch_rows)
+        return math.ceil((self.rows[1] - self.rows[0]) / self.batch_rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        start = i * self.batch_rows
-        block = row_block(self.X, start, min(start + self.batch_rows, self.X.shape[0]))
-        item = {"start": start, "x_sq": self.summary.block_sq[i]}
+        start = self.rows[0] + i * self.batch_rows
+        block = row_block(self.X, start, min(start + self.batch_rows, self.rows[1]))
+        item = {"start": start, "x_sq": self.summary.block_sq[start // self.batch_rows]}
         if not sp.issparse(block):
             fresh = block.dtype == self.dtype and block.flags.c_contiguous and block.flags.writeable
             if not fresh or isinstance(block, np.memmap):  # a view of X in memory, or a file's new read, is kept

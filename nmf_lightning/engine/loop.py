@@ -13,6 +13,8 @@ from nmf_lightning.engine.updates import PassResult, Update
 
 #: X as the engine reads it: one block in memory, or a callable giving one pass of blocks
 Blocks = Target | Callable[[], Iterable[Target]]
+#: sums named tensors over the processes that hold the other rows of X (see nmf_lightning.distributed)
+SumRanks = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 @dataclass
@@ -58,28 +60,39 @@ def update(blocks: Blocks, W: Tensor, H: Tensor, step: Update) -> PassResult:
 
 
 @torch.no_grad()
-def sq_error(blocks: Blocks, W: Tensor, H: Tensor, gram_form: bool = False) -> Tensor:
-    """``||M * (X - W H)||^2`` over every row block, (...,) with restarts."""
+def sq_error(
+    blocks: Blocks, W: Tensor, H: Tensor, gram_form: bool = False, sum_ranks: SumRanks | None = None
+) -> Tensor:
+    """``||M * (X - W H)||^2`` over every row block (and, with ``sum_ranks``, every rank's rows), (...,)."""
     total = None
     for t in passes(blocks):
         sq = t.sq_error(W[..., t.start : t.stop, :], H, gram_form)
         total = sq if total is None else total + sq
-    return total
+    return total if sum_ranks is None else sum_ranks({"sq": total})["sq"]
 
 
 @torch.no_grad()
-def divergence(blocks: Blocks, W: Tensor, H: Tensor, beta: float) -> Tensor:
-    """``D_beta(M * X | M * W H)`` over every row block, (...,) with restarts."""
+def divergence(blocks: Blocks, W: Tensor, H: Tensor, beta: float, sum_ranks: SumRanks | None = None) -> Tensor:
+    """``D_beta(M * X | M * W H)`` over every row block (and, with ``sum_ranks``, every rank's rows), (...,)."""
     total = None
     for t in passes(blocks):
         d = t.divergence(W[..., t.start : t.stop, :], H, beta)
         total = d if total is None else total + d
-    return total
+    return total if sum_ranks is None else sum_ranks({"d": total})["d"]
 
 
-def data_term(blocks: Blocks, W: Tensor, H: Tensor, beta: float | None = None, gram_form: bool = False) -> Tensor:
+def data_term(
+    blocks: Blocks,
+    W: Tensor,
+    H: Tensor,
+    beta: float | None = None,
+    gram_form: bool = False,
+    sum_ranks: SumRanks | None = None,
+) -> Tensor:
     """What the objective's reconstruction term reads: the squared error, or the beta-divergence for a beta."""
-    return sq_error(blocks, W, H, gram_form) if beta is None else divergence(blocks, W, H, beta)
+    if beta is None:
+        return sq_error(blocks, W, H, gram_form, sum_ranks)
+    return divergence(blocks, W, H, beta, sum_ranks)
 
 
 def fit(
@@ -95,6 +108,7 @@ def fit(
     done: int = 0,
     convergence: Convergence | None = None,
     on_update: Callable[[int, PassResult], bool | None] | None = None,
+    sum_ranks: SumRanks | None = None,
 ) -> FitResult:
     """Run up to ``steps`` updates of W and H (in place) over the row blocks of X.
 
@@ -105,7 +119,8 @@ def fit(
     check stops the fit. Per-update losses stay on the device: no host sync but the test.
     ``on_update(i, result)`` is called after the i-th update (from 1) of this call, while
     its lazily formed error can still be read (curves on a grid of updates); a true return
-    stops the fit there (a signal to stop).
+    stops the fit there (a signal to stop). ``sum_ranks`` completes the measured objective
+    over the ranks holding X's other rows (the updates sum their statistics themselves).
     """
     convergence = convergence or Convergence()
     losses: list[Tensor] = []
@@ -119,7 +134,7 @@ def fit(
         if not tol or (done + i + 1) % tol_window:
             continue
         with torch.no_grad():
-            measured = data_term(blocks, W, H, getattr(objective, "beta", None))
+            measured = data_term(blocks, W, H, getattr(objective, "beta", None), sum_ranks=sum_ranks)
             current = objective(measured, W, H).detach().min()
         if convergence.settled(current, tol):
             return FitResult(i + 1, _stack(losses), True, last)

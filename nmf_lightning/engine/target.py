@@ -336,6 +336,15 @@ def matrix_to_tensor(X: np.ndarray | sp.spmatrix, dtype: torch.dtype) -> tuple[T
     return torch.from_numpy(Xn).to(dtype), None
 
 
+def dense_layout(X: np.ndarray | sp.spmatrix) -> tuple[bool, bool]:
+    """Whether :func:`to_target` would keep X masked, and as observed triplets (its NaN entries decide)."""
+    if sp.issparse(X):
+        return False, False
+    missing = np.isnan(X)
+    masked = bool(missing.any())
+    return masked, masked and 1.0 - float(missing.mean()) <= OBSERVED_FRACTION
+
+
 def to_numpy(A: Tensor) -> np.ndarray:
     """A tensor as a numpy array on the host; bf16/fp16 come back as float32 (numpy has no bf16)."""
     A = A.detach()
@@ -370,15 +379,19 @@ def to_target(
     unstored_missing: bool = False,
     start: int = 0,
     triplets: bool | None = None,
+    masked: bool = False,
 ) -> Target:
     """A numpy or scipy block of X as a :class:`Target` on ``device``.
 
     NaN marks missing entries of a dense X; ``unstored_missing`` makes the unstored entries
     of a sparse X missing (ratings). Ratings, and dense X with at most ``OBSERVED_FRACTION``
-    observed, are kept as observed triplets (``triplets`` forces the choice).
+    observed, are kept as observed triplets (``triplets`` forces the choice). ``masked``
+    keeps a dense X masked with nothing missing (a block of an X that has missing entries elsewhere).
     """
     Xt_, mask = matrix_to_tensor(X, dtype)
     shape = tuple(X.shape)
+    if masked and mask is None and Xt_.layout == torch.strided:
+        mask = torch.ones(shape, dtype=torch.bool)
     if Xt_.layout == torch.sparse_csr and unstored_missing:
         counts = Xt_.crow_indices().diff()
         rows = torch.repeat_interleave(torch.arange(shape[0]), counts)

@@ -85,6 +85,10 @@ class SolverUpdate:
     The pass reports the squared error of the new factors from the sums (unmasked X);
     with ``measure``, masked blocks add their error before the update instead, so a
     streamed X need not be read again to know it.
+
+    ``sum_ranks`` adds the pass's sums over the processes that hold X's other rows (one
+    all-reduce) before H is updated, so every rank takes the same H-update; ``x_sq`` is
+    then the whole X's ``||X||^2``, for the error from the sums.
     """
 
     def __init__(
@@ -96,7 +100,12 @@ class SolverUpdate:
         online: bool = False,
         forget: float = 0.7,
         measure: bool = False,
+        sum_ranks: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+        x_sq: Tensor | None = None,
     ):
+        if sum_ranks is not None and online:
+            raise ValueError("online updates take H from each block's sums; they do not run over several ranks")
+        self.sum_ranks, self.total_x_sq = sum_ranks, x_sq
         self.rule, self.l1, self.l2 = rule, l1, l2
         self.update_H, self.online, self.forget, self.measure = update_H, online, forget, measure
         self.stats: dict[str, Tensor] | None = None
@@ -123,7 +132,7 @@ class SolverUpdate:
         if not self.update_H:
             return
         direct = t.masked or not getattr(self.rule, "supports_blocks", True)
-        if direct and t.shape[0] == W.shape[-2] and not self.online:  # all of X at once
+        if direct and t.shape[0] == W.shape[-2] and not self.online and self.sum_ranks is None:  # all of X at once
             self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])  # masked HALS: faster than Grams
             return
         stats = self.rule.h_stats(t, Wb, H)
@@ -145,6 +154,11 @@ class SolverUpdate:
             H.copy_(self._H)
             self._H = None
             return PassResult()
+        if self.sum_ranks is not None and self.update_H and self.stats is not None:
+            summed = self.sum_ranks({**self.stats, **({} if self._before is None else {"_before": self._before})})
+            self._before = summed.pop("_before", None)
+            self.stats = summed
+            self._x_sq = self.total_x_sq if self._x_sq is not None else None
         if self.update_H and not self.online and self.stats is not None:
             H.copy_(self.rule.h_from_stats(self.stats, H, self.l1[1], self.l2[1]))
         if self.online:
@@ -213,6 +227,9 @@ class GradientUpdate:
     With ``beta`` the data term is the beta-divergence instead of the squared error
     (``loss`` reads it in the same place); a recorded pass then measures the squared
     error too, for the relative error.
+
+    ``sum_ranks`` adds the data term and its H-gradient over the processes that hold X's
+    other rows (one all-reduce), so H's gradient is the whole matrix's, summed, not averaged.
     """
 
     def __init__(
@@ -223,7 +240,9 @@ class GradientUpdate:
         gram_form: bool = True,
         objective: Any = None,
         beta: float | None = None,
+        sum_ranks: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
     ):
+        self.sum_ranks = sum_ranks
         self.optimizer, self.loss, self.project, self.gram_form = optimizer, loss, project, gram_form
         self.objective = objective if objective is not None else loss  # its .terms, when loss is compiled
         self.beta = beta
@@ -257,6 +276,10 @@ class GradientUpdate:
         self._dH = dH if self._dH is None else self._dH + dH
 
     def end(self, W: Tensor, H: Tensor) -> PassResult:  # noqa: D102
+        if self.sum_ranks is not None:
+            parts = {"sq": self._sq, "dH": self._dH, **({} if self._error is None else {"error": self._error})}
+            summed = self.sum_ranks(parts)
+            self._sq, self._dH, self._error = summed["sq"], summed["dH"], summed.get("error")
         self.optimizer.zero_grad(set_to_none=True)
         sq = _SqWithGrads.apply(W, H, self._sq, self._dW, self._dH)
         loss = self.loss(sq, W, H)  # (r,) with restarts: they are independent, so sum them

@@ -1,0 +1,215 @@
+"""Rows sharded over processes: each rank holds a slice of X's rows and of W, H on all of them.
+
+The distributed NMF pattern (MPI-FAUN/PLANC, pyDNMFk): per update each rank sums its
+rows' statistics for H (``W^T W`` and ``W^T X``, or its part of H's gradient) and one
+all-reduce adds them up, so every rank takes the same H-update and H stays identical
+without being broadcast. What crosses the wire per update is k^2 + k m numbers (per
+restart), whatever the number of rows.
+
+:class:`RowShard` is this process's part and its collectives; :class:`ShardedDDP` is
+Lightning's DDP strategy with W and X kept out of DDP's parameter sync, and child ranks
+started inside the Hydra job they belong to (a multirun job's folder too).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+#: environment variables the launcher sets for its children (restored when a run ends, for the next job)
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+#: environment variables that name a process's rank, whichever launcher started it
+_RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def split_rows(n: int, world: int, block: int = 1) -> list[tuple[int, int]]:
+    """Contiguous row ranges, one per rank, as even as whole blocks of ``block`` rows allow.
+
+    Streamed X (``data.batch_rows``) is split on its row blocks, so each rank reads whole blocks.
+    """
+    blocks = -(-n // block)
+    return [(min(n, blocks * r // world * block), min(n, blocks * (r + 1) // world * block)) for r in range(world)]
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only one): the one that writes a run's results."""
+    return all(int(os.environ.get(name, 0) or 0) == 0 for name in _RANK_ENV)
+
+
+@dataclass
+class RowShard:
+    """Rows ``start .. stop`` of an ``n``-row X on rank ``rank`` of ``world``, and the sums over ranks.
+
+    Every collective counts what it sends (``sent_bytes``, ``calls``): the cost of scale-out.
+    """
+
+    n: int
+    rank: int
+    world: int
+    start: int
+    stop: int
+    block: int = 1
+    sent_bytes: int = field(default=0, repr=False)
+    calls: int = field(default=0, repr=False)
+
+    @classmethod
+    def of_this_process(cls, n: int, block: int = 1) -> RowShard:
+        """This rank's shard of the default process group."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        start, stop = split_rows(n, world, block)[rank]
+        return cls(n, rank, world, start, stop, block)
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of X (and of W)."""
+        return slice(self.start, self.stop)
+
+    def sum(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The sums over ranks of named tensors: one all-reduce per dtype among them (one in practice)."""
+        out: dict[str, Tensor] = {}
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name, value in tensors.items():
+            by_dtype.setdefault(value.dtype, []).append(name)
+        for names in by_dtype.values():
+            flat = torch.cat([tensors[name].reshape(-1) for name in names])
+            self._all_reduce(flat)
+            offset = 0
+            for name in names:
+                size = tensors[name].numel()
+                out[name] = flat[offset : offset + size].view(tensors[name].shape)
+                offset += size
+        return out
+
+    def sum_rows(self, value: Tensor) -> Tensor:
+        """A sum over W's rows (a penalty of W) completed over all ranks; its gradient stays this rank's."""
+        total = value.detach().clone()
+        self._all_reduce(total)
+        return value + (total - value.detach())
+
+    def max(self, value: Tensor) -> Tensor:
+        """The largest value over ranks."""
+        value = value.detach().clone()
+        self._all_reduce(value, dist.ReduceOp.MAX)
+        return value
+
+    def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+        """Whether any rank says so (a stop signal, a checkpoint due by the clock)."""
+        return bool(self.max(torch.tensor(float(flag), device=device)))
+
+    def gather_rows(self, A: Tensor) -> Tensor:
+        """All rows of a row-sharded factor (..., rows, k), in row order, on every rank."""
+        sizes = [stop - start for start, stop in split_rows(self.n, self.world, self.block)]
+        most = max(sizes)
+        padded = A.new_zeros(*A.shape[:-2], most, A.shape[-1])
+        padded[..., : A.shape[-2], :] = A
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[..., :s, :] for p, s in zip(parts, sizes, strict=True)], dim=-2)
+
+    def _all_reduce(self, tensor: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+        dist.all_reduce(tensor, op=op)
+        self.sent_bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+
+class _JobLauncher(_SubprocessScriptLauncher):
+    """Lightning's launcher of child ranks, started inside this Hydra job rather than a new one.
+
+    Lightning re-runs the command line with ``hydra.run.dir`` set: under a multirun (``-m``)
+    that would start the whole sweep again in each child, in the wrong folder. The children
+    here run this job's own overrides, in its output folder, with no second ``.hydra``.
+    The environment the launch sets is put back when the run ends, so a sweep's next job
+    launches its own children.
+    """
+
+    def _call_children_scripts(self) -> None:
+        self._saved_env = {name: os.environ.get(name) for name in _LAUNCH_ENV}
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            super()._call_children_scripts()
+            return
+        from hydra.utils import get_original_cwd
+
+        self._check_can_spawn_children()
+        self.procs = []
+        os.environ["MASTER_ADDR"] = self.cluster_environment.main_address
+        os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
+        os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
+        os.environ["LOCAL_RANK"] = str(self.cluster_environment.local_rank())
+        os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
+        for local_rank in range(1, self.num_processes):
+            env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            self.procs.append(subprocess.Popen(job_command(local_rank), env=env, cwd=get_original_cwd()))
+
+    def restore_environment(self) -> None:
+        """Undo the launch's environment (a sweep's next job must launch anew), and wait for the children."""
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                log.warning("rank process %d did not exit; stopping it", proc.pid)
+                proc.kill()
+        self.procs.clear()
+        for name, value in getattr(self, "_saved_env", {}).items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def job_command(local_rank: int) -> Sequence[str]:
+    """The command that runs this Hydra job (its overrides, its folder) as child rank ``local_rank``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    import __main__
+
+    hc = HydraConfig.get()
+    if __main__.__spec__ is None:
+        command = [sys.executable, os.path.abspath(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    out = hc.runtime.output_dir.replace("\\", "\\\\").replace('"', '\\"')
+    return [
+        *command,
+        *hc.overrides.task,
+        f'hydra.run.dir="{out}"',
+        "hydra.output_subdir=null",
+        f"hydra.job.name={hc.job.name}_rank{local_rank}",
+    ]
+
+
+class ShardedDDP(DDPStrategy):
+    """Lightning's DDP strategy for row-sharded NMF (``trainer=ddp``).
+
+    NCCL on GPUs, gloo on CPUs. W and X differ in shape between ranks, so the module names
+    them in ``_ddp_params_and_buffers_to_ignore`` and DDP neither verifies nor syncs them;
+    H, identical on every rank, is the one parameter DDP holds. Its gradient is never
+    averaged by DDP (manual optimization): the engine sums the data term's part over ranks.
+    """
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _SubprocessScriptLauncher):
+            launcher = _JobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = launcher
+
+    def teardown(self) -> None:
+        """End the process group too, so a sweep's next job (in this process) starts its own."""
+        super().teardown()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if isinstance(self._launcher, _JobLauncher):
+            self._launcher.restore_environment()

@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,7 +53,8 @@ def is_main_process() -> bool:
 class RowShard:
     """Rows ``start .. stop`` of an ``n``-row X on rank ``rank`` of ``world``, and the sums over ranks.
 
-    Every collective counts what it sends (``sent_bytes``, ``calls``): the cost of scale-out.
+    Every all-reduce counts what it sends (``sent_bytes``, ``calls``) and the wall time it
+    took (``seconds``, waiting for the slowest rank included; on a GPU, NCCL's launch only).
     """
 
     n: int
@@ -63,6 +65,7 @@ class RowShard:
     block: int = 1
     sent_bytes: int = field(default=0, repr=False)
     calls: int = field(default=0, repr=False)
+    seconds: float = field(default=0.0, repr=False)
 
     @classmethod
     def of_this_process(cls, n: int, block: int = 1) -> RowShard:
@@ -119,7 +122,14 @@ class RowShard:
         return torch.cat([p[..., :s, :] for p, s in zip(parts, sizes, strict=True)], dim=-2)
 
     def _all_reduce(self, tensor: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
-        dist.all_reduce(tensor, op=op)
+        start = time.perf_counter()
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":  # sums taken before the move to the GPU
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=op)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=op)
+        self.seconds += time.perf_counter() - start
         self.sent_bytes += tensor.numel() * tensor.element_size()
         self.calls += 1
 

@@ -913,6 +913,8 @@ class NMFModule(L.LightningModule):
                 f"trainer runs {self.trainer.num_training_batches} per epoch; leave trainer.limit_train_batches unset."
             )
         self._fit_start = (time.perf_counter(), self.global_step)
+        if self.shard is not None:  # what scale-out costs, from here
+            self._comm_start = (self.shard.sent_bytes, self.shard.seconds)
         self._grid = UpdateGrid(self.trainer.log_every_n_steps)
         self._last_point = self._last_val_point = self.global_step  # a resumed run's curves go on from here
         if self.global_step:
@@ -979,6 +981,11 @@ class NMFModule(L.LightningModule):
         final["steps"] = int(self.global_step)
         if rate is not None:
             final["updates_per_sec"] = rate
+        if self.shard is not None and start is not None and self.global_step > first:
+            sent, seconds = self.shard.sent_bytes - self._comm_start[0], self.shard.seconds - self._comm_start[1]
+            final["ddp_ranks"] = self.shard.world
+            final["comm_bytes_per_update"] = sent / (self.global_step - first)
+            final["comm_time_share"] = seconds / max(time.perf_counter() - start, 1e-9)
         if self.hparams.restarts > 1:
             final["best_restart"] = self._best()
         self.final_metrics = final

@@ -11,15 +11,24 @@ for a while after it returns, and on a 2-core machine that halves the next one's
 
     python scripts/benchmark.py --device cpu --problems digits,dense-small,newsgroups4
     python scripts/benchmark.py --device cuda --problems all --matmul-precision high
+
+``--scaling 1,2`` times trainer=ddp instead, through the real CLI: one process, DDP with 1
+rank (the strategy's own cost), then N ranks, each on the same problem and seed (their
+iterates are equal), with the bytes all-reduced per update and the share of the time
+spent in the all-reduces (waiting for the slowest rank included). Writes <out>/scaling.md.
+
+    python scripts/benchmark.py --device cpu --problems digits,dense-small --scaling 1,2
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -502,6 +511,106 @@ HEADER = (
 )
 
 
+SCALING_HEADER = (
+    "| problem | method | processes | time to target (s) | updates/s | speed-up | final rel. error "
+    "| all-reduced bytes/update | statistics' bytes | time in all-reduce |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+#: the solvers the scaling mode runs, with their options
+SCALING_METHODS = {
+    "hals": ("optimizer=hals",),
+    "mu": ("optimizer=mu",),
+    "adam": ("optimizer=adam", "optimizer.lr=auto"),
+}
+
+
+def scaling(names: list[str], ranks: list[int], device: str, steps: int | None, out: Path) -> list[dict]:
+    """nmf-train on one process, as DDP with 1 rank, and as DDP with each N in ``ranks``; one row per run.
+
+    The target is the one-process run's final relative error + 1%: the ranks' iterates
+    are the same as one process's, so their time to it is the updates to it over their rate.
+    """
+    rows = []
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            p = PROBLEMS[name]
+            matrix = p["load"]()
+            path = Path(tmp) / (f"{name}.npz" if sp.issparse(matrix.X) else f"{name}.npy")
+            sp.save_npz(path, sp.csr_matrix(matrix.X)) if sp.issparse(matrix.X) else np.save(path, matrix.X)
+            k, n_steps = p["k"], steps or p["steps"]
+            for method, options in SCALING_METHODS.items():
+                target = None
+                base = None
+                for label, world in [("1 process", 0), ("DDP, 1 rank", 1)] + [
+                    (f"DDP, {r} ranks", r) for r in ranks if r > 1
+                ]:
+                    run = Path(tmp) / f"{name}-{method}-{world}"
+                    command = [
+                        sys.executable, "-m", "nmf_lightning.train", "data=file", f"data.path={path}", *options,
+                        f"model.rank={k}", f"trainer.max_steps={n_steps}", f"trainer.accelerator={accelerator}",
+                        "logger=csv", "trainer.log_every_n_steps=10", "callbacks=none", f"hydra.run.dir={run}",
+                    ]  # fmt: skip
+                    if world:
+                        command += ["trainer=ddp", f"trainer.devices={world}"]
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    if done.returncode:
+                        print(f"{name} {method} {label}: failed\n{done.stderr[-2000:]}", flush=True)
+                        continue
+                    metrics = json.loads((run / "metrics.json").read_text())
+                    curve = _csv_curve(run / "csv" / "metrics.csv")
+                    target = target if target is not None else metrics["relative_error"] * 1.01
+                    reached = next((step for step, err in curve if err <= target), None)
+                    rate = metrics["updates_per_sec"]
+                    base = base or rate
+                    row = dict(
+                        problem=name, method=method, processes=label, rate=rate, speedup=rate / base,
+                        time_to_target=None if reached is None else reached / rate, rel_err=metrics["relative_error"],
+                        comm_bytes=metrics.get("comm_bytes_per_update"), comm_share=metrics.get("comm_time_share"),
+                        formula_bytes=4 * (k * matrix.X.shape[1] + (1 if method == "adam" else k * k)),
+                    )  # fmt: skip
+                    rows.append(row)
+                    print(_fmt_scaling(row), flush=True)
+                    _write_scaling(out, rows)
+    return rows
+
+
+def _csv_curve(path: Path) -> list[tuple[int, float]]:
+    """(update, train relative error) from a CSVLogger's metrics.csv."""
+    with open(path) as f:
+        return [
+            (int(r["step"]), float(r["train/relative_error"]))
+            for r in csv.DictReader(f)
+            if r.get("train/relative_error")
+        ]
+
+
+def _fmt_scaling(r: dict) -> str:
+    comm = "-" if r["comm_bytes"] is None else f"{r['comm_bytes']:.0f}"
+    share = "-" if r["comm_share"] is None else f"{r['comm_share']:.0%}"
+    return (
+        f"| {r['problem']} | {r['method']} | {r['processes']} | {_fmt(r['time_to_target'], '.2f')} | {r['rate']:.0f} "
+        f"| {r['speedup']:.2f}x | {r['rel_err']:.4f} | {comm} | {r['formula_bytes']:.0f} | {share} |"
+    )
+
+
+def _write_scaling(out: Path, rows: list[dict]) -> None:
+    command = " ".join([sys.executable.split("/")[-1], *sys.argv])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} threads)"
+    md = [
+        f"Command: `{command}`  ",
+        f"Device: {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Each row is a whole `nmf-train` "
+        "run (start-up excluded from updates/s). Target = the one-process run's final relative error + 1%. "
+        "Statistics' bytes: what an update must all-reduce, k^2 + k m float32 numbers (W^T W and W^T X; adam: "
+        "H's gradient, k m, and the error); the measured bytes add the metrics' scalars, once per logged point.",
+        "",
+        SCALING_HEADER,
+        *[_fmt_scaling(r) for r in rows],
+    ]
+    (out / "scaling.md").write_text("\n".join(md) + "\n")
+    (out / "scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -512,7 +621,15 @@ def main() -> None:
     ap.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
     ap.add_argument("--out", default="results/benchmark")
     ap.add_argument("--methods", default=None, help="comma-separated: only the methods whose name contains one")
+    ap.add_argument("--scaling", default=None, help="time trainer=ddp with these numbers of processes (e.g. 1,2)")
     args = ap.parse_args()
+    if args.scaling:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        names = args.problems.split(",")
+        scaling(names, [int(r) for r in args.scaling.split(",")], args.device, args.steps, out)
+        print((out / "scaling.md").read_text())
+        return
     torch.set_float32_matmul_precision(args.matmul_precision)
     names = list(PROBLEMS) if args.problems == "all" else args.problems.split(",")
     device = args.device

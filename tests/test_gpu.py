@@ -1,8 +1,12 @@
 """GPU checks: run with `pytest -m gpu` on a machine with CUDA."""
 
+import json
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
+from conftest import run_cli
 
 from nmf_lightning.train import train
 
@@ -271,3 +275,18 @@ def test_cli_on_cuda_with_factor_pictures(make_cfg, tmp_path):
     ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     ea.Reload()
     assert ea.Tags()["images"], "the pictures callback drew nothing from CUDA factors"
+
+
+def test_ddp_on_cuda_runs_nccl_and_matches_one_process(tmp_path):
+    """trainer=ddp on every visible GPU (NCCL): the factors of one process, to float32 rounding."""
+    ranks = max(torch.cuda.device_count(), 1)
+    common = ("trainer.accelerator=gpu", *SMALL, "optimizer=hals", "trainer.max_steps=50", "logger=none")
+    for name, extra in (("one", ()), ("ddp", ("trainer=ddp", f"trainer.devices={ranks}"))):
+        result = run_cli(*common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(_factors(tmp_path / "ddp"), _factors(tmp_path / "one"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    if ranks > 1:
+        assert metrics["ddp_ranks"] == ranks and metrics["comm_bytes_per_update"] >= 4 * (25 + 5 * 200)

@@ -161,10 +161,10 @@ def _ddp(tmp_path: Path, out: Path, *overrides: str):
     ("layout", "overrides"),
     [
         ("dense", ("optimizer=hals",)),
-        ("sparse", ("optimizer=mu", "model.l1_H=0.01")),
+        ("sparse", ("optimizer=mu", "model.l1_H=0.01", "data.holdout=0.2")),
         ("dense", ("optimizer=adam", "optimizer.lr=0.01", "data.batch_rows=8", "model.l2_W=0.1")),
     ],
-    ids=["hals-dense", "mu-sparse", "adam-streamed"],
+    ids=["hals-dense", "mu-sparse-holdout", "adam-streamed"],
 )
 def test_ddp_through_the_cli_equals_one_process(make_cfg, tmp_path, layout, overrides):
     path = _files(tmp_path)[layout]
@@ -178,6 +178,8 @@ def test_ddp_through_the_cli_equals_one_process(make_cfg, tmp_path, layout, over
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["relative_error"] == pytest.approx(one["relative_error"], rel=1e-10)
     assert ddp["W_sparsity"] == pytest.approx(one["W_sparsity"]) and ddp["steps"] == 40
+    if "val_relative_error" in one:  # held-out entries fall on both ranks' rows
+        assert ddp["val_relative_error"] == pytest.approx(one["val_relative_error"], rel=1e-10)
     # rank 0 writes the results; rank 1 only its log
     written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
     assert written == [".hydra", "checkpoints", "factors.npz", "metrics.json", "train.log", "train_rank1.log"]
@@ -202,21 +204,32 @@ def test_a_ddp_multirun_keeps_each_jobs_ranks_in_its_folder(tmp_path):
 
 
 @pytest.mark.ddp
-def test_a_ddp_checkpoint_resumes_on_one_process(make_cfg, tmp_path):
+def test_checkpoints_move_between_one_process_and_two_ranks(make_cfg, tmp_path):
     path = _files(tmp_path)["dense"]
     common = ("data=file", f"data.path={path}", "model.rank=5", "trainer.precision=64-true", "logger=none")
     common += ("optimizer=adam", "optimizer.lr=0.01")
+    straight = train(make_cfg(*common, "trainer.max_steps=40", f"paths.output_dir={tmp_path / 'straight'}"))
+    # two ranks -> one process
     _ddp(tmp_path, tmp_path / "ddp", *common, "trainer.max_steps=20")
     ckpt = tmp_path / "ddp" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["state_dict"]["W"].shape == (61, 5)  # all of W, gathered
     resumed = train(
         make_cfg(*common, "trainer.max_steps=40", f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'r'}")
     )
-    straight = train(make_cfg(*common, "trainer.max_steps=40", f"paths.output_dir={tmp_path / 's'}"))
+    # one process -> two ranks
+    train(make_cfg(*common, "trainer.max_steps=20", f"paths.output_dir={tmp_path / 'one'}"))
+    _ddp(
+        tmp_path,
+        tmp_path / "r2",
+        *common,
+        "trainer.max_steps=40",
+        f"ckpt_path={tmp_path / 'one/checkpoints/last.ckpt'}",
+    )
     assert resumed["steps"] == 40
     assert resumed["relative_error"] == pytest.approx(straight["relative_error"], rel=1e-10)
-    for a, b in zip(_factors(tmp_path / "r"), _factors(tmp_path / "s"), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())  # Adam's moments of W too
+    for folder in ("r", "r2"):  # Adam's moments of W travel with it
+        for a, b in zip(_factors(tmp_path / folder), _factors(tmp_path / "straight"), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
 
 
 DDP2 = ("trainer=ddp", "trainer.devices=2")

@@ -71,10 +71,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _quiet_console() -> None:
-    """Other ranks than 0 say only errors on the console (their warnings are rank 0's) (rank 0 reports the run)."""
-    for handler in logging.getLogger().handlers:
+    """Other ranks than 0 say only errors on the console (their warnings are rank 0's) and log to their own file.
+
+    Under torchrun or SLURM every rank runs the same command, so its log file would be rank
+    0's: it becomes ``<job>_rank<r>.log`` (the ranks nmf-train starts itself are named so already).
+    """
+    root = logging.getLogger()
+    rank = next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(v)), "0")
+    for handler in list(root.handlers):
         if isinstance(handler, TqdmHandler):
             handler.setLevel(logging.ERROR)
+        elif isinstance(handler, logging.FileHandler) and "_rank" not in Path(handler.baseFilename).stem:
+            path = Path(handler.baseFilename)
+            own = logging.FileHandler(path.with_name(f"{path.stem}_rank{rank}{path.suffix}"))
+            own.setFormatter(handler.formatter)
+            own.setLevel(handler.level)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(own)
 
 
 def _continues(ckpt_path: str | None, out: Path) -> bool:

@@ -5,6 +5,9 @@ The multi-process tests carry the ``ddp`` mark (``-m 'not ddp'`` leaves them out
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +233,36 @@ def test_checkpoints_move_between_one_process_and_two_ranks(make_cfg, tmp_path):
     for folder in ("r", "r2"):  # Adam's moments of W travel with it
         for a, b in zip(_factors(tmp_path / folder), _factors(tmp_path / "straight"), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
+
+
+@pytest.mark.ddp
+def test_torchrun_starts_the_ranks_and_rank_0_writes(tmp_path):
+    """Under torchrun (or SLURM) every rank runs the same command; each logs to its own file."""
+    path = _files(tmp_path)["dense"]
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+    ]
+    command += ["-m", "nmf_lightning.train", *QUIET, "trainer=ddp", "trainer.devices=2", "data=file"]
+    command += [f"data.path={path}", "optimizer=mu", "model.rank=3", "trainer.max_steps=10", f"hydra.run.dir={out}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _factors(out)[0].shape == (61, 3)
+    assert json.loads((out / "metrics.json").read_text())["ddp_ranks"] == 2
+    assert "Loading data" in (out / "train_rank1.log").read_text()
+    assert (out / "train.log").read_text().count("Loading data") == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 DDP2 = ("trainer=ddp", "trainer.devices=2")

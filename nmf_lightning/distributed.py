@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,8 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from torch import Tensor
+
+from nmf_lightning.validation import NMFInputError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,20 @@ class RowShard:
         rank, world = dist.get_rank(), dist.get_world_size()
         start, stop = split_rows(n, world, block)[rank]
         return cls(n, rank, world, start, stop, block)
+
+    @classmethod
+    def of_rows(cls, n: int, batch_rows: int | None = None) -> RowShard:
+        """This rank's shard of an ``n``-row X (whole blocks of ``batch_rows`` when streamed); none may be empty."""
+        block = batch_rows or 1
+        shard = cls.of_this_process(n, block)
+        blocks = -(-n // block)
+        if blocks < shard.world:
+            unit = f"row blocks of data.batch_rows={block}" if batch_rows else "rows"
+            raise NMFInputError(
+                f"DDP runs {shard.world} ranks, each on its own rows of X, but X has {blocks} {unit}; "
+                "use fewer trainer.devices (or a smaller data.batch_rows)."
+            )
+        return shard
 
     @property
     def rows(self) -> slice:
@@ -132,6 +148,20 @@ class RowShard:
         self.seconds += time.perf_counter() - start
         self.sent_bytes += tensor.numel() * tensor.element_size()
         self.calls += 1
+
+
+def map_w_state(checkpoint: dict, fn: Callable[[Tensor], Tensor], shape: torch.Size) -> None:
+    """Apply ``fn`` to W in a checkpoint and to W's optimizer state (W is the optimizer's first parameter)."""
+    state = checkpoint["state_dict"]
+    state["W"] = fn(state["W"])
+    for i, optimizer in enumerate(checkpoint.get("optimizer_states", [])):
+        if 0 not in optimizer.get("state", {}):
+            continue
+        # new dicts: a saved optimizer state holds the live optimizer's own per-parameter dicts
+        w_state = {
+            k: fn(v) if isinstance(v, Tensor) and v.shape == shape else v for k, v in optimizer["state"][0].items()
+        }
+        checkpoint["optimizer_states"][i] = {**optimizer, "state": {**optimizer["state"], 0: w_state}}
 
 
 class _JobLauncher(_SubprocessScriptLauncher):

@@ -27,14 +27,14 @@ from nmf_lightning.curves import UpdateGrid, restart_curves
 from nmf_lightning.data.holdout import Holdout
 from nmf_lightning.data.rows import RowSummary
 from nmf_lightning.data.sources import Matrix
-from nmf_lightning.distributed import RowShard
+from nmf_lightning.distributed import RowShard, map_w_state
 from nmf_lightning.divergence import elementwise, loss_beta
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, divergence, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, dense_layout, to_numpy
 from nmf_lightning.engine.updates import PassResult, fused_optimizer
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
-from nmf_lightning.objective import LOSSES, Objective, predict_observed, relative_error
+from nmf_lightning.objective import LOSSES, Objective, factor_stats, predict_observed, relative_error
 from nmf_lightning.solvers import Solver
 from nmf_lightning.transform import transform
 from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank, check_scale, has_zeros
@@ -188,7 +188,7 @@ class NMFModule(L.LightningModule):
             )
         dtype = PRECISIONS.get(precision)
         if self.trainer.world_size > 1:
-            self.shard = _row_shard(datamodule)
+            self.shard = RowShard.of_rows(datamodule.matrix.shape[0], datamodule.batch_rows)
             datamodule.shard = self.shard
         if datamodule.streamed:
             datamodule.dtype = dtype or torch.float32
@@ -335,7 +335,7 @@ class NMFModule(L.LightningModule):
         """Shape W and H like the checkpoint's before Lightning copies the values in."""
         state = checkpoint["state_dict"]
         if self.shard is not None:  # the checkpoint holds all of W (and of its optimizer state): keep this rank's rows
-            _map_w_state(checkpoint, lambda A: A[..., self.shard.rows, :].clone(), state["W"].shape)
+            map_w_state(checkpoint, lambda A: A[..., self.shard.rows, :].clone(), state["W"].shape)
         for name, now in (("W", self.W), ("H", self.H)):
             if now.numel() and tuple(state[name].shape) != tuple(now.shape):
                 raise NMFInputError(
@@ -360,7 +360,7 @@ class NMFModule(L.LightningModule):
         checkpoint["best_restart"] = self._best()
         checkpoint["holdout"] = getattr(self, "holdout_spec", {"fraction": 0.0, "seed": 0})
         if self.shard is not None:  # all of W, in row order: a checkpoint resumes on any number of ranks
-            _map_w_state(checkpoint, self.shard.gather_rows, self.W.shape)
+            map_w_state(checkpoint, self.shard.gather_rows, self.W.shape)
 
     # ------------------------------------------------------------- objective
     @property
@@ -1040,56 +1040,6 @@ class NMFModule(L.LightningModule):
         """
         W, H = self.best_factors(restart)
         return to_numpy(W), to_numpy(H)
-
-
-def _row_shard(datamodule: L.LightningDataModule) -> RowShard:
-    """This rank's rows of X under DDP (whole row blocks when X is streamed); refused when some rank would get none."""
-    n = datamodule.matrix.shape[0]
-    block = datamodule.batch_rows or 1
-    shard = RowShard.of_this_process(n, block)
-    blocks = -(-n // block)
-    if blocks < shard.world:
-        unit = f"row blocks of data.batch_rows={block}" if datamodule.streamed else "rows"
-        raise NMFInputError(
-            f"DDP runs {shard.world} ranks, each on its own rows of X, but X has {blocks} {unit}; "
-            "use fewer trainer.devices (or a smaller data.batch_rows)."
-        )
-    return shard
-
-
-def _map_w_state(checkpoint: dict, fn: Callable[[Tensor], Tensor], shape: torch.Size) -> None:
-    """Apply ``fn`` to W in a checkpoint and to W's optimizer state (W is the optimizer's first parameter)."""
-    state = checkpoint["state_dict"]
-    state["W"] = fn(state["W"])
-    for i, optimizer in enumerate(checkpoint.get("optimizer_states", [])):
-        if 0 not in optimizer.get("state", {}):
-            continue
-        # new dicts: a saved optimizer state holds the live optimizer's own per-parameter dicts
-        w_state = {
-            k: fn(v) if isinstance(v, Tensor) and v.shape == shape else v for k, v in optimizer["state"][0].items()
-        }
-        checkpoint["optimizer_states"][i] = {**optimizer, "state": {**optimizer["state"], 0: w_state}}
-
-
-def factor_stats(A: Tensor, reported: Tensor, shard: RowShard | None = None) -> dict[str, Tensor]:
-    """Share and mean size of A's negative entries, and the sparsity of the factor a user gets (one per restart).
-
-    ``shard``: A holds this rank's rows of a row-sharded factor; the statistics are the whole factor's.
-    """
-    both = (-2, -1)
-    top = reported.abs().amax(dim=both, keepdim=True)
-    if shard is not None:
-        top = shard.max(top)
-    counts = {
-        "neg_fraction": (A < 0).sum(dim=both, dtype=torch.float64),
-        "neg_mean": torch.clamp(-A, min=0).sum(dim=both, dtype=torch.float64),
-        "sparsity": (reported.abs() <= 1e-6 * top).sum(dim=both, dtype=torch.float64),
-    }
-    size = A.shape[-2] * A.shape[-1]
-    if shard is not None:
-        counts = shard.sum(counts)
-        size = shard.n * A.shape[-1]
-    return {name: (value / size).float() for name, value in counts.items()}
 
 
 def _batch(restarts: int) -> tuple[int, ...]:

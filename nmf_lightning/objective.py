@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from nmf_lightning.distributed import RowShard
 
 #: the Frobenius family (read a squared error), then the beta-divergences (read D_beta itself)
 LOSSES = ("fro", "fro2", "rmse", "kl", "is", "beta")
@@ -262,3 +266,24 @@ class Objective:
             if weight:
                 total = total + weight * terms[name]
         return total, terms
+
+
+def factor_stats(A: Tensor, reported: Tensor, shard: RowShard | None = None) -> dict[str, Tensor]:
+    """Share and mean size of A's negative entries, and the sparsity of the factor a user gets (one per restart).
+
+    ``shard``: A holds this rank's rows of a row-sharded factor; the statistics are the whole factor's.
+    """
+    both = (-2, -1)
+    top = reported.abs().amax(dim=both, keepdim=True)
+    if shard is not None:
+        top = shard.max(top)
+    counts = {
+        "neg_fraction": (A < 0).sum(dim=both, dtype=torch.float64),
+        "neg_mean": torch.clamp(-A, min=0).sum(dim=both, dtype=torch.float64),
+        "sparsity": (reported.abs() <= 1e-6 * top).sum(dim=both, dtype=torch.float64),
+    }
+    size = A.shape[-2] * A.shape[-1]
+    if shard is not None:
+        counts = shard.sum(counts)
+        size = shard.n * A.shape[-1]
+    return {name: (value / size).float() for name, value in counts.items()}

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from nmf_lightning.atomic import atomic_path, write_text
+from nmf_lightning.engine.target import to_numpy
 from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
 
 
@@ -153,7 +154,8 @@ class FactorPictures(L.Callback):
         names = pl_module.matrix.col_names
         if not names:
             return None
-        return topics_markdown(pl_module.factors()[1], names, self.n_words)
+        H = pl_module.best_factors(local=True)[1]  # whole on every rank under DDP
+        return topics_markdown(to_numpy(H), names, self.n_words)
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, text: str | None = None) -> None:
         """Send the pictures of the current (best-restart) factors to every TensorBoard logger.

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: environment variables the launcher sets for its children (restored when a run ends, for the next job)
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+#: Hydra overrides of the sweep or the run folder, which a child rank of a job replaces
+_SWEEP_ONLY = ("hydra.run", "hydra.sweep", "hydra.mode", "hydra.job.name", "hydra.output_subdir", "hydra/launcher",
+               "hydra/sweeper", "hydra.launcher", "hydra.sweeper", "hydra.job.num", "hydra.job.id")  # fmt: skip
 #: environment variables that name a process's rank, whichever launcher started it
 _RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
@@ -115,7 +118,7 @@ class RowShard:
         """A sum over W's rows (a penalty of W) completed over all ranks; its gradient stays this rank's."""
         total = value.detach().clone()
         self._all_reduce(total)
-        return value + (total - value.detach())
+        return total + (value - value.detach())  # the value is the all-reduced one, bit for bit on every rank
 
     def max(self, value: Tensor) -> Tensor:
         """The largest value over ranks."""
@@ -131,18 +134,32 @@ class RowShard:
         """All rows of a row-sharded factor (..., rows, k), in row order, on every rank."""
         sizes = [stop - start for start, stop in split_rows(self.n, self.world, self.block)]
         most = max(sizes)
-        padded = A.new_zeros(*A.shape[:-2], most, A.shape[-1])
+        device = self._device(A)
+        padded = A.new_zeros(*A.shape[:-2], most, A.shape[-1], device=device)
         padded[..., : A.shape[-2], :] = A
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[..., :s, :] for p, s in zip(parts, sizes, strict=True)], dim=-2)
+        dist.all_gather(parts, padded)
+        return torch.cat([p[..., :s, :] for p, s in zip(parts, sizes, strict=True)], dim=-2).to(A.device)
+
+    @property
+    def blocks_per_rank(self) -> int:
+        """The most row blocks any rank holds: every rank's pass takes this many batches (Lightning syncs each one)."""
+        return max(-(-(stop - start) // self.block) for start, stop in split_rows(self.n, self.world, self.block))
+
+    @staticmethod
+    def _device(tensor: Tensor) -> torch.device:
+        """Where a collective takes ``tensor``: NCCL needs it on this rank's GPU."""
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return tensor.device
 
     def _all_reduce(self, tensor: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
         start = time.perf_counter()
-        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":  # sums taken before the move to the GPU
-            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(on_gpu, op=op)
-            tensor.copy_(on_gpu)
+        device = self._device(tensor)
+        if device != tensor.device:  # sums taken on the CPU before the module moved to the GPU
+            moved = tensor.to(device)
+            dist.all_reduce(moved, op=op)
+            tensor.copy_(moved)
         else:
             dist.all_reduce(tensor, op=op)
         self.seconds += time.perf_counter() - start
@@ -221,10 +238,17 @@ def job_command(local_rank: int) -> Sequence[str]:
         command = [sys.executable, os.path.abspath(sys.argv[0])]
     else:
         command = [sys.executable, "-m", __main__.__spec__.name]
+    for source in hc.runtime.config_sources:  # the config tree the job was composed from (-cp, -cd)
+        if source.provider == "main":
+            command += ["--config-path", f"{source.schema}://{source.path}" if source.schema == "pkg" else source.path]
+        elif source.provider == "command-line":
+            command += ["--config-dir", source.path]
+    command += ["--config-name", hc.job.config_name]
     out = hc.runtime.output_dir.replace("\\", "\\\\").replace('"', '\\"')
     return [
         *command,
         *hc.overrides.task,
+        *(o for o in hc.overrides.hydra if not o.split("=")[0].lstrip("+~").startswith(_SWEEP_ONLY)),
         f'hydra.run.dir="{out}"',
         "hydra.output_subdir=null",
         f"hydra.job.name={hc.job.name}_rank{local_rank}",

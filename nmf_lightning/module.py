@@ -161,7 +161,8 @@ class NMFModule(L.LightningModule):
         self._closed_form = False  # the optimizer is a closed-form rule (its factors are >= 0)
         self.stop_signal: int | None = None  # a signal asked the run to stop (GracefulStop)
         self.shard: RowShard | None = None  # this process's rows of X and W under DDP (trainer=ddp)
-        self._whole_W: Tensor | None = None  # under DDP: the best restart's W gathered at the end
+        self._whole_W: Tensor | None = None  # under DDP: all of W (every restart) gathered when training ends
+        self._x_sq_total: Tensor | None = None  # under DDP: ||X||^2 of the whole X, in float64
 
     #: what DDP must neither verify nor broadcast: W and X differ in shape between ranks (see ShardedDDP).
     #: DDP checks a root module's parameters under two names, "W" and ".W"
@@ -221,6 +222,7 @@ class NMFModule(L.LightningModule):
             self.n_obs, x_sq = int(total["n"]), total["sq"]
         check_scale(float(x_sq), self.n_obs, dtype)
         self.register_buffer("X_sq", x_sq.to(dtype), persistent=False)
+        self._x_sq_total = x_sq.double()
         W, H = self._initial_factors(t, matrix, dtype)
         for name in ("X", "Xt", "mask"):
             self.register_buffer(name, getattr(t, name), persistent=False)
@@ -263,6 +265,7 @@ class NMFModule(L.LightningModule):
         self.n_obs = summary.n_obs
         check_scale(float(summary.x_sq), summary.n_obs, dtype)
         self.register_buffer("X_sq", torch.tensor(summary.x_sq, dtype=dtype), persistent=False)
+        self._x_sq_total = torch.tensor(summary.x_sq, dtype=torch.float64)
         for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals"):
             self.register_buffer(name, None, persistent=False)
         self._set_holdout(holdout, dtype)
@@ -393,7 +396,8 @@ class NMFModule(L.LightningModule):
         """X as the engine reads it: the in-memory target, or one pass over the streamed row blocks."""
         if not self.streamed:
             return self.target()
-        return lambda: (self.block_target(self._to_device(batch)) for batch in self.trainer.datamodule.row_blocks())
+        blocks = self.trainer.datamodule.row_blocks
+        return lambda: (self.block_target(self._to_device(b)) for b in blocks() if not b.get("empty"))
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.W.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -567,7 +571,7 @@ class NMFModule(L.LightningModule):
                     forget=hp.forget,
                     measure=self.streamed,
                     sum_ranks=self.sum_ranks,
-                    x_sq=None if self.shard is None else self.X_sq.double(),
+                    x_sq=None if self.shard is None else self._x_sq_total.to(self.W.device),
                 )
             else:
                 loss = self.loss_terms
@@ -711,7 +715,8 @@ class NMFModule(L.LightningModule):
                 "this run resumed in the middle of a pass over the row blocks of X (data.batch_rows), whose "
                 "partial sums no checkpoint holds; resume from a checkpoint saved at the end of a pass."
             )
-        update.block(self.block_target(batch), self.W, self.H)
+        if not batch.get("empty"):  # (under DDP a rank with fewer rows pads its pass)
+            update.block(self.block_target(batch), self.W, self.H)
         if batch_idx + 1 < n_blocks:
             return
         self._in_pass = False
@@ -913,6 +918,7 @@ class NMFModule(L.LightningModule):
                 f"trainer runs {self.trainer.num_training_batches} per epoch; leave trainer.limit_train_batches unset."
             )
         self._fit_start = (time.perf_counter(), self.global_step)
+        self._whole_W = None  # W changes from here: gathered again at the end
         if self.shard is not None:  # what scale-out costs, from here
             self._comm_start = (self.shard.sent_bytes, self.shard.seconds)
         self._grid = UpdateGrid(self.trainer.log_every_n_steps)
@@ -969,7 +975,7 @@ class NMFModule(L.LightningModule):
         metrics = self.compute_metrics()  # (a streamed X is read once more for the final error)
         metrics.update(self.validation_metrics())
         if self.shard is not None:  # the factors a user gets: all of W, in row order
-            self._whole_W = self._whole(self.best_factors(local=True)[0])
+            self._whole_W = self._whole(self.W.detach())
         restored = getattr(self, "restored_from_step", None) is not None  # these factors are of an earlier check
         if getattr(self, "_last_point", self.global_step) < self.global_step and not restored:  # ended off the grid
             self.grid.add(self.global_step, self._logged(metrics))
@@ -1007,18 +1013,23 @@ class NMFModule(L.LightningModule):
         """
         if self.beta is not None:
             options.setdefault("beta", self.beta)
-        return transform(X, self.factors()[1], solver, **options)
+        return transform(X, to_numpy(self.best_factors(local=True)[1]), solver, **options)
 
     def best_factors(self, restart: int | None = None, raw: bool = False, local: bool = False) -> tuple[Tensor, Tensor]:
         """W (n, k) and H (k, m) of the best (or the given) restart, detached, on their device.
 
         Clamped at 0 when training let them go negative (``project=false``), unless ``raw``.
-        Under DDP, all of W once training has ended (gathered from every rank); ``local``
-        gives this rank's rows.
+        Under DDP, all of W once training has ended (gathered from every rank; before, see
+        :meth:`whole_factors`); ``local`` gives this rank's rows.
         """
-        if self._whole_W is not None and not local and restart is None and not raw:
-            return self._whole_W, self.best_factors(local=True)[1]
         W, H = self.W.detach(), self.H.detach()
+        if self.shard is not None and not local:
+            if self._whole_W is None:
+                raise RuntimeError(
+                    "under DDP each rank holds its own rows of W until training ends; whole_factors() gathers "
+                    "them (every rank must call it), best_factors(local=True) gives this rank's."
+                )
+            W = self._whole_W
         if W.dim() == 3:
             r = self._best() if restart is None else restart
             W, H = W[r], H[r]

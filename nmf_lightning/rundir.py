@@ -41,12 +41,7 @@ def claim_run_dir(out: Path, overwrite: bool = False, resume: bool = False) -> I
             raise RunDirError(
                 f"{out} is in use by a run (PID {holder}); wait for it, stop it, or pick another hydra.run.dir."
             ) from None
-        status = _status(out / "metrics.json")
-        if status in FINISHED and not (overwrite or resume):
-            raise RunDirError(
-                f"{out} holds a finished run (status {status}); pick another hydra.run.dir, continue it with "
-                "ckpt_path=last, or replace its results with overwrite=true."
-            )
+        status = check_finished(out, overwrite, resume)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         if status in FINISHED and overwrite and not resume:  # old results must not outlive a failed re-run
@@ -58,6 +53,20 @@ def claim_run_dir(out: Path, overwrite: bool = False, resume: bool = False) -> I
             (out / LOCK).unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the lock
+
+
+def check_finished(out: Path, overwrite: bool = False, resume: bool = False) -> str | None:
+    """Refuse a folder that holds a finished run unless asked to replace or continue it; its status otherwise.
+
+    Every DDP rank asks this (rank 0 also holds the folder), so all refuse together.
+    """
+    status = _status(Path(out) / "metrics.json")
+    if status in FINISHED and not (overwrite or resume):
+        raise RunDirError(
+            f"{out} holds a finished run (status {status}); pick another hydra.run.dir, continue it with "
+            "ckpt_path=last, or replace its results with overwrite=true."
+        )
+    return status
 
 
 def _status(path: Path) -> str | None:

@@ -36,7 +36,7 @@ from nmf_lightning.distributed import ShardedDDP, is_main_process
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
-from nmf_lightning.rundir import RunDirError, claim_run_dir
+from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir
 from nmf_lightning.validation import NMFInputError, check_accelerator
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run: one with a finished run is refused unless ``overwrite`` or ``ckpt_path`` is set.
     """
     out = Path(cfg.paths.output_dir)
-    if not is_main_process():  # a DDP rank started for rank 0's run: that one holds the folder and writes
+    if not is_main_process():  # a DDP rank of rank 0's run: that one holds the folder and writes
         _quiet_console()
+        check_finished(out, bool(cfg.get("overwrite")), _continues(cfg.get("ckpt_path"), out))
         return _train(cfg)
     with claim_run_dir(out, bool(cfg.get("overwrite")), _continues(cfg.get("ckpt_path"), out)):
         return _train(cfg)
@@ -496,6 +497,8 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> float:
     exception); a search sweeper such as Optuna gets the exception back, which it
     records as a failed trial before asking for the next one.
     """
+    if not is_main_process():  # rank 0 records the job (every rank of a SLURM job runs as a sweep's job)
+        return _sweep_failed(err)
     record = {"status": "failed", "error_type": type(err).__name__, "error": str(err)}
     if isinstance(err, DivergenceError):
         record["steps"] = err.step

@@ -165,7 +165,8 @@ def _ddp(tmp_path: Path, out: Path, *overrides: str):
     [
         ("dense", ("optimizer=hals",)),
         ("sparse", ("optimizer=mu", "model.l1_H=0.01", "data.holdout=0.2")),
-        ("dense", ("optimizer=adam", "optimizer.lr=0.01", "data.batch_rows=8", "model.l2_W=0.1")),
+        # 7 blocks of 10 rows: rank 0 holds 3, rank 1 holds 4, so rank 0's pass is padded
+        ("dense", ("optimizer=adam", "optimizer.lr=0.01", "data.batch_rows=10", "model.l2_W=0.1")),
     ],
     ids=["hals-dense", "mu-sparse-holdout", "adam-streamed"],
 )
@@ -192,9 +193,12 @@ def test_ddp_through_the_cli_equals_one_process(make_cfg, tmp_path, layout, over
 def test_a_ddp_multirun_keeps_each_jobs_ranks_in_its_folder(tmp_path):
     path = _files(tmp_path)["dense"]
     sweep = tmp_path / "sweep"
+    conf = tmp_path / "conf"  # the user's own primary config: the child ranks must compose it too
+    conf.mkdir()
+    (conf / "mine.yaml").write_text("defaults:\n  - train\n  - _self_\ntrainer:\n  max_steps: 20\n")
     result = run_cli(
-        "-m", *QUIET, "trainer=ddp", "trainer.devices=2", "data=file", f"data.path={path}", "optimizer=hals",
-        "model.rank=3,4", "trainer.max_steps=20", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+        "-m", "-cd", str(conf), "-cn", "mine", *QUIET, "trainer=ddp", "trainer.devices=2", "data=file",
+        f"data.path={path}", "optimizer=hals", "model.rank=3,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -203,7 +207,8 @@ def test_a_ddp_multirun_keeps_each_jobs_ranks_in_its_folder(tmp_path):
         assert _factors(job)[0].shape == (61, rank)
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
         assert (job / "train_rank1.log").is_file() and len(list(job.glob("events.out.tfevents.*"))) >= 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.npy", "sparse.npz", "sweep"]  # nothing elsewhere
+        assert json.loads((job / "metrics.json").read_text())["steps"] == 20  # the config both ranks composed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf", "dense.npy", "sparse.npz", "sweep"]  # nothing else
 
 
 @pytest.mark.ddp

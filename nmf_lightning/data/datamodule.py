@@ -123,8 +123,11 @@ class NMFDataModule(L.LightningDataModule):
 
     def row_blocks(self) -> RowBlocks:
         """The row blocks of X in order (a map-style dataset: item i is block i); under DDP, this rank's."""
-        rows = None if self.shard is None else (self.shard.start, self.shard.stop)
-        return RowBlocks(self.matrix.X, self.batch_rows, self.summary, self.dtype, self.matrix.unstored_missing, rows)
+        rows = length = None
+        if self.shard is not None:
+            rows, length = (self.shard.start, self.shard.stop), self.shard.blocks_per_rank
+        X, missing = self.matrix.X, self.matrix.unstored_missing
+        return RowBlocks(X, self.batch_rows, self.summary, self.dtype, missing, rows=rows, length=length)
 
     def train_dataloader(self) -> Iterable[Any]:
         """Row blocks when streaming; else one tick per ``training_step`` (enough for ``max_steps``).

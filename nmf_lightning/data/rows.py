@@ -227,7 +227,8 @@ class RowBlocks(Dataset):
     is the block's ||X||^2 over observed entries, from the :func:`scan` before training);
     CSR blocks as their ``indptr``, ``indices``, ``data`` and, unless ``unstored_missing``,
     the transposed block's (``t_*``), built here so the device multiplies both ways row-major.
-    ``rows`` = (start, stop) keeps to those rows (a rank's shard under DDP; start a multiple of ``batch_rows``).
+    ``rows`` = (start, stop) keeps to those rows (a rank's shard under DDP; start a multiple of ``batch_rows``);
+    ``length`` pads them with ``{"empty": True}`` items, so every rank's pass has as many batches.
     """
 
     def __init__(
@@ -238,17 +239,22 @@ class RowBlocks(Dataset):
         dtype: torch.dtype = torch.float32,
         unstored_missing: bool = False,
         rows: tuple[int, int] | None = None,
+        length: int | None = None,
     ):
         self.X, self.batch_rows, self.summary, self.unstored_missing = X, batch_rows, summary, unstored_missing
         self.rows = rows or (0, X.shape[0])
+        self.blocks = math.ceil((self.rows[1] - self.rows[0]) / batch_rows)
+        self.length = max(length or 0, self.blocks)
         self.dtype = np.float64 if dtype == torch.float64 else np.float32
 
     def __len__(self) -> int:
-        return math.ceil((self.rows[1] - self.rows[0]) / self.batch_rows)
+        return self.length
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(i)
+        if i >= self.blocks:  # padding: this rank's rows are done, the others' are not
+            return {"start": self.rows[1], "empty": True}
         start = self.rows[0] + i * self.batch_rows
         block = row_block(self.X, start, min(start + self.batch_rows, self.rows[1]))
         item = {"start": start, "x_sq": self.summary.block_sq[start // self.batch_rows]}

@@ -190,7 +190,7 @@ def test_ddp_through_the_cli_equals_one_process(make_cfg, tmp_path, layout, over
 
 
 @pytest.mark.ddp
-def test_a_ddp_multirun_keeps_each_jobs_ranks_in_its_folder(tmp_path):
+def test_a_ddp_multirun_keeps_each_jobs_ranks_in_its_folder(make_cfg, tmp_path):
     path = _files(tmp_path)["dense"]
     sweep = tmp_path / "sweep"
     conf = tmp_path / "conf"  # the user's own primary config: the child ranks must compose it too
@@ -209,6 +209,12 @@ def test_a_ddp_multirun_keeps_each_jobs_ranks_in_its_folder(tmp_path):
         assert (job / "train_rank1.log").is_file() and len(list(job.glob("events.out.tfevents.*"))) >= 1
         assert json.loads((job / "metrics.json").read_text())["steps"] == 20  # the config both ranks composed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf", "dense.npy", "sparse.npz", "sweep"]  # nothing else
+    # float32: the factors of one process, to rounding
+    one = tmp_path / "one"
+    train(make_cfg("data=file", f"data.path={path}", "optimizer=hals", "model.rank=3", "trainer.max_steps=20",
+                   "logger=none", f"paths.output_dir={one}"))  # fmt: skip
+    for a, b in zip(_factors(jobs[0]), _factors(one), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
 @pytest.mark.ddp

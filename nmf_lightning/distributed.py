@@ -53,6 +53,17 @@ def split_rows(n: int, world: int, block: int = 1) -> list[tuple[int, int]]:
     return [(min(n, blocks * r // world * block), min(n, blocks * (r + 1) // world * block)) for r in range(world)]
 
 
+def check_shardable(n: int, world: int, batch_rows: int | None = None) -> None:
+    """Every rank needs rows of its own: refuse more ranks than X has rows (row blocks when streamed)."""
+    blocks = -(-n // (batch_rows or 1))
+    if blocks < world:
+        unit = f"row blocks of data.batch_rows={batch_rows}" if batch_rows else "rows"
+        raise NMFInputError(
+            f"DDP runs {world} ranks, each on its own rows of X, but X has {blocks} {unit}; "
+            "use fewer trainer.devices (or a smaller data.batch_rows)."
+        )
+
+
 def is_main_process() -> bool:
     """Whether this process is rank 0 (or the only one): the one that writes a run's results."""
     return all(int(os.environ.get(name, 0) or 0) == 0 for name in _RANK_ENV)
@@ -87,16 +98,8 @@ class RowShard:
     @classmethod
     def of_rows(cls, n: int, batch_rows: int | None = None) -> RowShard:
         """This rank's shard of an ``n``-row X (whole blocks of ``batch_rows`` when streamed); none may be empty."""
-        block = batch_rows or 1
-        shard = cls.of_this_process(n, block)
-        blocks = -(-n // block)
-        if blocks < shard.world:
-            unit = f"row blocks of data.batch_rows={block}" if batch_rows else "rows"
-            raise NMFInputError(
-                f"DDP runs {shard.world} ranks, each on its own rows of X, but X has {blocks} {unit}; "
-                "use fewer trainer.devices (or a smaller data.batch_rows)."
-            )
-        return shard
+        check_shardable(n, dist.get_world_size(), batch_rows)
+        return cls.of_this_process(n, batch_rows or 1)
 
     @property
     def rows(self) -> slice:

@@ -32,7 +32,7 @@ from nmf_lightning.atomic import save_npz, write_text
 from nmf_lightning.callbacks import GracefulStop
 from nmf_lightning.console import TqdmHandler, run_console
 from nmf_lightning.curves import check_every
-from nmf_lightning.distributed import ShardedDDP, is_main_process
+from nmf_lightning.distributed import ShardedDDP, check_shardable, is_main_process
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
@@ -63,11 +63,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run: one with a finished run is refused unless ``overwrite`` or ``ckpt_path`` is set.
     """
     out = Path(cfg.paths.output_dir)
+    overwrite, resume = bool(cfg.get("overwrite")), _continues(cfg.get("ckpt_path"), out)
     if not is_main_process():  # a DDP rank of rank 0's run: that one holds the folder and writes
         _quiet_console()
-        check_finished(out, bool(cfg.get("overwrite")), _continues(cfg.get("ckpt_path"), out))
+        check_finished(out, overwrite, resume)
         return _train(cfg)
-    with claim_run_dir(out, bool(cfg.get("overwrite")), _continues(cfg.get("ckpt_path"), out)):
+    with claim_run_dir(out, overwrite, resume):
         return _train(cfg)
 
 
@@ -174,9 +175,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             save_npz(path, W=err.W, H=err.H)
         raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
 
-    if not trainer.is_global_zero:  # rank 0 writes the results (W gathered from every rank)
-        return {metric_key(k): v for k, v in model.final_metrics.items()}
     metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
+    if not trainer.is_global_zero:  # rank 0 writes the results (W gathered from every rank)
+        return metrics
     metrics["status"] = "completed" if model.stop_signal is None else "interrupted"
     metrics["stop_reason"] = _stop_reason(trainer, model)
     W, H = model.factors()
@@ -295,8 +296,7 @@ def _check_ranks(cfg: DictConfig, trainer: L.Trainer, n_rows: int) -> None:
             f"model.online=true updates H after every row block, but under {ranks} each rank holds other "
             "blocks; use model.online=false (H updated once per pass)."
         )
-    if n_rows < trainer.world_size:
-        raise NMFInputError(f"{ranks} needs at least one row of X per rank, and X has {n_rows}; use fewer.")
+    check_shardable(n_rows, trainer.world_size, cfg.data.get("batch_rows"))
     if not isinstance(trainer.strategy, ShardedDDP):
         raise NMFInputError(
             f"trainer.strategy={type(trainer.strategy).__name__} would sync W, whose rows differ between ranks; "

@@ -284,10 +284,11 @@ DDP2 = ("trainer=ddp", "trainer.devices=2")
     [
         ((*DDP2, "optimizer=kaczmarz"), r"optimizer=kaczmarz samples rows anywhere in X .* trainer=ddp with 2 ranks"),
         ((*DDP2, "data.batch_rows=100", "model.online=true"), r"model.online=true updates H after every row block"),
+        ((*DDP2, "data.batch_rows=2000"), r"DDP runs 2 ranks, each on its own rows of X, but X has 1 row blocks"),
         (("trainer.devices=2",), r"trainer.devices=2: one run on several devices shards X's rows .* trainer=ddp"),
         (("trainer.devices=2", "+trainer.strategy=ddp"), r"trainer.devices=2: one run on several devices"),
     ],
-    ids=["kaczmarz", "online", "devices-without-ddp", "lightning-ddp"],
+    ids=["kaczmarz", "online", "one-block-for-two-ranks", "devices-without-ddp", "lightning-ddp"],
 )
 def test_what_ddp_cannot_shard_is_refused_before_any_process_starts(make_cfg, overrides, message):
     with pytest.raises(NMFInputError, match=message):

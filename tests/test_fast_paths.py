@@ -78,3 +78,33 @@ def test_accelerated_hals_reaches_a_lower_error_in_as_many_x_products():
     assert float(sq_error(t, W, H)) == errors[1]  # sweeps=1 is the plain pass
     with pytest.raises(ValueError, match="optimizer.sweeps must be an integer >= 1"):
         HALSRule(0)
+
+
+def _reference_hals_sweep(A, G, B, l1, l2):
+    """scikit-learn's coordinate pass written out: A[j] = max(0, A[j] + (B[j] - l1 - (G A)[j]) / G[j, j])."""
+    A, G = A.clone(), G + l2 * torch.eye(G.shape[-1], dtype=G.dtype)
+    for j in range(A.shape[-2]):
+        step = (B[..., j, :] - l1 - (G[..., j, None, :] @ A).squeeze(-2)) / G[..., j, j, None].clamp_min(eps_for(A))
+        A[..., j, :] = (A[..., j, :] + step).clamp_min(0)
+    return A
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+@pytest.mark.parametrize(("l1", "l2"), [(0.0, 0.0), (0.1, 0.2)])
+def test_hals_numpy_and_two_op_torch_passes_equal_the_formula(restarts, l1, l2):
+    from nmf_lightning.solvers import hals
+
+    g = torch.Generator().manual_seed(restarts)
+    batch = (restarts,) if restarts > 1 else ()
+    W = torch.rand(*batch, 40, 6, generator=g, dtype=torch.float64)
+    W[..., 2] = 0  # a zero column: G's diagonal entry below eps
+    X = torch.rand(*batch, 40, 25, generator=g, dtype=torch.float64)
+    H = torch.rand(*batch, 6, 25, generator=g, dtype=torch.float64)
+    G, B = W.mT @ W, W.mT @ X
+    want = _reference_hals_sweep(H, G, B, l1, l2)
+    torch.testing.assert_close(hals.sweep(H, G, B, l1, l2), want, rtol=1e-12, atol=1e-12)  # numpy on the CPU
+    got = H.clone()  # the path a GPU (or half precision) takes: two torch ops per row
+    hals._sweep_torch(got, *hals._scaled_torch(hals._add_diag(G, l2), B - l1, eps_for(H)))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    half = hals.sweep(H.bfloat16(), G.bfloat16(), B.bfloat16(), l1, l2).double()
+    assert float((half - want).norm() / want.norm()) < 0.03  # bf16 rounding over one pass

@@ -33,7 +33,7 @@ from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import RULES
 from nmf_lightning.transform import solve_w
-from nmf_lightning.validation import check_matrix, has_zeros
+from nmf_lightning.validation import check_matrix, check_precision, has_zeros
 
 #: scikit-learn's solver names and ours for the closed-form rules
 CLOSED_FORM = {"cd": "hals", "hals": "hals", "mu": "mu", "als": "als", "kaczmarz": "kaczmarz"}
@@ -328,6 +328,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"solver={self.solver!r} samples rows anywhere in X for every update, so it cannot "
                 "take X in row blocks; use 'cd', 'mu' or 'als', or batch_rows=None."
             )
+        check_precision(self.precision, "precision", fix="'bf16' (float32's range in 16 bits) or '32'")
         if rule == "als" and self.precision is not None and PRECISIONS.get(str(self.precision)) in HALF:
             raise ValueError(f"solver='als' solves k x k systems, which precision={self.precision!r} cannot: use '32'.")
         self._device()  # a device that is not there fails now

@@ -162,13 +162,15 @@ class NMFModule(L.LightningModule):
         self.stop_signal: int | None = None  # a signal asked the run to stop (GracefulStop)
         self.shard: RowShard | None = None  # this process's rows of X and W under DDP (trainer=ddp)
         self._whole_W: Tensor | None = None  # under DDP: all of W (every restart) gathered when training ends
-        self._x_sq_total: Tensor | None = None  # under DDP: ||X||^2 of the whole X, in float64
+        #: ||X||^2 over observed entries (the whole X's under DDP), float64 on the host: not a buffer,
+        #: which a "-true" precision would cast (float16 overflows it, bfloat16 rounds it by 0.4%)
+        self._x_sq_total: Tensor | None = None
 
     #: what DDP must neither verify nor broadcast: W and X differ in shape between ranks (see ShardedDDP).
     #: DDP checks a root module's parameters under two names, "W" and ".W"
     _ddp_params_and_buffers_to_ignore = ("W", ".W") + tuple(
         f"{prefix}{name}"
-        for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals", "val_rows", "val_cols", "val_vals", "X_sq")
+        for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals", "val_rows", "val_cols", "val_vals")
         for prefix in ("", ".")
     )
 
@@ -221,8 +223,7 @@ class NMFModule(L.LightningModule):
             total = self.shard.sum({"n": torch.tensor(float(t.n_obs), dtype=torch.float64), "sq": t.x_sq})
             self.n_obs, x_sq = int(total["n"]), total["sq"]
         check_scale(float(x_sq), self.n_obs, dtype)
-        self.register_buffer("X_sq", x_sq.to(dtype), persistent=False)
-        self._x_sq_total = x_sq.double()
+        self._x_sq_total = x_sq.double().cpu()
         W, H = self._initial_factors(t, matrix, dtype)
         for name in ("X", "Xt", "mask"):
             self.register_buffer(name, getattr(t, name), persistent=False)
@@ -264,7 +265,6 @@ class NMFModule(L.LightningModule):
         self.matrix, self.streamed, self._stream_masked, self._stream_sparse = matrix, True, summary.masked, sparse
         self.n_obs = summary.n_obs
         check_scale(float(summary.x_sq), summary.n_obs, dtype)
-        self.register_buffer("X_sq", torch.tensor(summary.x_sq, dtype=dtype), persistent=False)
         self._x_sq_total = torch.tensor(summary.x_sq, dtype=torch.float64)
         for name in ("X", "Xt", "mask", "obs_rows", "obs_cols", "obs_vals"):
             self.register_buffer(name, None, persistent=False)
@@ -426,7 +426,7 @@ class NMFModule(L.LightningModule):
         if t is None or (t.X if t.X is not None else t.vals) is not ref:
             shape = (int(self.W.shape[-2]), self.matrix.shape[1])  # this rank's rows under DDP
             t = Target(self.X, self.Xt, self.mask, self.obs_rows, self.obs_cols, self.obs_vals, shape, _zeroed=True)
-            t._x_sq = (self.X_sq if self.shard is None else self._local_x_sq.to(self.X_sq.device)).double()
+            t._x_sq = (self._x_sq_total if self.shard is None else self._local_x_sq).double().to(self.W.device)
             self._target = t
         return t
 
@@ -647,7 +647,7 @@ class NMFModule(L.LightningModule):
         """Relative error, RMSE and the divergence (``div``; 1/2 sq for the Frobenius losses), one per restart."""
         sq = sq.double()
         return {
-            "train/relative_error": relative_error(sq, self.X_sq.double()),
+            "train/relative_error": relative_error(sq, self._x_sq_total.to(sq.device)),
             "train/rmse": torch.sqrt(sq.clamp_min(0) / self.n_obs),
             "train/divergence": 0.5 * sq.clamp_min(0) if div is None else div,
         }

@@ -37,7 +37,7 @@ from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
 from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir
-from nmf_lightning.validation import NMFInputError, check_accelerator
+from nmf_lightning.validation import NMFInputError, check_accelerator, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     _check_ckpt_path(cfg)
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), sharded=_sharded(cfg))
+    check_precision(cfg.trainer.get("precision"))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
         raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
     check_every(cfg.trainer.get("log_every_n_steps", 10))

@@ -178,6 +178,24 @@ def check_scale(x_sq: float, n_obs: int, dtype: torch.dtype) -> None:
     )
 
 
+def check_precision(
+    precision: str | int | None,
+    name: str = "trainer.precision",
+    fix: str = "bf16-mixed or bf16-true (float32's range in 16 bits), or 32-true",
+) -> None:
+    """Refuse float16 (``16-true``, ``16-mixed``) before training: NMF's sums outgrow its range.
+
+    float16's largest value is 65504; W^T X adds n products and ||X||^2 n m squares, so
+    digits (1797 x 64) already overflows and the run would fail at its first update.
+    bfloat16 has float32's range in the same 16 bits.
+    """
+    if str(precision).startswith("16"):
+        raise NMFInputError(
+            f"{name}={precision} computes in float16, whose largest value (65504) the sums over X's "
+            f"rows (W^T X, ||X||^2) exceed; use {fix}."
+        )
+
+
 def check_accelerator(accelerator: str | None, devices: int | str | list | None = None, sharded: bool = False) -> None:
     """Fail at once when a GPU is requested but CUDA cannot see one, or several devices without ``trainer=ddp``.
 

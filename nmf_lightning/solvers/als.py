@@ -48,8 +48,16 @@ def h_from_stats(
 
 
 def _solve_psd(G: Tensor, B: Tensor) -> Tensor:
-    """Solve G Y = B for symmetric positive definite G; fall back to lstsq if Cholesky fails."""
-    L, info = torch.linalg.cholesky_ex(G)
-    if bool((info == 0).all()):
-        return torch.cholesky_solve(B, L)
-    return torch.linalg.lstsq(G, B).solution
+    """Solve G Y = B for symmetric positive semi-definite G, by Cholesky in float32 at least.
+
+    Under autocast (bf16-mixed) the Grams come in half precision, which Cholesky has no
+    kernels for. A G that is not positive definite (a dead component with ``ridge=0``) takes
+    the pseudo-inverse: ``lstsq`` on a GPU assumes full rank.
+    """
+    dtype = torch.promote_types(G.dtype, torch.float32)
+    with torch.autocast(G.device.type, enabled=False):
+        G, B = G.to(dtype), B.to(dtype)
+        L, info = torch.linalg.cholesky_ex(G)
+        if bool((info == 0).all()):  # one host sync per solve
+            return torch.cholesky_solve(B, L)
+        return torch.linalg.pinv(G, hermitian=True) @ B

@@ -8,11 +8,13 @@ checkpoints (:class:`~nmf_lightning.solvers.Solver`) wrap these rules.
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from nmf_lightning.console import NMFWarning
 from nmf_lightning.engine.target import Target
 from nmf_lightning.solvers import als, hals, kaczmarz, mu
 
@@ -130,7 +132,15 @@ class KaczmarzRule(Rule):
         if self._generator is None or self._generator.device != like.device:
             self._generator = torch.Generator(device=like.device).manual_seed(self.seed)
             if self._saved_state is not None:
-                self._generator.set_state(self._saved_state)
+                if self._saved_state.numel() == self._generator.get_state().numel():
+                    self._generator.set_state(self._saved_state)
+                else:  # CPU and CUDA generators keep states of different kinds
+                    warnings.warn(
+                        f"the checkpoint's row sampler was saved on another kind of device than {like.device}; "
+                        "the resumed run samples rows afresh from optimizer.seed (W and H carry over).",
+                        NMFWarning,
+                        stacklevel=2,
+                    )
                 self._saved_state = None
         return self._generator
 

@@ -594,7 +594,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         rule = "mu" if (self.solver == "mu" and self.optimizer is None) or beta != 2 else "hals"
         l1_W, _, l2_W, _ = self._regularization(*X.shape)
         device = plan.device if plan is not None else self._device()
-        W, steps = solve_w(X, _numpy(H), rule, self.max_iter, self.tol, str(device), l1_W, l2_W, True, beta)
+        W, steps = solve_w(X, _numpy(H), rule, self.max_iter, self.tol, str(device), l1_W, l2_W, True, beta, warn=False)
         if plan is not None:  # partial_fit: on to the engine
             W = torch.from_numpy(W).to(device=plan.device, dtype=plan.dtype)
         return (W, steps) if return_n_iter else W

@@ -279,6 +279,25 @@ def test_transform_recovers_the_rows_of_a_planted_matrix(tmp_path):
         transform(np.ones((2, 7)), H0)
 
 
+def test_transform_solves_the_nnls_of_features_of_very_different_scales():
+    """The exact per-row NNLS (scipy's active set) is what transform's defaults reach, with a warning if cut short."""
+    from scipy.optimize import nnls
+
+    from nmf_lightning.transform import transform
+
+    rng = np.random.default_rng(1)
+    scales = np.logspace(-1, 3, 30)  # as breast-cancer features: their Gram is badly conditioned
+    H = (0.8 + 0.2 * rng.random((5, 30))) * scales  # and overlapping components
+    X = np.clip(rng.random((60, 5)) @ H + rng.normal(0, 0.05, (60, 30)) * scales, 0, None)
+    exact = np.array([nnls(H.T, x)[0] for x in X])
+    best = np.linalg.norm(X - exact @ H)
+    W = transform(X, H)
+    assert np.linalg.norm(X - W @ H) == pytest.approx(best, rel=1e-9)
+    with pytest.warns(UserWarning, match=r"stopped at max_iter=5 before tol=1e-08.*--max-iter"):
+        short = transform(X, H, max_iter=5)
+    assert np.linalg.norm(X - short @ H) > best * (1 + 1e-3)
+
+
 @pytest.mark.parametrize(
     ("factors", "out", "message"),
     [

@@ -198,7 +198,7 @@ def test_the_engine_fit_is_what_transform_and_the_module_run(make_cfg, tmp_path,
     train(make_cfg("data=toy", "model.rank=2", "optimizer=hals", "trainer.max_steps=7"))
     assert len(calls) == 7
     rng = np.random.default_rng(0)
-    transform(rng.random((5, 4)), rng.random((2, 4)), max_iter=3, tol=0)
+    transform(rng.random((5, 4)), rng.random((2, 4)), solver="mu", max_iter=3, tol=0)  # hals: nnls_hals
     assert len(calls) == 10
 
 

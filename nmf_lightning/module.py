@@ -50,8 +50,14 @@ _ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.opt
 _BLOCK_SECONDS = 1.0
 #: lr: auto's choice where it reaches the factors' scale (the notebooks' Adam lr)
 AUTO_LR = 1e-3
+
 #: closed-form rules whose H-update from running sums is monotone: they can run model.online=true
 ONLINE = ("HALS", "MU")
+
+
+def _covering_lr(scale: float, updates: int) -> float:
+    """An Adam-like lr that covers the factors' scale in the run: 1% of it, more when updates are fewer than 100."""
+    return scale / max(min(100, updates), 1)
 
 
 class DivergenceError(RuntimeError):
@@ -942,7 +948,7 @@ class NMFModule(L.LightningModule):
     def _auto_lr(self) -> float:
         """``lr: auto``: 1e-3, unless 1e-3 per update cannot cover the factors' scale in the run's updates."""
         updates, scale = self._lr_reach()
-        lr = AUTO_LR if updates <= 0 or AUTO_LR * updates >= scale else scale / 100
+        lr = AUTO_LR if updates <= 0 or AUTO_LR * updates >= scale else _covering_lr(scale, updates)
         log.info("optimizer.lr=auto: %g (factors at scale %.3g, %d updates)", lr, scale, updates)
         return lr
 
@@ -961,9 +967,9 @@ class NMFModule(L.LightningModule):
             warnings.warn(
                 f"optimizer.lr={lr:g} moves a factor entry by about {lr:g} per update, at most "
                 f"{lr * updates:.3g} over {updates} updates, but the factors are at scale {scale:.3g} "
-                f"(X is large-valued): the run will end far from a fit. Raise the lr (e.g. "
-                f"optimizer.lr={scale / 100:.2g}) or trainer.max_steps, or use optimizer="
-                f"{'hals' if self.beta is None else 'mu'}.",
+                f"(X is large-valued): the run will end far from a fit. Use optimizer="
+                f"{'hals' if self.beta is None else 'mu'}, or raise the lr (e.g. optimizer.lr="
+                f"{_covering_lr(scale, updates):.2g}, what lr=auto picks) or trainer.max_steps.",
                 NMFWarning,
                 stacklevel=2,
             )

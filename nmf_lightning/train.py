@@ -127,6 +127,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     _check_ckpt_path(cfg)
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), sharded=_sharded(cfg))
     check_precision(cfg.trainer.get("precision"))
+    _check_lr(cfg.optimizer.get("lr", "auto"))
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
         raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
     check_every(cfg.trainer.get("log_every_n_steps", 10))
@@ -370,6 +371,13 @@ def metric_key(name: str) -> str:
     """metrics.json name of a logged metric: ``train/rmse`` -> ``rmse``, ``val/rmse`` -> ``val_rmse``."""
     group, _, rest = name.rpartition("/")
     return f"val_{rest}" if group == "val" else rest
+
+
+def _check_lr(lr: Any) -> None:
+    """``optimizer.lr`` is ``auto`` or a finite number > 0: say so before torch does, in its own words."""
+    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    if lr != "auto" and not (number and math.isfinite(lr) and lr > 0):
+        raise NMFInputError(f"optimizer.lr must be auto or a number > 0, got {lr!r}.")
 
 
 def _check_optimized_metric(cfg: DictConfig, model: NMFModule, held_out: bool) -> None:

@@ -171,10 +171,10 @@ def _on_support(A: Tensor, G: Tensor, B: Tensor, chunk: int = 1 << 22) -> Tensor
     Columns whose solve leaves the support (or is singular) keep their passes' values.
     """
     k, n = A.shape
-    eye = torch.eye(k, dtype=A.dtype, device=A.device)
+    rows = max(1, chunk // (k * k))  # columns solved at once: their (k, k) systems hold ~chunk numbers
     out = A.clone()
-    for lo in range(0, n, max(1, chunk // (k * k))):
-        a, b = A[:, lo : lo + chunk // (k * k)].mT, B[:, lo : lo + chunk // (k * k)].mT  # (c, k)
+    for lo in range(0, n, rows):
+        a, b = A[:, lo : lo + rows].mT, B[:, lo : lo + rows].mT  # (c, k)
         d = (a > 0).to(A.dtype)
         M = d[:, :, None] * G * d[:, None, :] + torch.diag_embed(1 - d)  # G on the support, I off it
         x, info = torch.linalg.solve_ex(M, d * b)

@@ -465,14 +465,22 @@ def test_an_adam_lr_too_small_for_large_valued_x_is_named_and_auto_is_sized_to_i
     X = np.random.default_rng(0).random((60, 8)) * 1000.0  # entries in the hundreds
     np.save(tmp_path / "big.npy", X)
     common = ("data=file", f"data.path={tmp_path / 'big.npy'}", "model.rank=3", "trainer.max_steps=200")
-    with pytest.warns(UserWarning, match=r"optimizer.lr=0.001 moves a factor entry .* Raise the lr \(e.g. optimizer"):
+    with pytest.warns(UserWarning, match=r"optimizer.lr=0.001 moves a factor entry .* Use optimizer=hals, or raise"):
         fixed = train(make_cfg(*common, "optimizer.lr=0.001"))  # an lr given: named, not changed
-    for lr in ("1.0", "auto"):  # big enough, or lr: auto (the default) sized to the factors' scale
+    # big enough, or lr: auto (the default) sized to the factors' scale, over 200 updates or only 30
+    for lr, steps in (("1.0", 200), ("auto", 30), ("auto", 200)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fitted = train(make_cfg(*common, f"optimizer.lr={lr}"))
+            fitted = train(make_cfg(*common, f"optimizer.lr={lr}", f"trainer.max_steps={steps}"))
         assert not [w for w in caught if "moves a factor entry" in str(w.message)]
     assert fitted["relative_error"] < 0.6 * fixed["relative_error"]  # auto fits where 0.001 cannot
+
+
+@pytest.mark.parametrize("lr", ["0", "-0.01", "abc", "nan", "true"])
+def test_an_lr_that_is_not_a_positive_number_is_named_before_anything_runs(make_cfg, tmp_path, lr):
+    with pytest.raises(NMFInputError, match=r"optimizer.lr must be auto or a number > 0, got"):
+        train(make_cfg("data=toy", "model.rank=2", f"optimizer.lr={lr}", f"paths.output_dir={tmp_path}"))
+    assert not list(tmp_path.rglob("events.out.tfevents*")) and not (tmp_path / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in params.items() if k != "overrides"))
     log.info("overrides: %s", params["overrides"])
     log.info("device: %s, precision %s", _device(trainer), cfg.trainer.precision)
+    events = set(out.glob("events.out.tfevents.*"))  # a resumed run's curves are not this run's to remove
     for logger in loggers if is_main_process() else ():  # (the trainer learns its rank when fit starts)
         logger.log_hyperparams(params)
         if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
@@ -176,6 +177,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             save_npz(path, W=err.W, H=err.H)
         raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
+    except NMFInputError:  # refused as the module set up, before an update: no run to show in TensorBoard
+        for logger in loggers:
+            logger.finalize("failed")
+        for path in set(out.glob("events.out.tfevents.*")) - events:
+            path.unlink(missing_ok=True)
+        raise
 
     metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
     if not trainer.is_global_zero:  # rank 0 writes the results (W gathered from every rank)

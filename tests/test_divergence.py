@@ -191,6 +191,7 @@ def test_beta_loss_limits_are_named_before_training(make_cfg, tmp_path):
     with pytest.raises(NMFInputError, match="model.loss=beta needs model.beta"):
         train(make_cfg(*data, "model.loss=beta"))
     assert not (tmp_path / "metrics.json").exists()
+    assert not list(tmp_path.rglob("events.out.tfevents*"))  # refused as the module set up: no empty run
 
 
 def test_beta_2_is_scikit_learns_frobenius_loss(make_cfg):

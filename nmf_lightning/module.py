@@ -190,7 +190,8 @@ class NMFModule(L.LightningModule):
             raise TypeError("NMFModule trains on an NMFDataModule: trainer.fit(module, datamodule=...).")
         datamodule.setup(stage)
         precision = str(self.trainer.precision)
-        if "16" in precision and sp.issparse(datamodule.matrix.X):
+        X = datamodule.matrix.X
+        if "16" in precision and (sp.issparse(X) or bool(getattr(X, "sparse", False))):  # in memory or on disk
             raise NMFInputError(
                 f"trainer.precision={precision} has no sparse matrix kernels; X is sparse, so use "
                 "trainer.precision=32-true (or 64-true)."

@@ -171,6 +171,8 @@ def test_h5ad_csr_rows_equal_the_npz_matrix(make_cfg, tmp_path):
     _, W1, H1 = _run(make_cfg, tmp_path, "h5ad", tmp_path / "x.h5ad", *args)
     np.testing.assert_array_equal(W1, W0)
     np.testing.assert_array_equal(H1, H0)
+    with pytest.raises(NMFInputError, match=r"trainer.precision=bf16-true has no sparse matrix kernels"):
+        _run(make_cfg, tmp_path, "h5ad-bf16", tmp_path / "x.h5ad", *args, "trainer.precision=bf16-true")
 
 
 def test_online_mode_lowers_the_objective_pass_by_pass_and_leads_early(make_cfg, tmp_path):

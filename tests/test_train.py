@@ -421,6 +421,10 @@ def test_csv_logger_writes_metrics(make_cfg, tmp_path):
             ("trainer.devices=2",),
             r"trainer.devices=2: one run on several devices shards X's rows over them with trainer=ddp",
         ),
+        (
+            ("trainer.devices=[0,1]",),
+            r"trainer.devices=\[0, 1\]: one run on several devices shards X's rows over them with trainer=ddp",
+        ),
         (("matmul_precision=bogus",), r"matmul_precision='bogus' must be highest, high or medium"),
         (("trainer.precision=bf16-mixed",), r"trainer.precision=bf16-mixed has no sparse matrix kernels"),
     ],

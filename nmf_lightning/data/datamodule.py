@@ -137,15 +137,15 @@ class NMFDataModule(L.LightningDataModule):
         """
         if self.streamed:
             workers = self.num_workers
+            on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
             if workers == "auto":
-                on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
                 workers = 1 if on_gpu else 0
             return DataLoader(
                 self.row_blocks(),
                 batch_size=None,
                 shuffle=False,  # exact passes: the same order every epoch, sequential reads
                 num_workers=workers,
-                pin_memory=torch.cuda.is_available(),
+                pin_memory=on_gpu,  # (pinning on a CPU run would start a CUDA context for nothing)
                 persistent_workers=workers > 0,
                 prefetch_factor=2 if workers else None,
             )

@@ -37,7 +37,14 @@ from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, factor_stats, predict_observed, relative_error
 from nmf_lightning.solvers import Solver
 from nmf_lightning.transform import transform
-from nmf_lightning.validation import NMFInputError, check_factor_memory, check_rank, check_scale, has_zeros
+from nmf_lightning.validation import (
+    NMFInputError,
+    check_factor_memory,
+    check_rank,
+    check_scale,
+    has_zeros,
+    require_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +222,7 @@ class NMFModule(L.LightningModule):
         if self.shard is not None:  # this rank's rows, kept in the layout the whole X takes
             X, (masked, triplets) = X[self.shard.rows], dense_layout(X)
         t = to_target(X, dtype, unstored_missing=matrix.unstored_missing, triplets=triplets, masked=masked)
+        self._check_device_memory(t, dtype)
         if t.sparse and self.hparams.loss_form == "residual":
             warnings.warn(
                 "model.loss_form=residual densifies the sparse X at every update; loss_form=auto keeps it sparse.",
@@ -284,6 +292,25 @@ class NMFModule(L.LightningModule):
         if self.shard is not None:
             W = W[..., self.shard.rows, :].clone()
         self._set_factors(W, H)
+
+    def _check_device_memory(self, t: Target, dtype: torch.dtype) -> None:
+        """X held on a GPU must fit there with the factors: say so before Lightning moves it (a raw CUDA OOM)."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        if device is None or device.type != "cuda":
+            return
+        x_bytes = sum(_nbytes(a) for a in (t.X, t.Xt, t.mask, t.rows, t.cols, t.vals) if a is not None)
+        n, m = t.shape
+        k, r = self.hparams.rank, int(self.hparams.restarts)
+        factors = 4 * r * (n + m) * k * torch.empty((), dtype=dtype).element_size()  # W, H, gradients, moments
+        require_memory(
+            x_bytes + factors,
+            f"X ({n} x {m}{', sparse' if t.sparse else ''}) and the factors need about {{need}} GiB",
+            lambda free: (
+                "keep X in host memory and stream it in row blocks with data.batch_rows="
+                f"{max(1, int(free / 4 / max(x_bytes / max(n, 1), 1)))} (or fewer)."
+            ),
+            device=device,
+        )
 
     def _check_shape(self, shape: tuple[int, int], dtype: torch.dtype) -> None:
         k = self.hparams.rank
@@ -1068,3 +1095,14 @@ def _batch(restarts: int) -> tuple[int, ...]:
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise NMFInputError(f"{key}={value!r} is not supported; choose one of {choices}.")
+
+
+def _nbytes(A: Tensor) -> int:
+    """Bytes a dense or sparse (CSR, COO) tensor holds."""
+    if A.layout == torch.sparse_csr:
+        parts = (A.values(), A.col_indices(), A.crow_indices())
+    elif A.layout == torch.sparse_coo:
+        parts = (A._values(), A._indices())
+    else:
+        parts = (A,)
+    return sum(p.numel() * p.element_size() for p in parts)

@@ -132,18 +132,21 @@ def available_memory() -> int | None:
     return None
 
 
-def require_memory(need: int, what: str, fix: str | Callable[[int], str]) -> None:
-    """Refuse work that needs more host memory than is free, before anything is allocated.
+def require_memory(need: int, what: str, fix: str | Callable[[int], str], device: torch.device | None = None) -> None:
+    """Refuse work that needs more memory than is free, before anything is allocated.
 
-    The message reads ``<what> but <free> GiB of memory is free; <fix>``, where ``what``
-    says ``{need}`` for the GiB needed and ``fix`` may be worked out from the free bytes.
+    Host memory, or a CUDA ``device``'s. The message reads ``<what> but <free> GiB of
+    memory is free; <fix>``, where ``what`` says ``{need}`` for the GiB needed and ``fix``
+    may be worked out from the free bytes.
     """
-    free = available_memory()
+    cuda = device is not None and torch.device(device).type == "cuda"
+    free = torch.cuda.mem_get_info(device)[0] if cuda else available_memory()
     if free is None or need <= free:
         return
     advice = fix(free) if callable(fix) else fix
+    where = f" on {device}" if cuda else ""
     raise NMFInputError(
-        f"{what.format(need=f'{need / 2**30:.3g}')} but {free / 2**30:.3g} GiB of memory is free; {advice}"
+        f"{what.format(need=f'{need / 2**30:.3g}')} but {free / 2**30:.3g} GiB of memory{where} is free; {advice}"
     )
 
 

@@ -478,7 +478,8 @@ class NMFModule(L.LightningModule):
         shape = tuple(int(s) for s in batch["shape"])
         vals = batch["data"].to(dtype)
         if self.matrix.unstored_missing:
-            rows = torch.repeat_interleave(torch.arange(shape[0], device=vals.device), batch["indptr"].diff())
+            counts = batch["indptr"].diff()  # output_size: no sync to learn the length
+            rows = torch.repeat_interleave(torch.arange(shape[0], device=vals.device), counts, output_size=vals.numel())
             return Target(None, None, None, rows, batch["indices"], vals, shape, start, _x_sq=x_sq)
         X = csr_from_parts(batch["indptr"], batch["indices"], vals, shape)
         Xt = csr_from_parts(batch["t_indptr"], batch["t_indices"], batch["t_data"].to(dtype), shape[::-1])

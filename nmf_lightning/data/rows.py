@@ -266,7 +266,7 @@ class RowBlocks(Dataset):
             return {**item, "X": torch.from_numpy(block), "missing": self.summary.masked}
         block = sp.csr_matrix(block, dtype=self.dtype)
         block.sum_duplicates()
-        item.update(shape=torch.tensor(block.shape), **_csr_parts(block, ""))
+        item.update(shape=tuple(block.shape), **_csr_parts(block, ""))  # ints: no device copy to read back
         if not self.unstored_missing:
             item.update(_csr_parts(block.T.tocsr(), "t_"))
         return item

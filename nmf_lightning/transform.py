@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -17,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from nmf_lightning.atomic import save_npy
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.rows import materialize
+from nmf_lightning.divergence import loss_beta
 from nmf_lightning.engine import SolverUpdate, Target, fit, to_target
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers import hals
@@ -183,6 +186,18 @@ def _on_support(A: Tensor, G: Tensor, B: Tensor, chunk: int = 1 << 22) -> Tensor
     return out
 
 
+def run_beta(run: Path) -> float:
+    """The beta of the loss a run trained (its ``.hydra/config.yaml``'s model.loss): 2 where it says none."""
+    config = run / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return 2.0
+    model = OmegaConf.load(config).get("model", {})
+    beta = loss_beta(str(model.get("loss", "fro")), model.get("beta"))
+    if beta is not None:
+        print(f"the run trained model.loss={model.get('loss')}: solving W on the beta={beta:g} divergence")
+    return 2.0 if beta is None else beta
+
+
 def main(argv: list[str] | None = None) -> None:
     """``nmf-transform FACTORS NEW_MATRIX``: write W for the rows of a new matrix."""
     ap = argparse.ArgumentParser(prog="nmf-transform", description=main.__doc__)
@@ -191,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="output .npy (default: <matrix stem>_W.npy here)")
     ap.add_argument("--solver", default=None, choices=sorted(RULES), help="default: hals, or mu with --beta")
     ap.add_argument(
-        "--beta", type=float, default=2.0, help="the loss the model was trained on: 2 Frobenius, 1 KL, 0 IS"
+        "--beta",
+        type=float,
+        default=None,
+        help="the loss the model was trained on: 2 Frobenius, 1 KL, 0 IS (default: the run's model.loss, "
+        "read from its .hydra/config.yaml, else 2)",
     )
     ap.add_argument("--max-iter", type=int, default=5000, help="passes at most (default: %(default)s)")
     ap.add_argument(
@@ -221,10 +240,16 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
         ap.error(f"could not read {factors} ({err}); a run's factors.npz holds W and H as numeric arrays.")
     try:
+        beta = args.beta if args.beta is not None else run_beta(factors.parent)
         X = materialize(from_file(args.matrix, key=args.key, skip_header=args.skip_header).X)
-        W = transform(X, H, args.solver, args.max_iter, args.tol, args.device, beta=args.beta)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+        W = transform(X, H, args.solver, args.max_iter, args.tol, args.device, beta=beta)
+    except (ValueError, FileNotFoundError) as err:  # in this command's own words, exit code 2 as argparse's
+        flags = {"data.skip_header=": "--skip-header ", "data.key=": "--key ", "data.key": "--key"}
+        text = str(err)
+        for key, flag in flags.items():
+            text = text.replace(key, flag)
+        print(f"error: {text}", file=sys.stderr)
+        raise SystemExit(2) from None
     save_npy(out, W)  # written whole, then renamed: never a truncated W
     if sp.issparse(X):  # Gram form: no dense copy of a large sparse X
         x2 = float((X.data**2).sum())

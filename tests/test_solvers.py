@@ -326,6 +326,25 @@ def test_transform_cli_refuses_bad_factors_and_outputs_in_one_line(tmp_path, cap
     assert not list(tmp_path.rglob("w.npy")) and not list(tmp_path.rglob("*.part"))
 
 
+def test_transform_cli_solves_on_the_loss_the_run_trained_and_names_its_own_flags(tmp_path, capsys):
+    from nmf_lightning.transform import main, transform
+
+    rng = np.random.default_rng(0)
+    H, X = rng.random((3, 6)) + 0.1, rng.random((8, 6)) + 0.1
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    np.savez(run / "factors.npz", W=np.ones((8, 3)), H=H)
+    (run / ".hydra" / "config.yaml").write_text("model:\n  loss: kl\n  beta: null\n")
+    np.save(tmp_path / "new.npy", X)
+    main([str(run), str(tmp_path / "new.npy"), "--out", str(tmp_path / "w.npy"), "--device", "cpu"])
+    assert "model.loss=kl: solving W on the beta=1 divergence" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), transform(X, H, beta=1.0))
+    (tmp_path / "new.csv").write_text("a,b,c,d,e,f\n" + "1,2,3,4,5,6\n")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run), str(tmp_path / "new.csv"), "--out", str(tmp_path / "w2.npy"), "--device", "cpu"])
+    assert exit_.value.code == 2 and "set --skip-header 1" in capsys.readouterr().err
+
+
 def test_l2_penalty_matches_scikit_learn_folding():
     # HALS with l2 equals coordinate descent on W^T W + l2 I: check the fixed point by hand
     t, W, H, Xd, _ = _problem(n=12, m=9, k=2)

@@ -61,8 +61,11 @@ def has_zeros(X: np.ndarray | sp.spmatrix, unstored_missing: bool = False) -> bo
     return bool((np.asarray(X) == 0).any())
 
 
-def check_values(X: np.ndarray | sp.spmatrix, name: str = "X") -> tuple[int, bool]:
-    """The checks one block of rows can make alone; returns (missing entries, any positive entry)."""
+def check_values(X: np.ndarray | sp.spmatrix, name: str = "X", first_row: int = 0) -> tuple[int, bool]:
+    """The checks one block of rows can make alone; returns (missing entries, any positive entry).
+
+    ``first_row``: the block's first row in the whole X, for the positions the errors name.
+    """
     sparse = sp.issparse(X)
     if X.ndim != 2:
         raise NMFInputError(
@@ -87,11 +90,23 @@ def check_values(X: np.ndarray | sp.spmatrix, name: str = "X") -> tuple[int, boo
     observed = values[~nan]
     n_neg = int((observed < 0).sum())
     if n_neg:
+        where = _first_negative(X, first_row)
         raise NMFInputError(
-            f"{name} has {n_neg} negative entries (min {observed.min():.4g}); NMF needs "
-            f"{name} >= 0: clip or shift the data first."
+            f"{name} has {n_neg} negative entries (min {observed.min():.4g}, the first at {where}); "
+            f"NMF needs {name} >= 0: clip or shift the data first."
         )
     return int(nan.sum()), bool((observed > 0).any())
+
+
+def _first_negative(X: np.ndarray | sp.spmatrix, first_row: int = 0) -> str:
+    """Where X's first negative entry is, as "row i, column j" counted from 0."""
+    if sp.issparse(X):
+        coo = sp.coo_matrix(X)
+        k = int(np.argmax(coo.data < 0))
+        i, j = coo.row[k], coo.col[k]
+    else:
+        i, j = np.argwhere(np.asarray(X) < 0)[0]
+    return f"row {first_row + int(i)}, column {int(j)}"
 
 
 def check_totals(any_observed: bool, any_positive: bool, size: int, name: str = "X") -> None:

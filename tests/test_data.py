@@ -107,19 +107,31 @@ def test_file_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"data.key=NAME"):
         from_file(str(multi))
     assert from_file(str(multi), key="B").X.shape == (2, 2)
+    with pytest.raises(ValueError, match=r"is a folder; give the matrix file in it"):
+        from_file(str(tmp_path))
+    (tmp_path / "binary.csv").write_bytes(np.ones(4).tobytes() + b"\x93")
+    with pytest.raises(ValueError, match=r"binary.csv' as .csv: it is not a text file"):
+        from_file(str(tmp_path / "binary.csv"))
+    (tmp_path / "commas.txt").write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(ValueError, match=r"separated by ',': set \"data.delimiter=','\""):
+        from_file(str(tmp_path / "commas.txt"))
+    assert from_file(str(tmp_path / "commas.txt"), delimiter=",").X.shape == (2, 3)
 
 
 # ------------------------------------------------------------ validation
 @pytest.mark.parametrize(
     ("X", "message"),
     [
-        (np.array([[1.0, -0.5], [2.0, 3.0]]), r"X has 1 negative entries \(min -0.5\); NMF needs X >= 0"),
+        (
+            np.array([[1.0, 2.0], [-0.5, 3.0]]),
+            r"X has 1 negative entries \(min -0.5, the first at row 1, column 0\); NMF needs X >= 0",
+        ),
         (np.array([[1.0, np.inf], [2.0, 3.0]]), r"X has 1 infinite entries"),
         (np.array([[1.0, -np.inf]]), r"X has 1 infinite entries"),
         (np.zeros((0, 3)), r"X is empty \(shape \(0, 3\)\)"),
         (np.ones(5), r"X must be a 2-D matrix, got 1-D"),
         (np.full((2, 2), np.nan), r"X has no observed entries: all 4 are missing"),
-        (sp.csr_matrix(np.array([[1.0, -2.0]])), r"X has 1 negative entries"),
+        (sp.csr_matrix(np.array([[1.0, -2.0]])), r"X has 1 negative entries \(min -2, the first at row 0, column 1\)"),
         (sp.csr_matrix(np.array([[1.0, np.nan]])), r"sparse and holds 1 NaN entries"),
     ],
 )

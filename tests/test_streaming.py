@@ -326,7 +326,9 @@ def test_a_bad_entry_in_a_streamed_file_is_named_with_its_rows(make_cfg, tmp_pat
     X = _dense()
     X[21, 3] = -1.0
     np.save(tmp_path / "x.npy", X)
-    with pytest.raises(NMFInputError, match=r"X has 1 negative entries .* \(found in rows 21 to 27\)"):
+    with pytest.raises(
+        NMFInputError, match=r"X has 1 negative entries .*the first at row 21, column 3.* \(found in rows 21 to 27\)"
+    ):
         train(make_cfg("data=file", f"data.path={tmp_path / 'x.npy'}", "data.batch_rows=7", "model.rank=3"))
     assert not (tmp_path / "metrics.json").exists()
 

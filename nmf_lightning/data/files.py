@@ -52,6 +52,8 @@ def from_file(
         raise ValueError("data=file needs data.path=PATH to a matrix file.")
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
+    if p.is_dir():
+        raise ValueError(f"data.path={str(path)!r} is a folder; give the matrix file in it ({', '.join(SUFFIXES)}).")
     if suffix not in SUFFIXES:
         raise ValueError(
             f"data.path={str(path)!r} has an unknown extension {suffix or '(none)'!r}; "
@@ -144,7 +146,8 @@ def _text(
         delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
     header = _first_line(p, skip_header).split(delimiter)
     if skip_header == 0 and not all(_is_number(c) for c in header):
-        raise ValueError(f"its first line {header[:5]} is not numbers; if it is a header, set data.skip_header=1")
+        hint = _delimiter_hint(header, delimiter) or "if it is a header, set data.skip_header=1"
+        raise ValueError(f"its first line {header[:5]} is not numbers; {hint}")
     X = np.genfromtxt(p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan)
     if X.ndim == 1 and X.size:  # a single row or column is still a (1, m) or (n, 1) matrix
         X = X[None, :] if len(header) > 1 else X[:, None]
@@ -167,15 +170,32 @@ def _check_missing_cells(
             continue
         for col, cell in enumerate(line.rstrip("\n").split(delimiter)):
             if cell.strip().lower() not in missing and not _is_number(cell):
+                hint = _delimiter_hint([cell], delimiter)
+                if hint:
+                    raise ValueError(f"line {number} reads as one cell, {cell.strip()[:40]!r}...; {hint}")
                 raise ValueError(
                     f"line {number}, column {col + 1} holds {cell.strip()!r}, which is not a number; fix the "
                     f"cell, or add it to data.na_values (now {list(na_values)}) to read it as a missing entry"
                 )
 
 
+def _delimiter_hint(cells: list[str], delimiter: str | None) -> str | None:
+    """When a line reads as one cell of numbers joined by another separator, name that separator."""
+    if len(cells) != 1:
+        return None
+    for sep in (",", ";"):
+        parts = cells[0].strip().split(sep)
+        if sep != delimiter and len(parts) > 1 and all(_is_number(c) for c in parts):
+            return f"its cells are separated by '{sep}': set \"data.delimiter='{sep}'\" (quoted, as Hydra reads it)"
+    return None
+
+
 def _first_line(p: Path, skip_header: int) -> str:
-    with open(p) as f:
-        lines = [line for line in f if line.strip()]
+    try:
+        with open(p) as f:
+            lines = [line for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError("it is not a text file (a binary file with a text extension?)") from None
     if len(lines) <= skip_header:
         raise ValueError("it has no data rows")
     rows = [line.split("#", 1)[0].strip() for line in lines[skip_header:]]

@@ -194,7 +194,7 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
             stop = min(start + step, block_stop)
             piece = row_block(X, start, stop)
             try:
-                missing, has_positive = check_values(piece, name)
+                missing, has_positive = check_values(piece, name, first_row=start)
             except NMFInputError as err:  # counts are of this piece: say where it is
                 raise NMFInputError(f"{err} (found in rows {start} to {stop - 1})") from None
             positive |= has_positive

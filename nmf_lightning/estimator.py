@@ -328,7 +328,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"solver={self.solver!r} samples rows anywhere in X for every update, so it cannot "
                 "take X in row blocks; use 'cd', 'mu' or 'als', or batch_rows=None."
             )
-        check_precision(self.precision, "precision", fix="'bf16' (float32's range in 16 bits) or '32'")
+        check_precision(self.precision, "precision", fix="'bf16' (float32's range in 16 bits) or '32'", known=None)
         if rule == "als" and self.precision is not None and PRECISIONS.get(str(self.precision)) in HALF:
             raise ValueError(f"solver='als' solves k x k systems, which precision={self.precision!r} cannot: use '32'.")
         self._device()  # a device that is not there fails now

@@ -196,17 +196,29 @@ def check_scale(x_sq: float, n_obs: int, dtype: torch.dtype) -> None:
     )
 
 
+#: the training precisions Lightning and the estimator read (the float16 ones are refused with their reason)
+PRECISION_NAMES = frozenset(
+    {"64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16"}
+)
+
+
 def check_precision(
     precision: str | int | None,
     name: str = "trainer.precision",
     fix: str = "bf16-mixed or bf16-true (float32's range in 16 bits), or 32-true",
+    known: frozenset[str] | None = PRECISION_NAMES,
 ) -> None:
-    """Refuse float16 (``16-true``, ``16-mixed``) before training: NMF's sums outgrow its range.
+    """Refuse a precision not in ``known``, and float16 (``16-true``, ``16-mixed``): NMF's sums outgrow its range.
 
     float16's largest value is 65504; W^T X adds n products and ||X||^2 n m squares, so
     digits (1797 x 64) already overflows and the run would fail at its first update.
     bfloat16 has float32's range in the same 16 bits.
     """
+    if precision is None:
+        return
+    if known is not None and str(precision) not in known:
+        shown = ", ".join(sorted(p for p in known if not p.startswith("16")))
+        raise NMFInputError(f"{name}={precision} is not one of {shown}.")
     if str(precision).startswith("16"):
         raise NMFInputError(
             f"{name}={precision} computes in float16, whose largest value (65504) the sums over X's "

@@ -36,6 +36,11 @@ def test_float16_is_refused_before_training(make_cfg, tmp_path, precision):
         NMF(2, precision="16").fit(np.ones((4, 3)))
 
 
+def test_an_unknown_precision_is_named_in_one_line(make_cfg, tmp_path):
+    with pytest.raises(NMFInputError, match=r"trainer.precision=8 is not one of 32, 32-true, 64, 64-true, bf16"):
+        train(make_cfg("data=toy", "model.rank=2", "trainer.precision=8", f"paths.output_dir={tmp_path}"))
+
+
 def test_bf16_true_reports_the_error_of_its_factors(make_cfg, tmp_path):
     from sklearn.datasets import load_digits
 

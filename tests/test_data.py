@@ -220,6 +220,19 @@ def test_newsgroups_errors_name_the_problem(corpus, tmp_path):
         newsgroups(weighting="bm25", archive=str(archive))
 
 
+def test_newsgroups_offline_without_an_archive_names_data_archive(tmp_path, monkeypatch):
+    import urllib.error
+
+    import sklearn.datasets
+
+    def offline(**_):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(sklearn.datasets, "fetch_20newsgroups", offline)
+    with pytest.raises(ValueError, match=r"could not download 20 newsgroups .* data.archive=PATH/20news-bydate"):
+        newsgroups(data_home=str(tmp_path))
+
+
 def test_a_text_cell_that_is_not_a_number_is_an_error_naming_its_line(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("# a comment\n1,2,3\n\n4,abc,6 # inline\n7,,NA\n")

@@ -77,7 +77,13 @@ def load_documents(
     if archive is None:
         from sklearn.datasets import fetch_20newsgroups
 
-        names = fetch_20newsgroups(data_home=data_home, subset="train", download_if_missing=True).target_names
+        try:
+            names = fetch_20newsgroups(data_home=data_home, subset="train", download_if_missing=True).target_names
+        except OSError as err:  # URLError and friends: no network, no cache
+            raise ValueError(
+                f"scikit-learn could not download 20 newsgroups ({err}) and has no copy in its cache; "
+                "give the archive with data.archive=PATH/20news-bydate.tar.gz (read offline)."
+            ) from None
         _check_categories(categories, names)
         bunch = fetch_20newsgroups(
             data_home=data_home,

@@ -62,11 +62,6 @@ AUTO_LR = 1e-3
 ONLINE = ("HALS", "MU")
 
 
-def _covering_lr(scale: float, updates: int) -> float:
-    """An Adam-like lr that covers the factors' scale in the run: 1% of it, more when updates are fewer than 100."""
-    return scale / max(min(100, updates), 1)
-
-
 class DivergenceError(RuntimeError):
     """The objective became NaN or infinite; carries the last finite factors."""
 
@@ -173,6 +168,7 @@ class NMFModule(L.LightningModule):
         self._block_span = (0, 0)  # first and last update of the block under way
         self._closed_form = False  # the optimizer is a closed-form rule (its factors are >= 0)
         self.stop_signal: int | None = None  # a signal asked the run to stop (GracefulStop)
+        self._auto_lr_chosen: float | None = None  # what optimizer.lr=auto picked
         self.shard: RowShard | None = None  # this process's rows of X and W under DDP (trainer=ddp)
         self._whole_W: Tensor | None = None  # under DDP: all of W (every restart) gathered when training ends
         #: ||X||^2 over observed entries (the whole X's under DDP), float64 on the host: not a buffer,
@@ -874,7 +870,7 @@ class NMFModule(L.LightningModule):
         sq = self._sq_error(exact=True) if sq is None else sq  # (r,): the residual form on dense X
         W, H = factors or (self.W.detach(), self.H.detach())
         div = None if self.beta is None else self._data_term(factors=(W, H))
-        loss, terms = self.objective(all_terms=True, sq=sq if div is None else div, factors=(W, H))
+        loss, terms = self.objective(sq=sq if div is None else div, factors=(W, H))  # the terms that weigh
         per_restart = {"train/loss": loss}
         per_restart.update({f"train/{name}": value for name, value in terms.items()})
         reported = self.reported_factors(W, H)
@@ -899,7 +895,7 @@ class NMFModule(L.LightningModule):
     def final_metric_names(self, held_out: bool = False) -> set[str]:
         """Names of the numbers a run writes to metrics.json (checked before training)."""
         names = {"loss", "reconstruction", "relative_error", "rmse", "divergence", "steps", "updates_per_sec"}
-        names |= {name for name, *_ in self.loss_terms.penalties(self.W, self.H)}
+        names |= {name for name, weight, _ in self.loss_terms.penalties(self.W, self.H) if weight}
         names |= {f"{A}_{stat}" for A in "WH" for stat in ("neg_fraction", "neg_mean", "sparsity")}
         if self.hparams.restarts > 1:
             names |= {"best_restart"} | {f"loss_{r}" for r in range(self.hparams.restarts)}
@@ -977,7 +973,8 @@ class NMFModule(L.LightningModule):
     def _auto_lr(self) -> float:
         """``lr: auto``: 1e-3, unless 1e-3 per update cannot cover the factors' scale in the run's updates."""
         updates, scale = self._lr_reach()
-        lr = AUTO_LR if updates <= 0 or AUTO_LR * updates >= scale else _covering_lr(scale, updates)
+        lr = AUTO_LR if updates <= 0 or AUTO_LR * updates >= scale else scale / 100
+        self._auto_lr_chosen = lr
         log.info("optimizer.lr=auto: %g (factors at scale %.3g, %d updates)", lr, scale, updates)
         return lr
 
@@ -991,14 +988,16 @@ class NMFModule(L.LightningModule):
         if not isinstance(optimizer, _ADAPTIVE):
             return
         lr = float(optimizer.param_groups[0]["lr"])
+        auto = self._auto_lr_chosen == lr
         updates, scale = self._lr_reach()
         if updates > 0 and lr * updates < scale:
             warnings.warn(
                 f"optimizer.lr={lr:g} moves a factor entry by about {lr:g} per update, at most "
                 f"{lr * updates:.3g} over {updates} updates, but the factors are at scale {scale:.3g} "
                 f"(X is large-valued): the run will end far from a fit. Use optimizer="
-                f"{'hals' if self.beta is None else 'mu'}, or raise the lr (e.g. optimizer.lr="
-                f"{_covering_lr(scale, updates):.2g}, what lr=auto picks) or trainer.max_steps.",
+                f"{'hals' if self.beta is None else 'mu'}, or raise trainer.max_steps or the lr (e.g. "
+                f"optimizer.lr={scale / max(min(updates, 100), 1):.2g}"
+                f"{'; lr=auto took 1% of the scale, made for runs of 100 updates or more' if auto else ''}).",
                 NMFWarning,
                 stacklevel=2,
             )

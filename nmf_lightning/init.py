@@ -133,10 +133,10 @@ def _mean(X: Tensor, mask: Tensor | None, n_obs: int | None = None) -> float:
     n, m = X.shape
     if X.is_sparse or X.layout == torch.sparse_csr:
         values = X.coalesce().values() if X.is_sparse else X.values()
-        return float(values.double().sum()) / (n_obs or n * m)
+        return float(values.sum(dtype=torch.float64)) / (n_obs or n * m)
     if n_obs is None and mask is not None:
         n_obs = int(mask.sum())
-    return float(X.double().sum()) / max(n_obs or n * m, 1)
+    return float(X.sum(dtype=torch.float64)) / max(n_obs or n * m, 1)  # accumulated in float64, no copy of X
 
 
 def _nndsvd(

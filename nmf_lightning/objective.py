@@ -190,10 +190,14 @@ def frobenius_sq(X: Tensor, mask: Tensor | None = None) -> Tensor:
     if _is_sparse(X):
         values = X.coalesce().values() if X.is_sparse else X.values()
         return (values.double() ** 2).sum()
-    Xd = X.double()
-    if mask is not None:
-        Xd = Xd * mask
-    return (Xd * Xd).sum()
+    total = X.new_zeros((), dtype=torch.float64)
+    rows = max(1, (1 << 22) // max(X.shape[-1], 1))  # float64 copies of a few MB at a time, not of all of X
+    for lo in range(0, X.shape[0], rows):
+        Xd = X[lo : lo + rows].double()
+        if mask is not None:
+            Xd = Xd * mask[lo : lo + rows]
+        total += (Xd * Xd).sum()
+    return total
 
 
 def transpose_sparse(X: Tensor) -> Tensor:

@@ -266,3 +266,43 @@ def test_a_file_too_large_to_load_whole_is_refused_from_its_header(tmp_path, mon
         dm.setup("fit")
     streamed = NMFDataModule(loader=from_file, path=str(tmp_path / "x.npy"), batch_rows=10)
     streamed.setup("fit")  # a streamed X is never held whole: no such limit
+
+
+def test_triplet_text_files_read_as_the_sparse_matrix_of_their_ids(tmp_path):
+    """(row id, column id, value) lines, as MovieLens's u.data: ids are labels, extra columns are ignored."""
+    lines = ["user\titem\trating\ttime", "10\t7\t4\t1", "3\t7\t5\t2", "10\t2\t1\t3", "3\t9\t2\t4"]
+    (tmp_path / "r.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "u.data").write_text("\n".join(lines[1:]) + "\n")  # MovieLens: no extension we know, tabs
+    assert (
+        from_file(str(tmp_path / "u.data"), layout="triplets").X
+        != from_file(str(tmp_path / "r.tsv"), layout="triplets", skip_header=1).X
+    ).nnz == 0
+    m = from_file(str(tmp_path / "r.tsv"), layout="triplets", skip_header=1, unstored="missing")
+    assert m.unstored_missing and m.col_names == ["2", "7", "9"]  # columns in numeric order of the ids
+    np.testing.assert_array_equal(m.X.toarray(), [[0, 5, 2], [1, 4, 0]])  # rows: users 3, 10
+    (tmp_path / "names.csv").write_text("ann,x,1.5\nbob,y,2\n")
+    named = from_file(str(tmp_path / "names.csv"), layout="triplets")
+    assert named.col_names == ["x", "y"] and named.X.toarray().tolist() == [[1.5, 0], [0, 2]]
+    (tmp_path / "dup.csv").write_text("1,1,3\n2,1,4\n1,1,5\n")
+    with pytest.raises(ValueError, match=r"data rows 1 and 3 give the same \(row, column\) pair"):
+        from_file(str(tmp_path / "dup.csv"), layout="triplets")
+    (tmp_path / "bad.csv").write_text("1,1,3\n2,1,lots\n")
+    with pytest.raises(ValueError, match=r"data row 2 holds the value 'lots' in its third column"):
+        from_file(str(tmp_path / "bad.csv"), layout="triplets")
+    with pytest.raises(ValueError, match=r"data.layout=triplets reads a text file, and data.path is a .npy file"):
+        from_file(str(tmp_path / "x.npy"), layout="triplets")
+    with pytest.raises(ValueError, match=r"data.layout='long' must be 'matrix' or 'triplets'"):
+        from_file(str(tmp_path / "r.tsv"), layout="long")
+
+
+def test_a_ratings_list_trains_from_the_command_line_config(make_cfg, tmp_path):
+    from nmf_lightning.train import train
+
+    rng = np.random.default_rng(0)
+    R = rng.random((30, 3)) @ rng.random((3, 20))
+    users, items = np.nonzero(rng.random(R.shape) < 0.4)
+    rows = [f"{u + 100},{i + 1},{R[u, i]:.6f}" for u, i in zip(users, items, strict=True)]
+    (tmp_path / "ratings.csv").write_text("\n".join(rows) + "\n")
+    data = ("data=file", f"data.path={tmp_path / 'ratings.csv'}", "data.layout=triplets", "data.unstored=missing")
+    metrics = train(make_cfg(*data, "optimizer=mu", "model.rank=3", "data.holdout=0.1", "trainer.max_steps=200"))
+    assert metrics["status"] == "completed" and metrics["val_rmse"] < 0.2

@@ -108,3 +108,20 @@ def test_hals_numpy_and_two_op_torch_passes_equal_the_formula(restarts, l1, l2):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     half = hals.sweep(H.bfloat16(), G.bfloat16(), B.bfloat16(), l1, l2).double()
     assert float((half - want).norm() / want.norm()) < 0.03  # bf16 rounding over one pass
+
+
+def test_csr_rows_reads_a_block_of_rows_as_scipy_does():
+    """Kaczmarz's row blocks of a sparse X, repeated and empty rows included."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from nmf_lightning.solvers.kaczmarz import csr_rows
+
+    X = sp.random(50, 40, density=0.1, format="csr", random_state=0)
+    X[7] = 0
+    X.eliminate_zeros()
+    t = torch.sparse_csr_tensor(
+        torch.from_numpy(X.indptr), torch.from_numpy(X.indices), torch.from_numpy(X.data), X.shape
+    )
+    idx = torch.tensor([3, 7, 3, 49, 0])
+    np.testing.assert_array_equal(csr_rows(t, idx).numpy(), X[idx.numpy()].toarray())

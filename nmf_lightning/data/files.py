@@ -33,6 +33,7 @@ def from_file(
     col_names: str | None = None,
     image_shape: list[int] | tuple[int, int] | None = None,
     na_values: Sequence[str] = NA_VALUES,
+    layout: str = "matrix",
 ) -> Matrix:
     """Load X from ``path``; the format is chosen by the file extension.
 
@@ -48,21 +49,26 @@ def from_file(
     """
     if unstored not in ("zero", "missing"):
         raise ValueError(f"data.unstored={unstored!r} must be 'zero' or 'missing'.")
+    if layout not in ("matrix", "triplets"):
+        raise ValueError(f"data.layout={layout!r} must be 'matrix' or 'triplets'.")
     if path is None or str(path) == "":
         raise ValueError("data=file needs data.path=PATH to a matrix file.")
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
     if p.is_dir():
         raise ValueError(f"data.path={str(path)!r} is a folder; give the matrix file in it ({', '.join(SUFFIXES)}).")
-    if suffix not in SUFFIXES:
+    if suffix not in SUFFIXES and layout != "triplets":
         raise ValueError(
             f"data.path={str(path)!r} has an unknown extension {suffix or '(none)'!r}; "
             f"supported: {', '.join(SUFFIXES)}."
         )
+    if layout == "triplets" and suffix in SUFFIXES and suffix not in (".csv", ".tsv", ".txt"):
+        raise ValueError(f"data.layout=triplets reads a text file, and data.path is a {suffix} file.")
     if not p.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist or is not a file.")
+    reader = _triplets if layout == "triplets" else _READERS[suffix]
     try:
-        X = _READERS[suffix](p, key=key, skip_header=skip_header, delimiter=delimiter, na_values=na_values)
+        X = reader(p, key=key, skip_header=skip_header, delimiter=delimiter, na_values=na_values)
     except ImportError as err:
         raise ValueError(f"reading data.path={str(path)!r} needs h5py: pip install h5py ({err})") from err
     except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError, zipfile.BadZipFile) as err:
@@ -73,6 +79,9 @@ def from_file(
             "dict of tensors saved with torch.save, and it holds other Python objects, which are not loaded "
             "(loading them could run code); save the matrix with torch.save(torch.as_tensor(X), path)"
         ) from None
+    labels = None
+    if isinstance(X, tuple):  # triplets: the matrix and its column labels (the items' ids)
+        X, labels = X
     if isinstance(X, OnDisk):  # read in row slices when used
         dtype = getattr(X, "dtype", np.dtype(np.float64))
         if not np.issubdtype(dtype, np.number):
@@ -87,7 +96,7 @@ def from_file(
         X = np.asarray(X)
         if X.dtype == object or not np.issubdtype(X.dtype, np.number):
             raise ValueError(f"data.path={str(path)!r} does not hold numbers (dtype {X.dtype}).")
-    names = _column_names(col_names, X.shape) if col_names else None
+    names = _column_names(col_names, X.shape) if col_names else labels
     shape = _image_shape(image_shape, X.shape) if image_shape else None
     return Matrix(
         X,
@@ -96,6 +105,40 @@ def from_file(
         col_names=names,
         image_shape=shape,
     )
+
+
+def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) -> tuple[sp.csr_matrix, list[str]]:
+    """A text file of (row id, column id, value) lines, more columns ignored, as a sparse matrix.
+
+    Ids are any labels (MovieLens's user and item numbers, names): each distinct one is a
+    row or column, in sorted order (numerically when all are integers). The column ids
+    come back as the column names. A pair given twice is an error, not a sum.
+    """
+    if delimiter is None:
+        delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
+    _first_line(p, skip_header)  # a text file with data rows
+    cells = np.genfromtxt(p, delimiter=delimiter, skip_header=skip_header, dtype=str, usecols=(0, 1, 2), ndmin=2)
+    cells = np.char.strip(cells)
+    try:
+        values = cells[:, 2].astype(np.float64)
+    except ValueError:
+        bad = next(i for i, c in enumerate(cells[:, 2]) if not _is_number(c) or not c)
+        raise ValueError(
+            f"data row {bad + 1} holds the value {str(cells[bad, 2])!r} in its third column, which is not a number"
+        ) from None
+    index = []
+    for column in (cells[:, 0], cells[:, 1]):
+        keys = column.astype(np.int64) if all(c.lstrip("-").isdigit() for c in column) else column
+        labels, inverse = np.unique(keys, return_inverse=True)
+        index.append((labels, inverse.ravel()))
+    (_, rows), (items, cols) = index
+    pairs = rows.astype(np.int64) * len(items) + cols
+    unique, counts = np.unique(pairs, return_counts=True)
+    if (counts > 1).any():
+        first, second = np.nonzero(pairs == unique[counts > 1][0])[0][:2] + 1
+        raise ValueError(f"data rows {first} and {second} give the same (row, column) pair; keep one of them")
+    X = sp.csr_matrix((values, (rows, cols)), shape=(rows.max() + 1, len(items)))
+    return X, [str(label) for label in items]
 
 
 def _column_names(path: str, shape: tuple[int, ...]) -> list[str]:

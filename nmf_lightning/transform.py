@@ -142,8 +142,8 @@ def nnls_hals(
     """HALS passes for ``min_{W >= 0} 1/2 ||X - W H||^2 + l1 |W|_1 + l2/2 ||W||^2`` with H fixed.
 
     X H^T and H H^T are formed once, so a pass costs n k^2 and no product with X: the
-    thousands of passes that features of very different scales take are cheap. Every 10
-    passes each row is solved exactly on its support (:func:`_on_support`), then the test:
+    passes features of very different scales take are cheap. Every 10 passes each row
+    takes Lawson-Hanson steps on its support (:func:`_on_support`), then the test:
     the projected gradient's norm at most ``tol`` times its value at the start
     (scikit-learn's test for ``cd``). Returns W, the passes run and whether tol was met.
     """
@@ -166,23 +166,38 @@ def nnls_hals(
     return A.mT.to(W.dtype), max_iter, start == 0
 
 
-def _on_support(A: Tensor, G: Tensor, B: Tensor, chunk: int = 1 << 22) -> Tensor:
-    """Each column of A (k, n) replaced by the exact least squares on its non-zero entries, where that is >= 0.
+def _on_support(A: Tensor, G: Tensor, B: Tensor, steps: int = 3, chunk: int = 1 << 22) -> Tensor:
+    """Lawson-Hanson steps from each column of A (k, n): least squares on its support, stepping back to >= 0.
 
     Passes find which entries are 0 long before they settle the others when features
-    differ in scale or components overlap; on that support the problem is a k x k solve.
-    Columns whose solve leaves the support (or is singular) keep their passes' values.
+    differ in scale or components overlap; on the support the problem is a k x k solve.
+    Where that solve leaves the support, the column moves towards it as far as it stays
+    >= 0 (the objective falls all the way), the entry that reaches 0 leaves the support,
+    and the solve is repeated, ``steps`` times at most. Entries of a component that is 0
+    throughout (G[j, j] = 0) count as off the support.
     """
     k, n = A.shape
     rows = max(1, chunk // (k * k))  # columns solved at once: their (k, k) systems hold ~chunk numbers
+    live = G.diagonal() > 0
     out = A.clone()
     for lo in range(0, n, rows):
-        a, b = A[:, lo : lo + rows].mT, B[:, lo : lo + rows].mT  # (c, k)
-        d = (a > 0).to(A.dtype)
-        M = d[:, :, None] * G * d[:, None, :] + torch.diag_embed(1 - d)  # G on the support, I off it
-        x, info = torch.linalg.solve_ex(M, d * b)
-        ok = (info == 0) & torch.isfinite(x).all(-1) & (x >= 0).all(-1)
-        out[:, lo : lo + a.shape[0]] = torch.where(ok[:, None], x, a).mT
+        a, b = A[:, lo : lo + rows].mT.clone(), B[:, lo : lo + rows].mT  # (c, k)
+        support = (a > 0) & live
+        for _ in range(steps):
+            d = support.to(A.dtype)
+            M = d[:, :, None] * G * d[:, None, :] + torch.diag_embed(1 - d)  # G on the support, I off it
+            x, info = torch.linalg.solve_ex(M, d * b)
+            solved = (info == 0) & torch.isfinite(x).all(-1)
+            below = support & (x < 0)
+            # the step from a towards x that keeps every entry >= 0 (1: x itself)
+            ratio = torch.where(below, a / (a - x).clamp_min(torch.finfo(a.dtype).tiny), torch.inf)
+            step = torch.where(solved, ratio.amin(-1).clamp(max=1.0), 0.0)[:, None]
+            a = torch.where(support, a + step * (x - a), 0.0).clamp_min(0)
+            a = torch.where(below & (ratio <= step), 0.0, a)  # the entries that reached 0 leave
+            support = support & (a > 0)
+            if not bool((solved & below.any(-1)).any()):  # every solved column is >= 0: done
+                break
+        out[:, lo : lo + a.shape[0]] = a.mT
     return out
 
 

@@ -226,21 +226,21 @@ def check_precision(
         )
 
 
-def _several_devices(devices: object) -> bool:
+def _several_devices(devices: object, gpus: bool = True) -> bool:
     """Whether ``trainer.devices`` asks for more than one device: N > 1, a list of several, -1 or "auto" (all).
 
-    -1 and "auto" count when more than one GPU is visible, or for CPU processes (Lightning
-    reads them as every GPU, or one CPU process).
+    -1 and "auto" mean every GPU when the accelerator may be one (``gpus``) and more than
+    one is visible; on a CPU Lightning reads them as one process.
     """
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
     if isinstance(devices, bool) or devices is None:
         return False
     if isinstance(devices, int):
-        return devices > 1 or devices == -1 and torch.cuda.device_count() > 1
+        return devices > 1 or devices == -1 and gpus and torch.cuda.device_count() > 1
     if isinstance(devices, str):  # "auto", or "0,1" as a list of GPU indices
         if devices.strip() == "auto":
-            return torch.cuda.device_count() > 1
+            return gpus and torch.cuda.device_count() > 1
         return len([d for d in devices.split(",") if d.strip()]) > 1
     try:
         return len(devices) > 1  # a list or ListConfig of device indices
@@ -254,7 +254,7 @@ def check_accelerator(accelerator: str | None, devices: int | str | list | None 
     ``sharded``: the trainer runs the row-sharded DDP strategy, which takes several devices.
     """
     acc = str(accelerator or "auto").lower()
-    several = _several_devices(devices)
+    several = _several_devices(devices, gpus=acc in ("auto", "gpu", "cuda"))
     if several and not sharded:
         raise NMFInputError(
             f"trainer.devices={devices}: one run on several devices shards X's rows over them with "

@@ -110,8 +110,13 @@ def test_file_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"is a folder; give the matrix file in it"):
         from_file(str(tmp_path))
     (tmp_path / "binary.csv").write_bytes(np.ones(4).tobytes() + b"\x93")
-    with pytest.raises(ValueError, match=r"binary.csv' as .csv: it is not a text file"):
+    with pytest.raises(ValueError, match=r"binary.csv' as .csv: it is not UTF-8 text"):
         from_file(str(tmp_path / "binary.csv"))
+    (tmp_path / "excel.csv").write_bytes("\ufeff1,2\n3,4\n".encode())  # Excel's "CSV UTF-8" starts with a BOM
+    assert from_file(str(tmp_path / "excel.csv")).X.tolist() == [[1, 2], [3, 4]]
+    (tmp_path / "typo.csv").write_text("1,2,3\n4,5;6,7\n")  # one bad cell is a bad cell, not a separator
+    with pytest.raises(ValueError, match=r"line 2, column 2 holds '5;6', which is not a number"):
+        from_file(str(tmp_path / "typo.csv"))
     (tmp_path / "commas.txt").write_text("1,2,3\n4,5,6\n")
     with pytest.raises(ValueError, match=r"separated by ',': set \"data.delimiter=','\""):
         from_file(str(tmp_path / "commas.txt"))
@@ -283,6 +288,9 @@ def test_triplet_text_files_read_as_the_sparse_matrix_of_their_ids(tmp_path):
     (tmp_path / "names.csv").write_text("ann,x,1.5\nbob,y,2\n")
     named = from_file(str(tmp_path / "names.csv"), layout="triplets")
     assert named.col_names == ["x", "y"] and named.X.toarray().tolist() == [[1.5, 0], [0, 2]]
+    (tmp_path / "ids.csv").write_text("12345678901234567890,5,1\n007,5,2\n7,5,3\n")  # long, and padded ids
+    ids = from_file(str(tmp_path / "ids.csv"), layout="triplets")
+    assert ids.X.toarray().ravel().tolist() == [2, 1, 3]  # three users, as text: "007" < "1234..." < "7"
     (tmp_path / "dup.csv").write_text("1,1,3\n2,1,4\n1,1,5\n")
     with pytest.raises(ValueError, match=r"data rows 1 and 3 give the same \(row, column\) pair"):
         from_file(str(tmp_path / "dup.csv"), layout="triplets")

@@ -437,6 +437,17 @@ def test_more_bad_configuration_is_named(make_cfg, tmp_path, overrides, message)
     assert _no_results(tmp_path)
 
 
+def test_devices_auto_is_several_only_where_it_means_every_gpu(monkeypatch):
+    from nmf_lightning.validation import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_accelerator("cpu", "auto")  # one CPU process, however many GPUs the machine has
+    check_accelerator("cpu", -1)
+    for devices in ("auto", -1, [0, 1], "0,1"):
+        with pytest.raises(NMFInputError, match="one run on several devices shards X's rows"):
+            check_accelerator("auto", devices)
+
+
 def test_all_zero_matrix_is_rejected():
     from nmf_lightning.validation import check_matrix
 

@@ -19,6 +19,8 @@ import scipy.sparse as sp
 from nmf_lightning.data.rows import H5Matrix, NpyFile, OnDisk
 from nmf_lightning.data.sources import Matrix
 
+#: text files are read as UTF-8, a leading byte-order mark (Excel's "CSV UTF-8") skipped
+TEXT = "utf-8-sig"
 SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".mtx", ".pt", ".pth", ".h5ad", ".h5", ".hdf5")
 #: text cells that mean "missing" unless data.na_values says otherwise (compared case-insensitively)
 NA_VALUES = ("", "nan", "na", "n/a", "null")
@@ -71,7 +73,7 @@ def from_file(
         X = reader(p, key=key, skip_header=skip_header, delimiter=delimiter, na_values=na_values)
     except ImportError as err:
         raise ValueError(f"reading data.path={str(path)!r} needs h5py: pip install h5py ({err})") from err
-    except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError, zipfile.BadZipFile) as err:
+    except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError, OverflowError, zipfile.BadZipFile) as err:
         raise ValueError(f"could not read data.path={str(path)!r} as {suffix}: {err}") from err
     except pickle.UnpicklingError:  # torch.load(weights_only=True) refuses what is not tensors
         raise ValueError(
@@ -117,7 +119,9 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
     if delimiter is None:
         delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
     _first_line(p, skip_header)  # a text file with data rows
-    cells = np.genfromtxt(p, delimiter=delimiter, skip_header=skip_header, dtype=str, usecols=(0, 1, 2), ndmin=2)
+    cells = np.genfromtxt(
+        p, delimiter=delimiter, skip_header=skip_header, dtype=str, usecols=(0, 1, 2), ndmin=2, encoding=TEXT
+    )
     cells = np.char.strip(cells)
     try:
         values = cells[:, 2].astype(np.float64)
@@ -128,8 +132,12 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
         ) from None
     index = []
     for column in (cells[:, 0], cells[:, 1]):
-        keys = column.astype(np.int64) if all(c.lstrip("-").isdigit() for c in column) else column
-        labels, inverse = np.unique(keys, return_inverse=True)
+        labels, inverse = np.unique(column, return_inverse=True)  # distinct spellings: "007" is not "7"
+        if all(_plain_int(c) for c in labels):  # integer ids in numeric order, long ones too
+            order = sorted(range(len(labels)), key=lambda i: int(labels[i]))
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            labels, inverse = labels[order], rank[inverse.ravel()]
         index.append((labels, inverse.ravel()))
     (_, rows), (items, cols) = index
     pairs = rows.astype(np.int64) * len(items) + cols
@@ -139,6 +147,11 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
         raise ValueError(f"data rows {first} and {second} give the same (row, column) pair; keep one of them")
     X = sp.csr_matrix((values, (rows, cols)), shape=(rows.max() + 1, len(items)))
     return X, [str(label) for label in items]
+
+
+def _plain_int(cell: str) -> bool:
+    """An integer written plainly ("42", "-3"; not "007" or "+5"), so its number and its text agree."""
+    return cell.lstrip("-").isdigit() and str(int(cell)) == cell
 
 
 def _column_names(path: str, shape: tuple[int, ...]) -> list[str]:
@@ -191,7 +204,9 @@ def _text(
     if skip_header == 0 and not all(_is_number(c) for c in header):
         hint = _delimiter_hint(header, delimiter) or "if it is a header, set data.skip_header=1"
         raise ValueError(f"its first line {header[:5]} is not numbers; {hint}")
-    X = np.genfromtxt(p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan)
+    X = np.genfromtxt(
+        p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan, encoding=TEXT
+    )
     if X.ndim == 1 and X.size:  # a single row or column is still a (1, m) or (n, 1) matrix
         X = X[None, :] if len(header) > 1 else X[:, None]
     if np.isnan(X).any():
@@ -205,7 +220,7 @@ def _check_missing_cells(
     """A cell that read as NaN must be one of ``na_values``: a typo is not a missing entry."""
     missing = {str(v).strip().lower() for v in na_values}
     rows = set(np.nonzero(np.isnan(X).any(axis=1))[0].tolist())
-    with open(p) as f:  # the rows genfromtxt read: past the header, without comments and blank lines
+    with open(p, encoding=TEXT) as f:  # the rows genfromtxt read: past the header, without comments and blank lines
         lines = ((i, line.split("#", 1)[0]) for i, line in enumerate(f, start=1) if i > skip_header)
         numbered = [(i, line) for i, line in lines if line.strip()]
     for row, (number, line) in enumerate(numbered):
@@ -213,7 +228,7 @@ def _check_missing_cells(
             continue
         for col, cell in enumerate(line.rstrip("\n").split(delimiter)):
             if cell.strip().lower() not in missing and not _is_number(cell):
-                hint = _delimiter_hint([cell], delimiter)
+                hint = _delimiter_hint(line.rstrip("\n").split(delimiter), delimiter)
                 if hint:
                     raise ValueError(f"line {number} reads as one cell, {cell.strip()[:40]!r}...; {hint}")
                 raise ValueError(
@@ -235,10 +250,12 @@ def _delimiter_hint(cells: list[str], delimiter: str | None) -> str | None:
 
 def _first_line(p: Path, skip_header: int) -> str:
     try:
-        with open(p) as f:
+        with open(p, encoding=TEXT) as f:
             lines = [line for line in f if line.strip()]
     except UnicodeDecodeError:
-        raise ValueError("it is not a text file (a binary file with a text extension?)") from None
+        raise ValueError(
+            "it is not UTF-8 text (a binary file, or text in another encoding: save it as UTF-8)"
+        ) from None
     if len(lines) <= skip_header:
         raise ValueError("it has no data rows")
     rows = [line.split("#", 1)[0].strip() for line in lines[skip_header:]]

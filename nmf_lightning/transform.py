@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from nmf_lightning.atomic import save_npy
@@ -206,6 +205,8 @@ def run_beta(run: Path) -> float:
     config = run / ".hydra" / "config.yaml"
     if not config.is_file():
         return 2.0
+    from omegaconf import OmegaConf  # here: the estimator imports this module, and no config library
+
     model = OmegaConf.load(config).get("model", {})
     beta = loss_beta(str(model.get("loss", "fro")), model.get("beta"))
     if beta is not None:

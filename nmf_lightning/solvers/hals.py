@@ -38,26 +38,35 @@ def sweep(A: Tensor, G: Tensor, B: Tensor, l1: float = 0.0, l2: float = 0.0, swe
     ``sweeps`` passes at most (see the module's docstring).
     """
     A = A.clone(memory_format=torch.contiguous_format)  # W^T comes as a view: rows must be contiguous
-    G = _add_diag(G, l2).to(A.dtype)  # under autocast (bf16-mixed) the Grams come in bf16
+    G, B = _add_diag(G, l2), (B - l1 if l1 else B).contiguous()
+    if G.dtype != A.dtype or B.dtype != A.dtype:  # under autocast (bf16-mixed) the Grams come in bf16
+        G, B = G.to(A.dtype), B.to(A.dtype)
+    if torch.is_autocast_enabled(A.device.type):  # the passes run in A's dtype
+        with torch.autocast(A.device.type, enabled=False):
+            _passes(A, G, B, sweeps)
+    else:  # (entering a context costs microseconds a small pass notices)
+        _passes(A, G, B, sweeps)
+    return A
+
+
+def _passes(A: Tensor, G: Tensor, B: Tensor, sweeps: int) -> None:
+    """Up to ``sweeps`` passes over A in place (numpy views on a CPU, two torch ops per row elsewhere)."""
     eps = eps_for(A)
     numpy = A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64)
-    B = (B - l1 if l1 else B).to(A.dtype).contiguous()
-    with torch.autocast(A.device.type, enabled=False):  # the loop runs in A's dtype
-        scaled = None if numpy else _scaled_torch(G, B, eps)
-        first = None
-        for s in range(sweeps):
-            before = A.clone() if sweeps > 1 else None
-            if scaled is None:
-                _sweep_numpy(A.numpy(), G.numpy(), B.numpy(), eps)
-            else:
-                _sweep_torch(A, *scaled)
-            if before is not None and s + 1 < sweeps:
-                change = float(torch.linalg.vector_norm(A - before))  # one sync per extra pass
-                if first is None:
-                    first = change
-                elif change <= SWEEP_TOL * first:
-                    break
-    return A
+    scaled = None if numpy else _scaled_torch(G, B, eps)
+    first = None
+    for s in range(sweeps):
+        before = A.clone() if sweeps > 1 else None
+        if scaled is None:
+            _sweep_numpy(A.numpy(), G.numpy(), B.numpy(), eps)
+        else:
+            _sweep_torch(A, *scaled)
+        if before is not None and s + 1 < sweeps:
+            change = float(torch.linalg.vector_norm(A - before))  # one sync per extra pass
+            if first is None:
+                first = change
+            elif change <= SWEEP_TOL * first:
+                break
 
 
 def _sweep_numpy(a: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> None:

@@ -159,7 +159,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     hp_metrics = hp_metric_names(held_out)
     choices, overrides, swept = _command_line()
     params, shown = run_hparams(cfg, choices, overrides, swept)
-    log.info("config: %s", ", ".join(f"{k}={v}" for k, v in params.items() if k != "overrides"))
+    shown_params = {
+        k: v for k, v in params.items() if k != "overrides" and not (isinstance(v, float) and math.isnan(v))
+    }
+    log.info("config: %s", ", ".join(f"{k}={v}" for k, v in shown_params.items()))  # (no lr for a closed form)
     log.info("overrides: %s", params["overrides"])
     log.info("device: %s, precision %s", _device(trainer), cfg.trainer.precision)
     events = set(out.glob("events.out.tfevents.*"))  # a resumed run's curves are not this run's to remove

@@ -69,6 +69,11 @@ def is_main_process() -> bool:
     return all(int(os.environ.get(name, 0) or 0) == 0 for name in _RANK_ENV)
 
 
+def global_rank() -> int:
+    """This process's rank among all of a run's processes, as its launcher (torchrun, SLURM) set it; 0 alone."""
+    return next((int(os.environ[name]) for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(name)), 0)
+
+
 @dataclass
 class RowShard:
     """Rows ``start .. stop`` of an ``n``-row X on rank ``rank`` of ``world``, and the sums over ranks.

@@ -32,7 +32,7 @@ from nmf_lightning.divergence import elementwise, loss_beta
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, Target, Update, divergence, fit, sq_error, to_target
 from nmf_lightning.engine.loop import Convergence
 from nmf_lightning.engine.target import PRECISIONS, csr_from_parts, dense_layout, to_numpy
-from nmf_lightning.engine.updates import PassResult, fused_optimizer
+from nmf_lightning.engine.updates import PassResult, SumRanks, fused_optimizer
 from nmf_lightning.init import INITS, SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.objective import LOSSES, Objective, factor_stats, predict_observed, relative_error
 from nmf_lightning.solvers import Solver
@@ -57,7 +57,6 @@ _ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.opt
 _BLOCK_SECONDS = 1.0
 #: lr: auto's choice where it reaches the factors' scale (the notebooks' Adam lr)
 AUTO_LR = 1e-3
-
 #: closed-form rules whose H-update from running sums is monotone: they can run model.online=true
 ONLINE = ("HALS", "MU")
 
@@ -255,7 +254,7 @@ class NMFModule(L.LightningModule):
         else:
             values = t.vals if t.X is None else t.X
             total = values.values() if t.sparse else values
-            mean = float(self.shard.sum({"s": total.double().sum()})["s"]) / max(self.n_obs, 1)
+            mean = float(self.shard.sum({"s": total.sum(dtype=torch.float64)})["s"]) / max(self.n_obs, 1)
             W, H = draw_factors(matrix.shape, hp.rank, hp.init, mean=mean, like=values, **options)
         return W[..., self.shard.rows, :].clone(), H
 
@@ -406,21 +405,16 @@ class NMFModule(L.LightningModule):
         return Objective(loss=self._loss, beta=self.beta, n_obs=getattr(self, "n_obs", 1), **weights)
 
     def objective(
-        self, all_terms: bool = False, sq: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None
+        self, sq: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss and its unweighted terms, one value per restart (shape (r,)).
+        """Total loss and its unweighted terms of non-zero weight, one value per restart (shape (r,)).
 
-        ``all_terms`` adds the terms whose weight is 0 (for logging); ``sq`` is the data term
-        (squared error, or beta-divergence) already computed for ``factors`` (default: the
-        current W, H).
+        ``sq`` is the data term (squared error, or beta-divergence) already computed for
+        ``factors`` (default: the current W, H).
         """
         W, H = factors or (self.W, self.H)
         sq = self._data_term(factors=factors) if sq is None else sq
-        total, terms = self.loss_terms.terms(sq, W, H)
-        if not all_terms:
-            weights = {name: weight for name, weight, _ in self.loss_terms.penalties(W, H)}
-            terms = {k: v for k, v in terms.items() if weights.get(k, 1.0)}
-        return total, terms
+        return self.loss_terms.terms(sq, W, H, zero_weights=False)
 
     def blocks(self) -> Target | Callable[[], Iterator[Target]]:
         """X as the engine reads it: the in-memory target, or one pass over the streamed row blocks."""
@@ -438,7 +432,7 @@ class NMFModule(L.LightningModule):
         return sq_error(self.blocks(), W, H, gram_form=not exact and self._use_gram(), sum_ranks=self.sum_ranks)
 
     @property
-    def sum_ranks(self) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
+    def sum_ranks(self) -> SumRanks | None:
         """Sums over the ranks holding X's other rows (under DDP), for the engine; None in one process."""
         return None if self.shard is None else self.shard.sum
 
@@ -456,7 +450,7 @@ class NMFModule(L.LightningModule):
         if t is None or (t.X if t.X is not None else t.vals) is not ref:
             shape = (int(self.W.shape[-2]), self.matrix.shape[1])  # this rank's rows under DDP
             t = Target(self.X, self.Xt, self.mask, self.obs_rows, self.obs_cols, self.obs_vals, shape, _zeroed=True)
-            t._x_sq = (self._x_sq_total if self.shard is None else self._local_x_sq).double().to(self.W.device)
+            t._x_sq = self._local_x_sq.to(self.W.device)  # this rank's ||X||^2 (all of X's in one process)
             self._target = t
         return t
 
@@ -870,7 +864,7 @@ class NMFModule(L.LightningModule):
         sq = self._sq_error(exact=True) if sq is None else sq  # (r,): the residual form on dense X
         W, H = factors or (self.W.detach(), self.H.detach())
         div = None if self.beta is None else self._data_term(factors=(W, H))
-        loss, terms = self.objective(sq=sq if div is None else div, factors=(W, H))  # the terms that weigh
+        loss, terms = self.objective(sq=sq if div is None else div, factors=(W, H))
         per_restart = {"train/loss": loss}
         per_restart.update({f"train/{name}": value for name, value in terms.items()})
         reported = self.reported_factors(W, H)

@@ -84,9 +84,10 @@ def gram_sq(X_sq: Tensor, A: Tensor, B: Tensor, WtW: Tensor, HHt: Tensor) -> Ten
 
     The cross term ``<X H^T, W>`` equals ``<W^T X, H>``: pass whichever pair is at hand.
     """
-    dtype = torch.promote_types(WtW.dtype, torch.float32)  # half precision would overflow or round ||X||^2
-    cross = (A.to(dtype) * B.to(dtype)).sum(dim=(-2, -1))
-    sq = X_sq.to(dtype) - 2 * cross + (WtW.to(dtype) * HHt.to(dtype)).sum(dim=(-2, -1))
+    dtype = torch.promote_types(WtW.dtype, torch.float32)
+    if WtW.dtype != dtype:  # half precision would overflow or round ||X||^2: the sums run in float32
+        A, B, WtW, HHt = (T.to(dtype) for T in (A, B, WtW, HHt))
+    sq = X_sq.to(dtype) - 2 * (A * B).sum(dim=(-2, -1)) + (WtW * HHt).sum(dim=(-2, -1))
     return sq.clamp_min(0)
 
 

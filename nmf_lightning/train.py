@@ -32,7 +32,7 @@ from nmf_lightning.atomic import save_npz, write_text
 from nmf_lightning.callbacks import GracefulStop
 from nmf_lightning.console import TqdmHandler, run_console
 from nmf_lightning.curves import check_every
-from nmf_lightning.distributed import ShardedDDP, check_shardable, is_main_process
+from nmf_lightning.distributed import ShardedDDP, check_shardable, global_rank, is_main_process
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
 from nmf_lightning.module import DivergenceError, NMFModule
@@ -79,7 +79,7 @@ def _quiet_console() -> None:
     0's: it becomes ``<job>_rank<r>.log`` (the ranks nmf-train starts itself are named so already).
     """
     root = logging.getLogger()
-    rank = next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(v)), "0")
+    rank = global_rank()
     for handler in list(root.handlers):
         if isinstance(handler, TqdmHandler):
             handler.setLevel(logging.ERROR)
@@ -159,10 +159,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     hp_metrics = hp_metric_names(held_out)
     choices, overrides, swept = _command_line()
     params, shown = run_hparams(cfg, choices, overrides, swept)
-    shown_params = {
-        k: v for k, v in params.items() if k != "overrides" and not (isinstance(v, float) and math.isnan(v))
-    }
-    log.info("config: %s", ", ".join(f"{k}={v}" for k, v in shown_params.items()))  # (no lr for a closed form)
+    logged = {k: v for k, v in params.items() if k != "overrides" and not (isinstance(v, float) and math.isnan(v))}
+    log.info("config: %s", ", ".join(f"{k}={v}" for k, v in logged.items()))  # (a closed form has no lr: NaN)
     log.info("overrides: %s", params["overrides"])
     log.info("device: %s, precision %s", _device(trainer), cfg.trainer.precision)
     events = set(out.glob("events.out.tfevents.*"))  # a resumed run's curves are not this run's to remove

@@ -9,12 +9,10 @@ import torch
 from torch import Tensor
 
 from nmf_lightning.engine.target import Target
-from nmf_lightning.engine.updates import PassResult, Update
+from nmf_lightning.engine.updates import PassResult, SumRanks, Update
 
 #: X as the engine reads it: one block in memory, or a callable giving one pass of blocks
 Blocks = Target | Callable[[], Iterable[Target]]
-#: sums named tensors over the processes that hold the other rows of X (see nmf_lightning.distributed)
-SumRanks = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 @dataclass

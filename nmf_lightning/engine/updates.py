@@ -19,6 +19,9 @@ from torch import Tensor
 from nmf_lightning.engine.target import Target, gram
 from nmf_lightning.objective import gram_sq
 
+#: sums named tensors over the processes that hold the other rows of X (see nmf_lightning.distributed)
+SumRanks = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
 
 class PassResult:
     """What one update measured on the way.
@@ -100,7 +103,7 @@ class SolverUpdate:
         online: bool = False,
         forget: float = 0.7,
         measure: bool = False,
-        sum_ranks: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+        sum_ranks: SumRanks | None = None,
         x_sq: Tensor | None = None,
     ):
         if sum_ranks is not None and online:
@@ -240,7 +243,7 @@ class GradientUpdate:
         gram_form: bool = True,
         objective: Any = None,
         beta: float | None = None,
-        sum_ranks: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+        sum_ranks: SumRanks | None = None,
     ):
         self.sum_ranks = sum_ranks
         self.optimizer, self.loss, self.project, self.gram_form = optimizer, loss, project, gram_form

@@ -178,9 +178,9 @@ def _on_support(A: Tensor, G: Tensor, B: Tensor, steps: int = 3, chunk: int = 1 
     k, n = A.shape
     rows = max(1, chunk // (k * k))  # columns solved at once: their (k, k) systems hold ~chunk numbers
     live = G.diagonal() > 0
-    out = A.clone()
+    out = torch.empty_like(A)  # every column is written
     for lo in range(0, n, rows):
-        a, b = A[:, lo : lo + rows].mT.clone(), B[:, lo : lo + rows].mT  # (c, k)
+        a, b = A[:, lo : lo + rows].mT, B[:, lo : lo + rows].mT  # (c, k); a is replaced, never written into
         support = (a > 0) & live
         for _ in range(steps):
             d = support.to(A.dtype)

@@ -116,8 +116,7 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
     row or column, in sorted order (numerically when all are integers). The column ids
     come back as the column names. A pair given twice is an error, not a sum.
     """
-    if delimiter is None:
-        delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
+    delimiter = _delimiter(p, delimiter)
     _first_line(p, skip_header)  # a text file with data rows
     cells = np.genfromtxt(
         p, delimiter=delimiter, skip_header=skip_header, dtype=str, usecols=(0, 1, 2), ndmin=2, encoding=TEXT
@@ -139,14 +138,21 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
             rank[order] = np.arange(len(order))
             labels, inverse = labels[order], rank[inverse.ravel()]
         index.append((labels, inverse.ravel()))
-    (_, rows), (items, cols) = index
+    (users, rows), (items, cols) = index
     pairs = rows.astype(np.int64) * len(items) + cols
     unique, counts = np.unique(pairs, return_counts=True)
     if (counts > 1).any():
         first, second = np.nonzero(pairs == unique[counts > 1][0])[0][:2] + 1
         raise ValueError(f"data rows {first} and {second} give the same (row, column) pair; keep one of them")
-    X = sp.csr_matrix((values, (rows, cols)), shape=(rows.max() + 1, len(items)))
+    X = sp.csr_matrix((values, (rows, cols)), shape=(len(users), len(items)))
     return X, [str(label) for label in items]
+
+
+def _delimiter(p: Path, delimiter: str | None) -> str | None:
+    """The given delimiter, else the extension's: tab for .tsv, comma for .csv, whitespace otherwise (None)."""
+    if delimiter is not None:
+        return delimiter
+    return {".tsv": "\t", ".csv": ","}.get(p.suffix.lower())
 
 
 def _plain_int(cell: str) -> bool:
@@ -198,8 +204,7 @@ def _npz(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
 def _text(
     p: Path, skip_header: int = 0, delimiter: str | None = None, na_values: Sequence[str] = NA_VALUES, **_
 ) -> np.ndarray:
-    if delimiter is None:
-        delimiter = "\t" if p.suffix.lower() == ".tsv" else ("," if p.suffix.lower() == ".csv" else None)
+    delimiter = _delimiter(p, delimiter)
     header = _first_line(p, skip_header).split(delimiter)
     if skip_header == 0 and not all(_is_number(c) for c in header):
         hint = _delimiter_hint(header, delimiter) or "if it is a header, set data.skip_header=1"

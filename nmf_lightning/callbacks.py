@@ -12,12 +12,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nmf_lightning.atomic import atomic_path, write_text
-from nmf_lightning.engine.target import to_numpy
+from nmf_lightning.hparams import write_hparams, write_layout
+from nmf_lightning.internals import Tqdm, save_last_checkpoint
+from nmf_lightning.linalg import to_numpy
 from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
+from nmf_lightning.validation import NMFInputError
 
 
 def next_multiple(step: int, every: int) -> int:
@@ -118,7 +121,7 @@ class FactorPictures(L.Callback):
 
     def __init__(self, every_n_steps: int = 1000, n_words: int = 10, max_side: int = 512, dirpath: str | None = None):
         if every_n_steps < 0 or n_words < 1 or max_side < 1:
-            raise ValueError(
+            raise NMFInputError(
                 "callbacks.factor_pictures: every_n_steps must be >= 0 (0 = only at the end), "
                 f"n_words and max_side >= 1; got {every_n_steps}, {n_words}, {max_side}."
             )
@@ -192,7 +195,7 @@ class RestoreBestFactors(L.Callback):
 
     def __init__(self, monitor: str = "val/relative_error", mode: str = "min"):
         if mode not in ("min", "max"):
-            raise ValueError(f"callbacks.restore_best.mode must be min or max, got {mode!r}.")
+            raise NMFInputError(f"callbacks.restore_best.mode must be min or max, got {mode!r}.")
         self.monitor = monitor
         self.mode = mode
         self.best: float | None = None
@@ -232,13 +235,13 @@ class UpdateCheckpoint(ModelCheckpoint):
     Lightning's own triggers count batches and never fire under the fused blocks of
     updates; these are checked where a block ends (for a streamed X, where a pass ends:
     the only consistent points), and ``last.ckpt`` is also saved when training ends.
-    Checkpoints are written whole, then renamed, and a re-run into the same folder
-    replaces ``last.ckpt`` rather than writing ``last-v1.ckpt``.
+    A re-run into the same folder replaces ``last.ckpt`` rather than writing ``last-v1.ckpt``;
+    :class:`AtomicCheckpointIO` writes each file whole, then renames it.
     """
 
     def __init__(self, every_n_updates: int = 0, every_n_minutes: float = 0.0, **kwargs: Any):
         if isinstance(every_n_updates, bool) or int(every_n_updates) < 0 or float(every_n_minutes) < 0:
-            raise ValueError(
+            raise NMFInputError(
                 "callbacks.model_checkpoint: every_n_updates and every_n_minutes must be >= 0 (0 = off), "
                 f"got {every_n_updates} and {every_n_minutes}."
             )
@@ -267,20 +270,20 @@ class UpdateCheckpoint(ModelCheckpoint):
         shard = getattr(pl_module, "shard", None)
         if self.every_n_minutes and shard is not None:  # saving gathers W from every rank: all must agree
             by_clock = shard.any(by_clock, pl_module.W.device)
-        if not (by_updates or by_clock) or self._should_skip_saving_checkpoint(trainer):
+        if not (by_updates or by_clock) or not save_last_checkpoint(self, trainer):
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._clock = time.monotonic()
         if self.every_n_updates:
             self._next = next_multiple(step, self.every_n_updates)
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        if not trainer.is_global_zero:  # rank 0 writes; under DDP the others take part (W is gathered), write nothing
-            super()._save_checkpoint(trainer, filepath)
-        else:
-            with atomic_path(filepath) as part:
-                super()._save_checkpoint(trainer, str(part))
-        self._last_checkpoint_saved = filepath
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole to a temporary file, then renamed: a killed run never leaves half a ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically."""
+        with atomic_path(path) as part:
+            super().save_checkpoint(checkpoint, part, storage_options)
 
 
 #: signals that stop a run gracefully, and the exit code each ends it with (128 + the signal)
@@ -310,3 +313,28 @@ class GracefulStop(L.Callback):
                 signal.signal(signum, handle)
         except ValueError:  # not the main thread: signals stay as they were
             pass
+
+
+class RunHparams(L.Callback):
+    """The run's hyperparameters in every logger, and TensorBoard's HPARAMS row and chart layout.
+
+    Written as training starts (rank 0), once the module has checked X against its solver:
+    a run refused while setting up leaves no empty run in TensorBoard. ``metrics`` are the
+    final metrics the HPARAMS table has columns for, ``shown`` the hyperparameters it opens on.
+    """
+
+    def __init__(
+        self, params: dict[str, Any], shown: list[str], metrics: tuple[str, ...], online: bool, negatives: bool
+    ):
+        self.params, self.shown, self.metrics = params, shown, metrics
+        self.online, self.negatives = online, negatives
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the hyperparameters; declare the HPARAMS columns and lay out the charts."""
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.params)
+            if isinstance(logger, TensorBoardLogger):
+                write_hparams(logger.experiment, self.params, [f"hp/{k}" for k in self.metrics], self.shown)
+                write_layout(logger.experiment, self.online, self.negatives, pl_module.spec.restarts > 1)

@@ -18,6 +18,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from nmf_lightning.internals import file_writer
 from nmf_lightning.validation import NMFInputError
 
 
@@ -28,6 +29,37 @@ def check_every(every: object) -> int:
             f"trainer.log_every_n_steps must be an integer >= 1 (a curve point every so many updates), got {every!r}."
         )
     return every
+
+
+class BlockSizer:
+    """How many updates each Lightning ``training_step`` runs: ``inner_steps`` of them, or sized by the clock.
+
+    ``auto`` sizes blocks to take about ``seconds`` each, so Lightning's per-step cost and
+    the metrics' read-back stay a small share of the time however fast an update is, and
+    ends a block on the curves' grid where it can (block ends are points with all their
+    metrics). Block sizes change only where metrics are logged, never the factors.
+    """
+
+    def __init__(self, inner_steps: int | str, every: int, seconds: float = 1.0):
+        self.auto, self.every, self.seconds = inner_steps == "auto", every, seconds
+        self.size = 1 if self.auto else int(inner_steps)
+
+    def next(self, start: int, max_steps: int) -> int:
+        """Updates of the block starting after update ``start`` (at most up to ``max_steps``, when > 0)."""
+        n = self.size
+        if self.auto:  # end on the grid where that leaves an update to run
+            aligned = (start + n) // self.every * self.every
+            n = aligned - start if aligned > start else n
+        return min(n, max_steps - start) if max_steps > 0 else n
+
+    def measured(self, n: int, seconds: float | None) -> None:
+        """A block of ``n`` updates took ``seconds`` (None: the first, whose warm-up says nothing: grow)."""
+        if not self.auto:
+            return
+        if seconds is None:
+            self.size = 10 * n
+        elif seconds > 0:
+            self.size = int(min(max(n * self.seconds / seconds, 1), 10 * n, 100_000))
 
 
 class UpdateGrid:
@@ -96,7 +128,7 @@ class UpdateGrid:
             for step, metrics in out.items():
                 if writer is not None:  # one event per point, with when it was reached
                     values = [Summary.Value(tag=key, simple_value=value) for key, value in metrics.items()]
-                    writer._get_file_writer().add_summary(Summary(value=values), step, walls[step])
+                    file_writer(writer).add_summary(Summary(value=values), step, walls[step])
                 else:
                     logger.log_metrics(metrics, step=step)
         return out
@@ -126,10 +158,10 @@ def restart_curves(loggers: Iterable, step: int) -> None:
     for logger in loggers:
         writer = _writer(logger)
         if writer is not None:
-            writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+            file_writer(writer).add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
 def _writer(logger: object) -> SummaryWriter | None:
-    """The logger's TensorBoard writer, or None for another kind of logger."""
-    writer = getattr(logger, "experiment", None)
+    """The logger's TensorBoard writer (a writer is its own), or None for another kind of logger."""
+    writer = logger if isinstance(logger, SummaryWriter) else getattr(logger, "experiment", None)
     return writer if isinstance(writer, SummaryWriter) else None

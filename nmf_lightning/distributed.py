@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from torch import Tensor
 
+from nmf_lightning.internals import SubprocessScriptLauncher
 from nmf_lightning.validation import NMFInputError
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,16 @@ class RowShard:
         self.calls += 1
 
 
+def keep_rows(checkpoint: dict, shard: RowShard) -> None:
+    """Keep this rank's rows of the whole W (and its optimizer state) in a checkpoint: it resumes on any ranks."""
+    map_w_state(checkpoint, lambda A: A[..., shard.rows, :].clone(), checkpoint["state_dict"]["W"].shape)
+
+
+def gather_rows(checkpoint: dict, shard: RowShard, shape: torch.Size) -> None:
+    """Make a checkpoint hold all of W (of ``shape`` on this rank) and of its optimizer state, in row order."""
+    map_w_state(checkpoint, shard.gather_rows, shape)
+
+
 def map_w_state(checkpoint: dict, fn: Callable[[Tensor], Tensor], shape: torch.Size) -> None:
     """Apply ``fn`` to W in a checkpoint and to W's optimizer state (W is the optimizer's first parameter)."""
     state = checkpoint["state_dict"]
@@ -201,7 +211,7 @@ def map_w_state(checkpoint: dict, fn: Callable[[Tensor], Tensor], shape: torch.S
         checkpoint["optimizer_states"][i] = {**optimizer, "state": {**optimizer["state"], 0: w_state}}
 
 
-class _JobLauncher(_SubprocessScriptLauncher):
+class _JobLauncher(SubprocessScriptLauncher):
     """Lightning's launcher of child ranks, started inside this Hydra job rather than a new one.
 
     Lightning re-runs the command line with ``hydra.run.dir`` set: under a multirun (``-m``)
@@ -286,7 +296,7 @@ class ShardedDDP(DDPStrategy):
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
-        if isinstance(self._launcher, _SubprocessScriptLauncher):
+        if isinstance(self._launcher, SubprocessScriptLauncher):
             launcher = _JobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
             self._launcher = launcher
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nmf_lightning.validation import NMFInputError
+
 #: scikit-learn's EPSILON: the floor of WH where x > 0, and the guard of the MU denominators
 EPSILON = float(torch.finfo(torch.float32).eps)
 #: the losses named for their beta
@@ -30,17 +32,17 @@ def loss_beta(loss: str, beta: float | None = None) -> float | None:
     """The beta of ``model.loss`` (``kl`` 1, ``is`` 0, ``beta`` the given one); None for the Frobenius losses."""
     if loss in NAMED_BETAS:
         if beta is not None and float(beta) != NAMED_BETAS[loss]:
-            raise ValueError(
+            raise NMFInputError(
                 f"model.loss={loss} is the beta-divergence with beta={NAMED_BETAS[loss]:g}, but model.beta={beta}; "
                 f"drop model.beta, or use model.loss=beta model.beta={beta}."
             )
         return NAMED_BETAS[loss]
     if loss == "beta":
         if beta is None:
-            raise ValueError("model.loss=beta needs model.beta (2 = Frobenius, 1 = KL, 0 = Itakura-Saito).")
+            raise NMFInputError("model.loss=beta needs model.beta (2 = Frobenius, 1 = KL, 0 = Itakura-Saito).")
         return float(beta)
     if beta is not None:
-        raise ValueError(f"model.beta={beta} applies to model.loss=beta only, and model.loss={loss}.")
+        raise NMFInputError(f"model.beta={beta} applies to model.loss=beta only, and model.loss={loss}.")
     return None
 
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nmf_lightning.validation import NMFInputError
+
 
 @contextmanager
 def claimed_gpu(lock_dir: str | Path, n_gpus: int, poll_seconds: float = 1.0) -> Iterator[int]:
@@ -18,7 +20,9 @@ def claimed_gpu(lock_dir: str | Path, n_gpus: int, poll_seconds: float = 1.0) ->
     import fcntl  # POSIX: GPU sweeps run on Linux
 
     if n_gpus < 1:
-        raise ValueError("spread_gpus=true (launcher=joblib_gpus) but no CUDA device is visible; use launcher=joblib.")
+        raise NMFInputError(
+            "spread_gpus=true (launcher=joblib_gpus) but no CUDA device is visible; use launcher=joblib."
+        )
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     while True:

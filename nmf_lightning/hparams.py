@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from nmf_lightning.internals import file_writer
+
 #: the flat hyperparameters of a run, in the order they matter to a comparison, and their config keys
 KEYS = {
     "rank": "model.rank",
@@ -164,9 +166,9 @@ def write_hparams(writer: Any, params: dict[str, Any], metrics: list[str], shown
     for info in content.experiment.hparam_infos:
         info.differs = info.name in shown
     exp.value[0].metadata.plugin_data.content = content.SerializeToString()
-    file_writer = writer._get_file_writer()
+    events = file_writer(writer)
     for summary in (exp, ssi, sei):
-        file_writer.add_summary(summary)
+        events.add_summary(summary)
 
 
 def write_layout(writer: Any, online: bool, negatives: bool, restarts: bool) -> None:

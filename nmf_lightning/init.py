@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from nmf_lightning.validation import NMFInputError
+
 if TYPE_CHECKING:
-    from nmf_lightning.engine.target import Target
+    from nmf_lightning.engine.blocks import Block
 
 INITS = ("random", "normal_abs", "nndsvd", "nndsvda", "nndsvdar")
 #: inits that read X's singular vectors and so need rank <= min(n, m)
@@ -23,30 +25,22 @@ SVD_INITS = ("nndsvd", "nndsvda", "nndsvdar")
 
 
 def initial_factors(
-    t: Target, rank: int, init: str = "random", *, seed: int = 0, restarts: int = 1, scale: float = 0.01
+    t: Block, rank: int, init: str = "random", *, seed: int = 0, restarts: int = 1, scale: float = 0.01
 ) -> tuple[Tensor, Tensor]:
-    """The starting W and H for X held whole as a :class:`~nmf_lightning.engine.Target`, in its dtype and device.
+    """The starting W and H for X held whole as one :class:`~nmf_lightning.engine.Block`, in its dtype and device.
 
     Restart r draws from seed ``seed + r``; with ``restarts`` > 1 the factors are stacked,
-    (r, n, k) and (r, k, m). Observed triplets take the SVD of X with zeros at the missing
-    entries; the random inits read only X's mean.
+    (r, n, k) and (r, k, m). The random inits read only X's mean; the SVD inits take the SVD
+    of X with zeros at the missing entries.
     """
-    dtype, device = _dtype_device(t)
-    if init not in SVD_INITS and t.X is None:  # triplets: the mean is all a random init reads
-        mean = float(t.vals.double().sum()) / max(t.n_obs, 1)
-        return draw_factors(t.shape, rank, init, mean=mean, seed=seed, restarts=restarts, scale=scale, like=t.vals)
-    X, mask = t.X, t.mask
-    if X is None:  # the SVD of the observed entries, zeros elsewhere
-        X = torch.zeros(t.shape, dtype=dtype, device=device).index_put_((t.rows, t.cols), t.vals)
-        mask = torch.zeros(t.shape, dtype=torch.bool, device=device).index_put_(
-            (t.rows, t.cols), torch.tensor(True, device=device)
-        )
+    mean = float(t.values_sum()) / max(t.n_obs, 1)
+    like = torch.empty((), dtype=t.dtype, device=t.device)
+    if init not in SVD_INITS:
+        return draw_factors(t.shape, rank, init, mean=mean, seed=seed, restarts=restarts, scale=scale, like=like)
+    X, _ = t.for_svd()
     Xf = X if X.dtype in (torch.float32, torch.float64) else X.float()
-    pairs = [
-        initialize(Xf, rank, init, generator=_seeded(seed + r), mask=mask, scale=scale, n_obs=t.n_obs)
-        for r in range(restarts)
-    ]
-    return stack_restarts(pairs, like=X)
+    pairs = [_nndsvd(Xf, rank, init, generator=_seeded(seed + r), mean=mean, eps=1e-6) for r in range(restarts)]
+    return stack_restarts(pairs, like=like)
 
 
 def draw_factors(
@@ -76,11 +70,6 @@ def stack_restarts(pairs: list[tuple[Tensor, Tensor]], like: Tensor | None = Non
 
 def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
-
-
-def _dtype_device(t: Target) -> tuple[torch.dtype, torch.device]:
-    ref = t.X if t.X is not None else t.vals
-    return ref.dtype, ref.device
 
 
 def initialize(
@@ -118,7 +107,7 @@ def draw(
         # W first, then H: the order of the 20 newsgroups notebook under torch.manual_seed
         W = torch.normal(0.0, scale, size=(n, rank), generator=generator).abs()
         return W, torch.normal(0.0, scale, size=(rank, m), generator=generator).abs()
-    raise ValueError(f"model.init={init!r} is not a known init; choose one of {INITS}.")
+    raise NMFInputError(f"model.init={init!r} is not a known init; choose one of {INITS}.")
 
 
 def _randn(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -154,7 +143,7 @@ def _nndsvd(
     """
     n, m = X.shape
     if rank > min(n, m):
-        raise ValueError(
+        raise NMFInputError(
             f"model.init={variant} needs model.rank <= min(n, m) = {min(n, m)} for X of shape "
             f"{n}x{m}, got rank {rank}; lower the rank or use model.init=random."
         )

@@ -6,12 +6,13 @@ Run ``nmf-train`` (or ``python -m nmf_lightning.train``) with Hydra overrides, e
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
-import os
 import signal
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,22 +22,25 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from nmf_lightning.atomic import save_npz, write_text
-from nmf_lightning.callbacks import GracefulStop
-from nmf_lightning.console import TqdmHandler, run_console
+from nmf_lightning.callbacks import AtomicCheckpointIO, GracefulStop, RunHparams
+from nmf_lightning.console import NMFWarning, TqdmHandler, run_console
 from nmf_lightning.curves import check_every
 from nmf_lightning.distributed import ShardedDDP, check_shardable, global_rank, is_main_process
+from nmf_lightning.engine import DivergenceError
 from nmf_lightning.gpus import claimed_gpu
-from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys, write_hparams, write_layout
-from nmf_lightning.module import DivergenceError, NMFModule
+from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys
+from nmf_lightning.module import NMFModule
+from nmf_lightning.params import CLI_WORDS, check_params
 from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir
+from nmf_lightning.solvers import registry
 from nmf_lightning.validation import NMFInputError, check_accelerator, check_precision
 
 log = logging.getLogger(__name__)
@@ -123,68 +127,80 @@ def _check_ckpt_path(cfg: DictConfig) -> None:
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
-    out = Path(cfg.paths.output_dir)
+    """Check the configuration, load X, instantiate the run, fit it and export what it found."""
+    check_config(cfg)
+    _configure_torch(cfg)
+    log.info("Loading data <%s>", _choice("data", cfg.data.get("loader", {}).get("path")))
+    datamodule = _build(cfg.data, "data", _convert_="all")
+    datamodule.setup("fit")  # load and check X now, before anything is trained or written
+    matrix = datamodule.matrix
+    layout = "dense" if isinstance(matrix.X, np.ndarray) or not getattr(matrix.X, "sparse", True) else "sparse"
+    log.info("X: %s x %s %s", *matrix.shape, layout)
+    model, trainer = _instantiate(cfg, datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except DivergenceError as err:
+        path = Path(cfg.paths.output_dir) / "factors_last_finite.npz"
+        if trainer.is_global_zero and err.W is not None:
+            save_npz(path, W=err.W, H=err.H)
+        raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
+    return _export(cfg, trainer, model, datamodule.holdout is not None)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What the configuration alone can get wrong, before any data is loaded (the model's own keys at its build)."""
     _check_ckpt_path(cfg)
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), sharded=_sharded(cfg))
     check_precision(cfg.trainer.get("precision"))
-    _check_lr(cfg.optimizer.get("lr", "auto"))
-    if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.get("max_steps", -1)) < 1:
-        raise ValueError(f"trainer.max_steps must be >= 1 (the number of updates), got {cfg.trainer.get('max_steps')}.")
+    values = {"steps": cfg.trainer.get("max_steps")}
+    if "lr" in cfg.optimizer:
+        values["lr"] = cfg.optimizer.lr
+    check_params(values, name=CLI_WORDS.name)
     check_every(cfg.trainer.get("log_every_n_steps", 10))
+    matmul = cfg.get("matmul_precision", "highest")
+    if matmul not in ("highest", "high", "medium"):
+        raise NMFInputError(f"matmul_precision={matmul!r} must be highest, high or medium.")
+
+
+def _configure_torch(cfg: DictConfig) -> None:
+    """Seeds, CPU threads and float32 matmul precision for this process."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    matmul = cfg.get("matmul_precision", "highest")
-    if matmul not in ("highest", "high", "medium"):
-        raise ValueError(f"matmul_precision={matmul!r} must be highest, high or medium.")
-    torch.set_float32_matmul_precision(matmul)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
 
-    log.info("Loading data <%s>", _choice("data", cfg.data.get("loader", {}).get("path")))
-    datamodule = _build(cfg.data, _convert_="all")
-    datamodule.setup("fit")  # load and check X now, before anything is trained or written
-    matrix = datamodule.matrix
-    log.info("X: %s x %s %s", *matrix.shape, "sparse" if not isinstance(matrix.X, np.ndarray) else "dense")
 
+def _instantiate(cfg: DictConfig, datamodule: Any) -> tuple[NMFModule, L.Trainer]:
+    """The module, the callbacks, the loggers and the trainer, checked against each other before training.
+
+    Nothing is written yet: the loggers open their files when training starts
+    (:class:`~nmf_lightning.callbacks.RunHparams`), after the module has checked X against its solver.
+    """
+    held_out = datamodule.holdout is not None
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     callbacks.append(GracefulStop())  # SIGTERM, SIGINT, SIGUSR1: finish the update, save, report
-    held_out = datamodule.holdout is not None
     _check_early_stopping(callbacks, held_out)
-    model: NMFModule = _build(_model_config(cfg, callbacks), optimizer=_build(cfg.optimizer, _convert_="all"))
+    model: NMFModule = _build(_model_config(cfg, callbacks), "model", optimizer=_build_optimizer(cfg))
     _check_optimized_metric(cfg, model, held_out)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, **_trainer_overrides(cfg, held_out)
-    )
-    _check_ranks(cfg, trainer, matrix.shape[0])
-    hp_metrics = hp_metric_names(held_out)
     choices, overrides, swept = _command_line()
     params, shown = run_hparams(cfg, choices, overrides, swept)
+    negatives = not cfg.model.project and not model.spec.info.closed_form
+    callbacks.append(RunHparams(params, shown, hp_metric_names(held_out), bool(cfg.model.get("online")), negatives))
+    extra = {"plugins": [AtomicCheckpointIO()], **_trainer_overrides(cfg, held_out)}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **extra)
+    _check_ranks(cfg, trainer, datamodule.matrix.shape[0])
+    model.check(datamodule, trainer.precision, trainer.world_size)  # X against the solver: before files are opened
     logged = {k: v for k, v in params.items() if k != "overrides" and not (isinstance(v, float) and math.isnan(v))}
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in logged.items()))  # (a closed form has no lr: NaN)
     log.info("overrides: %s", params["overrides"])
     log.info("device: %s, precision %s", _device(trainer), cfg.trainer.precision)
-    events = set(out.glob("events.out.tfevents.*"))  # a resumed run's curves are not this run's to remove
-    for logger in loggers if is_main_process() else ():  # (the trainer learns its rank when fit starts)
-        logger.log_hyperparams(params)
-        if isinstance(logger, TensorBoardLogger):  # HPARAMS tab: declare the final metrics now
-            write_hparams(logger.experiment, params, [f"hp/{k}" for k in hp_metrics], shown)
-            negatives = not cfg.model.project and not str(cfg.optimizer.get("_target_")).startswith(SOLVERS)
-            write_layout(logger.experiment, bool(cfg.model.get("online")), negatives, model.hparams.restarts > 1)
+    return model, trainer
 
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except DivergenceError as err:
-        path = out / "factors_last_finite.npz"
-        if trainer.is_global_zero:
-            save_npz(path, W=err.W, H=err.H)
-        raise DivergenceError(f"{err} The last finite factors are in {path}.", err.step, err.W, err.H) from None
-    except NMFInputError:  # refused as the module set up, before an update: no run to show in TensorBoard
-        for logger in loggers:
-            logger.finalize("failed")
-        for path in set(out.glob("events.out.tfevents.*")) - events:
-            path.unlink(missing_ok=True)
-        raise
 
+def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: bool) -> dict[str, Any]:
+    """Write the run's results, all in one place: factors.npz, metrics.json, the HPARAMS row; rank 0 only."""
+    out = Path(cfg.paths.output_dir)
     metrics = {metric_key(k): v for k, v in model.final_metrics.items()}
     if not trainer.is_global_zero:  # rank 0 writes the results (W gathered from every rank)
         return metrics
@@ -195,7 +211,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     log.info("final metrics: %s", json.dumps(metrics))
     if reason is not None:
         metrics.update(status="degenerate", reason=reason)
-    for logger in loggers:
+    hp_metrics = hp_metric_names(held_out)
+    for logger in trainer.loggers:
         logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)
         logger.finalize("success" if reason is None else "failed")
     if reason is not None:
@@ -291,21 +308,9 @@ def _sharded(cfg: DictConfig) -> bool:
 
 
 def _check_ranks(cfg: DictConfig, trainer: L.Trainer, n_rows: int) -> None:
-    """What DDP cannot shard is refused here, before any rank is started."""
+    """What DDP cannot shard is refused here, before any rank is started (the solver's part: NMFModule.check)."""
     if trainer.world_size <= 1:
         return
-    ranks = f"trainer=ddp with {trainer.world_size} ranks"
-    target = str(cfg.optimizer.get("_target_", ""))
-    if target.endswith("Kaczmarz"):
-        raise NMFInputError(
-            f"optimizer=kaczmarz samples rows anywhere in X for every update, which {ranks} splits between "
-            "processes; use optimizer=hals, mu or als (their H-updates read sums over the ranks)."
-        )
-    if cfg.model.get("online"):
-        raise NMFInputError(
-            f"model.online=true updates H after every row block, but under {ranks} each rank holds other "
-            "blocks; use model.online=false (H updated once per pass)."
-        )
     check_shardable(n_rows, trainer.world_size, cfg.data.get("batch_rows"))
     if not isinstance(trainer.strategy, ShardedDDP):
         raise NMFInputError(
@@ -328,20 +333,72 @@ def _stop_reason(trainer: L.Trainer, model: NMFModule) -> str:
     return reason
 
 
-def _build(node: DictConfig, **kwargs: Any) -> Any:
-    """``instantiate`` that lets our own input errors through unwrapped, so users read them."""
+def _build(node: DictConfig, group: str, **kwargs: Any) -> Any:
+    """``instantiate``, with the configuration's errors said as such (exit code 2) and our own let through.
+
+    A bug inside a constructor keeps its traceback.
+    """
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
-            raise err.__cause__ from None
-        raise
+        cause = err.__cause__
+        if isinstance(cause, NMFInputError):
+            raise cause from None
+        if cause is None or isinstance(cause, ImportError) or _signature_error(cause):
+            raise NMFInputError(f"the {group} config cannot be built: {cause or err}") from None
+        raise cause from err
 
 
+def _signature_error(err: BaseException) -> bool:
+    """Whether a TypeError says a call did not match its function's arguments (a config's keys), not a bug within."""
+    text = str(err)
+    return isinstance(err, TypeError) and ("argument" in text and ("unexpected" in text or "missing" in text))
+
+
+def _build_optimizer(cfg: DictConfig) -> Any:
+    """The optimizer's factory, without the keys its target does not take.
+
+    An experiment sets keys of its own optimizer (``lr``, ``betas``); picking another
+    optimizer group on the command line keeps them in the merged config, and a
+    closed-form solver takes none of them: they are left out, with a warning that names them.
+    """
+    node = cfg.optimizer
+    target = _locate(node.get("_target_"))
+    if target is None:
+        return _build(node, "optimizer", _convert_="all")
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read: build it as it is
+        return _build(node, "optimizer", _convert_="all")
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return _build(node, "optimizer", _convert_="all")
+    extra = [k for k in node if not str(k).startswith("_") and k not in parameters]
+    if extra:
+        info = registry.of_target(str(node.get("_target_")))
+        name = info.name if info is not None else _choice("optimizer", node.get("_target_"))
+        warnings.warn(
+            f"optimizer={name} takes no {', '.join(extra)} (set by the config for another optimizer); "
+            "they are left out.",
+            NMFWarning,
+            stacklevel=2,
+        )
+        node = OmegaConf.create({k: v for k, v in node.items() if k not in extra})
+    return _build(node, "optimizer", _convert_="all")
+
+
+def _locate(target: Any) -> Any:
+    """The class or function a ``_target_`` names, or None when it cannot be found (the build then says why)."""
+    try:
+        return hydra.utils.get_object(str(target)) if target else None
+    except Exception:  # noqa: BLE001 - a bad target is reported by _build, with Hydra's words
+        return None
+
+
+#: what a user's input or configuration gets wrong (exit code 2, one line): the project's input errors, and
+#: Hydra's and OmegaConf's own (a missing value, a bad interpolation)
+CONFIG_ERRORS = (NMFInputError, HydraException, OmegaConfBaseException)
 #: the config target of the row-sharded DDP strategy (trainer=ddp)
 SHARDED_DDP = "nmf_lightning.distributed.ShardedDDP"
-#: config targets of the closed-form solvers, whose factors are >= 0 by construction
-SOLVERS = "nmf_lightning.solvers."
 #: a final relative error at least this high is no fit (all-zero factors have 1.0)
 DEGENERATE_ERROR = 0.999
 #: what to do about a run whose error cannot be measured
@@ -379,13 +436,6 @@ def metric_key(name: str) -> str:
     """metrics.json name of a logged metric: ``train/rmse`` -> ``rmse``, ``val/rmse`` -> ``val_rmse``."""
     group, _, rest = name.rpartition("/")
     return f"val_{rest}" if group == "val" else rest
-
-
-def _check_lr(lr: Any) -> None:
-    """``optimizer.lr`` is ``auto`` or a finite number > 0: say so before torch does, in its own words."""
-    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
-    if lr != "auto" and not (number and math.isfinite(lr) and lr > 0):
-        raise NMFInputError(f"optimizer.lr must be auto or a number > 0, got {lr!r}.")
 
 
 def _check_optimized_metric(cfg: DictConfig, model: NMFModule, held_out: bool) -> None:
@@ -473,17 +523,15 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
             _fail(1, str(err))
         log.error("%s: %s", type(err).__name__, err)
         return _record_failure(cfg, err)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:  # the configuration or input: 2
+    except CONFIG_ERRORS as err:  # the configuration or input: 2, in one line
         if single:
             _fail(2, str(err))
         log.error("%s: %s", type(err).__name__, err)
         return _record_failure(cfg, err)
-    except Exception as err:
-        if single and os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
+    except Exception as err:  # a bug: its traceback, and exit code 1
+        log.exception("the run failed")
         if single:
-            _fail(1, f"{type(err).__name__}: {err} (HYDRA_FULL_ERROR=1 shows the traceback)")
-        log.exception("job failed")
+            raise
         return _record_failure(cfg, err)
 
 
@@ -503,7 +551,7 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     if key is None:
         return None
     if key not in metrics:
-        raise KeyError(f"optimized_metric={key!r} is not a final metric; choose one of {sorted(metrics)}.")
+        raise NMFInputError(f"optimized_metric={key!r} is not a final metric; choose one of {sorted(metrics)}.")
     return float(metrics[key])
 
 

@@ -18,7 +18,11 @@ from nmf_lightning.console import NMFWarning
 
 
 class NMFInputError(ValueError):
-    """Bad data or configuration, detected before any training work."""
+    """Bad data or configuration, detected before any training work (``nmf-train`` exits with code 2)."""
+
+
+class MissingFileError(NMFInputError, FileNotFoundError):
+    """A file the configuration names is not there."""
 
 
 def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X", totals: bool = True) -> None:
@@ -196,10 +200,21 @@ def check_scale(x_sq: float, n_obs: int, dtype: torch.dtype) -> None:
     )
 
 
-#: the training precisions Lightning and the estimator read (the float16 ones are refused with their reason)
-PRECISION_NAMES = frozenset(
-    {"64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16"}
-)
+#: the factors' dtype of each training precision Lightning and the estimator read ("-mixed": float32
+#: factors under autocast; the float16 ones are refused with their reason, see check_precision)
+PRECISIONS = {
+    "64": torch.float64,
+    "64-true": torch.float64,
+    "32": torch.float32,
+    "32-true": torch.float32,
+    "bf16-mixed": torch.float32,
+    "bf16": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float32,
+    "16": torch.float16,
+    "16-true": torch.float16,
+}
+PRECISION_NAMES = frozenset(PRECISIONS)
 
 
 def check_precision(

@@ -46,9 +46,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from nmf_lightning.data import NMFDataModule, digits, newsgroups, synthetic
 from nmf_lightning.init import initialize
+from nmf_lightning.linalg import sq_error_gram
 from nmf_lightning.module import NMFModule
-from nmf_lightning.objective import negativity_penalty, sq_error_gram
-from nmf_lightning.solvers import SOLVERS
+from nmf_lightning.objective import negativity_penalty
+from nmf_lightning.solvers import registry
 
 ARCHIVE = Path(
     os.environ.get(
@@ -222,7 +223,7 @@ def run_lightning(
         opt, extra = partial(torch.optim.Adam, lr=r["lr"], betas=r["betas"]), {}
         extra = dict(lam=r["lam"], project=r["project"], init=r["init"])
     else:
-        opt, extra = SOLVERS[solver], dict(init="nndsvda", tol=1e-4)
+        opt, extra = registry.lookup(solver).factory, dict(init="nndsvda", tol=1e-4)
         if sweeps > 1:  # accelerated HALS
             opt = partial(opt, sweeps=sweeps)
     model = NMFModule(rank=p["k"], optimizer=opt, restarts=restarts, seed=0, **extra)

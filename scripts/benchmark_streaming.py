@@ -188,7 +188,7 @@ class _ExactCurve(L.Callback):
             return
         self.last_step = trainer.global_step
         t0 = time.perf_counter()
-        rel = float(module.compute_metrics()["train/relative_error"])
+        rel = float(module.recorder.metrics(module.W, module.H)["train/relative_error"])
         self.points.append((t0 - self.start - self.paused, trainer.global_step, rel))
         self.paused += time.perf_counter() - t0
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nmf_lightning.engine import GradientUpdate, SolverUpdate, fit, to_target
+from nmf_lightning.engine import GradientUpdate, SolverUpdate, fit, to_block
 from nmf_lightning.engine.updates import fused_optimizer
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import HALSRule, MURule
@@ -57,7 +57,7 @@ def profile_method(method: str, shape: tuple[int, int, int], device: str, dtype:
     n, m, k = shape
     g = np.random.default_rng(0)
     X = g.random((n, k)) @ g.random((k, m))
-    t = to_target(X.astype(np.float32), dtype, device)
+    t = to_block(X.astype(np.float32), dtype, device)
     W = torch.rand(n, k, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     H = torch.rand(k, m, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     if method == "adam":

@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from nmf_lightning.data import NMFDataModule
 from nmf_lightning.module import NMFModule
-from nmf_lightning.solvers import SOLVERS, Solver
+from nmf_lightning.solvers import Solver, registry
 from nmf_lightning.train import config_dir
 
 CONFIGS = Path(config_dir())
@@ -18,7 +18,7 @@ def _options(group: str) -> list[str]:
 
 def test_every_group_has_its_options():
     assert {"toy", "synthetic", "known_factors", "digits", "newsgroups", "file"} <= set(_options("data"))
-    assert {"adam", "sgd", "adamw", "rmsprop", *SOLVERS} <= set(_options("optimizer"))
+    assert {s.name for s in registry.SOLVERS} == set(_options("optimizer"))  # a config for every solver, and no other
     assert {"newsgroups_adam", "toy_masked_l21", "synthetic_known_factors"} <= set(_options("experiment"))
 
 
@@ -31,7 +31,7 @@ def test_data_configs_compose_and_instantiate(make_cfg, name):
 
 @pytest.mark.parametrize("name", _options("optimizer"))
 def test_optimizer_configs_build_torch_optimizers(make_cfg, name):
-    solver = name in SOLVERS
+    solver = registry.lookup(name).closed_form
     cfg = make_cfg(f"optimizer={name}", *([] if solver else ["optimizer.lr=0.005"]))
     opt = instantiate(cfg.optimizer, _convert_="all")([torch.nn.Parameter(torch.ones(2))])
     assert isinstance(opt, torch.optim.Optimizer)
@@ -81,3 +81,9 @@ def test_other_groups_compose_and_instantiate(make_cfg, group):
             for node in cfg[group].values():
                 if node is not None:  # the fixture switches the progress bar off
                     assert instantiate(node) is not None
+
+
+@pytest.mark.parametrize("name", _options("optimizer"))
+def test_each_optimizer_config_names_its_registry_entry(make_cfg, name):
+    cfg = make_cfg(f"optimizer={name}")
+    assert registry.of_target(cfg.optimizer._target_) is registry.lookup(name)

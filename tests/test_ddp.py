@@ -19,9 +19,9 @@ import torch.multiprocessing as mp
 from conftest import run_cli
 
 from nmf_lightning.distributed import RowShard, split_rows
-from nmf_lightning.engine import GradientUpdate, SolverUpdate, sq_error, to_target
+from nmf_lightning.engine import GradientUpdate, SolverUpdate, sq_error, to_block
+from nmf_lightning.engine.blocks import dense_layout
 from nmf_lightning.engine.loop import update
-from nmf_lightning.engine.target import dense_layout
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import HALSRule, MURule
 from nmf_lightning.train import train
@@ -78,8 +78,8 @@ def _run(solver: str, layout: str, shard: RowShard | None) -> dict:
     X = _problem(layout)
     masked, triplets = dense_layout(X)
     rows = slice(None) if shard is None else shard.rows
-    t = to_target(X[rows], torch.float64, masked=masked, triplets=triplets)
-    x_sq = to_target(X, torch.float64).x_sq
+    t = to_block(X[rows], torch.float64, masked=masked, triplets=triplets)
+    x_sq = to_block(X, torch.float64).x_sq
     W0, H0 = _start()
     W, H = torch.nn.Parameter(W0[rows].clone()), torch.nn.Parameter(H0.clone())
     step = _step(solver, W, H, shard, x_sq)

@@ -11,8 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nmf_lightning.data import spectrogram
 from nmf_lightning.divergence import elementwise, loss_beta, mu_exponent
-from nmf_lightning.engine import SolverUpdate, fit, to_target
-from nmf_lightning.engine.target import Target
+from nmf_lightning.engine import MaskedBlock, SolverUpdate, fit, to_block
 from nmf_lightning.solvers import mu
 from nmf_lightning.solvers.rules import MURule
 from nmf_lightning.train import train
@@ -39,7 +38,7 @@ def test_divergence_and_gradients_equal_scikit_learn_and_autograd(sparse, beta):
         pytest.skip("Itakura-Saito needs X > 0")
     X = _x(sparse)
     W, H = _factors()
-    t = to_target(X, torch.float64)
+    t = to_block(X, torch.float64)
     Wt, Ht = torch.from_numpy(W), torch.from_numpy(H)
     d, dW, dH = t.div_and_grads(Wt, Ht, beta)
     assert float(d) == pytest.approx(_beta_divergence(X, W, H, beta), rel=1e-12)
@@ -57,7 +56,7 @@ def test_mu_equals_scikit_learn_with_penalties_and_never_increases_the_divergenc
         pytest.skip("Itakura-Saito needs X > 0")
     X = _x(sparse)
     W0, H0 = _factors()
-    t = to_target(X, torch.float64)
+    t = to_block(X, torch.float64)
     W, H = torch.from_numpy(W0.copy()), torch.from_numpy(H0.copy())
     values = []
     for _ in range(40):
@@ -86,13 +85,13 @@ def test_masked_entries_change_nothing_and_triplets_agree(beta):
     results = []
     for fill in (0.0, 1e3):  # whatever the missing entries hold
         Xm = np.where(keep, X, np.nan)
-        t = to_target(Xm, torch.float64, triplets=False)
+        t = to_block(Xm, torch.float64, triplets=False)
         t.X = torch.where(t.mask, t.X, torch.tensor(fill, dtype=torch.float64))
-        t = Target(t.X, None, t.mask, None, None, None, t.shape)  # re-zeroes the missing entries
+        t = MaskedBlock(t.X, t.mask)  # re-zeroes the missing entries
         W, H = W0.clone(), H0.clone()
         fit(t, W, H, SolverUpdate(MURule(beta)), 30)
         results.append((W, H, float(t.divergence(W, H, beta))))
-    triplets = to_target(np.where(keep, X, np.nan), torch.float64, triplets=True)
+    triplets = to_block(np.where(keep, X, np.nan), torch.float64, triplets=True)
     W, H = W0.clone(), H0.clone()
     fit(triplets, W, H, SolverUpdate(MURule(beta)), 30)
     for other in results[1:] + [(W, H, float(triplets.divergence(W, H, beta)))]:
@@ -121,7 +120,7 @@ class _LargestTensor(TorchDispatchMode):
 def test_sparse_kl_never_builds_a_rows_by_columns_tensor():
     n, m, k = 400, 500, 6
     X = sp.random(n, m, density=0.01, random_state=0, format="csr") * 5
-    t = to_target(X, torch.float64)
+    t = to_block(X, torch.float64)
     W, H = (torch.from_numpy(A) for A in _factors(n, m, k))
     update = SolverUpdate(MURule(1.0))
     with _LargestTensor() as probe:
@@ -182,9 +181,11 @@ def test_beta_loss_limits_are_named_before_training(make_cfg, tmp_path):
     X[0, 0] = 0.0
     np.save(tmp_path / "x.npy", X)
     data = ("data=file", f"data.path={tmp_path / 'x.npy'}", "model.rank=3", "trainer.max_steps=5")
-    with pytest.raises(NMFInputError, match=r"model.loss=is \(beta=0\) is defined for X > 0 only"):
+    with pytest.raises(
+        NMFInputError, match=r"the Itakura-Saito divergence \(model.loss=is\) is defined for X > 0 only"
+    ):
         train(make_cfg(*data, "model.loss=is", "optimizer=mu"))
-    with pytest.raises(NMFInputError, match="optimizer=hals minimises the Frobenius loss, not model.loss=kl"):
+    with pytest.raises(NMFInputError, match="optimizer=hals fits the Frobenius loss only, not model.loss=kl"):
         train(make_cfg(*data, "model.loss=kl", "optimizer=hals"))
     with pytest.raises(NMFInputError, match="defined for W H >= 0 only"):
         train(make_cfg(*data, "model.loss=kl", "model.project=false"))
@@ -244,9 +245,9 @@ def test_new_rows_are_solved_on_the_models_divergence(tmp_path, capsys):
     main([str(tmp_path), str(tmp_path / "new.npy"), "--out", str(tmp_path / "w.npy"), "--beta", "1", "--device", "cpu"])
     np.testing.assert_allclose(np.load(tmp_path / "w.npy"), transform(X, H, "mu", beta=1.0), rtol=1e-6)
     assert "wrote" in capsys.readouterr().out
-    with pytest.raises(NMFInputError, match="is solved by solver='mu', not 'hals'"):
+    with pytest.raises(NMFInputError, match="solver='hals' fits the Frobenius loss only, not beta=1; use solver='mu'"):
         transform(X, H, "hals", beta=1.0)
-    with pytest.raises(NMFInputError, match=r"the Itakura-Saito divergence \(beta <= 0\) is defined for X > 0 only"):
+    with pytest.raises(NMFInputError, match=r"the Itakura-Saito divergence \(beta=0\) is defined for X > 0 only"):
         transform(X, H, "mu", beta=0.0)
 
 
@@ -258,16 +259,16 @@ def test_is_on_masked_x_with_an_empty_row_stays_finite_and_transform_refuses_zer
     X[0, :] = np.nan  # its row of W goes to 0 under MU: W H = 0 at missing entries only
     est = NMF(3, beta_loss="itakura-saito", solver="mu", init="random", random_state=0, max_iter=50).fit(X)
     assert np.isfinite(est.reconstruction_err_)
-    with pytest.raises(ValueError, match="When beta_loss <= 0 and X contains zeros"):
+    with pytest.raises(ValueError, match="is defined for X > 0 only, and X has zero entries"):
         est.transform(np.zeros((2, 20)))
-    with pytest.raises(ValueError, match="When beta_loss <= 0 and X contains zeros"):
+    with pytest.raises(ValueError, match="is defined for X > 0 only, and X has zero entries"):
         est.score(np.zeros((2, 20)))
 
 
 def test_bfloat16_sums_the_divergence_in_float32():
     X = _x(False, 200, 100)
     W, H = (torch.from_numpy(A) for A in _factors(200, 100))
-    exact = float(to_target(X, torch.float64).divergence(W, H, 1.0))
-    t = to_target(X, torch.bfloat16)
+    exact = float(to_block(X, torch.float64).divergence(W, H, 1.0))
+    t = to_block(X, torch.bfloat16)
     value = t.divergence(W.bfloat16(), H.bfloat16(), 1.0)
     assert value.dtype == torch.float32 and float(value) == pytest.approx(exact, rel=1e-2)

@@ -7,8 +7,8 @@ import torch
 from test_solvers import _problem
 
 from nmf_lightning.engine import GradientUpdate, fit
-from nmf_lightning.engine.target import eps_for
 from nmf_lightning.engine.updates import fused_optimizer
+from nmf_lightning.linalg import eps_for
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers import mu
 
@@ -115,7 +115,7 @@ def test_csr_rows_reads_a_block_of_rows_as_scipy_does():
     import numpy as np
     import scipy.sparse as sp
 
-    from nmf_lightning.solvers.kaczmarz import csr_rows
+    from nmf_lightning.linalg import csr_rows
 
     X = sp.random(50, 40, density=0.1, format="csr", random_state=0)
     X[7] = 0

@@ -188,17 +188,8 @@ def test_gpu_beta_divergence_matches_the_cpu(make_cfg, tmp_path, loss, optimizer
 
 
 def _moved(t, W, H, device, dtype):
-    from dataclasses import replace
-
-    moved = t.to(device)
-    if moved.X is not None and not moved.sparse:
-        moved = replace(moved, X=moved.X.to(dtype), _buffers={})
-    elif moved.X is not None:
-        X, Xt = moved.X, moved.Xt
-        moved = replace(moved, X=X.to(dtype), Xt=Xt.to(dtype) if Xt is not None else None, _buffers={})
-    elif moved.vals is not None:
-        moved = replace(moved, vals=moved.vals.to(dtype), _buffers={})
-    moved._x_sq = None
+    moved = t.to(device, dtype)
+    moved._x_sq = None  # measured in the block's own values
     return moved, W.detach().to(device, dtype).clone(), H.detach().to(device, dtype).clone()
 
 
@@ -226,7 +217,7 @@ def test_every_solver_layout_and_precision_on_cuda_follows_the_cpu(solver, layou
 
     from nmf_lightning.engine import GradientUpdate, SolverUpdate, fit, sq_error
     from nmf_lightning.objective import Objective
-    from nmf_lightning.solvers.rules import RULES
+    from nmf_lightning.solvers import registry
 
     if dtype == "bf16" and (layout == "sparse" or solver == "als"):
         pytest.skip("no bf16 sparse kernels or Cholesky (refused up front)")
@@ -245,7 +236,7 @@ def test_every_solver_layout_and_precision_on_cuda_follows_the_cpu(solver, layou
                 H.requires_grad_(True)
                 update = GradientUpdate(torch.optim.Adam([W, H], lr=1e-2), Objective("fro2", n_obs=target.n_obs))
             else:
-                update = SolverUpdate(RULES[solver]())
+                update = SolverUpdate(registry.lookup(solver).factory.rule_class())
             fit(target, W, H, update, 20)
             W, H = W.detach().double(), H.detach().double()
             exact, _, _ = _moved(t, W, H, device, torch.float64)

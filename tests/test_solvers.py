@@ -7,7 +7,7 @@ import torch
 from sklearn.decomposition import NMF
 
 from nmf_lightning.data import digits, known_factors
-from nmf_lightning.engine import SolverUpdate, Target, fit, to_target
+from nmf_lightning.engine import DenseBlock, MaskedBlock, ObservedBlock, SolverUpdate, SparseBlock, fit, to_block
 from nmf_lightning.init import initialize
 from nmf_lightning.solvers import HALS, MU, hals, mu
 from nmf_lightning.train import train
@@ -33,7 +33,12 @@ def _problem(n=30, m=20, k=4, seed=0, layout="dense"):
         keep = torch.rand(n, m, generator=g) > 0.8
         rows, cols = keep.nonzero(as_tuple=True)
         vals, mask = X[rows, cols], keep
-    t = Target(X if layout != "triplets" else None, Xt, mask if layout == "masked" else None, rows, cols, vals, (n, m))
+    t = {
+        "dense": lambda: DenseBlock(X),
+        "sparse": lambda: SparseBlock(X, Xt),
+        "masked": lambda: MaskedBlock(X, mask),
+        "triplets": lambda: ObservedBlock(rows, cols, vals, (n, m)),
+    }[layout]()
     dense_mask = mask if mask is not None else torch.ones(n, m, dtype=torch.bool)
     Xd = X.to_dense() if layout == "sparse" else X
     return t, W, H, Xd, dense_mask
@@ -73,7 +78,7 @@ def test_updates_never_increase_the_objective_and_stay_non_negative(rule, layout
 
 def test_masked_updates_ignore_missing_values():
     t, W, H, _, mask = _problem(layout="masked")
-    poisoned = Target(t.X + 1e6 * (~mask), None, mask, None, None, None, t.shape)
+    poisoned = MaskedBlock(t.X + 1e6 * (~mask), mask)
     for rule in (mu, hals):
         torch.testing.assert_close(rule.update_h(poisoned, W, H), rule.update_h(t, W, H))
         torch.testing.assert_close(rule.update_w(poisoned, W, H), rule.update_w(t, W, H))
@@ -88,7 +93,7 @@ def test_batched_restarts_update_each_restart_like_a_single_problem():
 
 
 def _start(solver, matrix, k, init):
-    t = to_target(matrix.X, torch.float64)
+    t = to_block(matrix.X, torch.float64)
     W, H = initialize(t.X, k, init, generator=torch.Generator().manual_seed(0))
     return t, W, H, SolverUpdate(solver([W, H]).rule)
 
@@ -196,11 +201,12 @@ def test_solver_limits_are_named(make_cfg, tmp_path):
 
 @pytest.mark.parametrize("solver", ["als", "kaczmarz"])
 def test_als_and_kaczmarz_keep_factors_non_negative_and_beat_the_notebook(solver):
-    from nmf_lightning.solvers import SOLVERS
+    from nmf_lightning.solvers import registry
 
-    err = _fit(SOLVERS[solver], known_factors(), 3, 300)
+    factory = registry.lookup(solver).factory
+    err = _fit(factory, known_factors(), 3, 300)
     assert err < 0.2  # the notebook's ALS stalled at 0.696 (and its Kaczmarz did worse)
-    t, W, H, update = _start(SOLVERS[solver], known_factors(), 3, "random")
+    t, W, H, update = _start(factory, known_factors(), 3, "random")
     for _ in range(20):
         fit(t, W, H, update, 1)
         assert (W >= 0).all() and (H >= 0).all()
@@ -210,19 +216,11 @@ def test_masked_als_ignores_missing_values():
     from nmf_lightning.solvers import als
 
     t, W, H, _, mask = _problem(layout="masked")
-    poisoned = Target(t.X + 1e6 * (~mask), None, mask, None, None, None, t.shape)
+    poisoned = MaskedBlock(t.X + 1e6 * (~mask), mask)
     torch.testing.assert_close(als.update_h(poisoned, W, H), als.update_h(t, W, H))
     torch.testing.assert_close(als.update_w(poisoned, W, H), als.update_w(t, W, H))
     trip, W, H, _, _ = _problem(layout="triplets")
-    dense = Target(
-        torch.zeros(trip.shape, dtype=torch.float64).index_put_((trip.rows, trip.cols), trip.vals),
-        None,
-        torch.zeros(trip.shape, dtype=torch.bool).index_put_((trip.rows, trip.cols), torch.tensor(True)),
-        None,
-        None,
-        None,
-        trip.shape,
-    )
+    dense = MaskedBlock(*trip.for_svd())  # the same entries as a dense X with a mask
     torch.testing.assert_close(als.update_h(trip, W, H), als.update_h(dense, W, H))
 
 
@@ -359,9 +357,7 @@ def test_l2_penalty_matches_scikit_learn_folding():
 def test_h_from_summed_statistics_equals_the_direct_update(rule):
     t, W, H, _, _ = _problem(layout="masked")
     W[:, 1] = 0  # a component no observed entry sees
-    halves = [
-        Target(t.X[a:b], None, t.mask[a:b], None, None, None, (b - a, t.shape[1]), a) for a, b in ((0, 13), (13, 30))
-    ]
+    halves = [MaskedBlock(t.X[a:b], t.mask[a:b], start=a) for a, b in ((0, 13), (13, 30))]
     stats = [rule.h_stats(h, W[h.start : h.stop], H) for h in halves]
     summed = {k: stats[0][k] + stats[1][k] for k in stats[0]}
     torch.testing.assert_close(rule.h_from_stats(summed, H, 0.1, 0.5), rule.update_h(t, W, H, 0.1, 0.5))

@@ -12,7 +12,8 @@ import scipy.sparse as sp
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nmf_lightning.module import DivergenceError, NMFModule
+from nmf_lightning.engine import DivergenceError, ObservedBlock, Problem, SparseBlock
+from nmf_lightning.module import NMFModule
 from nmf_lightning.train import DegenerateError, _record_failure, degenerate_reason, train
 from nmf_lightning.validation import NMFInputError
 
@@ -216,20 +217,21 @@ def test_sparse_x_trains_without_being_densified(tmp_path, make_cfg):
     path = tmp_path / "x.npz"
     sp.save_npz(path, X)
     seen = {}
-    orig = NMFModule.set_matrix
+    orig = Problem.__init__
 
-    def spy(self, matrix, dtype=None, holdout=None):
-        orig(self, matrix, dtype, holdout)
-        seen["layout"] = self.X.layout
+    def spy(self, spec, source, *args, **kwargs):
+        orig(self, spec, source, *args, **kwargs)
+        if source.blocks is not None:  # (the check before training has no blocks)
+            seen["block"] = source.blocks
 
-    NMFModule.set_matrix = spy
+    Problem.__init__ = spy
     try:
         metrics = train(
             make_cfg("data=file", f"data.path={path}", "model.rank=5", "trainer.max_steps=50", "optimizer.lr=0.01")
         )
     finally:
-        NMFModule.set_matrix = orig
-    assert seen["layout"] == torch.sparse_csr
+        Problem.__init__ = orig
+    assert isinstance(seen["block"], SparseBlock) and seen["block"].X.layout == torch.sparse_csr
     W, H = _factors(tmp_path)
     dense = X.toarray()
     assert metrics["relative_error"] == pytest.approx(np.linalg.norm(dense - W @ H) / np.linalg.norm(dense), rel=1e-4)
@@ -269,10 +271,14 @@ def test_divergence_stops_with_the_step_and_keeps_last_finite_factors(make_cfg, 
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [
-        (("model.rank=0",), NMFInputError, r"model.rank must be >= 1, got 0"),
-        (("model.loss=l1",), NMFInputError, r"model.loss='l1' is not supported"),
-        (("model.lam=-1",), NMFInputError, r"model.lam is a penalty weight and must be >= 0"),
-        (("trainer.max_steps=0",), ValueError, r"trainer.max_steps must be >= 1"),
+        (("model.rank=0",), NMFInputError, r"model.rank must be an integer >= 1, got 0"),
+        (("model.loss=l1",), NMFInputError, r"model.loss must be one of 'fro', .*got 'l1'"),
+        (("model.lam=-1",), NMFInputError, r"model.lam must be a finite number >= 0 \(a penalty weight\), got -1"),
+        (
+            ("trainer.max_steps=0",),
+            NMFInputError,
+            r"trainer.max_steps must be an integer >= 1 \(the number of updates\)",
+        ),
         (("trainer.log_every_n_steps=0",), NMFInputError, r"trainer.log_every_n_steps must be an integer >= 1"),
         (("ckpt_path=/",), NMFInputError, r"ckpt_path=/ is a folder; give a checkpoint file"),
         (("data.n_rows=10000000", "data.n_cols=10000000"), NMFInputError, r"needs .* GiB to generate but"),
@@ -330,13 +336,14 @@ def test_ratings_fit_only_their_stored_entries(make_cfg, tmp_path):
     nan_dense = np.where(dense > 0, dense, np.nan)
     np.save(tmp_path / "r.npy", nan_dense)
     seen = {}
-    orig = NMFModule.set_matrix
+    orig = Problem.__init__
 
-    def spy(self, matrix, dtype=None, holdout=None):
-        orig(self, matrix, dtype, holdout)
-        seen[matrix.name] = (self.X is None, self.obs_vals is not None and len(self.obs_vals))
+    def spy(self, spec, source, *args, **kwargs):
+        orig(self, spec, source, *args, **kwargs)
+        if source.blocks is not None:  # (the check before training has no blocks)
+            seen[len(seen)] = (isinstance(source.blocks, ObservedBlock), source.blocks.n_obs)
 
-    NMFModule.set_matrix = spy
+    Problem.__init__ = spy
     runs = {}
     try:
         for name, extra in (
@@ -356,9 +363,9 @@ def test_ratings_fit_only_their_stored_entries(make_cfg, tmp_path):
                 )
             )
     finally:
-        NMFModule.set_matrix = orig
+        Problem.__init__ = orig
     # both keep only the ratings as (row, col, value) triplets: no n x m tensor at all
-    assert seen["r"] == (True, ratings.nnz) if len(seen) == 1 else all(v == (True, ratings.nnz) for v in seen.values())
+    assert len(seen) == 2 and all(v == (True, ratings.nnz) for v in seen.values())
     assert runs["sparse"]["relative_error"] == pytest.approx(runs["dense"]["relative_error"], rel=1e-5)
     W, H = _factors(tmp_path / "sparse")
     obs = dense > 0
@@ -464,14 +471,14 @@ def test_resuming_with_another_rank_is_a_clear_error(make_cfg, tmp_path):
 
 
 def test_batched_kaczmarz_survives_rows_that_are_zero_in_one_restart():
-    from nmf_lightning.engine import Target
+    from nmf_lightning.engine import DenseBlock
     from nmf_lightning.solvers import kaczmarz
 
     X = torch.rand(12, 9, dtype=torch.float64) * 16
     W = torch.rand(2, 12, 3, dtype=torch.float64)
     W[0, :5] = 0  # zero rows in restart 0 only
     H = torch.rand(2, 3, 9, dtype=torch.float64)
-    t = Target(X, None, None, None, None, None, (12, 9))
+    t = DenseBlock(X)
     out = kaczmarz.update_h(t, W, H, torch.Generator().manual_seed(0), steps=20, block=8)
     assert torch.isfinite(out).all()
 
@@ -487,14 +494,14 @@ def test_an_adam_lr_too_small_for_large_valued_x_is_named_and_auto_is_sized_to_i
             warnings.simplefilter("always")
             fitted = train(make_cfg(*common, f"optimizer.lr={lr}"))
         assert not [w for w in caught if "moves a factor entry" in str(w.message)]
-    with pytest.warns(UserWarning, match=r"e.g. optimizer.lr=\S+; lr=auto took 1% of the scale, made for runs of 100"):
-        train(make_cfg(*common[:-1], "trainer.max_steps=30"))  # auto's 1% per update covers the scale in 100
+    with pytest.warns(UserWarning, match=r"e.g. optimizer.lr=\S+; lr=auto took 5% of the scale, made for runs of 20"):
+        train(make_cfg(*common[:-1], "trainer.max_steps=10"))  # auto's 5% per update covers the scale in 20
     assert fitted["relative_error"] < 0.6 * fixed["relative_error"]  # auto fits where 0.001 cannot
 
 
 @pytest.mark.parametrize("lr", ["0", "-0.01", "abc", "nan", "true"])
 def test_an_lr_that_is_not_a_positive_number_is_named_before_anything_runs(make_cfg, tmp_path, lr):
-    with pytest.raises(NMFInputError, match=r"optimizer.lr must be auto or a number > 0, got"):
+    with pytest.raises(NMFInputError, match=r"optimizer.lr must be 'auto' or a finite number > 0, got"):
         train(make_cfg("data=toy", "model.rank=2", f"optimizer.lr={lr}", f"paths.output_dir={tmp_path}"))
     assert not list(tmp_path.rglob("events.out.tfevents*")) and not (tmp_path / "metrics.json").exists()
 

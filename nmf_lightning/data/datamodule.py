@@ -110,15 +110,12 @@ class NMFDataModule(L.LightningDataModule):
                 "from disk block by block (data.batch_rows with a .npy or HDF5 file); hold out rows "
                 "instead (train on a subset and transform the rest), or load X whole with data.batch_rows=null."
             )
-        if not self.streamed or self.holdout_fraction:  # X is in memory: check it whole
+        if self.holdout_fraction:  # the held-out entries are drawn from a checked X
             check_matrix(matrix.X)
-        if self.holdout_fraction:
             matrix, self.holdout = split_holdout(matrix, self.holdout_fraction, self.holdout_seed)
-            if not self.streamed:
-                check_matrix(matrix.X, name="X without its held-out entries")
-        if self.streamed:  # checks each block of what is trained on, and sums it
-            name = "X without its held-out entries" if self.holdout_fraction else "X"
-            self.summary = scan(matrix.X, self.batch_rows, matrix.unstored_missing, name)
+        # check what is trained on block by block (X whole when it is not streamed), and sum it
+        name = "X without its held-out entries" if self.holdout_fraction else "X"
+        self.summary = scan(matrix.X, self.batch_rows or max(matrix.shape[0], 1), matrix.unstored_missing, name)
         self.matrix = matrix
 
     def row_blocks(self) -> RowBlocks:

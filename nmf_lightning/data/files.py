@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 from nmf_lightning.data.rows import H5Matrix, NpyFile, OnDisk
 from nmf_lightning.data.sources import Matrix
+from nmf_lightning.validation import MissingFileError, NMFInputError
 
 #: text files are read as UTF-8, a leading byte-order mark (Excel's "CSV UTF-8") skipped
 TEXT = "utf-8-sig"
@@ -50,33 +51,33 @@ def from_file(
     each row of H into an image (rows of X are images of h x w pixels).
     """
     if unstored not in ("zero", "missing"):
-        raise ValueError(f"data.unstored={unstored!r} must be 'zero' or 'missing'.")
+        raise NMFInputError(f"data.unstored={unstored!r} must be 'zero' or 'missing'.")
     if layout not in ("matrix", "triplets"):
-        raise ValueError(f"data.layout={layout!r} must be 'matrix' or 'triplets'.")
+        raise NMFInputError(f"data.layout={layout!r} must be 'matrix' or 'triplets'.")
     if path is None or str(path) == "":
-        raise ValueError("data=file needs data.path=PATH to a matrix file.")
+        raise NMFInputError("data=file needs data.path=PATH to a matrix file.")
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
     if p.is_dir():
-        raise ValueError(f"data.path={str(path)!r} is a folder; give the matrix file in it ({', '.join(SUFFIXES)}).")
+        raise NMFInputError(f"data.path={str(path)!r} is a folder; give the matrix file in it ({', '.join(SUFFIXES)}).")
     if suffix not in SUFFIXES and layout != "triplets":
-        raise ValueError(
+        raise NMFInputError(
             f"data.path={str(path)!r} has an unknown extension {suffix or '(none)'!r}; "
             f"supported: {', '.join(SUFFIXES)}."
         )
     if layout == "triplets" and suffix in SUFFIXES and suffix not in (".csv", ".tsv", ".txt"):
-        raise ValueError(f"data.layout=triplets reads a text file, and data.path is a {suffix} file.")
+        raise NMFInputError(f"data.layout=triplets reads a text file, and data.path is a {suffix} file.")
     if not p.is_file():
-        raise FileNotFoundError(f"data.path={str(path)!r} does not exist or is not a file.")
+        raise MissingFileError(f"data.path={str(path)!r} does not exist or is not a file.")
     reader = _triplets if layout == "triplets" else _READERS[suffix]
     try:
         X = reader(p, key=key, skip_header=skip_header, delimiter=delimiter, na_values=na_values)
     except ImportError as err:
-        raise ValueError(f"reading data.path={str(path)!r} needs h5py: pip install h5py ({err})") from err
+        raise NMFInputError(f"reading data.path={str(path)!r} needs h5py: pip install h5py ({err})") from err
     except (ValueError, OSError, KeyError, EOFError, RuntimeError, TypeError, OverflowError, zipfile.BadZipFile) as err:
-        raise ValueError(f"could not read data.path={str(path)!r} as {suffix}: {err}") from err
+        raise NMFInputError(f"could not read data.path={str(path)!r} as {suffix}: {err}") from err
     except pickle.UnpicklingError:  # torch.load(weights_only=True) refuses what is not tensors
-        raise ValueError(
+        raise NMFInputError(
             f"could not read data.path={str(path)!r} as {suffix}: it must hold a tensor (dense or sparse) or a "
             "dict of tensors saved with torch.save, and it holds other Python objects, which are not loaded "
             "(loading them could run code); save the matrix with torch.save(torch.as_tensor(X), path)"
@@ -87,17 +88,17 @@ def from_file(
     if isinstance(X, OnDisk):  # read in row slices when used
         dtype = getattr(X, "dtype", np.dtype(np.float64))
         if not np.issubdtype(dtype, np.number):
-            raise ValueError(f"data.path={str(path)!r} does not hold numbers (dtype {dtype}).")
+            raise NMFInputError(f"data.path={str(path)!r} does not hold numbers (dtype {dtype}).")
     elif sp.issparse(X):
         X = sp.csr_matrix(X)
         if unstored == "missing" and X.nnz == 0:
-            raise ValueError(
+            raise NMFInputError(
                 f"data.path={str(path)!r} stores no entries, so with data.unstored=missing none is observed."
             )
     else:
         X = np.asarray(X)
         if X.dtype == object or not np.issubdtype(X.dtype, np.number):
-            raise ValueError(f"data.path={str(path)!r} does not hold numbers (dtype {X.dtype}).")
+            raise NMFInputError(f"data.path={str(path)!r} does not hold numbers (dtype {X.dtype}).")
     names = _column_names(col_names, X.shape) if col_names else labels
     shape = _image_shape(image_shape, X.shape) if image_shape else None
     return Matrix(
@@ -126,7 +127,7 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
         values = cells[:, 2].astype(np.float64)
     except ValueError:
         bad = next(i for i, c in enumerate(cells[:, 2]) if not _is_number(c) or not c)
-        raise ValueError(
+        raise NMFInputError(
             f"data row {bad + 1} holds the value {str(cells[bad, 2])!r} in its third column, which is not a number"
         ) from None
     index = []
@@ -143,7 +144,7 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
     unique, counts = np.unique(pairs, return_counts=True)
     if (counts > 1).any():
         first, second = np.nonzero(pairs == unique[counts > 1][0])[0][:2] + 1
-        raise ValueError(f"data rows {first} and {second} give the same (row, column) pair; keep one of them")
+        raise NMFInputError(f"data rows {first} and {second} give the same (row, column) pair; keep one of them")
     X = sp.csr_matrix((values, (rows, cols)), shape=(len(users), len(items)))
     return X, [str(label) for label in items]
 
@@ -163,20 +164,22 @@ def _plain_int(cell: str) -> bool:
 def _column_names(path: str, shape: tuple[int, ...]) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"data.col_names={path!r} does not exist or is not a file.")
+        raise MissingFileError(f"data.col_names={path!r} does not exist or is not a file.")
     names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     m = shape[-1] if len(shape) == 2 else None
     if m is not None and len(names) != m:
-        raise ValueError(f"data.col_names={path!r} lists {len(names)} names but X has {m} columns; one name per line.")
+        raise NMFInputError(
+            f"data.col_names={path!r} lists {len(names)} names but X has {m} columns; one name per line."
+        )
     return names
 
 
 def _image_shape(image_shape: list[int] | tuple[int, int], shape: tuple[int, ...]) -> tuple[int, int]:
     if len(image_shape) != 2 or any(int(s) < 1 for s in image_shape):
-        raise ValueError(f"data.image_shape={list(image_shape)} must be [height, width] of positive integers.")
+        raise NMFInputError(f"data.image_shape={list(image_shape)} must be [height, width] of positive integers.")
     h, w = (int(s) for s in image_shape)
     if len(shape) == 2 and h * w != shape[1]:
-        raise ValueError(
+        raise NMFInputError(
             f"data.image_shape=[{h}, {w}] holds {h * w} pixels but X has {shape[1]} columns; they must match."
         )
     return h, w
@@ -196,7 +199,7 @@ def _npz(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
             return sp.load_npz(p)
         if key is None:
             if len(z.files) != 1:
-                raise ValueError(f"it holds arrays {z.files}; pick one with data.key=NAME")
+                raise NMFInputError(f"it holds arrays {z.files}; pick one with data.key=NAME")
             key = z.files[0]
         return z[key]
 
@@ -208,7 +211,7 @@ def _text(
     header = _first_line(p, skip_header).split(delimiter)
     if skip_header == 0 and not all(_is_number(c) for c in header):
         hint = _delimiter_hint(header, delimiter) or "if it is a header, set data.skip_header=1"
-        raise ValueError(f"its first line {header[:5]} is not numbers; {hint}")
+        raise NMFInputError(f"its first line {header[:5]} is not numbers; {hint}")
     X = np.genfromtxt(
         p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan, encoding=TEXT
     )
@@ -235,8 +238,8 @@ def _check_missing_cells(
             if cell.strip().lower() not in missing and not _is_number(cell):
                 hint = _delimiter_hint(line.rstrip("\n").split(delimiter), delimiter)
                 if hint:
-                    raise ValueError(f"line {number} reads as one cell, {cell.strip()[:40]!r}...; {hint}")
-                raise ValueError(
+                    raise NMFInputError(f"line {number} reads as one cell, {cell.strip()[:40]!r}...; {hint}")
+                raise NMFInputError(
                     f"line {number}, column {col + 1} holds {cell.strip()!r}, which is not a number; fix the "
                     f"cell, or add it to data.na_values (now {list(na_values)}) to read it as a missing entry"
                 )
@@ -258,15 +261,15 @@ def _first_line(p: Path, skip_header: int) -> str:
         with open(p, encoding=TEXT) as f:
             lines = [line for line in f if line.strip()]
     except UnicodeDecodeError:
-        raise ValueError(
+        raise NMFInputError(
             "it is not UTF-8 text (a binary file, or text in another encoding: save it as UTF-8)"
         ) from None
     if len(lines) <= skip_header:
-        raise ValueError("it has no data rows")
+        raise NMFInputError("it has no data rows")
     rows = [line.split("#", 1)[0].strip() for line in lines[skip_header:]]
     rows = [row for row in rows if row]  # comment lines are skipped, as genfromtxt skips them
     if not rows:
-        raise ValueError("it has no data rows")
+        raise NMFInputError("it has no data rows")
     return rows[0]
 
 
@@ -291,7 +294,7 @@ def _pt(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
     obj = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
         if key is None:
-            raise ValueError(f"it holds a dict with keys {list(obj)}; pick one with data.key=NAME")
+            raise NMFInputError(f"it holds a dict with keys {list(obj)}; pick one with data.key=NAME")
         obj = obj[key]
     if not isinstance(obj, torch.Tensor):
         raise TypeError(f"expected a tensor, found {type(obj).__name__}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nmf_lightning.data.sources import Matrix
+from nmf_lightning.validation import MissingFileError, NMFInputError
 
 #: the four groups of the 20 newsgroups notebook
 NOTEBOOK_CATEGORIES = ("alt.atheism", "talk.religion.misc", "comp.graphics", "sci.space")
@@ -46,7 +47,7 @@ def newsgroups(
 
     vectorizers = {"tfidf": TfidfVectorizer, "counts": CountVectorizer}
     if weighting not in vectorizers:
-        raise ValueError(f"data.weighting={weighting!r} is not one of {sorted(vectorizers)}.")
+        raise NMFInputError(f"data.weighting={weighting!r} is not one of {sorted(vectorizers)}.")
     texts, target_names = load_documents(categories, subset, remove, archive, data_home, shuffle, random_state)
     options = {"stop_words": "english"} if vectorizer is None else dict(vectorizer)
     words = vectorizers[weighting](**options)
@@ -70,17 +71,17 @@ def load_documents(
 ) -> tuple[list[str], list[str]]:
     """Texts and the kept group names, exactly as ``fetch_20newsgroups(...).data`` gives them."""
     if subset not in _SUBSETS:
-        raise ValueError(f"data.subset={subset!r} is not one of {tuple(_SUBSETS)}.")
+        raise NMFInputError(f"data.subset={subset!r} is not one of {tuple(_SUBSETS)}.")
     unknown = sorted(set(remove) - set(_REMOVE))
     if unknown:
-        raise ValueError(f"data.remove has unknown parts {unknown}; choose from {_REMOVE}.")
+        raise NMFInputError(f"data.remove has unknown parts {unknown}; choose from {_REMOVE}.")
     if archive is None:
         from sklearn.datasets import fetch_20newsgroups
 
         try:
             names = fetch_20newsgroups(data_home=data_home, subset="train", download_if_missing=True).target_names
         except OSError as err:  # URLError and friends: no network, no cache
-            raise ValueError(
+            raise NMFInputError(
                 f"scikit-learn could not download 20 newsgroups ({err}) and has no copy in its cache; "
                 "give the archive with data.archive=PATH/20news-bydate.tar.gz (read offline)."
             ) from None
@@ -101,7 +102,7 @@ def load_documents(
 def _read_archive(path: Path, folders: tuple[str, ...]) -> tuple[list[str], np.ndarray, list[str]]:
     """Read posts as ``sklearn.datasets.load_files(..., encoding='latin1')`` orders them."""
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data.archive={str(path)!r} does not exist; give the path of 20news-bydate.tar.gz "
             "or drop data.archive to use scikit-learn's fetcher."
         )
@@ -110,7 +111,7 @@ def _read_archive(path: Path, folders: tuple[str, ...]) -> tuple[list[str], np.n
             # one sequential pass: random access into a gzip stream would re-read it per post
             contents = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar if m.isfile()}
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise ValueError(f"data.archive={str(path)!r} is not a readable tar archive: {err}") from err
+        raise NMFInputError(f"data.archive={str(path)!r} is not a readable tar archive: {err}") from err
     texts: list[str] = []
     target: list[int] = []
     names: list[str] = []
@@ -118,7 +119,7 @@ def _read_archive(path: Path, folders: tuple[str, ...]) -> tuple[list[str], np.n
         posts = [n for n in contents if n.startswith(top + "/") and n.count("/") == 2]
         groups = sorted({n.split("/")[1] for n in posts})
         if not groups:
-            raise ValueError(f"data.archive={str(path)!r} has no {top}/<group>/<post> files.")
+            raise NMFInputError(f"data.archive={str(path)!r} has no {top}/<group>/<post> files.")
         names = groups
         by_group: dict[str, list[str]] = {g: [] for g in groups}
         for n in posts:
@@ -176,4 +177,4 @@ def _check_categories(categories: Sequence[str] | None, names: Sequence[str]) ->
         return
     unknown = [c for c in categories if c not in names]
     if unknown:
-        raise ValueError(f"data.categories has unknown groups {unknown}; the groups are {list(names)}.")
+        raise NMFInputError(f"data.categories has unknown groups {unknown}; the groups are {list(names)}.")

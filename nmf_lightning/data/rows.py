@@ -104,18 +104,18 @@ class H5Matrix(OnDisk):
     def _read_header(self, node: Any) -> None:
         if hasattr(node, "shape") and not hasattr(node, "keys"):
             if len(node.shape) != 2:
-                raise ValueError(f"its dataset {self.key!r} has shape {node.shape}, not a 2-D matrix")
+                raise NMFInputError(f"its dataset {self.key!r} has shape {node.shape}, not a 2-D matrix")
             self.shape = tuple(int(s) for s in node.shape)
             return
         encoding = _text(node.attrs.get("encoding-type", "csr_matrix"))
         if encoding != "csr_matrix" or not {"data", "indices", "indptr"} <= set(node.keys()):
-            raise ValueError(
+            raise NMFInputError(
                 f"its {self.key!r} is {encoding!r} with members {sorted(node.keys())}; rows stream from a CSR "
                 "matrix (data, indices, indptr) or a dense dataset: write X as CSR (e.g. adata.X = adata.X.tocsr())"
             )
         shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
         if shape is None:
-            raise ValueError(f"its CSR group {self.key!r} has no 'shape' attribute")
+            raise NMFInputError(f"its CSR group {self.key!r} has no 'shape' attribute")
         self.sparse, self.shape = True, tuple(int(s) for s in shape)
         self.indptr = node["indptr"][:].astype(np.int64)  # n + 1 offsets: small next to the data
 
@@ -195,7 +195,9 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
             piece = row_block(X, start, stop)
             try:
                 missing, has_positive = check_values(piece, name, first_row=start)
-            except NMFInputError as err:  # counts are of this piece: say where it is
+            except NMFInputError as err:  # counts are of this piece: say where it is (or count all of X in memory)
+                if in_memory(X):
+                    check_values(X, name)
                 raise NMFInputError(f"{err} (found in rows {start} to {stop - 1})") from None
             positive |= has_positive
             values = (piece.data if sp.issparse(piece) else np.asarray(piece).ravel()).astype(np.float64, copy=False)

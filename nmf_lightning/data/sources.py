@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from nmf_lightning.validation import require_memory
+from nmf_lightning.validation import NMFInputError, require_memory
 
 
 @dataclass
@@ -76,9 +76,9 @@ def synthetic(
     """
     for key, value in (("n_rows", n_rows), ("n_cols", n_cols), ("true_rank", true_rank)):
         if value < 1:
-            raise ValueError(f"data.{key} must be >= 1, got {value}.")
+            raise NMFInputError(f"data.{key} must be >= 1, got {value}.")
     if noise < 0:
-        raise ValueError(f"data.noise must be >= 0, got {noise}.")
+        raise NMFInputError(f"data.noise must be >= 0, got {noise}.")
     require_memory(
         (3 if noise > 0 else 1) * 8 * n_rows * n_cols,  # float64 X (and the noise while it is added)
         f"data=synthetic at {n_rows} x {n_cols} needs {{need}} GiB to generate",
@@ -112,9 +112,9 @@ def spectrogram(
     """
     for key, value in (("n_frames", n_frames), ("n_bins", n_bins), ("notes", notes), ("harmonics", harmonics)):
         if value < 1:
-            raise ValueError(f"data.{key} must be >= 1, got {value}.")
+            raise NMFInputError(f"data.{key} must be >= 1, got {value}.")
     if noise_shape <= 0:
-        raise ValueError(f"data.noise_shape must be > 0, got {noise_shape}.")
+        raise NMFInputError(f"data.noise_shape must be > 0, got {noise_shape}.")
     rng = np.random.default_rng(seed)
     bins = np.arange(n_bins)
     top = n_bins / (harmonics + 1)  # fundamentals leave room for all harmonics

@@ -1,25 +1,45 @@
-"""The NMF update engine, free of Lightning: what the module, ``transform`` and the tests all run.
+"""The NMF fit engine, free of Lightning: what ``nmf-train``, the estimator and ``nmf-transform`` all run.
 
-X reaches it as row blocks (:class:`Target`): one block when X is held in memory, many
-when it is streamed from disk. An update is one pass over the blocks: each block's rows
-of W are updated (they need only that block of X and H) and the block's statistics are
-summed; H is then updated from the sums (see :mod:`nmf_lightning.engine.updates`).
+A :class:`Problem` is one fit's set-up (X as row blocks, the spec, the policies that
+decide the arithmetic); its updates are passes over the row blocks (:mod:`.updates`):
+each block's rows of W are updated (they need only that block of X and H) and the
+block's statistics are summed; H is then updated from the sums. X is one block when it
+is held in memory, many when it is streamed from disk (:mod:`.blocks`).
 """
 
-from nmf_lightning.engine.loop import FitResult, data_term, divergence, fit, sq_error
-from nmf_lightning.engine.target import Target, gram, to_target
-from nmf_lightning.engine.updates import GradientUpdate, SolverUpdate, Update
+from nmf_lightning.engine.blocks import (
+    Block,
+    DenseBlock,
+    MaskedBlock,
+    ObservedBlock,
+    SparseBlock,
+    from_batch,
+    to_block,
+)
+from nmf_lightning.engine.loop import Convergence, FitResult, divergence, fit, sq_error
+from nmf_lightning.engine.problem import DivergenceError, Problem, Source, Spec
+from nmf_lightning.engine.updates import GradientUpdate, GramForm, PassResult, SolverUpdate, Update
 
 __all__ = [
+    "Block",
+    "Convergence",
+    "DenseBlock",
+    "DivergenceError",
     "FitResult",
     "GradientUpdate",
+    "GramForm",
+    "MaskedBlock",
+    "ObservedBlock",
+    "PassResult",
+    "Problem",
+    "Source",
     "SolverUpdate",
-    "Target",
+    "Spec",
+    "SparseBlock",
     "Update",
-    "data_term",
     "divergence",
     "fit",
-    "gram",
+    "from_batch",
     "sq_error",
-    "to_target",
+    "to_block",
 ]

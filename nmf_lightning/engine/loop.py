@@ -1,4 +1,4 @@
-"""The public fit loop: updates over row blocks until ``steps`` are done or the objective settles."""
+"""The fit loop: updates over row blocks until ``steps`` are done or the objective settles."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nmf_lightning.engine.target import Target
+from nmf_lightning.engine.blocks import Block
 from nmf_lightning.engine.updates import PassResult, SumRanks, Update
 
 #: X as the engine reads it: one block in memory, or a callable giving one pass of blocks
-Blocks = Target | Callable[[], Iterable[Target]]
+Blocks = Block | Callable[[], Iterable[Block]]
 
 
 @dataclass
@@ -32,19 +32,37 @@ class FitResult:
 
 @dataclass
 class Convergence:
-    """The ``tol`` test's memory across calls: the objective at the last check."""
+    """The ``tol`` test, the same wherever a fit runs (in memory, streamed, in the estimator).
 
+    Every ``window`` updates, counted from the start of training so that where a run stops
+    does not depend on how its updates were grouped, the objective is measured; a relative
+    change of at most ``tol`` since the last measurement ends the fit. ``tol`` 0 is off.
+    """
+
+    tol: float = 0.0
+    window: int = 10
     previous: Tensor | None = None
 
-    def settled(self, current: Tensor, tol: float) -> bool:
+    def due(self, done: int) -> bool:
+        """Whether update ``done`` (from the start of training) is measured."""
+        return bool(self.tol) and done % self.window == 0
+
+    def settled(self, current: Tensor) -> bool:
         """Record ``current`` (the objective now); whether it moved by at most ``tol`` (relative) since the last."""
         previous, self.previous = self.previous, current
-        return previous is not None and bool((previous - current).abs() <= tol * previous.abs())  # one sync
+        return previous is not None and bool((previous - current).abs() <= self.tol * previous.abs())  # one sync
+
+    def check(self, done: int, measure: Callable[[], Tensor]) -> bool:
+        """At a due update, measure the objective (its best restart) and say whether the fit has settled."""
+        if not self.due(done):
+            return False
+        with torch.no_grad():
+            return self.settled(measure().detach().min())
 
 
-def passes(blocks: Blocks) -> Iterable[Target]:
+def passes(blocks: Blocks) -> Iterable[Block]:
     """One pass over the row blocks of X."""
-    return (blocks,) if isinstance(blocks, Target) else blocks()
+    return (blocks,) if isinstance(blocks, Block) else blocks()
 
 
 def update(blocks: Blocks, W: Tensor, H: Tensor, step: Update) -> PassResult:
@@ -52,7 +70,7 @@ def update(blocks: Blocks, W: Tensor, H: Tensor, step: Update) -> PassResult:
     step.begin(W, H)
     for t in passes(blocks):
         step.block(t, W, H)
-        if not isinstance(blocks, Target):  # a block held between passes keeps no scratch space
+        if not isinstance(blocks, Block):  # a block held between passes keeps no scratch space
             t.release()
     return step.end(W, H)
 
@@ -79,20 +97,6 @@ def divergence(blocks: Blocks, W: Tensor, H: Tensor, beta: float, sum_ranks: Sum
     return total if sum_ranks is None else sum_ranks({"d": total})["d"]
 
 
-def data_term(
-    blocks: Blocks,
-    W: Tensor,
-    H: Tensor,
-    beta: float | None = None,
-    gram_form: bool = False,
-    sum_ranks: SumRanks | None = None,
-) -> Tensor:
-    """What the objective's reconstruction term reads: the squared error, or the beta-divergence for a beta."""
-    if beta is None:
-        return sq_error(blocks, W, H, gram_form, sum_ranks)
-    return divergence(blocks, W, H, beta, sum_ranks)
-
-
 def fit(
     blocks: Blocks,
     W: Tensor,
@@ -100,27 +104,20 @@ def fit(
     step: Update,
     steps: int,
     *,
-    objective: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
-    tol: float = 0.0,
-    tol_window: int = 10,
-    done: int = 0,
+    measure: Callable[[], Tensor] | None = None,
     convergence: Convergence | None = None,
+    done: int = 0,
     on_update: Callable[[int, PassResult], bool | None] | None = None,
-    sum_ranks: SumRanks | None = None,
 ) -> FitResult:
     """Run up to ``steps`` updates of W and H (in place) over the row blocks of X.
 
-    With ``tol`` > 0, every ``tol_window`` updates (counted from the start of training,
-    ``done`` updates ago, so where a run stops does not depend on how it is called) the
-    ``objective(data_term, W, H)`` is computed (its ``beta``, when it has one, picks the
-    data term: see :func:`data_term`); a relative change below ``tol`` since the last
-    check stops the fit. Per-update losses stay on the device: no host sync but the test.
+    ``convergence`` (with ``measure``, the objective of the factors as they are) is the
+    ``tol`` test, run at its due updates counted from ``done``, the updates before this
+    call. Per-update losses stay on the device: no host sync but the test.
     ``on_update(i, result)`` is called after the i-th update (from 1) of this call, while
     its lazily formed error can still be read (curves on a grid of updates); a true return
-    stops the fit there (a signal to stop). ``sum_ranks`` completes the measured objective
-    over the ranks holding X's other rows (the updates sum their statistics themselves).
+    stops the fit there (a signal to stop).
     """
-    convergence = convergence or Convergence()
     losses: list[Tensor] = []
     last = PassResult()
     for i in range(steps):
@@ -129,12 +126,7 @@ def fit(
             losses.append(last.loss)
         if on_update is not None and on_update(i + 1, last):
             return FitResult(i + 1, _stack(losses), False, last, stopped=True)
-        if not tol or (done + i + 1) % tol_window:
-            continue
-        with torch.no_grad():
-            measured = data_term(blocks, W, H, getattr(objective, "beta", None), sum_ranks=sum_ranks)
-            current = objective(measured, W, H).detach().min()
-        if convergence.settled(current, tol):
+        if convergence is not None and measure is not None and convergence.check(done + i + 1, measure):
             return FitResult(i + 1, _stack(losses), True, last)
     return FitResult(steps, _stack(losses), False, last)
 

@@ -9,6 +9,7 @@ alternating update (W, then H from the new W, as scikit-learn's ``cd`` and ``mu`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
@@ -16,8 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from nmf_lightning.engine.target import Target, gram
-from nmf_lightning.objective import gram_sq
+from nmf_lightning.engine.blocks import Block
+from nmf_lightning.linalg import gram, gram_sq
 
 #: sums named tensors over the processes that hold the other rows of X (see nmf_lightning.distributed)
 SumRanks = Callable[[dict[str, Tensor]], dict[str, Tensor]]
@@ -62,7 +63,7 @@ class Update(Protocol):
     def begin(self, W: Tensor, H: Tensor) -> None:
         """Start a pass at the current factors."""
 
-    def block(self, t: Target, W: Tensor, H: Tensor) -> None:
+    def block(self, t: Block, W: Tensor, H: Tensor) -> None:
         """Take one block of rows (W's rows for it are updated, or their part is recorded)."""
 
     def end(self, W: Tensor, H: Tensor) -> PassResult:
@@ -125,7 +126,7 @@ class SolverUpdate:
             self.stats = None
 
     @torch.no_grad()
-    def block(self, t: Target, W: Tensor, H: Tensor) -> None:  # noqa: D102
+    def block(self, t: Block, W: Tensor, H: Tensor) -> None:  # noqa: D102
         rows = slice(t.start, t.stop)
         if self.measure and t.masked and not self.online:  # the error before this update, as it passes
             sq = t.sq_error(W[..., rows, :], H)
@@ -134,7 +135,7 @@ class SolverUpdate:
         W[..., rows, :] = Wb
         if not self.update_H:
             return
-        direct = t.masked or not getattr(self.rule, "supports_blocks", True)
+        direct = t.masked or not self.rule.sums
         if direct and t.shape[0] == W.shape[-2] and not self.online and self.sum_ranks is None:  # all of X at once
             self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])  # masked HALS: faster than Grams
             return
@@ -216,16 +217,55 @@ class _SqWithGrads(torch.autograd.Function):
         return g * dW, g * dH, None, None, None
 
 
+class GramForm:
+    """Whether a gradient update computes X's error without the residual (the Gram form), update by update.
+
+    A sparse X always takes the Gram form and X with missing entries never does; a dense X
+    takes it (two X-products, no rows x columns temporary) unless ``loss_form`` says
+    otherwise. The Gram form's gradients are as exact as the residual's, but its *value*
+    cancels as the relative error nears sqrt(eps); where the loss's gradient reads that
+    value (``fro`` and ``rmse`` scale it by the error), the form leaves for the residual
+    once the error falls below ``SAFETY`` sqrt(eps). That is checked every ``CHECK``
+    updates counted from the start of training (one host sync each), so a fit's arithmetic
+    follows from its settings and update number alone: the same in every front end, and
+    after a resume (``state_dict``).
+    """
+
+    CHECK = 10
+    SAFETY = 10.0
+
+    def __init__(self, mode: str = "auto", *, missing: bool = False, sparse: bool = False, reads_value: bool = False):
+        self.gram = mode == "gram" or (mode == "auto" and not missing)
+        self.watch = mode == "auto" and not (missing or sparse) and reads_value
+
+    def observe(self, done: int, sq: Tensor, x_sq: Tensor) -> None:
+        """After update ``done``, whose pass measured ``sq`` (the error before it): leave the Gram form when due."""
+        if not (self.watch and self.gram) or done % self.CHECK:
+            return
+        eps = torch.finfo(sq.dtype if sq.dtype != torch.bfloat16 else torch.float32).eps
+        if float(sq.detach().min()) <= (self.SAFETY * math.sqrt(eps)) ** 2 * float(x_sq):
+            self.gram = False
+
+    def state_dict(self) -> dict[str, bool]:
+        """The form now, for a checkpoint."""
+        return {"gram": self.gram}
+
+    def load_state_dict(self, state: dict[str, bool]) -> None:
+        """The form a checkpointed run had reached."""
+        self.gram = bool(state.get("gram", self.gram))
+
+
 class GradientUpdate:
     """A torch.optim optimizer (Adam, SGD, ...) over row blocks: one step on W and H together.
 
     Each block adds its squared error and its gradients at the current factors; ``end``
     turns them into the training loss (reconstruction term + penalties, through autograd
     so any optimizer and penalty works) and takes one optimizer step on W and H: the
-    same step as on the whole matrix. ``gram_form`` computes unmasked errors without a
-    residual (two X-products and k x k work per block). ``record_terms`` makes the next
-    pass also report the unweighted terms of ``objective`` (default: ``loss``; the plain
-    one when ``loss`` is compiled) for a curve's point, before its step.
+    same step as on the whole matrix. ``form`` says whether unmasked errors are computed
+    without a residual (see :class:`GramForm`; ``x_sq``, the whole X's ``||X||^2``, is what
+    it compares the error with); ``done`` counts the updates since training started.
+    ``record_terms`` makes the next pass also report the unweighted terms of ``objective``
+    (default: ``loss``; the plain one when ``loss`` is compiled) for a curve's point, before its step.
 
     With ``beta`` the data term is the beta-divergence instead of the squared error
     (``loss`` reads it in the same place); a recorded pass then measures the squared
@@ -240,15 +280,18 @@ class GradientUpdate:
         optimizer: torch.optim.Optimizer,
         loss: Callable[[Tensor, Tensor, Tensor], Tensor],
         project: bool = True,
-        gram_form: bool = True,
+        form: GramForm | None = None,
         objective: Any = None,
         beta: float | None = None,
         sum_ranks: SumRanks | None = None,
+        x_sq: Tensor | None = None,
+        done: int = 0,
     ):
         self.sum_ranks = sum_ranks
-        self.optimizer, self.loss, self.project, self.gram_form = optimizer, loss, project, gram_form
+        self.optimizer, self.loss, self.project = optimizer, loss, project
+        self.form = form if form is not None else GramForm()
         self.objective = objective if objective is not None else loss  # its .terms, when loss is compiled
-        self.beta = beta
+        self.beta, self.x_sq, self.done = beta, x_sq, done
         self.record_terms = False
         self._error: Tensor | None = None  # beta: the recorded pass's squared error
         self._sq: Tensor | None = None
@@ -260,14 +303,14 @@ class GradientUpdate:
         self._dW = self._error = None
 
     @torch.no_grad()
-    def block(self, t: Target, W: Tensor, H: Tensor) -> None:  # noqa: D102
+    def block(self, t: Block, W: Tensor, H: Tensor) -> None:  # noqa: D102
         rows = slice(t.start, t.stop)
         if self.beta is None:
-            sq, dW, dH = t.sq_and_grads(W[..., rows, :], H, self.gram_form)
+            sq, dW, dH = t.sq_and_grads(W[..., rows, :], H, self.form.gram)
         else:
             sq, dW, dH = t.div_and_grads(W[..., rows, :], H, self.beta)
             if self.record_terms:
-                error = t.sq_error(W[..., rows, :], H, self.gram_form)
+                error = t.sq_error(W[..., rows, :], H, self.form.gram)
                 self._error = error if self._error is None else self._error + error
         if t.shape[0] == W.shape[-2]:
             self._dW = dW
@@ -297,6 +340,9 @@ class GradientUpdate:
                 W.clamp_(min=0)
                 H.clamp_(min=0)
         self._dW = self._dH = None
+        self.done += 1
         if self.beta is None:
+            if self.x_sq is not None:
+                self.form.observe(self.done, self._sq, self.x_sq)
             return PassResult(sq=self._sq, after=False, loss=loss.detach(), terms=terms)
         return PassResult(sq=self._error, after=False, loss=loss.detach(), terms=terms, divergence=self._sq)

@@ -6,7 +6,8 @@ over row blocks) and ``h_from_stats(stats, H, l1, l2)``, with ``update_h`` for a
 in memory. :mod:`~nmf_lightning.solvers.rules` holds them with their options as plain
 objects, which the engine (:class:`~nmf_lightning.engine.SolverUpdate`) drives without
 gradients; the classes here wrap those as ``torch.optim.Optimizer`` objects so Lightning
-checkpoints and configures them like Adam.
+checkpoints and configures them like Adam. :mod:`~nmf_lightning.solvers.registry` lists
+every solver, these and the gradient optimizers, with what each supports.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from nmf_lightning.solvers import als, hals, kaczmarz, mu
-from nmf_lightning.solvers.rules import RULES, ALSRule, HALSRule, KaczmarzRule, MURule, Rule
+from nmf_lightning.solvers.rules import ALSRule, HALSRule, KaczmarzRule, MURule, Rule
 
 
 class Solver(torch.optim.Optimizer):
@@ -85,14 +86,10 @@ class Kaczmarz(Solver):
         self.rule.set_generator_state(saved)
 
 
-SOLVERS = {"mu": MU, "hals": HALS, "als": ALS, "kaczmarz": Kaczmarz}
-
 __all__ = [
     "ALS",
     "HALS",
     "MU",
-    "RULES",
-    "SOLVERS",
     "Kaczmarz",
     "Rule",
     "Solver",

@@ -10,27 +10,31 @@ Not monotone in general (the projection can raise the loss), but fast per update
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from nmf_lightning.engine.target import Target, gram
-from nmf_lightning.solvers.hals import masked_grams
+from nmf_lightning.linalg import gram
+
+if TYPE_CHECKING:
+    from nmf_lightning.engine.blocks import Block
 
 
-def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, ridge: float = 1e-6) -> Tensor:
+def update_h(t: Block, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, ridge: float = 1e-6) -> Tensor:
     """H <- max(0, (W^T W + (l2_H + ridge) I)^-1 (W^T X - l1_H)); W (..., n, k), H (..., k, m)."""
     return h_from_stats(h_stats(t, W, H), H, l1_H, l2_H, ridge)
 
 
-def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, ridge: float = 1e-6) -> Tensor:
+def update_w(t: Block, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, ridge: float = 1e-6) -> Tensor:
     """W <- max(0, (X H^T - l1_W) (H H^T + ridge I)^-1), the mirror of :func:`update_h`."""
     return update_h(t.transposed(), H.mT, W.mT, l1_W, l2_W, ridge).mT
 
 
-def h_stats(t: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
+def h_stats(t: Block, W: Tensor, H: Tensor) -> dict[str, Tensor]:
     """The sums over row blocks the H-update reads: W^T X, and W^T W (per-column Grams when masked)."""
     if t.masked:
-        return {"WtX": t.WtX(W), "grams": masked_grams(t, W)}
+        return {"WtX": t.WtX(W), "grams": t.col_grams(W)}
     return {"WtX": t.WtX(W), "WtW": gram(W, left=True)}
 
 

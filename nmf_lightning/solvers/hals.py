@@ -18,11 +18,16 @@ squares algorithms for NMF", Neural Computation 24(4), 2012.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from nmf_lightning.engine.target import Target, eps_for, gram
+from nmf_lightning.linalg import eps_for, gram
+
+if TYPE_CHECKING:
+    from nmf_lightning.engine.blocks import Block
 
 #: a repeated pass stops once it changes the factor by less than this share of the first pass's change
 SWEEP_TOL = 0.1
@@ -114,24 +119,22 @@ def _sweep_torch(A: Tensor, G1: Tensor, B1: Tensor, step: Tensor) -> None:
         torch.clamp(step, min=0, out=row)
 
 
-def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, sweeps: int = 1) -> Tensor:
+def update_h(t: Block, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, sweeps: int = 1) -> Tensor:
     """HALS passes over the k rows of H; W (..., n, k), H (..., k, m) (a masked X takes one)."""
-    if t.mask is not None:
-        return _masked_pass(t, W, H.clone(), l1_H, l2_H, eps_for(H))
+    if t.masked:
+        return _masked_pass(t.X, t.mask, W, H.clone(), l1_H, l2_H, eps_for(H))
     return h_from_stats(h_stats(t, W, H), H, l1_H, l2_H, sweeps)
 
 
-def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, sweeps: int = 1) -> Tensor:
+def update_w(t: Block, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, sweeps: int = 1) -> Tensor:
     """HALS passes over the k columns of W, as :func:`update_h` on the transposed problem."""
     return update_h(t.transposed(), H.mT, W.mT, l1_W, l2_W, sweeps).mT
 
 
-def h_stats(t: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
+def h_stats(t: Block, W: Tensor, H: Tensor) -> dict[str, Tensor]:
     """The sums over row blocks the H-update reads: W^T X, and W^T W (or per-column Grams when masked)."""
-    if t.vals is not None:
-        raise NotImplementedError("HALS runs on a dense mask; ratings triplets use optimizer=mu or als")
-    if t.mask is not None:
-        return {"WtX": t.WtX(W), "grams": masked_grams(t, W)}
+    if t.masked:
+        return {"WtX": t.WtX(W), "grams": t.col_grams(W)}
     return {"WtX": t.WtX(W), "WtW": gram(W, left=True)}
 
 
@@ -149,23 +152,14 @@ def h_from_stats(stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: f
     return H
 
 
-def masked_grams(t: Target, W: Tensor) -> Tensor:
-    """Per-column Grams W^T diag(M[:, c]) W, shape (..., m, k, k)."""
-    if t.vals is not None:
-        outer = W[..., t.rows, :, None] * W[..., t.rows, None, :]  # (..., n_obs, k, k)
-        G = outer.new_zeros(*outer.shape[:-3], t.shape[1], *outer.shape[-2:])
-        return G.index_add_(-3, t.cols, outer)
-    return torch.einsum("...nk,nm,...nl->...mkl", W, t.mask.to(W.dtype), W)
-
-
 def _add_diag(G: Tensor, value: float) -> Tensor:
     return G + value * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) if value else G
 
 
-def _masked_pass(t: Target, W: Tensor, H: Tensor, l1: float, l2: float, eps: float) -> Tensor:
+def _masked_pass(X: Tensor, mask: Tensor, W: Tensor, H: Tensor, l1: float, l2: float, eps: float) -> Tensor:
     """Weighted HALS for a dense mask M: row j of H solves sum_i M_ic (R_ic + W_ij H_jc - W_ij h)^2."""
-    M = t.mask.to(W.dtype)
-    R = M * (t.X - W @ H)  # (..., n, m) residual at observed entries
+    M = mask.to(W.dtype)
+    R = M * (X - W @ H)  # (..., n, m) residual at observed entries
     for j in range(H.shape[-2]):
         w = W[..., :, j, None]  # (..., n, 1)
         num = (w * R).sum(-2) + (w * w * M).sum(-2) * H[..., j, :] - l1
@@ -174,3 +168,68 @@ def _masked_pass(t: Target, W: Tensor, H: Tensor, l1: float, l2: float, eps: flo
         R = R - M * (w * (new - H[..., j, :])[..., None, :])
         H[..., j, :] = new
     return H
+
+
+def nnls(
+    XHt: Tensor, HHt: Tensor, W: Tensor, l1: float, l2: float, max_iter: int, tol: float
+) -> tuple[Tensor, int, bool]:
+    """HALS passes for ``min_{W >= 0} 1/2 ||X - W H||^2 + l1 |W|_1 + l2/2 ||W||^2`` with H fixed.
+
+    X H^T (n, k) and H H^T (k, k) are formed once by the caller, so a pass costs n k^2 and
+    no product with X: the passes features of very different scales take are cheap. Every
+    10 passes each row takes Lawson-Hanson steps on its support (:func:`_on_support`), then
+    the test: the projected gradient's norm at most ``tol`` times its value at the start
+    (scikit-learn's test for ``cd``). Returns W, the passes run and whether tol was met.
+    """
+    k, dtype = HHt.shape[-1], torch.float64  # k x n work: float32 rounding would floor the gradient test
+    G = HHt.to(dtype) + l2 * torch.eye(k, dtype=dtype, device=HHt.device)
+    B = (XHt.to(dtype) - l1).mT.contiguous()  # (k, n)
+    A = W.mT.to(dtype).contiguous()
+
+    def pg_norm(A: Tensor) -> float:
+        grad = G @ A - B
+        return float(torch.linalg.vector_norm(torch.where(A > 0, grad, grad.clamp_max(0))))
+
+    start = pg_norm(A)
+    for steps in range(1, max_iter + 1):
+        A = sweep(A, G, B)
+        if steps % 10 == 0 or steps == max_iter:
+            A = _on_support(A, G, B)
+            if pg_norm(A) <= tol * start:
+                return A.mT.to(W.dtype), steps, True
+    return A.mT.to(W.dtype), max_iter, start == 0
+
+
+def _on_support(A: Tensor, G: Tensor, B: Tensor, steps: int = 3, chunk: int = 1 << 22) -> Tensor:
+    """Lawson-Hanson steps from each column of A (k, n): least squares on its support, stepping back to >= 0.
+
+    Passes find which entries are 0 long before they settle the others when features
+    differ in scale or components overlap; on the support the problem is a k x k solve.
+    Where that solve leaves the support, the column moves towards it as far as it stays
+    >= 0 (the objective falls all the way), the entry that reaches 0 leaves the support,
+    and the solve is repeated, ``steps`` times at most. Entries of a component that is 0
+    throughout (G[j, j] = 0) count as off the support.
+    """
+    k, n = A.shape
+    rows = max(1, chunk // (k * k))  # columns solved at once: their (k, k) systems hold ~chunk numbers
+    live = G.diagonal() > 0
+    out = torch.empty_like(A)  # every column is written
+    for lo in range(0, n, rows):
+        a, b = A[:, lo : lo + rows].mT, B[:, lo : lo + rows].mT  # (c, k); a is replaced, never written into
+        support = (a > 0) & live
+        for _ in range(steps):
+            d = support.to(A.dtype)
+            M = d[:, :, None] * G * d[:, None, :] + torch.diag_embed(1 - d)  # G on the support, I off it
+            x, info = torch.linalg.solve_ex(M, d * b)
+            solved = (info == 0) & torch.isfinite(x).all(-1)
+            below = support & (x < 0)
+            # the step from a towards x that keeps every entry >= 0 (1: x itself)
+            ratio = torch.where(below, a / (a - x).clamp_min(torch.finfo(a.dtype).tiny), torch.inf)
+            step = torch.where(solved, ratio.amin(-1).clamp(max=1.0), 0.0)[:, None]
+            a = torch.where(support, a + step * (x - a), 0.0).clamp_min(0)
+            a = torch.where(below & (ratio <= step), 0.0, a)  # the entries that reached 0 leave
+            support = support & (a > 0)
+            if not bool((solved & below.any(-1)).any()):  # every solved column is >= 0: done
+                break
+        out[:, lo : lo + a.shape[0]] = a.mT
+    return out

@@ -12,22 +12,27 @@ Refs: Lee & Seung, NIPS 2001; Fevotte & Idier, Neural Computation 23(9), 2011.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from nmf_lightning.divergence import mu_exponent
-from nmf_lightning.engine.target import Target, eps_for, gram
+from nmf_lightning.linalg import eps_for, gram
+
+if TYPE_CHECKING:
+    from nmf_lightning.engine.blocks import Block
 
 #: below this an entry is set to 0 for beta <= 1, as scikit-learn does for stability
 _ZERO = float(torch.finfo(torch.float64).eps)
 
 
-def update_h(t: Target, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, beta: float = 2.0) -> Tensor:
+def update_h(t: Block, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, beta: float = 2.0) -> Tensor:
     """H <- H * (W^T X) / (W^T (M * WH) + l1_H + l2_H H) (beta = 2); shapes W (..., n, k), H (..., k, m)."""
     return h_from_stats(h_stats(t, W, H, beta), H, l1_H, l2_H, beta)
 
 
-def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, beta: float = 2.0) -> Tensor:
+def update_w(t: Block, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, beta: float = 2.0) -> Tensor:
     """W <- W * (X H^T) / ((M * WH) H^T + l1_W + l2_W W): :func:`update_h` on the transposed problem."""
     if beta == 2:
         return _multiply(h_stats(t.transposed(), H.mT, W.mT), W.mT, l1_W, l2_W, beta).mT
@@ -36,7 +41,7 @@ def update_w(t: Target, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0
     return W.masked_fill(W < _ZERO, 0.0) if beta < 1 else W  # scikit-learn: W's for beta < 1, H's for beta <= 1
 
 
-def h_stats(t: Target, W: Tensor, H: Tensor, beta: float = 2.0) -> dict[str, Tensor]:
+def h_stats(t: Block, W: Tensor, H: Tensor, beta: float = 2.0) -> dict[str, Tensor]:
     """The sums over row blocks the H-update reads: W^T X and W^T W (W^T (M * WH) when masked); the beta terms."""
     if beta != 2:
         num, den = t.beta_terms_h(W, H, beta)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import warnings
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from nmf_lightning.console import NMFWarning
-from nmf_lightning.engine.target import Target
 from nmf_lightning.solvers import als, hals, kaczmarz, mu
+from nmf_lightning.validation import NMFInputError
+
+if TYPE_CHECKING:
+    from nmf_lightning.engine.blocks import Block
 
 
 class Rule:
@@ -27,16 +31,9 @@ class Rule:
     """
 
     module: ModuleType
-    #: whether the rule can fit (row, col, value) ratings triplets, a dense mask, L1/L2 weights
-    supports_triplets = True
-    supports_mask = True
-    supports_penalties = True
-    #: whether H can be updated from sums over row blocks (X streamed in blocks of rows)
-    supports_blocks = True
-    #: whether the rule runs in bf16/fp16 (solving k x k systems needs float32 at least)
-    supports_half = True
-    #: whether the rule minimises any beta-divergence (its ``beta``), not just the Frobenius loss
-    supports_beta = False
+    #: whether H is updated from sums over row blocks (so X may come in blocks of rows, or
+    #: sharded over processes); what each rule supports is in :mod:`~nmf_lightning.solvers.registry`
+    sums = True
 
     def options(self) -> dict:
         """Keywords of the module's ``update_h``, ``update_w`` and ``h_from_stats``."""
@@ -46,7 +43,7 @@ class Rule:
         """Keywords of the module's ``h_stats``."""
         return {}
 
-    def h_stats(self, target: Target, W: Tensor, H: Tensor) -> dict[str, Tensor]:
+    def h_stats(self, target: Block, W: Tensor, H: Tensor) -> dict[str, Tensor]:
         """This block's part of the sums over rows that the H-update reads."""
         return self.module.h_stats(target, W, H, **self.stats_options())
 
@@ -54,11 +51,11 @@ class Rule:
         """The rule's new H from the statistics summed over all row blocks."""
         return self.module.h_from_stats(stats, H, l1, l2, **self.options())
 
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+    def update_h(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """The rule's new H for fixed W."""
         return self.module.update_h(target, W, H, l1, l2, **self.options())
 
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+    def update_w(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """The rule's new W for fixed H."""
         return self.module.update_w(target, W, H, l1, l2, **self.options())
 
@@ -67,7 +64,6 @@ class MURule(Rule):
     """Multiplicative updates (scikit-learn's ``solver='mu'``) for the beta-divergence: 2 Frobenius, 1 KL, 0 IS."""
 
     module = mu
-    supports_beta = True
 
     def __init__(self, beta: float = 2.0):
         self.beta = float(beta)
@@ -86,11 +82,10 @@ class HALSRule(Rule):
     """
 
     module = hals
-    supports_triplets = False
 
     def __init__(self, sweeps: int = 1):
         if isinstance(sweeps, bool) or int(sweeps) < 1:
-            raise ValueError(f"optimizer.sweeps must be an integer >= 1, got {sweeps!r}.")
+            raise NMFInputError(f"optimizer.sweeps must be an integer >= 1, got {sweeps!r}.")
         self.sweeps = int(sweeps)
 
     def options(self) -> dict:  # noqa: D102
@@ -101,11 +96,10 @@ class ALSRule(Rule):
     """Projected alternating least squares with a small ridge."""
 
     module = als
-    supports_half = False  # Cholesky has no bf16/fp16 kernels
 
     def __init__(self, ridge: float = 1e-6):
         if ridge < 0:
-            raise ValueError(f"optimizer.ridge must be >= 0, got {ridge}.")
+            raise NMFInputError(f"optimizer.ridge must be >= 0, got {ridge}.")
         self.ridge = ridge
 
     def options(self) -> dict:  # noqa: D102
@@ -116,14 +110,11 @@ class KaczmarzRule(Rule):
     """Randomized block Kaczmarz with projection; its row sampler is seeded and can be saved."""
 
     module = kaczmarz
-    supports_triplets = False
-    supports_mask = False
-    supports_penalties = False
-    supports_blocks = False  # its H-steps sample rows of X anywhere in the matrix
+    sums = False  # its H-steps sample rows of X anywhere in the matrix
 
     def __init__(self, steps: int = 10, block: int = 32, seed: int = 0):
         if steps < 1 or block < 1:
-            raise ValueError(f"optimizer.steps and optimizer.block must be >= 1, got {steps} and {block}.")
+            raise NMFInputError(f"optimizer.steps and optimizer.block must be >= 1, got {steps} and {block}.")
         self.steps, self.block, self.seed = steps, block, seed
         self._generator: torch.Generator | None = None
         self._saved_state: Tensor | None = None  # generator state from a checkpoint
@@ -153,11 +144,8 @@ class KaczmarzRule(Rule):
         self._generator = None
         self._saved_state = state.cpu() if state is not None else None
 
-    def update_h(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+    def update_h(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
         return kaczmarz.update_h(target, W, H, self._gen(W), self.steps, self.block)
 
-    def update_w(self, target: Target, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+    def update_w(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
         return kaczmarz.update_w(target, W, H, self._gen(W), self.steps, self.block)
-
-
-RULES: dict[str, type[Rule]] = {"mu": MURule, "hals": HALSRule, "als": ALSRule, "kaczmarz": KaczmarzRule}

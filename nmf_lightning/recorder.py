@@ -1,0 +1,169 @@
+"""What a fit reports: the objective's terms, the errors, the factors' statistics and the held-out scores.
+
+One :class:`Recorder` measures a :class:`~nmf_lightning.engine.Problem`'s factors for
+every front end: the Lightning module's curves and ``metrics.json``, and the estimator's
+``verbose`` lines and ``log_dir`` curves. Values stay tensors on the device (one per
+restart until the best is picked); reading them is the caller's host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nmf_lightning.divergence import elementwise
+from nmf_lightning.engine.problem import PENALTIES, Problem, Spec
+from nmf_lightning.linalg import predict_observed
+from nmf_lightning.objective import Objective, factor_stats, relative_error
+
+
+@dataclass
+class HeldOut:
+    """Entries held out of training (row, column, value), on the training device; rows are this process's."""
+
+    rows: Tensor
+    cols: Tensor
+    vals: Tensor
+
+    def __len__(self) -> int:
+        return len(self.vals)
+
+
+class Recorder:
+    """The numbers a run reports about its factors, measured the same way wherever it runs.
+
+    ``reported`` factors are those a user gets: clamped at 0 when a gradient solver trained
+    them free to go negative (``project=false``). The best restart is the one of lowest
+    finite loss at the last :meth:`metrics` (``best``).
+    """
+
+    #: the error a closed-form pass forms from its sums (the Gram form) is trusted down to this many sqrt(eps)
+    GRAM_SAFETY = 10.0
+
+    def __init__(self, problem: Problem, held_out: HeldOut | None = None):
+        self.problem, self.held_out = problem, held_out
+        self.clamps = problem.spec.clamps
+        self.best: int = 0
+        layout = problem.source.layout
+        self._dense = not (layout.missing or layout.sparse)  # where the sums' error has a residual to check
+        self._sums_ok = self._points_ok = True
+
+    def observe(self, relative_error: Tensor) -> None:
+        """The error measured at a block's end: whether the sums' error can be trusted from here.
+
+        Near an exact fit (a relative error near sqrt(eps)) the Gram form cancels to noise;
+        the next points are then measured on the residual. Points inside a block switch a
+        decade early, as the error may fall 10x within one.
+        """
+        if self._dense:
+            eps = torch.finfo(self.problem.dtype).eps
+            error = float(relative_error)
+            self._sums_ok = error > self.GRAM_SAFETY * math.sqrt(eps)
+            self._points_ok = error > 10 * self.GRAM_SAFETY * math.sqrt(eps)
+
+    def sums_ok(self, points: bool = False) -> bool:
+        """Whether an error formed from a pass's sums is good enough to report (``points``: inside a block)."""
+        return self._points_ok if points else self._sums_ok
+
+    def reported(self, W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+        """The factors a user gets: clamped at 0 when training let them go negative."""
+        return (W.clamp(min=0), H.clamp(min=0)) if self.clamps else (W, H)
+
+    def errors(self, sq: Tensor, div: Tensor | None = None) -> dict[str, Tensor]:
+        """Relative error, RMSE and the divergence (``div``; 1/2 sq for the Frobenius losses), one per restart."""
+        source = self.problem.source
+        sq = sq.double()
+        return {
+            "train/relative_error": relative_error(sq, source.x_sq.to(sq.device)),
+            "train/rmse": torch.sqrt(sq.clamp_min(0) / source.n_obs),
+            "train/divergence": 0.5 * sq.clamp_min(0) if div is None else div,
+        }
+
+    @torch.no_grad()
+    def metrics(self, W: Tensor, H: Tensor, sq: Tensor | None = None) -> dict[str, Tensor]:
+        """Objective terms, errors and factor statistics of the best restart (and each restart's loss).
+
+        The loss is the training objective; the errors and sparsity are those of the factors
+        a user gets, the negative shares those of the trained ones. ``sq`` is the squared
+        error of (W, H) when already known; the exact one is measured otherwise.
+        """
+        W, H = W.detach(), H.detach()
+        per_restart = self.train(W, H, sq)
+        reported = self.reported(W, H)
+        for name, A, R in (("W", W, reported[0]), ("H", H, reported[1])):
+            shard = self.problem.shard if name == "W" else None  # W's rows are sharded under DDP
+            per_restart.update({f"factors/{name}_{k}": v for k, v in factor_stats(A, R, shard).items()})
+        loss = per_restart["train/loss"]
+        if loss.dim() == 0:
+            return per_restart
+        best = torch.nan_to_num(loss.double(), nan=float("inf")).argmin()  # NaN everywhere: all diverged
+        self.best = best
+        metrics = {key: value[best] for key, value in per_restart.items()}
+        metrics.update({f"restarts/loss_{r}": loss[r] for r in range(len(loss))})
+        return metrics
+
+    @torch.no_grad()
+    def train(self, W: Tensor, H: Tensor, sq: Tensor | None = None) -> dict[str, Tensor]:
+        """The loss, its terms and the errors (``train/*``), one per restart: a curve's point."""
+        problem = self.problem
+        W, H = W.detach(), H.detach()
+        sq = problem.sq_error(W, H) if sq is None else sq
+        div = None if problem.beta is None else problem.data_term(W, H)
+        loss, terms = problem.objective.terms(sq if div is None else div, W, H, zero_weights=False)
+        reported = self.reported(W, H)
+        if reported[0] is not W:
+            sq = problem.sq_error(*reported)
+        return {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}, **self.errors(sq, div)}
+
+    @torch.no_grad()
+    def validation(self, W: Tensor, H: Tensor) -> dict[str, Tensor]:
+        """``val/relative_error``, ``val/rmse`` and ``val/divergence`` of (2-D) factors on the held-out entries.
+
+        The divergence is the training loss's (1/2 the squared error for the Frobenius losses).
+        """
+        held, problem = self.held_out, self.problem
+        if held is None:
+            return {}
+        W, H = W.to(held.vals.dtype), H.to(held.vals.dtype)
+        sq = torch.zeros((), dtype=torch.float64, device=W.device)
+        div = torch.zeros((), dtype=torch.float64, device=W.device)
+        chunk = max(1, 2**24 // max(1, W.shape[-1]))  # bounds the (chunk, k) gather
+        for start in range(0, len(held), chunk):
+            rows, cols, vals = (A[start : start + chunk] for A in (held.rows, held.cols, held.vals))
+            pred = predict_observed(rows, cols, W, H)  # one gather serves both
+            sq += ((vals - pred) ** 2).sum().double()
+            if problem.beta is not None:
+                div += elementwise(vals, pred, problem.beta).sum().double()
+        ref = (held.vals.double() ** 2).sum()
+        count = torch.tensor(float(len(held)), dtype=torch.float64, device=W.device)
+        if problem.sum_ranks is not None:  # every rank's held-out entries
+            sq, div, ref, count = problem.sum_ranks({"sq": sq, "div": div, "ref": ref, "n": count}).values()
+        return {
+            "val/relative_error": relative_error(sq, ref),
+            "val/rmse": torch.sqrt(sq.clamp_min(0) / count),
+            "val/divergence": 0.5 * sq if problem.beta is None else div,
+        }
+
+    def curve_metrics(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The metrics worth a curve: no term of weight 0, no negative share of factors kept >= 0."""
+        objective = self.problem.objective
+        skip = {name for name, weight, _ in objective.penalties(None, None) if not weight}
+        if not self.clamps:
+            skip |= {f"{A}_neg_{stat}" for A in "WH" for stat in ("fraction", "mean")}
+        return {k: v for k, v in metrics.items() if k.rpartition("/")[2] not in skip}
+
+
+def final_names(spec: Spec, held_out: bool = False) -> set[str]:
+    """Names of the numbers a run of ``spec`` writes to metrics.json (checked before training)."""
+    weights = Objective(**{k: getattr(spec, k) for k in PENALTIES})
+    names = {"loss", "reconstruction", "relative_error", "rmse", "divergence", "steps", "updates_per_sec"}
+    names |= {name for name, weight, _ in weights.penalties(None, None) if weight}
+    names |= {f"{A}_{stat}" for A in "WH" for stat in ("neg_fraction", "neg_mean", "sparsity")}
+    if spec.restarts > 1:
+        names |= {"best_restart"} | {f"loss_{r}" for r in range(spec.restarts)}
+    if held_out:
+        names |= {"val_relative_error", "val_rmse", "val_divergence"}
+    return names

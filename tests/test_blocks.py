@@ -1,0 +1,101 @@
+"""Each layout's hand-written gradients against autograd on the plain formula, restarts included."""
+
+import numpy as np
+import pytest
+import torch
+
+from nmf_lightning.divergence import elementwise
+from nmf_lightning.engine import DenseBlock, MaskedBlock, ObservedBlock, SparseBlock, to_block
+
+N, M, K = 13, 9, 3
+LAYOUTS = ["dense", "dense-gram", "sparse", "sparse-residual", "masked", "observed"]
+
+
+def _x(layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (zeros where missing or unstored) and the mask of the entries that count."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.rand(N, M, generator=g, dtype=torch.float64) + 0.1
+    mask = torch.ones(N, M, dtype=torch.bool)
+    if layout.startswith("sparse"):
+        X = X * (torch.rand(N, M, generator=g) > 0.6)  # unstored entries are zeros, and count
+    elif layout in ("masked", "observed"):
+        mask = torch.rand(N, M, generator=g) > 0.35
+        X = X * mask
+    return X, mask
+
+
+def _block(layout: str, X: torch.Tensor, mask: torch.Tensor):
+    if layout.startswith("dense"):
+        return DenseBlock(X)
+    if layout.startswith("sparse"):
+        return SparseBlock(X.to_sparse_csr())
+    if layout == "masked":
+        return MaskedBlock(X, mask)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return ObservedBlock(rows, cols, X[rows, cols], (N, M))
+
+
+def _factors(restarts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    batch = () if restarts == 1 else (restarts,)
+    W = torch.rand(*batch, N, K, generator=g, dtype=torch.float64) + 0.05
+    H = torch.rand(*batch, K, M, generator=g, dtype=torch.float64) + 0.05
+    return W, H
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_squared_error_and_its_gradients_are_autograds(layout, restarts):
+    X, mask = _x(layout)
+    t = _block(layout, X, mask)
+    W, H = _factors(restarts)
+    gram = layout in ("dense-gram", "sparse")  # the sparse X's Gram form, and its residual (loss_form=residual)
+    sq, dW, dH = t.sq_and_grads(W, H, gram_form=gram)
+    Wg, Hg = W.clone().requires_grad_(True), H.clone().requires_grad_(True)
+    R = (X - Wg @ Hg) * mask
+    want = (R * R).sum(dim=(-2, -1))
+    gW, gH = torch.autograd.grad(want.sum(), (Wg, Hg))
+    torch.testing.assert_close(sq, want.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dW, gW, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dH, gH, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(t.sq_error(W, H, gram_form=gram), want.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 1.5, 0.0])
+@pytest.mark.parametrize("layout", ["dense", "sparse", "masked", "observed"])
+def test_beta_divergence_and_its_gradients_are_autograds(layout, beta):
+    X, mask = _x(layout)
+    if beta <= 0:
+        if layout == "sparse":
+            pytest.skip("Itakura-Saito is defined for X > 0: a sparse X has zeros")
+        X = torch.where(mask, X, 0.0)
+    t = _block(layout, X, mask)
+    W, H = _factors(2)
+    div, dW, dH = t.div_and_grads(W, H, beta)
+    Wg, Hg = W.clone().requires_grad_(True), H.clone().requires_grad_(True)
+    d = elementwise(X, Wg @ Hg, beta)  # W H stays far above the floors: the plain formula's gradient
+    want = torch.where(mask, d, 0.0).sum(dim=(-2, -1))
+    gW, gH = torch.autograd.grad(want.sum(), (Wg, Hg))
+    torch.testing.assert_close(div, want.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(dW, gW, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(dH, gH, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(t.divergence(W, H, beta), want.detach(), rtol=1e-9, atol=1e-10)
+
+
+def test_products_agree_across_layouts():
+    """X H^T, W^T X and the model terms of a mask equal the dense formulas, for blocks made from numpy X with NaN."""
+    rng = np.random.default_rng(0)
+    X = rng.random((N, M))
+    X[rng.random((N, M)) < 0.3] = np.nan
+    W, H = _factors(1)
+    mask = torch.from_numpy(~np.isnan(X))
+    Xz = torch.from_numpy(np.nan_to_num(X))
+    for triplets in (False, True):
+        t = to_block(X, torch.float64, triplets=triplets)
+        assert isinstance(t, ObservedBlock if triplets else MaskedBlock)
+        torch.testing.assert_close(t.XHt(H), Xz @ H.T)
+        torch.testing.assert_close(t.WtX(W), W.T @ Xz)
+        torch.testing.assert_close(t.model_Ht(W, H), (mask * (W @ H)) @ H.T)
+        torch.testing.assert_close(t.Wt_model(W, H), W.T @ (mask * (W @ H)))
+        torch.testing.assert_close(t.col_grams(W), torch.einsum("nk,nm,nl->mkl", W, mask.double(), W))
+        assert t.n_obs == int(mask.sum())

@@ -27,7 +27,7 @@ def _curve(run: Path, tag: str = "train/loss") -> list[float]:
     return [e.value for e in ea.Scalars(tag)]
 
 
-@pytest.mark.parametrize("data", ["toy", "synthetic"])
+@pytest.mark.parametrize("data", ["toy", pytest.param("synthetic", marks=pytest.mark.slow)])
 def test_cli_trains_end_to_end(tmp_path, data):
     run = tmp_path / "run"
     proc = run_cli(
@@ -56,6 +56,7 @@ def test_cli_trains_end_to_end(tmp_path, data):
     assert loss[-1] < loss[0]
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_toy_masked_l21_predicts_the_notebook_matrix(tmp_path):
     run = tmp_path / "run"
     proc = run_cli("experiment=toy_masked_l21", f"hydra.run.dir={run}", *QUIET, cwd=tmp_path)
@@ -70,6 +71,7 @@ def test_toy_masked_l21_predicts_the_notebook_matrix(tmp_path):
     np.testing.assert_array_equal(np.round(pred), [[4, 4, 5], [4, 4, 5], [5, 3, 4], [2, 3, 3]])
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_synthetic_known_factors_beats_the_notebook_als(tmp_path):
     run = tmp_path / "run"
     proc = run_cli("experiment=synthetic_known_factors", f"hydra.run.dir={run}", *QUIET, cwd=tmp_path)
@@ -83,6 +85,7 @@ def test_synthetic_known_factors_beats_the_notebook_als(tmp_path):
 OPTS = ("adam", "sgd")
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_multirun_sweep_runs_every_combination_in_its_own_folder(tmp_path):
     sweep = tmp_path / "sweep"
     run_sweep(sweep, "data=toy", "model.rank=1,2", "optimizer=adam,sgd", "trainer.max_steps=20")
@@ -109,15 +112,20 @@ def test_multirun_sweep_runs_every_combination_in_its_own_folder(tmp_path):
     ("args", "message"),
     [
         (("data=file", "data.path=NEG"), "X has 1 negative entries"),
-        (("data=file", "data.path=INF"), "X has 1 infinite entries"),
-        (("data=file", "data.path=EMPTY"), "X is empty"),
-        (("data=file", "data.path=ONED"), "X must be a 2-D matrix"),
-        (("data=file", "data.path=ALLNAN"), "X has no observed entries"),
-        (("data=file", "data.path=BAD.xyz"), "unknown extension '.xyz'"),
-        (("data=file", "data.path=GARBAGE"), "could not read data.path="),
-        (("data=toy", "model.rank=0"), "model.rank must be an integer >= 1"),
+        *(  # each a subprocess of seconds: the same path as the first, other messages
+            pytest.param(args, message, marks=pytest.mark.slow)
+            for args, message in [
+                (("data=file", "data.path=INF"), "X has 1 infinite entries"),
+                (("data=file", "data.path=EMPTY"), "X is empty"),
+                (("data=file", "data.path=ONED"), "X must be a 2-D matrix"),
+                (("data=file", "data.path=ALLNAN"), "X has no observed entries"),
+                (("data=file", "data.path=BAD.xyz"), "unknown extension '.xyz'"),
+                (("data=file", "data.path=GARBAGE"), "could not read data.path="),
+                (("data=toy", "model.rank=0"), "model.rank must be an integer >= 1"),
+                (("optimizer=nope",), "Could not find 'optimizer/nope'"),
+            ]
+        ),
         (("data=nope",), "Could not find 'data/nope'"),
-        (("optimizer=nope",), "Could not find 'optimizer/nope'"),
     ],
 )
 def test_bad_input_fails_with_a_clear_message_and_no_results(tmp_path, args, message):
@@ -174,6 +182,7 @@ def test_installed_console_script_finds_its_configs(tmp_path):
     assert _metrics(run)["steps"] == 10
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_wheel_ships_the_config_tree(tmp_path):
     proc = subprocess.run(
         [
@@ -216,11 +225,13 @@ def test_wheel_ships_the_config_tree(tmp_path):
     assert out.stdout.strip() == str(target / "nmf_lightning" / "configs"), out.stderr
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_unknown_experiment_name_is_an_error(tmp_path):
     proc = run_cli("experiment=bogus", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode != 0 and "experiment/bogus" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_sigterm_stops_the_run_saved_with_exit_code_143(tmp_path):
     import signal
     import time
@@ -245,6 +256,7 @@ def test_sigterm_stops_the_run_saved_with_exit_code_143(tmp_path):
     assert "continue with ckpt_path=last" in log.read_text()
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_a_run_killed_outright_resumes_from_its_last_checkpoint_exactly(tmp_path):
     """SIGKILL leaves no chance to save: the periodic checkpoint is what a resumed run continues from."""
     import signal

@@ -164,9 +164,13 @@ def _ddp(tmp_path: Path, out: Path, *overrides: str):
     ("layout", "overrides"),
     [
         ("dense", ("optimizer=hals",)),
-        ("sparse", ("optimizer=mu", "model.l1_H=0.01", "data.holdout=0.2")),
+        pytest.param("sparse", ("optimizer=mu", "model.l1_H=0.01", "data.holdout=0.2"), marks=pytest.mark.slow),
         # 7 blocks of 10 rows: rank 0 holds 3, rank 1 holds 4, so rank 0's pass is padded
-        ("dense", ("optimizer=adam", "optimizer.lr=0.01", "data.batch_rows=10", "model.l2_W=0.1")),
+        pytest.param(
+            "dense",
+            ("optimizer=adam", "optimizer.lr=0.01", "data.batch_rows=10", "model.l2_W=0.1"),
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["hals-dense", "mu-sparse-holdout", "adam-streamed"],
 )
@@ -189,6 +193,7 @@ def test_ddp_through_the_cli_equals_one_process(make_cfg, tmp_path, layout, over
     assert written == [".hydra", "checkpoints", "factors.npz", "metrics.json", "train.log", "train_rank1.log"]
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 @pytest.mark.ddp
 def test_a_ddp_multirun_keeps_each_jobs_ranks_in_its_folder(make_cfg, tmp_path):
     path = _files(tmp_path)["dense"]
@@ -217,6 +222,7 @@ def test_a_ddp_multirun_keeps_each_jobs_ranks_in_its_folder(make_cfg, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 @pytest.mark.ddp
 def test_checkpoints_move_between_one_process_and_two_ranks(make_cfg, tmp_path):
     path = _files(tmp_path)["dense"]
@@ -246,6 +252,7 @@ def test_checkpoints_move_between_one_process_and_two_ranks(make_cfg, tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 @pytest.mark.ddp
 def test_torchrun_starts_the_ranks_and_rank_0_writes(tmp_path):
     """Under torchrun (or SLURM) every rank runs the same command; each logs to its own file."""

@@ -284,6 +284,7 @@ print("PEAK_RSS_MB", tiny, streamed)
 """
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_peak_memory_of_a_streamed_file_stays_far_below_its_size(tmp_path):
     n, m = 192_000, 500  # 384 MB of float32
     X = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(n, m))

@@ -109,6 +109,7 @@ def test_optuna_search_composes_with_its_search_space(search, params):
     assert cfg.hydra.mode.name == "MULTIRUN"
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_optuna_study_of_three_trials_runs_on_toy_data(tmp_path):
     out = tmp_path / "optuna"
     run_sweep(out, "hparams_search=optuna_rank_lam", "data=toy", "hydra.sweeper.n_trials=3", "trainer.max_steps=100")
@@ -120,6 +121,7 @@ def test_optuna_study_of_three_trials_runs_on_toy_data(tmp_path):
     assert report(out)["jobs"] == 3
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     out = tmp_path / "joblib"
     proc = run_sweep(
@@ -160,6 +162,7 @@ def test_parallel_jobs_claim_distinct_gpus_and_release_them(tmp_path):
         pass
 
 
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_optuna_study_goes_on_past_failing_trials(tmp_path):
     out = tmp_path / "optuna"
     run_sweep(

@@ -154,6 +154,19 @@ class RowShard:
         dist.all_gather(parts, padded)
         return torch.cat([p[..., :s, :] for p, s in zip(parts, sizes, strict=True)], dim=-2).to(A.device)
 
+    def mark(self) -> tuple[int, float]:
+        """What has been all-reduced so far (bytes, seconds): the start of a span :meth:`costs_since` measures."""
+        return self.sent_bytes, self.seconds
+
+    def costs_since(self, mark: tuple[int, float], updates: int, wall: float) -> dict[str, float]:
+        """What scale-out cost over ``updates`` updates in ``wall`` seconds since ``mark``, for metrics.json."""
+        sent, seconds = self.sent_bytes - mark[0], self.seconds - mark[1]
+        return {
+            "ddp_ranks": self.world,
+            "comm_bytes_per_update": sent / max(updates, 1),
+            "comm_time_share": seconds / max(wall, 1e-9),
+        }
+
     @property
     def blocks_per_rank(self) -> int:
         """The most row blocks any rank holds: every rank's pass takes this many batches (Lightning syncs each one)."""

@@ -10,7 +10,6 @@ curves have a point every ``trainer.log_every_n_steps`` updates whatever the blo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import time
@@ -27,15 +26,15 @@ from torch import Tensor, nn
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.curves import BlockSizer, UpdateGrid, restart_curves
 from nmf_lightning.data.datamodule import NMFDataModule
+from nmf_lightning.data.holdout import check_resumed
 from nmf_lightning.distributed import RowShard, gather_rows, keep_rows
-from nmf_lightning.engine import DivergenceError, PassResult, Problem, Source, Spec, Update, from_batch
-from nmf_lightning.engine.problem import AUTO_LR_SHARE
+from nmf_lightning.engine import DivergenceError, PassResult, Problem, Spec, Update, from_batch
 from nmf_lightning.internals import count_updates
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
 from nmf_lightning.recorder import HeldOut, Recorder, final_names
 from nmf_lightning.transform import transform
-from nmf_lightning.validation import PRECISIONS, NMFInputError, check_rank, require_memory
+from nmf_lightning.validation import PRECISIONS, NMFInputError, check_rank
 
 log = logging.getLogger(__name__)
 
@@ -139,27 +138,11 @@ class NMFModule(L.LightningModule):
             self.shard = dm.shard = RowShard.of_rows(matrix.shape[0], dm.batch_rows)
         check_rank(self.spec.rank, matrix.shape)
         self.streamed = dm.streamed
-        if self.streamed:
-            dm.dtype = dtype
-            offset = 0 if self.shard is None else self.shard.start
-            missing = matrix.unstored_missing
-
-            def blocks() -> Iterable:  # one pass over this process's row blocks, on its device
-                batches = (b for b in dm.row_blocks() if not b.get("empty"))
-                return (from_batch(self._to_device(b), dtype, missing, offset) for b in batches)
-
-            rows = None if self.shard is None else self.shard.rows  # this rank's rows of W
-            source = dataclasses.replace(self.summarized(dm, self.trainer.world_size), blocks=blocks, rows=rows)
-        else:
-            source = Source.in_memory(
-                matrix.X, dtype, "cpu", unstored_missing=matrix.unstored_missing,
-                observed=self.spec.info.observed, shard=self.shard,
-            )  # fmt: skip
-            self._check_device_memory(source, dtype, device)
-            source = source.to(device)
+        source = dm.source(self.spec, dtype, device, self.shard)
         self.problem = Problem(self.spec, source, dtype, device, self.shard)
         self.problem.check(CLI_WORDS, precision)
-        self.recorder = Recorder(self.problem, self._held_out(dm.holdout, dtype, device))
+        held_out = None if dm.holdout is None else HeldOut.of(dm.holdout, dtype, device, self.shard)
+        self.recorder = Recorder(self.problem, held_out)
         self.holdout_spec = {"fraction": dm.holdout_fraction, "seed": dm.holdout_seed}
         W, H = self.problem.initial_factors()
         self.W, self.H = nn.Parameter(W), nn.Parameter(H)
@@ -172,48 +155,7 @@ class NMFModule(L.LightningModule):
         """
         dtype = PRECISIONS.get(str(precision), torch.float32)
         check_rank(self.spec.rank, datamodule.matrix.shape)
-        Problem(self.spec, self.summarized(datamodule, ranks), dtype).check(CLI_WORDS, str(precision))
-
-    @staticmethod
-    def summarized(datamodule: NMFDataModule, ranks: int) -> Source:
-        """What the datamodule's scan of X says about it, as the engine's source (no blocks yet)."""
-        matrix = datamodule.matrix
-        sparse = sp.issparse(matrix.X) or bool(getattr(matrix.X, "sparse", False))
-        return Source.summarized(
-            datamodule.summary, matrix.shape, sparse=sparse, unstored_missing=matrix.unstored_missing,
-            streamed=datamodule.streamed, ranks=ranks,
-        )  # fmt: skip
-
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.W.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-    def _check_device_memory(self, source: Source, dtype: torch.dtype, device: torch.device) -> None:
-        """X held on a GPU must fit there with the factors: say so before it is moved (a raw CUDA OOM)."""
-        if device.type != "cuda":
-            return
-        x_bytes, (n, m) = source.blocks.nbytes, source.blocks.shape
-        r, k = self.spec.restarts, self.spec.rank
-        factors = 4 * r * (n + m) * k * torch.empty((), dtype=dtype).element_size()  # W, H, gradients, moments
-        require_memory(
-            x_bytes + factors,
-            f"X ({n} x {m}{', sparse' if source.layout.sparse else ''}) and the factors need about {{need}} GiB",
-            lambda free: (
-                "keep X in host memory and stream it in row blocks with data.batch_rows="
-                f"{max(1, int(free / 4 / max(x_bytes / max(n, 1), 1)))} (or fewer)."
-            ),
-            device=device,
-        )
-
-    def _held_out(self, holdout, dtype: torch.dtype, device: torch.device) -> HeldOut | None:
-        """The entries held out of training (``data.holdout``), this rank's rows counted from its first."""
-        if holdout is None:
-            return None
-        rows, cols, values = holdout.rows, holdout.cols, holdout.values
-        if self.shard is not None:
-            mine = (rows >= self.shard.start) & (rows < self.shard.stop)
-            rows, cols, values = rows[mine] - self.shard.start, cols[mine], values[mine]
-        vals = torch.from_numpy(values).to(device, torch.promote_types(dtype, torch.float32))
-        return HeldOut(torch.from_numpy(rows).long().to(device), torch.from_numpy(cols).long().to(device), vals)
+        Problem(self.spec, datamodule.summarized(ranks), dtype).check(CLI_WORDS, str(precision))
 
     # ------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -228,13 +170,7 @@ class NMFModule(L.LightningModule):
                     f"{tuple(now.shape)}; resume with the data, model.rank and model.restarts it was trained with."
                 )
         saved = checkpoint.get("holdout", {"fraction": 0.0, "seed": 0})
-        now = getattr(self, "holdout_spec", saved)
-        if float(saved["fraction"]) != float(now["fraction"]) or (now["fraction"] and saved["seed"] != now["seed"]):
-            raise NMFInputError(
-                f"the checkpoint was trained with data.holdout={saved['fraction']} (holdout_seed={saved['seed']}) "
-                f"but this run has data.holdout={now['fraction']} (holdout_seed={now['seed']}); resuming would "
-                "train on entries held out before. Resume with the same data.holdout and data.holdout_seed."
-            )
+        check_resumed(saved, getattr(self, "holdout_spec", saved))
         self._update = None  # it holds the old parameters
         self._gram_state = checkpoint.get("gram_form")
         self.W = nn.Parameter(torch.empty_like(state["W"]))
@@ -303,34 +239,13 @@ class NMFModule(L.LightningModule):
             self.stop_reason = f"interrupted by {signal.Signals(self.stop_signal).name}"
             self.trainer.should_stop = True
 
-    @torch.no_grad()
     def _on_update(self, i: int, result: PassResult) -> bool:
-        """Keep the grid's points inside a block on the device (the block end logs its own).
-
-        A gradient step reports the loss and error of the factors before it, so update
-        s gives the point s - 1 for free; a closed-form update's error is that of its new
-        factors. Returns True to stop the block here: a stop signal arrived.
-        """
+        """After update i of a block: keep the curves' points inside it; True stops it there (a stop signal)."""
         if self.stop_signal is not None and self.shard is None:  # under DDP: where the block ends, all ranks together
             return True
-        if not self.loggers:  # no curves to draw
-            return False
-        (start, end), s, grid, recorder = self._block_span, self._block_span[0] + i, self.grid, self.recorder
-        if result.loss is not None:
-            if start < s - 1 < end and grid.due(s - 1):
-                point = {"train/loss": result.loss, **{f"train/{k}": v for k, v in (result.terms or {}).items()}}
-                if not recorder.clamps and result.sq is not None:
-                    point.update(recorder.errors(result.sq, result.divergence))
-                grid.add(s - 1, point)
-            self.update.record_terms = s < end and grid.due(s)  # the next step reports the terms at s
-        if not (s < end and grid.due(s)):
-            return False
-        grid.add(s, {})  # reached now (a gradient step reports its values with the next update)
-        if result.loss is None:
-            sq = result.sq if result.after and not result.running and recorder.sums_ok(points=True) else None
-            grid.add(s, recorder.train(self.W, self.H, sq=sq))
-        elif recorder.clamps:
-            grid.add(s, recorder.errors(self.problem.sq_error(*recorder.reported(self.W, self.H))))
+        if self.loggers:  # (no curves to draw without a logger)
+            start = self._block_span[0]
+            self.recorder.on_update(self._block_span, start + i, result, self.W, self.H, self.update)
         return False
 
     def _stream_step(self, batch: dict, batch_idx: int) -> None:
@@ -360,18 +275,13 @@ class NMFModule(L.LightningModule):
         self._after_updates(problem.convergence.check(s, lambda: problem.loss(self.W, self.H)))
         self._unlogged += 1
         last = self.trainer.should_stop or 0 < self.trainer.max_steps <= s
-        sq = result.sq if result.running or self.recorder.sums_ok() or not result.after else None
-        if result.after or sq is None or last:  # the error of the new factors (or measured by a pass over X)
-            step, factors, before = s, (self.W, self.H), None
-            sq = sq if result.after else None
-        else:  # the error before this update (gradient steps, masked X): a point at the update before
-            step, factors, before = s - 1, self._pass_start, self._finite_start
+        step, factors, sq = self.recorder.pass_point(result, s, last, (self.W, self.H), self._pass_start)
         if not (last or self.grid.due(step)):
             return  # a point off the grid: not measured
         metrics = self.recorder.metrics(*factors, sq=sq)
-        if not bool(torch.isfinite(metrics["train/loss"])):
-            losses = None if result.loss is None else result.loss[None]
-            raise self._diverged(losses, step - 1, *(before if before is not None else self._pass_start))
+        if not bool(torch.isfinite(metrics["train/loss"])):  # the last finite factors: of the pass before, if any
+            finite = self._pass_start if step == s or self._finite_start is None else self._finite_start
+            raise self._diverged(None if result.loss is None else result.loss[None], step - 1, *finite)
         if result.running:  # each block's error as it was fit: not the error of these factors
             metrics = {k.replace("train/", "online/", 1): v for k, v in metrics.items()}
         self._log_block(metrics, self._unlogged, step)
@@ -382,7 +292,7 @@ class NMFModule(L.LightningModule):
     def grid(self) -> UpdateGrid:
         """The points of the curves: every ``trainer.log_every_n_steps`` updates."""
         if self._grid is None:
-            self._grid = UpdateGrid(self.trainer.log_every_n_steps)
+            self._grid = self.recorder.grid = UpdateGrid(self.trainer.log_every_n_steps)
         return self._grid
 
     @property
@@ -446,38 +356,20 @@ class NMFModule(L.LightningModule):
             )
         self._fit_start = (time.perf_counter(), self.global_step)
         self._whole_W = None  # W changes from here: gathered again at the end
-        if self.shard is not None:  # what scale-out costs, from here
-            self._comm_start = (self.shard.sent_bytes, self.shard.seconds)
-        self._grid = UpdateGrid(self.trainer.log_every_n_steps)
+        self._comm_mark = None if self.shard is None else self.shard.mark()  # what scale-out costs, from here
+        self._grid = self.recorder.grid = UpdateGrid(self.trainer.log_every_n_steps)
         self._last_point = self._last_val_point = self.global_step  # a resumed run's curves go on from here
         if self.global_step:
             restart_curves(self.loggers, self.global_step + 1)
         self._warn_small_lr()
 
     def _warn_small_lr(self) -> None:
-        """Adam-like steps move an entry by about lr per update, whatever the gradient's size.
-
-        When lr x updates cannot even cover the scale of the factors (large-valued X), the
-        run ends far from a fit; say so now rather than leave a poor relative error.
-        """
-        optimizer = self.optimizers().optimizer
-        if not self.problem.info.adaptive:
-            return
-        lr = float(optimizer.param_groups[0]["lr"])
+        """Say now when the lr cannot reach a fit in the run's updates (see :meth:`Problem.lr_advice`)."""
+        lr = float(self.optimizers().optimizer.param_groups[0].get("lr") or 0.0)
         updates = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else 0
-        scale = self.problem.scale(self.W, self.H)
-        auto = dict(getattr(self.spec.optimizer, "keywords", {})).get("lr") == "auto"
-        if updates > 0 and lr * updates < scale:
-            share = f"{AUTO_LR_SHARE:.0%} of the scale, made for runs of {round(1 / AUTO_LR_SHARE)} updates or more"
-            warnings.warn(
-                f"optimizer.lr={lr:g} moves a factor entry by about {lr:g} per update, at most "
-                f"{lr * updates:.3g} over {updates} updates, but the factors are at scale {scale:.3g} "
-                f"(X is large-valued): the run will end far from a fit. Use optimizer="
-                f"{'hals' if self.problem.beta is None else 'mu'}, or raise trainer.max_steps or the lr (e.g. "
-                f"optimizer.lr={scale / max(min(updates, 100), 1):.2g}{f'; lr=auto took {share}' if auto else ''}).",
-                NMFWarning,
-                stacklevel=2,
-            )
+        advice = self.problem.lr_advice(lr, updates, self.W, self.H, CLI_WORDS)
+        if advice is not None:
+            warnings.warn(advice, NMFWarning, stacklevel=2)
 
     def on_train_end(self) -> None:
         """Keep the final metrics as plain floats (one sync) for metrics.json."""
@@ -498,22 +390,13 @@ class NMFModule(L.LightningModule):
         if rate is not None:
             final["updates_per_sec"] = rate
         if self.shard is not None and start is not None and self.global_step > first:
-            sent, seconds = self.shard.sent_bytes - self._comm_start[0], self.shard.seconds - self._comm_start[1]
-            final["ddp_ranks"] = self.shard.world
-            final["comm_bytes_per_update"] = sent / (self.global_step - first)
-            final["comm_time_share"] = seconds / max(time.perf_counter() - start, 1e-9)
+            final.update(self.shard.costs_since(self._comm_mark, self.global_step - first, time.perf_counter() - start))
         if self.spec.restarts > 1:
             final["best_restart"] = self._best()
         self.final_metrics = final
-        negs = {n: final[f"factors/{n}_neg_fraction"] for n in ("W", "H")}
-        if self.recorder.clamps and any(v > 0 for v in negs.values()):
-            warnings.warn(
-                f"the trained factors have negative entries (W {negs['W']:.1%}, H {negs['H']:.1%}); "
-                "factors.npz and the errors reported use them clamped at 0. Set model.project=true "
-                "or raise model.lam to train factors that need no clamping.",
-                NMFWarning,
-                stacklevel=2,
-            )
+        advice = self.recorder.negatives(final)
+        if advice is not None:
+            warnings.warn(advice, NMFWarning, stacklevel=2)
 
     # ---------------------------------------------------------------- factors
     def final_metric_names(self, held_out: bool = False) -> set[str]:

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from nmf_lightning.divergence import elementwise
 from nmf_lightning.engine.problem import PENALTIES, Problem, Spec
+from nmf_lightning.engine.updates import PassResult
 from nmf_lightning.linalg import predict_observed
 from nmf_lightning.objective import Objective, factor_stats, relative_error
+
+if TYPE_CHECKING:
+    from nmf_lightning.curves import UpdateGrid
+    from nmf_lightning.data.holdout import Holdout
+    from nmf_lightning.distributed import RowShard
 
 
 @dataclass
@@ -31,6 +38,16 @@ class HeldOut:
     def __len__(self) -> int:
         return len(self.vals)
 
+    @classmethod
+    def of(cls, holdout: Holdout, dtype: torch.dtype, device: torch.device, shard: RowShard | None = None) -> HeldOut:
+        """``data.holdout``'s entries on ``device`` (values in float32 at least); under DDP this rank's, from row 0."""
+        rows, cols, values = holdout.rows, holdout.cols, holdout.values
+        if shard is not None:
+            mine = (rows >= shard.start) & (rows < shard.stop)
+            rows, cols, values = rows[mine] - shard.start, cols[mine], values[mine]
+        vals = torch.from_numpy(values).to(device, torch.promote_types(dtype, torch.float32))
+        return cls(torch.from_numpy(rows).long().to(device), torch.from_numpy(cols).long().to(device), vals)
+
 
 class Recorder:
     """The numbers a run reports about its factors, measured the same way wherever it runs.
@@ -43,8 +60,8 @@ class Recorder:
     #: the error a closed-form pass forms from its sums (the Gram form) is trusted down to this many sqrt(eps)
     GRAM_SAFETY = 10.0
 
-    def __init__(self, problem: Problem, held_out: HeldOut | None = None):
-        self.problem, self.held_out = problem, held_out
+    def __init__(self, problem: Problem, held_out: HeldOut | None = None, grid: UpdateGrid | None = None):
+        self.problem, self.held_out, self.grid = problem, held_out, grid
         self.clamps = problem.spec.clamps
         self.best: int = 0
         layout = problem.source.layout
@@ -117,6 +134,58 @@ class Recorder:
         if reported[0] is not W:
             sq = problem.sq_error(*reported)
         return {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}, **self.errors(sq, div)}
+
+    @torch.no_grad()
+    def on_update(self, span: tuple[int, int], s: int, result: PassResult, W: Tensor, H: Tensor, update: Any) -> None:
+        """Keep the curves' points inside a block of updates ``span`` (first, last) on the device.
+
+        ``s`` is the update just taken (the block's end logs its own point). A gradient step
+        reports the loss and error of the factors before it, so update s gives the point
+        s - 1 for free, and ``update.record_terms`` asks the next step for the terms at s; a
+        closed-form update's error is that of its new factors, read from its sums while
+        they are trusted (:meth:`sums_ok`).
+        """
+        (start, end), grid = span, self.grid
+        if result.loss is not None:
+            if start < s - 1 < end and grid.due(s - 1):
+                point = {"train/loss": result.loss, **{f"train/{k}": v for k, v in (result.terms or {}).items()}}
+                if not self.clamps and result.sq is not None:
+                    point.update(self.errors(result.sq, result.divergence))
+                grid.add(s - 1, point)
+            update.record_terms = s < end and grid.due(s)
+        if not (s < end and grid.due(s)):
+            return
+        grid.add(s, {})  # reached now (a gradient step reports its values with the next update)
+        if result.loss is None:
+            sq = result.sq if result.after and not result.running and self.sums_ok(points=True) else None
+            grid.add(s, self.train(W, H, sq=sq))
+        elif self.clamps:
+            grid.add(s, self.errors(self.problem.sq_error(*self.reported(W, H))))
+
+    def pass_point(
+        self, result: PassResult, s: int, last: bool, now: tuple[Tensor, Tensor], before: tuple[Tensor, Tensor]
+    ) -> tuple[int, tuple[Tensor, Tensor], Tensor | None]:
+        """Which point a pass over a streamed X gives: (update, factors, their squared error when the pass knows it).
+
+        A closed-form pass reports the error of the new factors (``now``, after update s),
+        when its sums are trusted; a gradient pass, or a masked X's, that of the factors it
+        started from (``before``: the point s - 1). The last pass is measured on its own factors.
+        """
+        sq = result.sq if result.running or self.sums_ok() or not result.after else None
+        if result.after or sq is None or last:
+            return s, now, sq if result.after else None
+        return s - 1, before, sq
+
+    def negatives(self, metrics: dict[str, float]) -> str | None:
+        """The advice for trained factors that went negative and are reported clamped (``project=false``), or None."""
+        negs = {n: metrics[f"factors/{n}_neg_fraction"] for n in ("W", "H")}
+        if not self.clamps or not any(v > 0 for v in negs.values()):
+            return None
+        return (
+            f"the trained factors have negative entries (W {negs['W']:.1%}, H {negs['H']:.1%}); factors.npz "
+            "and the errors reported use them clamped at 0. Set model.project=true or raise model.lam to train "
+            "factors that need no clamping."
+        )
 
     @torch.no_grad()
     def validation(self, W: Tensor, H: Tensor) -> dict[str, Tensor]:

@@ -89,18 +89,13 @@ def test_kaczmarz_sampler_state_from_another_kind_of_device_is_dropped_with_a_wa
 
 def test_x_that_would_not_fit_on_the_gpu_is_refused_with_the_row_blocks_that_would(monkeypatch):
     """The free memory read is the GPU's (torch.cuda.mem_get_info), not the host's."""
-    from types import SimpleNamespace
-
     from nmf_lightning.engine import Source
-    from nmf_lightning.module import NMFModule
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**20, 80 * 2**30))
     cuda = torch.device("cuda", 0)
-    stand_in = SimpleNamespace(spec=SimpleNamespace(rank=8, restarts=1))
     source = Source.in_memory(np.ones((1000, 1000)), torch.float32, "cpu")  # 4 MB
     need = r"X \(1000 x 1000\) and the factors need about 0.00\d+ GiB"
     free = r"but 0.00293 GiB of memory on cuda:0 is free; .*data.batch_rows=\d+"
     with pytest.raises(NMFInputError, match=f"{need} {free}"):
-        NMFModule._check_device_memory(stand_in, source, torch.float32, cuda)
-    small = Source.in_memory(np.ones((100, 100)), torch.float32, "cpu")
-    NMFModule._check_device_memory(stand_in, small, torch.float32, cuda)  # fits
+        source.check_memory(cuda, rank=8, restarts=1, itemsize=4)
+    Source.in_memory(np.ones((100, 100)), torch.float32, "cpu").check_memory(cuda, rank=8, restarts=1, itemsize=4)

@@ -9,19 +9,25 @@ pinned for the GPU), and one pass over them, an epoch, is one update of W and H.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
 from nmf_lightning.data.holdout import Holdout, split_holdout
 from nmf_lightning.data.rows import OnDisk, RowBlocks, RowSummary, in_memory, materialize, scan
 from nmf_lightning.data.sources import Matrix
+from nmf_lightning.engine import Block, Source, Spec, from_batch
 from nmf_lightning.validation import NMFInputError, check_matrix, require_memory
+
+if TYPE_CHECKING:
+    from nmf_lightning.distributed import RowShard
 
 
 class _Ticks:
@@ -117,6 +123,35 @@ class NMFDataModule(L.LightningDataModule):
         name = "X without its held-out entries" if self.holdout_fraction else "X"
         self.summary = scan(matrix.X, self.batch_rows or max(matrix.shape[0], 1), matrix.unstored_missing, name)
         self.matrix = matrix
+
+    def summarized(self, ranks: int = 1) -> Source:
+        """What the scan of X says about it, as the engine's source (no blocks yet): enough to check a run."""
+        X = self.matrix.X
+        sparse = sp.issparse(X) or bool(getattr(X, "sparse", False))
+        options = {"sparse": sparse, "unstored_missing": self.matrix.unstored_missing, "streamed": self.streamed}
+        return Source.summarized(self.summary, self.matrix.shape, ranks=ranks, **options)
+
+    def source(self, spec: Spec, dtype: torch.dtype, device: torch.device, shard: RowShard | None = None) -> Source:
+        """X as the engine reads it: one block on ``device``, or passes over the row blocks moved there as they come.
+
+        Under DDP (``shard``) this process's rows. X held whole on a GPU is checked to fit there first.
+        """
+        matrix = self.matrix
+        if not self.streamed:
+            options = {"unstored_missing": matrix.unstored_missing, "observed": spec.info.observed, "shard": shard}
+            source = Source.in_memory(matrix.X, dtype, "cpu", **options)
+            source.check_memory(device, spec.rank, spec.restarts, torch.empty((), dtype=dtype).element_size())
+            return source.to(device)
+        self.dtype, offset = dtype, 0 if shard is None else shard.start
+
+        def blocks() -> Iterator[Block]:  # one pass over this process's row blocks
+            for batch in self.row_blocks():
+                if not batch.get("empty"):
+                    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    yield from_batch(moved, dtype, matrix.unstored_missing, offset)
+
+        rows = None if shard is None else shard.rows  # this rank's rows of W
+        return dataclasses.replace(self.summarized(1 if shard is None else shard.world), blocks=blocks, rows=rows)
 
     def row_blocks(self) -> RowBlocks:
         """The row blocks of X in order (a map-style dataset: item i is block i); under DDP, this rank's."""

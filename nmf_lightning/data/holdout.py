@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -35,6 +36,16 @@ class Holdout:
 
     def __len__(self) -> int:
         return len(self.values)
+
+
+def check_resumed(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """A resumed run must hold out what its checkpoint's run did (``{"fraction", "seed"}``), or it trains on them."""
+    if float(saved["fraction"]) != float(now["fraction"]) or (now["fraction"] and saved["seed"] != now["seed"]):
+        raise NMFInputError(
+            f"the checkpoint was trained with data.holdout={saved['fraction']} (holdout_seed={saved['seed']}) "
+            f"but this run has data.holdout={now['fraction']} (holdout_seed={now['seed']}); resuming would "
+            "train on entries held out before. Resume with the same data.holdout and data.holdout_seed."
+        )
 
 
 def split_holdout(matrix: Matrix, fraction: float, seed: int = 0) -> tuple[Matrix, Holdout]:

@@ -48,7 +48,7 @@ from nmf_lightning.params import (
 from nmf_lightning.solvers import hals
 from nmf_lightning.solvers.registry import SolverInfo, lookup, of_factory
 from nmf_lightning.solvers.rules import Rule
-from nmf_lightning.validation import NMFInputError, check_factor_memory, check_scale, has_zeros
+from nmf_lightning.validation import NMFInputError, check_factor_memory, check_scale, has_zeros, require_memory
 
 if TYPE_CHECKING:
     from nmf_lightning.data.rows import RowSummary
@@ -290,6 +290,23 @@ class Source:
         whole = moved if self.whole is self.blocks else self.whole  # one process: its block is all of X
         return dataclasses.replace(self, blocks=moved, whole=whole)
 
+    def check_memory(self, device: torch.device | str, rank: int, restarts: int, itemsize: int) -> None:
+        """X held on a GPU must fit there with the factors: say so before it is moved (not a raw CUDA OOM)."""
+        device = torch.device(device)
+        if device.type != "cuda" or not isinstance(self.blocks, Block):
+            return
+        x_bytes, (n, m) = self.blocks.nbytes, self.blocks.shape
+        factors = 4 * restarts * (n + m) * rank * itemsize  # W, H, their gradients and moments
+        require_memory(
+            x_bytes + factors,
+            f"X ({n} x {m}{', sparse' if self.layout.sparse else ''}) and the factors need about {{need}} GiB",
+            lambda free: (
+                "keep X in host memory and stream it in row blocks with data.batch_rows="
+                f"{max(1, int(free / 4 / max(x_bytes / max(n, 1), 1)))} (or fewer)."
+            ),
+            device=device,
+        )
+
     def whole_block(self) -> Block:
         """All of X as one block (on the host, or where X is held when one process holds it all)."""
         return self.whole if isinstance(self.whole, Block) else self.whole()
@@ -436,6 +453,26 @@ class Problem:
             term = reconstruction(sq, self.source.n_obs, self.loss_name)
             slope = float(torch.autograd.grad(term.sum(), sq)[0].max()) * 2
         return 1.0 / max(L * slope, 1e-12)
+
+    def lr_advice(self, lr: float, updates: int, W: Tensor, H: Tensor, words: Words) -> str | None:
+        """Why ``lr`` cannot fit X in ``updates`` updates of an Adam-like optimizer, or None.
+
+        Its steps move an entry by about lr whatever the gradient's size: when lr x updates
+        cannot even cover the scale of the factors (large-valued X), the run ends far from a
+        fit, and saying so now beats a poor relative error later.
+        """
+        scale = self.scale(W, H)
+        if not self.info.adaptive or updates <= 0 or lr * updates >= scale:
+            return None
+        auto = _keywords(self.spec.optimizer).get("lr") == "auto"
+        share = f"{AUTO_LR_SHARE:.0%} of the scale, made for runs of {round(1 / AUTO_LR_SHARE)} updates or more"
+        lr_name, closed = words.name("lr"), words.solvers(["hals" if self.beta is None else "mu"])
+        return (
+            f"{lr_name}={lr:g} moves a factor entry by about {lr:g} per update, at most {lr * updates:.3g} over "
+            f"{updates} updates, but the factors are at scale {scale:.3g} (X is large-valued): the run will end "
+            f"far from a fit. Use {closed}, or raise {words.name('steps')} or the lr (e.g. {lr_name}="
+            f"{scale / max(min(updates, 100), 1):.2g}{f'; lr=auto took {share}' if auto else ''})."
+        )
 
     def optimizer(self, W: Tensor, H: Tensor) -> torch.optim.Optimizer:
         """The spec's solver over [W, H], as Lightning configures and checkpoints it; ``lr=auto`` is :meth:`auto_lr`."""

@@ -193,7 +193,11 @@ class NMFModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The configured optimizer (or closed-form solver) over W and H, from the engine."""
         self._update = None
-        return self.problem.optimizer(self.W, self.H)
+        optimizer = self.problem.optimizer(self.W, self.H)
+        if getattr(self.spec.optimizer, "keywords", {}).get("lr") == "auto":
+            lr, scale = optimizer.param_groups[0]["lr"], self.problem.scale(self.W, self.H)
+            log.info("optimizer.lr=auto: %.3g (the factors' scale is %.3g)", lr, scale)
+        return optimizer
 
     @property
     def update(self) -> Update:

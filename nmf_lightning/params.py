@@ -203,7 +203,7 @@ class Words:
     user's names for registry names (``hals`` -> ``cd``).
     """
 
-    params: Mapping[str, str]
+    params: Mapping[str, str] = field(default_factory=dict)
     quote: bool = False
     solver_key: str = "optimizer"
     aliases: Mapping[str, str] = field(default_factory=dict)
@@ -250,6 +250,8 @@ class Words:
         return f"{self.solver_key}={listed}" + (" or a gradient solver" if gradient and self.gradient else "")
 
 
+#: the engine's own words: a Spec's field names, in Python's spelling
+ENGINE_WORDS = Words(quote=True, solver_key="optimizer")
 #: nmf-train's words: the config keys
 CLI_WORDS = Words(
     params={key: f"model.{key}" for key in CONSTRAINTS}

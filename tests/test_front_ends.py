@@ -126,3 +126,15 @@ def test_bad_input_exits_2_in_one_line_and_a_bug_shows_its_traceback(make_cfg, m
     monkeypatch.setattr("nmf_lightning.train.train", lambda cfg: {}["missing"])  # a bug: a KeyError
     with pytest.raises(KeyError, match="missing"):
         _main(cfg, single=True)
+
+
+def test_the_readmes_engine_example_runs():
+    """The README's Python example of the engine, run as it is written there."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### The engine in Python") :]
+    code = section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert namespace["result"].converged and float(namespace["problem"].loss(namespace["W"], namespace["H"])) > 0

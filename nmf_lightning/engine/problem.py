@@ -38,6 +38,7 @@ from nmf_lightning.linalg import to_numpy
 from nmf_lightning.objective import Objective, reconstruction
 from nmf_lightning.params import (
     CONSTRAINTS,
+    ENGINE_WORDS,
     Layout,
     Words,
     check_compatible,
@@ -343,7 +344,7 @@ class Problem:
         return self.source.blocks
 
     # ----------------------------------------------------------------- checks
-    def check(self, words: Words, precision: str | None = None) -> None:
+    def check(self, words: Words = ENGINE_WORDS, precision: str | None = None) -> None:
         """Everything that can be refused before a factor is drawn, in the front end's ``words``."""
         spec, source = self.spec, self.source
         spec.check(words)

@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nmf_lightning.atomic import atomic_path, write_text
 from nmf_lightning.hparams import write_hparams, write_layout
-from nmf_lightning.internals import Tqdm, save_last_checkpoint
+from nmf_lightning.internals import Tqdm, has_train_bar, save_last_checkpoint
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
 from nmf_lightning.validation import NMFInputError
@@ -105,7 +105,7 @@ class UpdateProgressBar(TQDMProgressBar):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Show the new ``val/*`` values on the training bar."""
-        if self._train_progress_bar is not None and trainer.state.fn == "fit":
+        if has_train_bar(self) and trainer.state.fn == "fit":
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
 
 

@@ -2,8 +2,11 @@
 
 Each is used only where no public hook does the job, and was checked against lightning
 2.6.6 and torch 2.13 (``torch.utils.tensorboard``); a release that moves one breaks it
-here, and only here. Nothing is imported until asked for: the estimator, which writes
-TensorBoard curves through :func:`file_writer`, never imports Lightning.
+here. Nothing is imported until asked for: the estimator, which writes TensorBoard
+curves through :func:`file_writer`, never imports Lightning. The one exception in
+place rather than here: :class:`~nmf_lightning.distributed.ShardedDDP` replaces the
+launcher of DDP's child ranks (``_configure_launcher``, ``_call_children_scripts``, the
+:data:`SubprocessScriptLauncher` below), checked against the same release.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ def save_last_checkpoint(callback: Any, trainer: Any) -> bool:
         return False
     callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
     return True
+
+
+def has_train_bar(callback: Any) -> bool:
+    """Whether a ``TQDMProgressBar`` has its training bar open (its ``train_progress_bar`` raises otherwise)."""
+    return callback._train_progress_bar is not None
 
 
 def file_writer(writer: Any) -> Any:

@@ -354,7 +354,7 @@ def check_compatible(
     if online and not layout.streamed:
         raise NMFInputError(
             f"{words.online} updates H after every row block, so it needs X in row blocks: {words.blocks}=B "
-            "(with optimizer=hals or mu)."
+            f"(with {words.solvers(_closed_form_with('online'))})."
         )
     if not info.blocks and (layout.streamed or layout.ranks > 1):
         where = (

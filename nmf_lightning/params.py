@@ -217,6 +217,8 @@ class Words:
     values: Mapping[str, Any] = field(default_factory=dict)
     #: whether this front end offers the gradient solvers too
     gradient: bool = True
+    #: where this front end's missing entries come from
+    missing: str = "NaN entries"
 
     def name(self, key: str) -> str:
         """The user's name of an engine parameter."""
@@ -247,20 +249,21 @@ class Words:
         """
         shown = [repr(self.aliases.get(n, n)) if self.quote else self.aliases.get(n, n) for n in names]
         listed = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
-        return f"{self.solver_key}={listed}" + (" or a gradient solver" if gradient and self.gradient else "")
+        return f"{self.solver_key}={listed}" + (", or a gradient solver" if gradient and self.gradient else "")
 
 
 #: the engine's own words: a Spec's field names, in Python's spelling
 ENGINE_WORDS = Words(quote=True, solver_key="optimizer")
 #: nmf-train's words: the config keys
 CLI_WORDS = Words(
+    missing="NaN entries, entries held out by data.holdout, or unstored ones with data.unstored=missing",
     params={key: f"model.{key}" for key in CONSTRAINTS}
     | {
         "lr": "optimizer.lr",
         "steps": "trainer.max_steps",
         "batch_rows": "data.batch_rows",
         "precision": "trainer.precision",
-    }
+    },
 )
 
 
@@ -307,10 +310,12 @@ def check_compatible(
             f"{loss_shown} is a beta-divergence, defined for W H >= 0 only; it trains with "
             f"{words.show('project', True)} (the default)."
         )
+    adam = words.solvers(["adam"])
+    gradient = f", or a gradient solver such as {adam}" if words.gradient else ""
     if beta is not None and not info.beta:
         raise NMFInputError(
             f"{solver} fits the Frobenius loss only, not {loss_shown}; use {words.solvers(['mu'])} "
-            f"(multiplicative updates for any beta){' or a gradient solver such as adam' if words.gradient else ''}."
+            f"(multiplicative updates for any beta){gradient}."
         )
     if beta is not None and online:
         raise NMFInputError(
@@ -319,7 +324,7 @@ def check_compatible(
     if l21 and not info.l21:
         raise NMFInputError(
             f"{solver} has no closed form for the L2,1 penalty ({words.name('l21_H')}); use a gradient "
-            f"solver such as {words.solvers(['adam'])}."
+            f"solver such as {adam}."
         )
     if penalties and not info.penalties:
         raise NMFInputError(
@@ -333,7 +338,7 @@ def check_compatible(
         )
     if layout.missing and not info.missing:
         raise NMFInputError(
-            f"{solver} cannot skip missing (NaN) entries, and X has some; "
+            f"{solver} cannot skip missing entries ({words.missing}), and X has some; "
             f"use {words.solvers(_closed_form_with('missing'), gradient=True)}."
         )
     if half and not info.half:

@@ -336,6 +336,10 @@ def check_compatible(
             f"{solver} needs a dense mask, but X is kept as its observed entries only (ratings); "
             f"use {words.solvers(_closed_form_with('observed'), gradient=True)}."
         )
+    if layout.sparse and not info.sparse:
+        raise NMFInputError(
+            f"{solver} needs X dense, and X is sparse; use {words.solvers(_closed_form_with('sparse'), gradient=True)}."
+        )
     if layout.missing and not info.missing:
         raise NMFInputError(
             f"{solver} cannot skip missing entries ({words.missing}), and X has some; "

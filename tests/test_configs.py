@@ -87,3 +87,16 @@ def test_other_groups_compose_and_instantiate(make_cfg, group):
 def test_each_optimizer_config_names_its_registry_entry(make_cfg, name):
     cfg = make_cfg(f"optimizer={name}")
     assert registry.of_target(cfg.optimizer._target_) is registry.lookup(name)
+
+
+def test_a_capability_the_registry_denies_is_refused_in_the_solvers_words():
+    """Every refusal derives from the registry: a solver declared without sparse support is refused on sparse X."""
+    import dataclasses
+
+    from nmf_lightning.params import CLI_WORDS, Layout, check_compatible
+    from nmf_lightning.validation import NMFInputError
+
+    dense_only = dataclasses.replace(registry.lookup("als"), sparse=False)
+    check_compatible(dense_only, CLI_WORDS, layout=Layout())
+    with pytest.raises(NMFInputError, match=r"optimizer=als needs X dense, and X is sparse; use optimizer=hals, mu"):
+        check_compatible(dense_only, CLI_WORDS, layout=Layout(sparse=True))

@@ -35,6 +35,8 @@ class SolverInfo:
     missing: bool = True
     #: X kept as observed (row, column, value) triplets (ratings, mostly-missing X)
     observed: bool = True
+    #: a sparse (CSR) X, never made dense
+    sparse: bool = True
     #: X in row blocks: streamed (``data.batch_rows``) or sharded over processes (``trainer=ddp``)
     blocks: bool = True
     #: bfloat16 factors (solving k x k systems needs float32 at least)

@@ -45,7 +45,7 @@ from nmf_lightning.params import (
 )
 from nmf_lightning.recorder import Recorder
 from nmf_lightning.solvers import registry
-from nmf_lightning.validation import PRECISIONS, check_matrix, check_precision
+from nmf_lightning.validation import PRECISIONS, check_matrix, check_precision, check_sparse
 
 #: updates between two checks of ``tol`` (and between two lines of ``verbose`` / ``log_dir``)
 TOL_WINDOW = 10
@@ -279,6 +279,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     # --------------------------------------------------------------- checks
     def _validate(self, X, reset: bool):
+        if sp.issparse(X):  # before scikit-learn converts it, reading its indices
+            check_sparse(X)
         X = validate_data(
             self,
             X,

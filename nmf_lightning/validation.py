@@ -54,6 +54,50 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X", tota
         check_totals(missing < X.size if not sparse else True, positive, X.size, name)
 
 
+def check_sparse(X: sp.spmatrix | sp.sparray, name: str = "X", first_row: int = 0) -> None:
+    """A sparse matrix's structure must hold together before anything reads it (a damaged one corrupts memory).
+
+    CSR and CSC: the index pointer has one entry per row (column) and one more, starts at 0,
+    never decreases and ends within the stored entries; every index lies within the shape.
+    COO: every row and column index lies within the shape. Other formats are Python objects,
+    checked as they are converted. The error names the first bad row (column); ``first_row``
+    is a block's first row in the whole X.
+    """
+    n, m = X.shape
+    damaged = f"{name} is not a well-formed sparse matrix"
+    fix = "the file is damaged, or was written with another shape: write it again"
+    if X.format in ("csr", "csc"):
+        major, minor, unit, other = (n, m, "row", "column") if X.format == "csr" else (m, n, "column", "row")
+        offset = first_row if X.format == "csr" else 0
+        indptr, indices = np.asarray(X.indptr).astype(np.int64, copy=False), np.asarray(X.indices)
+        if indptr.ndim != 1 or len(indptr) != major + 1:
+            raise NMFInputError(f"{damaged}: its index pointer has {len(indptr)} entries for {major} {unit}s; {fix}.")
+        if indptr[0] != 0 or indptr[-1] > min(len(indices), len(X.data)):
+            raise NMFInputError(
+                f"{damaged}: its index pointer runs from {indptr[0]} to {indptr[-1]} over {len(indices)} stored "
+                f"entries; {fix}."
+            )
+        falls = np.flatnonzero(np.diff(indptr) < 0)
+        if falls.size:
+            raise NMFInputError(f"{damaged}: its index pointer decreases at {unit} {offset + int(falls[0])}; {fix}.")
+        stored = indices[: indptr[-1]]
+        bad = np.flatnonzero((stored < 0) | (stored >= minor))
+        if bad.size:
+            where = offset + int(np.searchsorted(indptr, bad[0], side="right")) - 1
+            raise NMFInputError(
+                f"{damaged}: {unit} {where} has {other} index {int(stored[bad[0]])}, outside its {minor} "
+                f"{other}s; {fix}."
+            )
+    elif X.format == "coo":
+        for index, size, unit in ((X.row, n, "row"), (X.col, m, "column")):
+            bad = np.flatnonzero((np.asarray(index) < 0) | (np.asarray(index) >= size))
+            if bad.size:
+                raise NMFInputError(
+                    f"{damaged}: stored entry {int(bad[0])} has {unit} index {int(index[bad[0]])}, outside its "
+                    f"{size} {unit}s; {fix}."
+                )
+
+
 def has_zeros(X: np.ndarray | sp.spmatrix, unstored_missing: bool = False) -> bool:
     """Whether an observed entry of X is 0.
 
@@ -75,6 +119,8 @@ def check_values(X: np.ndarray | sp.spmatrix, name: str = "X", first_row: int = 
         raise NMFInputError(
             f"{name} must be a 2-D matrix, got {X.ndim}-D with shape {X.shape}; reshape it to (rows, columns) first."
         )
+    if sparse:
+        check_sparse(X, name)
     values = X.data if sparse else np.asarray(X)
     if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
         raise NMFInputError(f"{name} must hold real numbers, got dtype {values.dtype}.")

@@ -87,3 +87,70 @@ def test_valid_matrices_train_and_invalid_ones_fail_in_one_line(make_cfg, case):
                 train(cfg)
             assert "\n" not in str(err.value) and str(err.value)
             assert not (out / "factors.npz").exists() and not (out / "metrics.json").exists()
+
+
+def _damaged(kind: str) -> sp.csr_matrix:
+    """A 30 x 20 CSR matrix whose structure is broken in one way (scipy builds it without looking)."""
+    X = sp.random(30, 20, density=0.3, random_state=0, format="csr", dtype=np.float64)
+    if kind == "indices":
+        X.indices = X.indices * 1000  # column indices far outside the 20 columns
+    elif kind == "indptr":
+        X.indptr[7] = X.indptr[9] + 3  # decreases after row 7
+    return X
+
+
+@pytest.mark.parametrize("kind", ["indices", "indptr"])
+def test_a_damaged_sparse_npz_is_refused_naming_the_file_and_the_row(make_cfg, tmp_path, kind):
+    X = _damaged(kind)
+    path = tmp_path / "bad.npz"
+    np.savez(path, data=X.data, indices=X.indices, indptr=X.indptr, format=b"csr", shape=X.shape)
+    for extra in ((), ("data.batch_rows=8",)):
+        with pytest.raises(ValueError, match=r"bad.npz.*not a well-formed sparse matrix: .*row [0-9]+"):
+            train(make_cfg("data=file", f"data.path={path}", "model.rank=3", *extra))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc", "coo"])
+def test_the_estimator_refuses_damaged_sparse_input_before_any_work(layout):
+    from nmf_lightning import NMF
+
+    X = sp.random(30, 20, density=0.3, random_state=0, format=layout)
+    if layout == "coo":
+        X.col = X.col * 1000
+    else:  # column indices of a CSR, row indices of a CSC: far outside the shape
+        X.indices = X.indices * 1000
+    for solver in ("cd", "mu", "adam"):
+        est = NMF(3, solver=solver, max_iter=5)
+        with pytest.raises(ValueError, match=r"X is not a well-formed sparse matrix: .*index \d+, outside its"):
+            est.fit(X)
+        assert not hasattr(est, "n_features_in_")
+
+
+def test_a_damaged_h5ad_is_refused_at_its_header_or_its_rows(make_cfg, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    for kind, where in (("indptr", r"indptr decreases at row 7"), ("indices", r"row \d+ has column index")):
+        X = _damaged(kind)
+        path = tmp_path / f"{kind}.h5ad"
+        with h5py.File(path, "w") as f:
+            g = f.create_group("X")
+            g.attrs["encoding-type"], g.attrs["shape"] = "csr_matrix", X.shape
+            g["data"], g["indices"], g["indptr"] = X.data, X.indices, X.indptr
+        for extra in ((), ("data.batch_rows=8",)):
+            with pytest.raises(ValueError, match=rf"{kind}.h5ad.*not a well-formed sparse matrix.*{where}"):
+                train(make_cfg("data=file", f"data.path={path}", "model.rank=3", *extra))
+
+
+def test_transform_refuses_damaged_sparse_rows():
+    from nmf_lightning.transform import transform
+
+    with pytest.raises(ValueError, match="not a well-formed sparse matrix"):
+        transform(_damaged("indices"), np.ones((3, 20)))
+
+
+def test_a_damaged_sparse_tensor_file_is_refused_as_it_loads(make_cfg, tmp_path):
+    import torch
+
+    indices = torch.tensor([[0, 1, 200], [0, 5, 3]])  # row 200 of a 4-row matrix
+    torch.save(torch.sparse_coo_tensor(indices, torch.ones(3), (4, 6), check_invariants=False), tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=r"could not read data.path=.*x.pt.*for dim 0, size is 4 but found index 200"):
+        train(make_cfg("data=file", f"data.path={tmp_path / 'x.pt'}", "model.rank=2"))

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from nmf_lightning.data.rows import H5Matrix, NpyFile, OnDisk
 from nmf_lightning.data.sources import Matrix
-from nmf_lightning.validation import MissingFileError, NMFInputError
+from nmf_lightning.validation import MissingFileError, NMFInputError, check_sparse
 
 #: text files are read as UTF-8, a leading byte-order mark (Excel's "CSV UTF-8") skipped
 TEXT = "utf-8-sig"
@@ -90,6 +90,7 @@ def from_file(
         if not np.issubdtype(dtype, np.number):
             raise NMFInputError(f"data.path={str(path)!r} does not hold numbers (dtype {dtype}).")
     elif sp.issparse(X):
+        check_sparse(X, f"data.path={str(path)!r}")  # before any conversion reads its indices
         X = sp.csr_matrix(X)
         if unstored == "missing" and X.nnz == 0:
             raise NMFInputError(
@@ -291,7 +292,8 @@ def _mtx(p: Path, **_) -> np.ndarray | sp.csr_matrix:
 def _pt(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
     import torch
 
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    with torch.sparse.check_sparse_tensor_invariants():  # a sparse tensor's indices are checked as it loads
+        obj = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
         if key is None:
             raise NMFInputError(f"it holds a dict with keys {list(obj)}; pick one with data.key=NAME")

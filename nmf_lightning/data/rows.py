@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import Dataset
 
-from nmf_lightning.validation import NMFInputError, check_totals, check_values, has_zeros
+from nmf_lightning.validation import NMFInputError, check_sparse, check_totals, check_values, has_zeros
 
 #: the scan reads X in pieces of at most this many entries
 _SCAN_ENTRIES = 2**22
@@ -118,6 +118,17 @@ class H5Matrix(OnDisk):
             raise NMFInputError(f"its CSR group {self.key!r} has no 'shape' attribute")
         self.sparse, self.shape = True, tuple(int(s) for s in shape)
         self.indptr = node["indptr"][:].astype(np.int64)  # n + 1 offsets: small next to the data
+        stored = min(len(node["indices"]), len(node["data"]))
+        n, indptr = self.shape[0], self.indptr
+        damaged = f"its CSR group {self.key!r} is not a well-formed sparse matrix"
+        if len(indptr) != n + 1 or indptr[0] != 0 or indptr[-1] > stored:
+            raise NMFInputError(
+                f"{damaged}: its indptr has {len(indptr)} entries for {n} rows, from {indptr[:1].tolist()} to "
+                f"{indptr[-1:].tolist()} over {stored} stored entries; the file is damaged: write it again"
+            )
+        falls = np.flatnonzero(np.diff(indptr) < 0)
+        if falls.size:
+            raise NMFInputError(f"{damaged}: its indptr decreases at row {int(falls[0])}; the file is damaged")
 
     def _node(self) -> Any:
         if self._file is None or self._pid != os.getpid():  # a worker process opens its own handle
@@ -140,7 +151,11 @@ class H5Matrix(OnDisk):
             return np.asarray(node[start:stop])
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         indptr = self.indptr[start : stop + 1] - lo
-        return sp.csr_matrix((node["data"][lo:hi], node["indices"][lo:hi], indptr), shape=(stop - start, self.shape[1]))
+        block = sp.csr_matrix(
+            (node["data"][lo:hi], node["indices"][lo:hi], indptr), shape=(stop - start, self.shape[1])
+        )
+        check_sparse(block, f"data.path={self.path!r} ({self.key!r})", first_row=start)  # its column indices, as read
+        return block
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None}  # a worker process opens the file again

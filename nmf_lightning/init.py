@@ -139,7 +139,11 @@ def _nndsvd(
 ) -> tuple[Tensor, Tensor]:
     """NNDSVD: split each singular pair into positive and negative parts, keep the larger.
 
-    Sign-invariant, so any SVD routine will do.
+    Sign-invariant, so any SVD routine will do. ``nndsvda`` fills the zeros with the
+    factors' typical entry, ``sqrt(mean / rank)`` (the random init's scale), and ``nndsvdar``
+    with 1% noise of it: the start of c X is then the start of X scaled by sqrt(c).
+    (Boutsidis & Gallopoulos, and scikit-learn, fill with X's mean itself, a value in X's
+    units: for a large X, W H starts far above it, and float32 products overflow.)
     """
     n, m = X.shape
     if rank > min(n, m):
@@ -164,16 +168,17 @@ def _nndsvd(
     # the leading singular pair is non-negative up to sign
     W[:, 0] = torch.sqrt(S[0]) * U[:, 0].abs()
     H[0, :] = torch.sqrt(S[0]) * V[:, 0].abs()
-    W[eps > W] = 0
-    H[eps > H] = 0
+    for factor in (W, H):  # below eps of the largest entry: relative, the same start at any scale of X
+        factor.masked_fill_(factor < factor.max() * eps, 0)
+    fill = math.sqrt(max(mean, 0.0) / rank)
     if variant == "nndsvda":
-        W[W == 0] = mean
-        H[H == 0] = mean
+        W[W == 0] = fill
+        H[H == 0] = fill
     elif variant == "nndsvdar":
         for A in (W, H):
             zeros = A == 0
             noise = _randn((int(zeros.sum()), 1), generator).flatten()
-            A[zeros] = (mean * noise / 100).abs().to(A)
+            A[zeros] = (fill * noise / 100).abs().to(A)
     return W, H
 
 

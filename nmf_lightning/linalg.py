@@ -26,8 +26,19 @@ def gram(A: Tensor, left: bool) -> Tensor:
 
 
 def eps_for(A: Tensor) -> float:
-    """Division guard: scikit-learn's EPSILON for float64, scaled to the dtype."""
+    """The dtype's machine epsilon (scikit-learn's EPSILON for float64)."""
     return float(torch.finfo(A.dtype).eps)
+
+
+def floor_for(values: Tensor, dims: tuple[int, ...] = (-1,)) -> Tensor:
+    """A division guard scaled to the values it guards: eps of their largest over ``dims`` (kept), never 0.
+
+    An absolute guard (eps itself) swamps every value once X is small enough (X at 1e-6
+    in float32 makes W^T W H about 1e-9), so a solver's fit would depend on X's units;
+    this one is the same at any scale of X.
+    """
+    top = values.detach().abs().amax(dim=dims, keepdim=True)
+    return (top * eps_for(values)).clamp_min(torch.finfo(values.dtype).tiny)
 
 
 def scatter_rows(index: Tensor, size: int, values: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from test_solvers import _problem
 
 from nmf_lightning.engine import GradientUpdate, fit
 from nmf_lightning.engine.updates import fused_optimizer
-from nmf_lightning.linalg import eps_for
+from nmf_lightning.linalg import eps_for, floor_for
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers import mu
 
@@ -81,10 +81,14 @@ def test_accelerated_hals_reaches_a_lower_error_in_as_many_x_products():
 
 
 def _reference_hals_sweep(A, G, B, l1, l2):
-    """scikit-learn's coordinate pass written out: A[j] = max(0, A[j] + (B[j] - l1 - (G A)[j]) / G[j, j])."""
+    """scikit-learn's coordinate pass written out: A[j] = max(0, A[j] + (B[j] - l1 - (G A)[j]) / G[j, j]).
+
+    G[j, j] is kept above eps of G's largest diagonal entry (a dead component divides by that).
+    """
     A, G = A.clone(), G + l2 * torch.eye(G.shape[-1], dtype=G.dtype)
+    floor = eps_for(A) * torch.diagonal(G, dim1=-2, dim2=-1).amax(-1, keepdim=True)  # (..., 1)
     for j in range(A.shape[-2]):
-        step = (B[..., j, :] - l1 - (G[..., j, None, :] @ A).squeeze(-2)) / G[..., j, j, None].clamp_min(eps_for(A))
+        step = (B[..., j, :] - l1 - (G[..., j, None, :] @ A).squeeze(-2)) / torch.maximum(G[..., j, j, None], floor)
         A[..., j, :] = (A[..., j, :] + step).clamp_min(0)
     return A
 
@@ -104,7 +108,8 @@ def test_hals_numpy_and_two_op_torch_passes_equal_the_formula(restarts, l1, l2):
     want = _reference_hals_sweep(H, G, B, l1, l2)
     torch.testing.assert_close(hals.sweep(H, G, B, l1, l2), want, rtol=1e-12, atol=1e-12)  # numpy on the CPU
     got = H.clone()  # the path a GPU (or half precision) takes: two torch ops per row
-    hals._sweep_torch(got, *hals._scaled_torch(hals._add_diag(G, l2), B - l1, eps_for(H)))
+    G2 = hals._add_diag(G, l2)
+    hals._sweep_torch(got, *hals._scaled_torch(G2, B - l1, floor_for(torch.diagonal(G2, dim1=-2, dim2=-1))))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     half = hals.sweep(H.bfloat16(), G.bfloat16(), B.bfloat16(), l1, l2).double()
     assert float((half - want).norm() / want.norm()) < 0.03  # bf16 rounding over one pass

@@ -154,3 +154,39 @@ def test_a_damaged_sparse_tensor_file_is_refused_as_it_loads(make_cfg, tmp_path)
     torch.save(torch.sparse_coo_tensor(indices, torch.ones(3), (4, 6), check_invariants=False), tmp_path / "x.pt")
     with pytest.raises(ValueError, match=r"could not read data.path=.*x.pt.*for dim 0, size is 4 but found index 200"):
         train(make_cfg("data=file", f"data.path={tmp_path / 'x.pt'}", "model.rank=2"))
+
+
+def _low_rank_noisy() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.random((60, 8)) @ rng.random((8, 40)) + 0.1 * rng.random((60, 40))
+
+
+SCALES = {np.float64: (1e-30, 1e-10, 1e10, 1e30), np.float32: (1e-12, 1e-6, 1e6, 1e12)}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("solver", ["cd", "mu", "als", "kaczmarz", "adam", "sgd"])
+def test_every_solver_fits_c_x_as_it_fits_x_scaled(solver, dtype):
+    """The factors of c X are those of X times sqrt(c), whatever c the dtype can hold (no absolute floors)."""
+    from nmf_lightning import NMF
+
+    X = _low_rank_noisy()
+    fit = NMF(5, solver=solver, random_state=0, max_iter=40, tol=0).fit(X.astype(dtype))
+    rtol = 1e-6 if dtype == np.float64 else 2e-3
+    for c in SCALES[dtype]:
+        scaled = NMF(5, solver=solver, random_state=0, max_iter=40, tol=0).fit((c * X).astype(dtype))
+        assert scaled.reconstruction_err_ / c == pytest.approx(fit.reconstruction_err_, rel=rtol), c
+        np.testing.assert_allclose(scaled.components_ / np.sqrt(c), fit.components_, rtol=20 * rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["hals", "adam"])
+def test_the_cli_fits_a_tiny_x_as_it_fits_x(make_cfg, tmp_path, optimizer):
+    X = _low_rank_noisy()
+    errors = []
+    for c, precision in ((1.0, "32-true"), (1e-10, "32-true"), (1e-30, "64-true")):
+        np.save(tmp_path / "x.npy", c * X)
+        overrides = ("data=file", f"data.path={tmp_path / 'x.npy'}", "model.rank=5", "trainer.max_steps=60")
+        metrics = train(make_cfg(*overrides, f"optimizer={optimizer}", f"trainer.precision={precision}"))
+        assert metrics["status"] == "completed"
+        errors.append(metrics["relative_error"])
+    assert errors[1] == pytest.approx(errors[0], rel=1e-3) and errors[2] == pytest.approx(errors[0], rel=1e-3)

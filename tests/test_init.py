@@ -59,8 +59,21 @@ def test_nndsvd_matches_scikit_learn(init, monkeypatch):
     Xn = np.random.RandomState(1).rand(40, 25)
     W_sk, H_sk = _initialize_nmf(Xn, 6, init=init, random_state=0)
     W, H = initialize(torch.from_numpy(Xn), 6, init, generator=torch.Generator().manual_seed(0))
+    if init == "nndsvda":  # scikit-learn fills zeros with X's mean; here with the factors' scale, sqrt(mean / k)
+        fill = np.sqrt(Xn.mean() / 6)
+        W_sk, H_sk = (np.where(a == Xn.mean(), fill, a) for a in (W_sk, H_sk))
     np.testing.assert_allclose(W.numpy(), W_sk, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(H.numpy(), H_sk, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("init", ["random", "nndsvd", "nndsvda", "nndsvdar"])
+def test_the_start_of_c_x_is_the_start_of_x_scaled(init):
+    X = _X(30, 20)
+    W, H = initialize(X, 4, init, generator=torch.Generator().manual_seed(0))
+    for c in (1e-30, 1e-6, 1e6, 1e30):
+        Wc, Hc = initialize(c * X, 4, init, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(Wc, W * c**0.5, rtol=1e-9, atol=0)
+        torch.testing.assert_close(Hc, H * c**0.5, rtol=1e-9, atol=0)
 
 
 def test_nndsvd_needs_rank_at_most_min_dimension():

@@ -16,6 +16,7 @@ factors whichever front end runs them, and a resumed run repeats a straight one:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -29,9 +30,9 @@ import torch
 from torch import Tensor
 
 from nmf_lightning.console import NMFWarning
-from nmf_lightning.divergence import loss_beta
+from nmf_lightning.divergence import EPSILON, loss_beta
 from nmf_lightning.engine.blocks import Block, ObservedBlock, dense_layout, to_block
-from nmf_lightning.engine.loop import Blocks, Convergence, FitResult, divergence, fit, sq_error
+from nmf_lightning.engine.loop import Blocks, Convergence, FitResult, divergence, fit, passes, sq_error
 from nmf_lightning.engine.updates import GradientUpdate, GramForm, SolverUpdate, Update, fused_optimizer
 from nmf_lightning.init import SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.linalg import to_numpy
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
 
 #: lr=auto for an Adam-like optimizer: this share of the factors' scale (the larger RMS of W and H)
 AUTO_LR_SHARE = 0.05
+#: ... and its eps, this share of the gradient's RMS at the start: torch's 1e-8 for a gradient of 1,
+#: and the same steps for X and c X (an absolute eps swamps the gradients of a small X)
+AUTO_EPS = 1e-8
 HALF = (torch.bfloat16, torch.float16)
 #: the penalty weights of a spec, in the order messages name them
 PENALTIES = ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")
@@ -396,6 +400,15 @@ class Problem:
                 "entries are zeros); add a small floor to X (a noise floor, e.g. 1e-6 of its largest value)"
                 f", or use {kl}, which takes zeros."
             )
+        rms = math.sqrt(float(self.source.x_sq) / max(self.source.n_obs, 1))
+        if rms < 1e3 * EPSILON:
+            warnings.warn(
+                f"X's values are at scale {rms:.3g}, near the floor {EPSILON:.3g} the beta-divergence keeps W H "
+                f"above (scikit-learn's): the fit of {loss} depends on X's units there; multiply X by "
+                f"{1 / rms:.3g} first.",
+                NMFWarning,
+                stacklevel=3,
+            )
         if self.source.layout.sparse and beta not in (1.0, 2.0):
             warnings.warn(
                 f"{loss} with beta={beta:g} reads every entry of W H, so each update builds it densely (rows x "
@@ -445,15 +458,40 @@ class Problem:
         if self.info.adaptive:
             return AUTO_LR_SHARE * self.scale(W, H)
         with torch.no_grad():
-            L = max(float(torch.linalg.matrix_norm(G.float(), ord=2).max()) for G in (H @ H.mT, W.mT @ W))
-            if self.sum_ranks is not None:  # W^T W sums over every rank's rows
-                WtW = self.sum_ranks({"WtW": W.mT @ W})["WtW"]
-                L = max(L, float(torch.linalg.matrix_norm(WtW.float(), ord=2).max()))
+            wide = torch.promote_types(W.dtype, torch.float32)  # (float32 would underflow a float64 X's tiny Grams)
+            WtW = W.mT @ W if self.sum_ranks is None else self.sum_ranks({"WtW": W.mT @ W})["WtW"]
+            L = max(float(torch.linalg.matrix_norm(G.to(wide), ord=2).max()) for G in (H @ H.mT, WtW))
+        return 1.0 / max(L * self._slope(W, H), torch.finfo(torch.float64).tiny)
+
+    def _slope(self, W: Tensor, H: Tensor) -> float:
+        """How the reconstruction term scales the gradient of 1/2 ||X - W H||^2 at these factors (1 for fro2)."""
+        if self.beta is not None:
+            return 1.0
+        with torch.no_grad():
             sq = self.sq_error(W, H).double().clamp_min(torch.finfo(torch.float64).tiny).requires_grad_(True)
-        with torch.enable_grad():  # how the reconstruction term scales 1/2 ||X - WH||^2's gradient
+        with torch.enable_grad():
             term = reconstruction(sq, self.source.n_obs, self.loss_name)
-            slope = float(torch.autograd.grad(term.sum(), sq)[0].max()) * 2
-        return 1.0 / max(L * slope, 1e-12)
+            return float(torch.autograd.grad(term.sum(), sq)[0].max()) * 2
+
+    @torch.no_grad()
+    def gradient_rms(self, W: Tensor, H: Tensor) -> float:
+        """The root mean square of the reconstruction term's gradient in W and H at these factors.
+
+        One pass over X's blocks; W's part and H's are summed over every rank under DDP.
+        """
+        w_sq, dH = None, None
+        for t in passes(self.blocks):
+            rows = W[..., t.start : t.stop, :]
+            _, dW, part = (
+                t.sq_and_grads(rows, H, gram_form=True) if self.beta is None else t.div_and_grads(rows, H, self.beta)
+            )
+            square = dW.double().pow(2).sum()
+            w_sq, dH = (square, part) if w_sq is None else (w_sq + square, dH + part)
+        if self.sum_ranks is not None:
+            summed = self.sum_ranks({"W": w_sq, "dH": dH})
+            w_sq, dH = summed["W"], summed["dH"]
+        count = W.numel() // max(W.shape[-2], 1) * self.source.shape[0] + H.numel()
+        return math.sqrt(float(w_sq + dH.double().pow(2).sum()) / max(count, 1)) * self._slope(W, H)
 
     def lr_advice(self, lr: float, updates: int, W: Tensor, H: Tensor, words: Words) -> str | None:
         """Why ``lr`` cannot fit X in ``updates`` updates of an Adam-like optimizer, or None.
@@ -482,8 +520,15 @@ class Problem:
             optimizer = factory([W, H])
             self._set_beta(optimizer.rule)
             return optimizer
-        if "lr" in _keywords(factory) and _keywords(factory)["lr"] in ("auto", None):
+        keywords = _keywords(factory)
+        if "lr" in keywords and keywords["lr"] in ("auto", None):
             factory = partial(factory, lr=self.auto_lr(W, H))
+            if (
+                self.info.adaptive
+                and "eps" not in keywords
+                and "eps" in inspect.signature(self.info.factory).parameters
+            ):
+                factory = partial(factory, eps=AUTO_EPS * self.gradient_rms(W, H))
         return fused_optimizer(factory, [W, H])
 
     def rule(self) -> Rule:

@@ -45,7 +45,8 @@ def h_from_stats(
     rhs = stats["WtX"] - l1_H  # (..., k, m)
     G = stats["grams"] if "grams" in stats else stats["WtW"]  # (..., m, k, k) or (..., k, k)
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    G = G + (l2_H + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1.0)) * eye
+    tiny = torch.finfo(G.dtype).tiny  # the ridge follows W^T W's scale: the same solve at any scale of X
+    G = G + (l2_H + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(tiny)) * eye
     if "grams" not in stats:
         return _solve_psd(G, rhs).clamp_min(0)
     return _solve_psd(G, rhs.mT[..., None]).squeeze(-1).mT.clamp_min(0)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nmf_lightning.linalg import eps_for, gram
+from nmf_lightning.linalg import floor_for, gram
 
 if TYPE_CHECKING:
     from nmf_lightning.engine.blocks import Block
@@ -55,15 +55,19 @@ def sweep(A: Tensor, G: Tensor, B: Tensor, l1: float = 0.0, l2: float = 0.0, swe
 
 
 def _passes(A: Tensor, G: Tensor, B: Tensor, sweeps: int) -> None:
-    """Up to ``sweeps`` passes over A in place (numpy views on a CPU, two torch ops per row elsewhere)."""
-    eps = eps_for(A)
+    """Up to ``sweeps`` passes over A in place (numpy views on a CPU, two torch ops per row elsewhere).
+
+    A diagonal entry of G below eps of its largest (a component that is all but zero) is
+    divided by that floor instead: relative, so the passes are the same at any scale of X.
+    """
+    floor = floor_for(torch.diagonal(G, dim1=-2, dim2=-1))  # (..., 1)
     numpy = A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64)
-    scaled = None if numpy else _scaled_torch(G, B, eps)
+    scaled = None if numpy else _scaled_torch(G, B, floor)
     first = None
     for s in range(sweeps):
         before = A.clone() if sweeps > 1 else None
         if scaled is None:
-            _sweep_numpy(A.numpy(), G.numpy(), B.numpy(), eps)
+            _sweep_numpy(A.numpy(), G.numpy(), B.numpy(), floor.numpy())
         else:
             _sweep_torch(A, *scaled)
         if before is not None and s + 1 < sweeps:
@@ -74,13 +78,13 @@ def _passes(A: Tensor, G: Tensor, B: Tensor, sweeps: int) -> None:
                 break
 
 
-def _sweep_numpy(a: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> None:
+def _sweep_numpy(a: np.ndarray, g: np.ndarray, b: np.ndarray, floor: np.ndarray) -> None:
     """:func:`sweep` in place on numpy arrays (a, b: (..., k, p), g: (..., k, k), l1 folded into b).
 
-    Rows of G and B are divided by G's diagonal first, so each row of A costs four calls:
-    ``A[j] = max(0, A[j] + B'[j] - G'[j] A)``.
+    Rows of G and B are divided by G's diagonal (at least ``floor``, (..., 1)) first, so each
+    row of A costs four calls: ``A[j] = max(0, A[j] + B'[j] - G'[j] A)``.
     """
-    inv = 1.0 / np.maximum(np.diagonal(g, axis1=-2, axis2=-1), eps)[..., None]  # (..., k, 1)
+    inv = 1.0 / np.maximum(np.diagonal(g, axis1=-2, axis2=-1), floor)[..., None]  # (..., k, 1)
     g, b = g * inv, b * inv
     flat = a.ndim == 2
     step = np.empty_like(a[0]) if flat else None
@@ -95,7 +99,7 @@ def _sweep_numpy(a: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> Non
         np.maximum(row, 0, out=row)
 
 
-def _scaled_torch(G: Tensor, B: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _scaled_torch(G: Tensor, B: Tensor, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """G and B with rows divided by G's diagonal and 1 taken off that diagonal, as (b, k, k), (b, k, p).
 
     Then a row's update ``max(0, A[j] + (B[j] - G[j] A) / G[j, j])`` is ``max(0, B'[j] - G'[j] A)``:
@@ -103,9 +107,9 @@ def _scaled_torch(G: Tensor, B: Tensor, eps: float) -> tuple[Tensor, Tensor, Ten
     takes eight.
     """
     diag = torch.diagonal(G, dim1=-2, dim2=-1)
-    inv = 1.0 / diag.clamp_min(eps)[..., None]
+    inv = 1.0 / torch.maximum(diag, floor)[..., None]
     G1 = (G * inv).reshape(-1, *G.shape[-2:])
-    G1.diagonal(dim1=-2, dim2=-1).copy_((diag / eps).clamp_max(1).reshape(G1.shape[:-1]) - 1)  # exactly 0 unless tiny
+    G1.diagonal(dim1=-2, dim2=-1).copy_((diag / floor).clamp_max(1).reshape(G1.shape[:-1]) - 1)  # 0 unless tiny
     B1 = (B * inv).reshape(-1, *B.shape[-2:])
     return G1, B1, B1.new_empty(B1.shape[0], 1, B1.shape[-1])
 
@@ -122,7 +126,7 @@ def _sweep_torch(A: Tensor, G1: Tensor, B1: Tensor, step: Tensor) -> None:
 def update_h(t: Block, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, sweeps: int = 1) -> Tensor:
     """HALS passes over the k rows of H; W (..., n, k), H (..., k, m) (a masked X takes one)."""
     if t.masked:
-        return _masked_pass(t.X, t.mask, W, H.clone(), l1_H, l2_H, eps_for(H))
+        return _masked_pass(t.X, t.mask, W, H.clone(), l1_H, l2_H)
     return h_from_stats(h_stats(t, W, H), H, l1_H, l2_H, sweeps)
 
 
@@ -144,11 +148,11 @@ def h_from_stats(stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: f
         return sweep(H, stats["WtW"], stats["WtX"], l1_H, l2_H, sweeps)
     G, B = stats["grams"], stats["WtX"]  # (..., m, k, k), (..., k, m)
     H = H.clone()
-    eps = eps_for(H)
+    floor = floor_for(torch.diagonal(G, dim1=-2, dim2=-1) + l2_H, dims=(-2, -1))[..., 0]  # (..., 1)
     for j in range(H.shape[-2]):  # column c: min over h of 1/2 G_c[j,j] h^2 - (B_jc - sum_{l != j} G_c[j,l] H_lc) h
         Gjj = G[..., :, j, j]
         num = B[..., j, :] - (G[..., :, j, :] * H.mT).sum(-1) + Gjj * H[..., j, :] - l1_H
-        H[..., j, :] = (num / (Gjj + l2_H).clamp_min(eps)).clamp_min(0)
+        H[..., j, :] = (num / torch.maximum(Gjj + l2_H, floor)).clamp_min(0)
     return H
 
 
@@ -156,14 +160,15 @@ def _add_diag(G: Tensor, value: float) -> Tensor:
     return G + value * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) if value else G
 
 
-def _masked_pass(X: Tensor, mask: Tensor, W: Tensor, H: Tensor, l1: float, l2: float, eps: float) -> Tensor:
+def _masked_pass(X: Tensor, mask: Tensor, W: Tensor, H: Tensor, l1: float, l2: float) -> Tensor:
     """Weighted HALS for a dense mask M: row j of H solves sum_i M_ic (R_ic + W_ij H_jc - W_ij h)^2."""
     M = mask.to(W.dtype)
     R = M * (X - W @ H)  # (..., n, m) residual at observed entries
+    floor = floor_for(W * W, dims=(-2, -1))[..., 0]  # (..., 1): eps of the largest squared entry of W
     for j in range(H.shape[-2]):
         w = W[..., :, j, None]  # (..., n, 1)
         num = (w * R).sum(-2) + (w * w * M).sum(-2) * H[..., j, :] - l1
-        den = ((w * w * M).sum(-2) + l2).clamp_min(eps)
+        den = torch.maximum((w * w * M).sum(-2) + l2, floor)
         new = (num / den).clamp_min(0)
         R = R - M * (w * (new - H[..., j, :])[..., None, :])
         H[..., j, :] = new

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from nmf_lightning.divergence import mu_exponent
-from nmf_lightning.linalg import eps_for, gram
+from nmf_lightning.linalg import floor_for, gram
 
 if TYPE_CHECKING:
     from nmf_lightning.engine.blocks import Block
@@ -76,9 +76,9 @@ def _multiply(stats: dict[str, Tensor], H: Tensor, l1: float, l2: float, beta: f
 
 
 def _denominator(den: Tensor, H: Tensor, l1: float, l2: float) -> Tensor:
-    """``den + l1 + l2 H``, clamped away from 0, written over ``den``."""
+    """``den + l1 + l2 H``, kept above eps of its largest entry (a 0 denominator), written over ``den``."""
     if l1:
         den.add_(l1)
     if l2:  # a broadcast den (KL's sums) grows to H's shape here
         den = den.add_(H, alpha=l2) if den.shape == H.shape else torch.add(den, H, alpha=l2)
-    return den.clamp_min_(eps_for(H))
+    return torch.maximum(den, floor_for(den, dims=(-2, -1)), out=den)  # eps of its largest: any scale of X

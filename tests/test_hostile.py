@@ -190,3 +190,76 @@ def test_the_cli_fits_a_tiny_x_as_it_fits_x(make_cfg, tmp_path, optimizer):
         assert metrics["status"] == "completed"
         errors.append(metrics["relative_error"])
     assert errors[1] == pytest.approx(errors[0], rel=1e-3) and errors[2] == pytest.approx(errors[0], rel=1e-3)
+
+
+EXACT = ("data=synthetic", "data.n_rows=60", "data.n_cols=40", "data.true_rank=3", "model.rank=3")
+
+
+def test_block_sizes_leave_the_factors_alone(make_cfg, tmp_path):
+    """Same config and seed, same factors: whatever the clock makes of the blocks (Gram form on a fixed grid)."""
+    common = (*EXACT, "optimizer.lr=0.005", "optimizer.betas=[0.9,0.999]", "trainer.max_steps=1500", "logger=none")
+    runs = []
+    for inner in ("1", "7", "auto", "auto"):
+        out = tmp_path / f"inner{len(runs)}"
+        metrics = train(make_cfg(*common, f"model.inner_steps={inner}", f"paths.output_dir={out}"))
+        runs.append([np.load(out / "factors.npz")[k] for k in "WH"])
+    assert metrics["relative_error"] < 3e-3  # past 10 sqrt(eps), where the Gram form leaves for the residual
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+ADAM_TO_EXACT = ("optimizer.lr=0.005", "optimizer.betas=[0.9,0.999]")  # past the Gram form's switch by update 1000
+
+
+@pytest.mark.parametrize(
+    ("extra", "steps", "stop"),
+    [
+        ((*ADAM_TO_EXACT,), 1300, 1037),
+        (("optimizer=hals",), 120, 37),
+        (("optimizer.lr=0.05", "data.batch_rows=16"), 120, 37),
+        (("optimizer=mu", "data.batch_rows=16"), 120, 37),
+    ],
+    ids=["adam", "hals", "adam-streamed", "mu-streamed"],
+)
+def test_a_run_stopped_at_any_update_resumes_to_the_straight_runs_factors(
+    make_cfg, tmp_path, monkeypatch, extra, steps, stop
+):
+    """SIGTERM at an update inside a block of updates (or at a streamed pass), then a resume: the straight run."""
+    import os
+    import signal
+
+    import nmf_lightning.engine.loop as loop
+    from nmf_lightning.train import InterruptedRunError
+
+    common = (*EXACT, f"trainer.max_steps={steps}", "model.inner_steps=auto", *extra)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(make_cfg(*common, f"paths.output_dir={straight}"))
+    calls, real = [0], loop.update
+
+    def update_then_signal(*args, **kwargs):  # the signal arrives as update `stop` is taken
+        result = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(loop, "update", update_then_signal)
+    if "data.batch_rows=16" in extra:  # a streamed run's updates are taken by the module, a pass at a time
+        from nmf_lightning import module
+
+        real_end = module.NMFModule._stream_step
+
+        def step_then_signal(self, batch, batch_idx):  # the signal arrives during the pass that is update `stop`
+            if self.global_step == stop - 1 and batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            real_end(self, batch, batch_idx)
+
+        monkeypatch.setattr(module.NMFModule, "_stream_step", step_then_signal)
+    with pytest.raises(InterruptedRunError, match=f"SIGTERM after {stop} updates"):
+        train(make_cfg(*common, f"paths.output_dir={stopped}"))
+    monkeypatch.undo()
+    resumed = train(make_cfg(*common, f"paths.output_dir={stopped}", "ckpt_path=last"))
+    assert resumed["steps"] == steps and resumed["status"] == "completed"
+    for name in "WH":
+        np.testing.assert_array_equal(np.load(straight / "factors.npz")[name], np.load(stopped / "factors.npz")[name])

@@ -1,10 +1,13 @@
 """Results written whole or not at all: into a hidden temporary file beside the target, then renamed.
 
-A run killed while writing leaves the previous file (or none), never a truncated one.
+A run killed while writing leaves the previous file (or none), never a truncated one; and
+files that describe one state (factors.npz and metrics.json) are replaced together
+(:func:`write_together`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +40,43 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+#: the files :func:`write_together` has written whole and is renaming into place, listed until all are
+PENDING = ".results-pending.json"
+
+
+def write_together(folder: str | Path, writers: dict[str, Callable[[IO[bytes]], None]]) -> None:
+    """Write files into ``folder`` that must be replaced together: both or neither, however the process ends.
+
+    Each is written whole to a hidden temporary file first; then a list of them is written
+    (atomically) and they are renamed into place, the list removed last. A process killed
+    before the list leaves every old file; one killed after it leaves the list, and
+    :func:`finish_pending` (run before anything reads the folder again) renames the rest.
+    """
+    folder = Path(folder)
+    for name, write in writers.items():
+        with open(folder / f".{name}.part", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    write_atomic(folder / PENDING, lambda f: f.write(json.dumps(sorted(writers)).encode()))
+    finish_pending(folder)
+
+
+def finish_pending(folder: str | Path) -> None:
+    """Complete what :func:`write_together` left half renamed in ``folder`` (a killed run), if anything."""
+    folder = Path(folder)
+    pending = folder / PENDING
+    try:
+        names = json.loads(pending.read_text())
+    except (OSError, ValueError):
+        return
+    for name in names:
+        part = folder / f".{name}.part"
+        if part.exists():
+            os.replace(part, folder / name)
+    pending.unlink(missing_ok=True)
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:

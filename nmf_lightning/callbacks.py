@@ -276,6 +276,15 @@ class UpdateCheckpoint(ModelCheckpoint):
         if self.every_n_updates:
             self._next = next_multiple(step, self.every_n_updates)
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``last.ckpt`` where training ends (or a stop signal ends it), not at every epoch.
+
+        A streamed run's epoch is one pass over X: Lightning's own trigger would rewrite the
+        checkpoint after every update, whatever ``every_n_minutes`` says.
+        """
+        if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
+            super().on_train_epoch_end(trainer, pl_module)
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written whole to a temporary file, then renamed: a killed run never leaves half a ``last.ckpt``."""

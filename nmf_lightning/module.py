@@ -34,7 +34,7 @@ from nmf_lightning.linalg import to_numpy
 from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
 from nmf_lightning.recorder import HeldOut, Recorder, final_names
 from nmf_lightning.transform import transform
-from nmf_lightning.validation import PRECISIONS, NMFInputError, check_rank
+from nmf_lightning.validation import PRECISIONS, NMFInputError, check_checkpoint_factors, check_rank
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,10 @@ class NMFModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Shape W and H like the checkpoint's before Lightning copies the values in."""
         state = checkpoint["state_dict"]
+        spec = self.spec
+        check_checkpoint_factors(
+            state.get("W"), state.get("H"), spec.rank, spec.restarts, not spec.clamps, "the checkpoint"
+        )
         if self.shard is not None:
             keep_rows(checkpoint, self.shard)
         for name, now in (("W", self.W), ("H", self.H)):

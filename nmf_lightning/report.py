@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
-from nmf_lightning.atomic import write_atomic, write_text
+from nmf_lightning.atomic import finish_pending, write_atomic, write_text
 
 #: metrics.json columns shown after the chosen metric, when present
 SHOWN_METRICS = (
@@ -54,6 +54,7 @@ def _job_number(job: Path) -> float:
 
 def read_job(job: Path) -> dict[str, Any]:
     """One job's overrides, status and final metrics (or its error)."""
+    finish_pending(job)  # a job killed as it renamed its results: they are whole, finish it
     overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
     params = {}
     for item in overrides:

@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import math
+import pickle
 import signal
 import sys
 import warnings
@@ -29,7 +30,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from nmf_lightning.atomic import save_npz, write_text
+from nmf_lightning.atomic import save_npz, write_text, write_together
 from nmf_lightning.callbacks import AtomicCheckpointIO, GracefulStop, RunHparams
 from nmf_lightning.console import NMFWarning, TqdmHandler, run_console
 from nmf_lightning.curves import check_every
@@ -39,9 +40,9 @@ from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys
 from nmf_lightning.module import NMFModule
 from nmf_lightning.params import CLI_WORDS, check_params
-from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir
+from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir, continues
 from nmf_lightning.solvers import registry
-from nmf_lightning.validation import NMFInputError, check_accelerator, check_precision
+from nmf_lightning.validation import NMFInputError, check_accelerator, check_checkpoint_factors, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run: one with a finished run is refused unless ``overwrite`` or ``ckpt_path`` is set.
     """
     out = Path(cfg.paths.output_dir)
-    overwrite, resume = bool(cfg.get("overwrite")), _continues(cfg.get("ckpt_path"), out)
+    overwrite, resume = bool(cfg.get("overwrite")), continues(cfg.get("ckpt_path"), out)
     if not is_main_process():  # a DDP rank of rank 0's run: that one holds the folder and writes
         _quiet_console()
         check_finished(out, overwrite, resume)
@@ -97,38 +98,65 @@ def _quiet_console() -> None:
             root.addHandler(own)
 
 
-def _continues(ckpt_path: str | None, out: Path) -> bool:
-    """Whether ``ckpt_path`` continues the run in ``out`` (not a checkpoint of another run's)."""
-    if ckpt_path is None:
-        return False
-    return ckpt_path == "last" or Path(str(ckpt_path)).expanduser().resolve().is_relative_to(out.resolve())
+def _check_ckpt_path(cfg: DictConfig) -> int | None:
+    """A checkpoint to resume from must be one this run can continue, before any data is loaded: its updates.
 
-
-def _check_ckpt_path(cfg: DictConfig) -> None:
-    """A checkpoint to resume from must exist and be one, before any data is loaded."""
+    It is read as tensors and numbers only (nothing in it runs), and its factors checked:
+    of this run's rank and restarts, finite, and >= 0 where the run keeps them so.
+    """
     ckpt = cfg.get("ckpt_path")
     if ckpt is None:
-        return
+        return None
     if ckpt == "last":
         checkpoint = cfg.get("callbacks", {}).get("model_checkpoint") or {}
         folder = Path(checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints")
-        if not (folder / "last.ckpt").is_file():
+        path = folder / "last.ckpt"
+        if not path.is_file():
             raise NMFInputError(
                 f"ckpt_path=last continues the run in {cfg.paths.output_dir}, but {folder} holds no last.ckpt; "
                 "give that run's folder as hydra.run.dir (and the same overrides), or a checkpoint's path."
             )
-        return
-    path = Path(str(ckpt)).expanduser()
-    if not path.is_file():
-        what = "a folder" if path.is_dir() else "not found"
-        raise NMFInputError(f"ckpt_path={ckpt} is {what}; give a checkpoint file (e.g. <run>/checkpoints/last.ckpt).")
+    else:
+        path = Path(str(ckpt)).expanduser()
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "not found"
+            raise NMFInputError(
+                f"ckpt_path={ckpt} is {what}; give a checkpoint file (e.g. <run>/checkpoints/last.ckpt)."
+            )
     if not zipfile.is_zipfile(path):
-        raise NMFInputError(f"ckpt_path={ckpt} is not a checkpoint (truncated, or another kind of file).")
+        raise NMFInputError(f"ckpt_path={path} is not a checkpoint (truncated, or another kind of file).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise NMFInputError(
+            f"ckpt_path={path} holds other Python objects than a checkpoint's tensors and numbers, which are not "
+            "loaded (loading them could run code); resume from a checkpoint nmf-train wrote."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NMFInputError(
+            f"ckpt_path={path} cannot be read ({reason}); it is damaged: resume from another."
+        ) from None
+    factors = state.get("state_dict", {}) if isinstance(state, dict) else {}
+    projected = bool(cfg.model.get("project", True)) or bool(
+        getattr(registry.of_target(str(cfg.optimizer._target_)), "closed_form", False)
+    )
+    check_checkpoint_factors(
+        factors.get("W"),
+        factors.get("H"),
+        int(cfg.model.rank),
+        int(cfg.model.get("restarts", 1)),
+        projected,
+        f"ckpt_path={path}",
+    )
+    return int(state.get("global_step", 0))
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     """Check the configuration, load X, instantiate the run, fit it and export what it found."""
-    check_config(cfg)
+    done = check_config(cfg)
+    if done is not None and done >= int(cfg.trainer.max_steps):  # a requeued job whose run had finished
+        return _already_done(cfg, done)
     _configure_torch(cfg)
     log.info("Loading data <%s>", _choice("data", cfg.data.get("loader", {}).get("path")))
     datamodule = _build(cfg.data, "data", _convert_="all")
@@ -147,9 +175,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     return _export(cfg, trainer, model, datamodule.holdout is not None)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """What the configuration alone can get wrong, before any data is loaded (the model's own keys at its build)."""
-    _check_ckpt_path(cfg)
+def check_config(cfg: DictConfig) -> int | None:
+    """What the configuration alone can get wrong, before any data is loaded (the model's own keys at its build).
+
+    Returns the updates of the checkpoint to resume from (None without one).
+    """
+    done = _check_ckpt_path(cfg)
     check_accelerator(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), sharded=_sharded(cfg))
     check_precision(cfg.trainer.get("precision"))
     values = {"steps": cfg.trainer.get("max_steps")}
@@ -160,6 +191,29 @@ def check_config(cfg: DictConfig) -> None:
     matmul = cfg.get("matmul_precision", "highest")
     if matmul not in ("highest", "high", "medium"):
         raise NMFInputError(f"matmul_precision={matmul!r} must be highest, high or medium.")
+    return done
+
+
+def _already_done(cfg: DictConfig, done: int) -> dict[str, Any]:
+    """A resumed run whose checkpoint already has ``trainer.max_steps`` updates: nothing to train, say so."""
+    out = Path(cfg.paths.output_dir)
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    if metrics.get("status") != "completed":
+        raise NMFInputError(
+            f"ckpt_path={cfg.ckpt_path} already has {done} updates, trainer.max_steps={cfg.trainer.max_steps}: "
+            "raise trainer.max_steps to train on from it."
+        )
+    log.info(
+        "the run in %s is complete (%d updates of trainer.max_steps=%d): nothing to train; raise trainer.max_steps "
+        "to continue it",
+        out,
+        done,
+        cfg.trainer.max_steps,
+    )
+    return metrics
 
 
 def _configure_torch(cfg: DictConfig) -> None:
@@ -220,8 +274,13 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
         lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
         hint = _degenerate_hint(cfg, lr) if math.isfinite(metrics["relative_error"]) else NAN_HINT
         raise DegenerateError(f"{reason}; {hint}. No factors.npz was written.")
-    save_npz(out / "factors.npz", W=W, H=H)
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_together(
+        out,  # both or neither: a kill between them must not leave the factors of one update with another's metrics
+        {
+            "factors.npz": lambda f: np.savez(f, W=W, H=H),
+            "metrics.json": lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()),
+        },
+    )
     if model.stop_signal is not None:
         raise InterruptedRunError(model.stop_signal, metrics["steps"], out)
     key = cfg.get("optimized_metric") or "relative_error"

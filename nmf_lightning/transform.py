@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from nmf_lightning.atomic import save_npy
+from nmf_lightning.atomic import finish_pending, save_npy
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.rows import materialize
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     factors = Path(args.factors)
     if factors.is_dir():
         factors = factors / "factors.npz"
+    finish_pending(factors.parent)  # a run killed as it renamed its results: they are whole, finish it
     if not factors.is_file():
         ap.error(f"{factors} does not exist: give a run's factors.npz or its directory.")
     out = Path(args.out) if args.out else Path(f"{Path(args.matrix).stem}_W.npy")

@@ -98,6 +98,31 @@ def check_sparse(X: sp.spmatrix | sp.sparray, name: str = "X", first_row: int = 
                 )
 
 
+def check_checkpoint_factors(W: object, H: object, rank: int, restarts: int, projected: bool, name: str) -> None:
+    """A checkpoint's factors before a run resumes from them: tensors of this run's rank and restarts, finite,
+    and >= 0 where the run keeps them so (``projected``); one line naming the checkpoint otherwise.
+    """  # noqa: D205
+    if not isinstance(W, torch.Tensor) or not isinstance(H, torch.Tensor):
+        raise NMFInputError(f"{name} holds no factors W and H: it is not a checkpoint of an nmf-train run.")
+    batch = () if restarts == 1 else (restarts,)
+    if W.dim() != len(batch) + 2 or W.shape[:-2] != batch or W.shape[-1] != rank or H.shape[:-1] != (*batch, rank):
+        raise NMFInputError(
+            f"{name} holds W of shape {tuple(W.shape)} and H of shape {tuple(H.shape)} but this run has "
+            f"model.rank={rank} and model.restarts={restarts}; resume with the data, model.rank and model.restarts "
+            "it was trained with."
+        )
+    for label, A in (("W", W), ("H", H)):
+        if not bool(torch.isfinite(A).all()):
+            raise NMFInputError(
+                f"{name} holds {label} with NaN or infinite entries: it is damaged; resume from another."
+            )
+        if projected and bool((A < 0).any()):
+            raise NMFInputError(
+                f"{name} holds {label} with negative entries, which this run keeps >= 0: it is damaged, or of "
+                "another run; resume from its own checkpoint."
+            )
+
+
 def has_zeros(X: np.ndarray | sp.spmatrix, unstored_missing: bool = False) -> bool:
     """Whether an observed entry of X is 0.
 

@@ -263,3 +263,128 @@ def test_a_run_stopped_at_any_update_resumes_to_the_straight_runs_factors(
     assert resumed["steps"] == steps and resumed["status"] == "completed"
     for name in "WH":
         np.testing.assert_array_equal(np.load(straight / "factors.npz")[name], np.load(stopped / "factors.npz")[name])
+
+
+def test_a_folder_in_use_or_finished_is_refused_before_hydra_writes_into_it(tmp_path):
+    """The other run's .hydra/config.yaml and train.log stay as they were (nmf-transform reads its loss there)."""
+    import fcntl
+    import os
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    first = run_cli("data=toy", "model.rank=2", "trainer.max_steps=5", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    record = {p: p.read_bytes() for p in (run / ".hydra" / "config.yaml", run / "train.log")}
+    refused = run_cli("data=toy", "model.loss=kl", "optimizer=mu", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "holds a finished run" in refused.stderr
+    lock = os.open(run / ".nmf-lightning.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a live run holds the folder
+    os.write(lock, b"4242")
+    try:
+        busy = run_cli(
+            "data=toy", "model.loss=kl", "optimizer=mu", "overwrite=true", f"hydra.run.dir={run}", cwd=tmp_path
+        )
+    finally:
+        os.close(lock)
+    assert busy.returncode == 2 and "in use by a run (PID 4242)" in busy.stderr
+    assert {p: p.read_bytes() for p in record} == record
+
+
+def test_factors_and_metrics_are_replaced_together_however_the_writer_dies(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from nmf_lightning import atomic
+
+    def write(version):
+        return {
+            "factors.npz": lambda f: np.savez(f, W=np.full((2, 2), version)),
+            "metrics.json": lambda f: f.write(json.dumps({"steps": version}).encode()),
+        }
+
+    def state():
+        with np.load(tmp_path / "factors.npz") as f:
+            return int(f["W"][0, 0]), json.loads((tmp_path / "metrics.json").read_text())["steps"]
+
+    atomic.write_together(tmp_path, write(1))
+    real, renamed = os.replace, []
+
+    def die_after_one(src, dst):  # the process dies between the two renames
+        if renamed and str(dst).endswith(("factors.npz", "metrics.json")):
+            raise KeyboardInterrupt
+        real(src, dst)
+        renamed.append(dst)
+
+    monkeypatch.setattr(atomic.os, "replace", die_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_together(tmp_path, write(2))
+    monkeypatch.undo()
+    assert (tmp_path / atomic.PENDING).exists()
+    atomic.finish_pending(tmp_path)  # what the next run, nmf-transform or the sweep report does first
+    assert state() == (2, 2) and not (tmp_path / atomic.PENDING).exists()
+    monkeypatch.setattr(atomic, "write_atomic", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # dies before its list of renames: nothing replaced
+        atomic.write_together(tmp_path, write(3))
+    monkeypatch.undo()
+    atomic.finish_pending(tmp_path)
+    assert state() == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("nan", r"holds W with NaN or infinite entries: it is damaged"),
+        ("negative", r"holds H with negative entries, which this run keeps >= 0"),
+        ("pickle", r"holds other Python objects than a checkpoint's tensors and numbers"),
+        ("truncated", r"is not a checkpoint \(truncated"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_resuming(make_cfg, tmp_path, damage, message):
+    import torch
+
+    common = ("data=toy", "model.rank=2", "trainer.max_steps=10")
+    train(make_cfg(*common))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(path, weights_only=True)
+    if damage == "nan":
+        state["state_dict"]["W"][0, 0] = float("nan")
+    elif damage == "negative":
+        state["state_dict"]["H"][0, 0] = -1.0
+    elif damage == "pickle":
+        state["payload"] = _Payload()
+    torch.save(state, path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ValueError, match=message) as err:
+        train(make_cfg(*common[:-1], "trainer.max_steps=20", "ckpt_path=last"))
+    assert "\n" not in str(err.value)
+
+
+class _Payload:
+    """An object a pickle would build (and a hostile one could run code while building)."""
+
+
+def test_resuming_a_complete_run_says_so_and_a_raised_max_steps_trains_on(make_cfg, tmp_path, caplog):
+    import logging
+
+    done = train(make_cfg("data=toy", "model.rank=2", "trainer.max_steps=10"))
+    with caplog.at_level(logging.INFO):
+        again = train(make_cfg("data=toy", "model.rank=2", "trainer.max_steps=10", "ckpt_path=last"))
+    assert again == done and "is complete (10 updates of trainer.max_steps=10)" in caplog.text
+    more = train(make_cfg("data=toy", "model.rank=2", "trainer.max_steps=25", "ckpt_path=last"))
+    assert more["steps"] == 25 and more["status"] == "completed"
+
+
+def test_a_streamed_run_saves_its_checkpoint_by_its_triggers_only(make_cfg, tmp_path, monkeypatch):
+    from nmf_lightning.callbacks import UpdateCheckpoint
+
+    saved = []
+    original = UpdateCheckpoint._save_last_checkpoint
+    monkeypatch.setattr(
+        UpdateCheckpoint,
+        "_save_last_checkpoint",
+        lambda self, trainer, c: saved.append(trainer.global_step) or original(self, trainer, c),
+    )
+    train(make_cfg(*EXACT, "optimizer=hals", "data.batch_rows=16", "trainer.max_steps=30"))
+    assert saved == [30]  # every_n_minutes=10 is not due: only where training ends, not after every pass

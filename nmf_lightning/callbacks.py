@@ -299,6 +299,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+class StoppedAtOnceError(Exception):
+    """A second Ctrl+C ended a run in the middle of an update: nothing consistent to save."""
+
+
 class GracefulStop(L.Callback):
     """SIGTERM, SIGINT (Ctrl+C) and SIGUSR1 (a scheduler's pre-emption notice) stop a run cleanly.
 
@@ -313,8 +317,11 @@ class GracefulStop(L.Callback):
         pl_module.stop_signal = None
 
         def handle(signum: int, _frame: Any) -> None:
-            if pl_module.stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # asked twice: stop now
+            if pl_module.stop_signal is not None and signum == signal.SIGINT:  # asked twice: stop now
+                raise StoppedAtOnceError(
+                    f"stopped at once by a second Ctrl+C at update {trainer.global_step}: nothing was saved since "
+                    "the last checkpoint (continue from it with ckpt_path=last and this run's hydra.run.dir)"
+                )
             pl_module.stop_signal = signum
 
         try:

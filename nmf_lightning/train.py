@@ -6,10 +6,12 @@ Run ``nmf-train`` (or ``python -m nmf_lightning.train``) with Hydra overrides, e
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import logging
 import math
+import os
 import pickle
 import signal
 import sys
@@ -23,7 +25,13 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
@@ -31,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from nmf_lightning.atomic import save_npz, write_text, write_together
-from nmf_lightning.callbacks import AtomicCheckpointIO, GracefulStop, RunHparams
+from nmf_lightning.callbacks import AtomicCheckpointIO, GracefulStop, RunHparams, StoppedAtOnceError
 from nmf_lightning.console import NMFWarning, TqdmHandler, run_console
 from nmf_lightning.curves import check_every
 from nmf_lightning.distributed import ShardedDDP, check_shardable, global_rank, is_main_process
@@ -231,12 +239,12 @@ def _instantiate(cfg: DictConfig, datamodule: Any) -> tuple[NMFModule, L.Trainer
     (:class:`~nmf_lightning.callbacks.RunHparams`), after the module has checked X against its solver.
     """
     held_out = datamodule.holdout is not None
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
     callbacks.append(GracefulStop())  # SIGTERM, SIGINT, SIGUSR1: finish the update, save, report
     _check_early_stopping(callbacks, held_out)
     model: NMFModule = _build(_model_config(cfg, callbacks), "model", optimizer=_build_optimizer(cfg))
     _check_optimized_metric(cfg, model, held_out)
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    loggers = [_build(c, "logger") for c in cfg.get("logger", {}).values() if c is not None]
     choices, overrides, swept = _command_line()
     params, shown = run_hparams(cfg, choices, overrides, swept)
     negatives = not cfg.model.project and not model.spec.info.closed_form
@@ -542,9 +550,58 @@ def _choice(group: str, fallback: Any) -> str:
     return str(choices.get(group) or fallback)
 
 
+def main() -> None:
+    """Console entry point (``nmf-train``): Hydra's own errors (a key or a choice that is not there) in one line.
+
+    Hydra reports a bad override in several lines and exits with code 1; here it is one
+    line naming the nearest key or the choices, exit code 2, as for any bad input. With
+    ``HYDRA_FULL_ERROR=1`` set by the user, Hydra's error is raised whole.
+    """
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them: said below
+    try:
+        _hydra_main()
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as err:
+        if full:
+            raise
+        print(f"error: {explain_override_error(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def explain_override_error(err: Exception) -> str:
+    """One line for Hydra's error about the command line: the choices of a group, or the nearest key."""
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options is not None:
+        group, _, name = str(err.missing_cfg_file).rpartition("/")
+        choices = ", ".join(sorted(str(o) for o in err.options))
+        return f"{group}={name} is not one of the {group} configs: {choices}."
+    text = str(err).strip()
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if key and "not in struct" in str(cause):
+        return f"{key} is not a key of the config; {_nearest(key)}"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _nearest(key: str) -> str:
+    """The keys beside a missing one, nearest first (the primary config's, with its default groups)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    parent, _, leaf = key.rpartition(".")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train")
+    GlobalHydra.instance().clear()
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, keys, n=1)
+    nearest = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
+    return f"{nearest}{parent or 'the config'} has {', '.join(sorted(keys))}; a new key takes a +, e.g. +{key}=..."
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns ``optimized_metric`` for Hydra sweepers.
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """The Hydra task; returns ``optimized_metric`` for Hydra sweepers.
 
     In a sweep a failing job writes why into its metrics.json and returns NaN, so the
     other jobs still run.
@@ -572,6 +629,10 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
                 return optimized_value(cfg, train(cfg))
     except InterruptedRunError:
         raise  # not a failure: the run saved everything and stops the sweep too
+    except StoppedAtOnceError as err:  # a second Ctrl+C: no consistent state to save
+        _fail(130, str(err))
+    except KeyboardInterrupt:  # Ctrl+C before training started (the data's scan): nothing was written
+        _fail(130, "interrupted before training started (Ctrl+C): nothing was written")
     except RunDirError as err:  # the folder is another run's: report, and write nothing into it
         if single:
             _fail(2, str(err))
@@ -595,7 +656,7 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
 
 
 def _fail(code: int, message: str) -> None:
-    """End a single run with one line on stderr (and in train.log): 2 = configuration or input, 1 = the run."""
+    """End a single run with one line on stderr (and in train.log): 2 = bad input, 1 = the run failed, 130 = Ctrl+C."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):

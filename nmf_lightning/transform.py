@@ -160,11 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     if sp.issparse(X):  # Gram form: no dense copy of a large sparse X
         x2 = float((X.data**2).sum())
         sq = x2 - 2 * float((X @ H.T * W).sum()) + float(((W.T @ W) * (H @ H.T)).sum())
-        rel = math.sqrt(max(sq, 0.0) / x2)
     else:
         obs = ~np.isnan(X)
-        rel = np.linalg.norm((np.nan_to_num(X) - W @ H)[obs]) / np.linalg.norm(X[obs])
-    print(f"wrote {out}: W {W.shape[0]} x {W.shape[1]}, relative error {rel:.6g}")
+        x2, sq = float(np.square(X[obs]).sum()), float(np.square((np.nan_to_num(X) - W @ H)[obs]).sum())
+    error = f"relative error {math.sqrt(max(sq, 0.0) / x2):.6g}" if x2 > 0 else "the new rows are all zero, and so is W"
+    print(f"wrote {out}: W {W.shape[0]} x {W.shape[1]}, {error}")
 
 
 if __name__ == "__main__":

@@ -240,13 +240,22 @@ def require_memory(need: int, what: str, fix: str | Callable[[int], str], device
     )
 
 
-def check_factor_memory(shape: tuple[int, int], rank: int, restarts: int, itemsize: int) -> None:
-    """Refuse a rank whose W and H alone cannot fit in memory, before they are allocated."""
+def check_factor_memory(
+    shape: tuple[int, int],
+    rank: int,
+    restarts: int,
+    itemsize: int,
+    names: tuple[str, str] = ("model.rank", "model.restarts"),
+) -> None:
+    """Refuse a rank whose W and H alone cannot fit in memory, before they are allocated.
+
+    ``names`` spell the rank and the restarts as the user's front end does.
+    """
     n, m = shape
     require_memory(
         restarts * (n + m) * rank * itemsize,
-        f"model.rank={rank} needs {{need}} GiB for W and H alone ({restarts} x ({n} + {m}) x {rank} values)",
-        f"lower model.rank (X is {n} x {m}, so rank {min(n, m)} already fits it exactly) or model.restarts.",
+        f"{names[0]}={rank} needs {{need}} GiB for W and H alone ({restarts} x ({n} + {m}) x {rank} values)",
+        f"lower {names[0]} (X is {n} x {m}, so rank {min(n, m)} already fits it exactly) or {names[1]}.",
     )
 
 

@@ -122,10 +122,10 @@ def test_multirun_sweep_runs_every_combination_in_its_own_folder(tmp_path):
                 (("data=file", "data.path=BAD.xyz"), "unknown extension '.xyz'"),
                 (("data=file", "data.path=GARBAGE"), "could not read data.path="),
                 (("data=toy", "model.rank=0"), "model.rank must be an integer >= 1"),
-                (("optimizer=nope",), "Could not find 'optimizer/nope'"),
+                (("optimizer=nope",), "optimizer=nope is not one of the optimizer configs"),
             ]
         ),
-        (("data=nope",), "Could not find 'data/nope'"),
+        (("data=nope",), "data=nope is not one of the data configs"),
     ],
 )
 def test_bad_input_fails_with_a_clear_message_and_no_results(tmp_path, args, message):
@@ -148,10 +148,9 @@ def test_bad_input_fails_with_a_clear_message_and_no_results(tmp_path, args, mes
         resolved.append(arg)
     run = tmp_path / "run"
     proc = run_cli(*resolved, f"hydra.run.dir={run}", "trainer.accelerator=cpu", cwd=tmp_path)
-    assert proc.returncode == (1 if "Could not find" in message else 2)  # 2: the configuration or input
+    assert proc.returncode == 2  # the configuration or input
     assert message in proc.stderr + proc.stdout
-    if "Could not find" not in message:  # one line, no traceback
-        assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr  # one line
     assert not (run / "factors.npz").exists() and not (run / "metrics.json").exists()
 
 
@@ -228,7 +227,7 @@ def test_wheel_ships_the_config_tree(tmp_path):
 @pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
 def test_unknown_experiment_name_is_an_error(tmp_path):
     proc = run_cli("experiment=bogus", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert proc.returncode != 0 and "experiment/bogus" in proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "experiment=bogus is not one of the experiment configs: newsgroups" in proc.stderr
 
 
 @pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it

@@ -388,3 +388,93 @@ def test_a_streamed_run_saves_its_checkpoint_by_its_triggers_only(make_cfg, tmp_
     )
     train(make_cfg(*EXACT, "optimizer=hals", "data.batch_rows=16", "trainer.max_steps=30"))
     assert saved == [30]  # every_n_minutes=10 is not due: only where training ends, not after every pass
+
+
+def test_files_cut_short_or_ragged_are_named_with_the_fix(make_cfg, tmp_path):
+    np.save(tmp_path / "cut.npy", np.random.default_rng(0).random((100, 10)))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"cut.npy' as .npy: it is cut short: its header says 100x10 float64"):
+        train(make_cfg("data=file", f"data.path={tmp_path / 'cut.npy'}", "model.rank=2"))
+    (tmp_path / "ragged.csv").write_text("1,2,3\n4,5,6\n7,8\n9,10,11\n")
+    with pytest.raises(ValueError, match=r"line 3 has 2 cells where the lines before it have 3") as err:
+        train(make_cfg("data=file", f"data.path={tmp_path / 'ragged.csv'}", "model.rank=2"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model.rnak=5"], r"error: model.rnak is not a key of the config; did you mean model.rank\?"),
+        (["optimizer=nope"], r"error: optimizer=nope is not one of the optimizer configs: adam, adamw, als, hals"),
+    ],
+)
+def test_a_key_or_choice_that_is_not_there_is_one_line_naming_the_nearest(monkeypatch, capsys, tmp_path, args, message):
+    import re
+    import sys
+
+    from nmf_lightning.train import main
+
+    monkeypatch.setattr(sys, "argv", ["nmf-train", *args, f"hydra.run.dir={tmp_path}"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and re.match(message, err) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("callbacks.model_checkpoint.every_n_updates=-5", r"every_n_updates and every_n_minutes must be >= 0"),
+        ("model.tol=nan", r"model.tol must be a finite number >= 0, got nan"),
+    ],
+)
+def test_config_values_out_of_range_are_one_line(make_cfg, override, message):
+    with pytest.raises(ValueError, match=message) as err:
+        train(make_cfg("data=toy", "model.rank=2", override))
+    assert "\n" not in str(err.value)
+
+
+def test_ctrl_c_before_training_and_twice_during_it_end_in_one_line(make_cfg, monkeypatch, capsys):
+    import os
+    import signal
+
+    import nmf_lightning.data.datamodule as datamodule
+    import nmf_lightning.engine.loop as loop
+    from nmf_lightning.train import _main
+
+    cfg = make_cfg("data=toy", "model.rank=2", "trainer.max_steps=50", "model.inner_steps=50")
+    monkeypatch.setattr(datamodule, "scan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as exit_:
+        _main(cfg, single=True)
+    assert (
+        exit_.value.code == 130
+        and "interrupted before training started (Ctrl+C): nothing was written" in capsys.readouterr().err
+    )
+    monkeypatch.undo()
+    calls, real = [0], loop.update
+
+    def twice(*args, **kwargs):  # Ctrl+C, and Ctrl+C again, during update 5
+        calls[0] += 1
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "update", twice)
+    with pytest.raises(SystemExit) as exit_:
+        _main(cfg, single=True)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and err.startswith("error: stopped at once by a second Ctrl+C at update")
+
+
+def test_transform_of_all_zero_rows_and_an_impossible_rank_say_what_they_are(tmp_path, capsys):
+    from nmf_lightning import NMF
+    from nmf_lightning.transform import main
+
+    np.savez(tmp_path / "factors.npz", W=np.ones((4, 2)), H=np.ones((2, 5)))
+    np.save(tmp_path / "zeros.npy", np.zeros((3, 5)))
+    main([str(tmp_path), str(tmp_path / "zeros.npy"), "--out", str(tmp_path / "w.npy"), "--device", "cpu"])
+    assert "the new rows are all zero, and so is W" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"n_components=1000000000000 needs .* GiB for W and H alone .* or restarts"):
+        NMF(n_components=10**12).fit(np.random.default_rng(0).random((20, 10)))

@@ -8,6 +8,7 @@ other runs read them whole.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,9 +214,19 @@ def _text(
     if skip_header == 0 and not all(_is_number(c) for c in header):
         hint = _delimiter_hint(header, delimiter) or "if it is a header, set data.skip_header=1"
         raise NMFInputError(f"its first line {header[:5]} is not numbers; {hint}")
-    X = np.genfromtxt(
-        p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan, encoding=TEXT
-    )
+    try:
+        X = np.genfromtxt(
+            p, delimiter=delimiter, skip_header=skip_header, dtype=np.float64, filling_values=np.nan, encoding=TEXT
+        )
+    except ValueError as err:  # numpy lists every ragged line, over several lines of text: say the first
+        ragged = re.search(r"Line #(\d+) \(got (\d+) columns instead of (\d+)\)", str(err))
+        if ragged is None:
+            raise
+        line, got, want = ragged.groups()
+        raise NMFInputError(
+            f"line {line} has {got} cells where the lines before it have {want}; give every row the same "
+            "cells (an empty one, between two separators, reads as a missing entry)"
+        ) from None
     if X.ndim == 1 and X.size:  # a single row or column is still a (1, m) or (n, 1) matrix
         X = X[None, :] if len(header) > 1 else X[:, None]
     if np.isnan(X).any():

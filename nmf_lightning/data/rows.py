@@ -9,8 +9,10 @@ slices with h5py.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ from nmf_lightning.validation import NMFInputError, check_sparse, check_totals, 
 
 #: the scan reads X in pieces of at most this many entries
 _SCAN_ENTRIES = 2**22
+#: a scan that takes longer than this logs how far it has come, every so often
+PROGRESS_SECONDS = 10.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class NpyFile(OnDisk):
     """
 
     def __init__(self, path: str | Path):
+        _check_npy_size(Path(path))
         mm = np.load(path, mmap_mode="r", allow_pickle=False)  # header only: no page is read
         self.path, self.shape, self.dtype, self.offset = str(path), mm.shape, mm.dtype, mm.offset
         self.fortran = mm.ndim > 1 and mm.flags.f_contiguous and not mm.flags.c_contiguous
@@ -82,6 +88,23 @@ class NpyFile(OnDisk):
 
     def read(self) -> np.ndarray:  # noqa: D102
         return np.load(self.path, allow_pickle=False)
+
+
+def _check_npy_size(path: Path) -> None:
+    """A ``.npy`` file must hold as many bytes as its header says (a cut-short copy, a damaged header)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise NMFInputError("it holds Python objects, not numbers (they are not loaded: that could run code)")
+    need, held = math.prod(shape) * dtype.itemsize, path.stat().st_size - offset
+    if held < need:
+        raise NMFInputError(
+            f"it is cut short: its header says {'x'.join(map(str, shape))} {dtype} values, {need:,} bytes, and "
+            f"{held:,} follow it; the file was truncated (or its header damaged): write or copy it again"
+        )
 
 
 class H5Matrix(OnDisk):
@@ -202,10 +225,14 @@ def scan(X: Any, batch_rows: int, unstored_missing: bool = False, name: str = "X
     total, n_obs, positive, zeros = 0.0, 0, False, False
     block_sq, block_missing = [], []
     step = max(1, min(batch_rows, _SCAN_ENTRIES // m))  # read in pieces that keep float64 copies small
+    clock = time.monotonic()
     for block_start in range(0, n, batch_rows):
         block_stop = min(block_start + batch_rows, n)
         sq, any_missing = [], False
         for start in range(block_start, block_stop, step):
+            if time.monotonic() - clock > PROGRESS_SECONDS:  # a large X: say how far the check has come
+                log.info("checking %s: %d of %d rows read (%.0f%%)", name, start, n, 100 * start / n)
+                clock = time.monotonic()
             stop = min(start + step, block_stop)
             piece = row_block(X, start, stop)
             try:

@@ -366,7 +366,9 @@ class Problem:
                 stacklevel=3,
             )
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        check_factor_memory(source.shape, spec.rank, spec.restarts, itemsize)
+        check_factor_memory(
+            source.shape, spec.rank, spec.restarts, itemsize, (words.name("rank"), words.name("restarts"))
+        )
         check_scale(float(source.x_sq), source.n_obs, self.dtype)
 
     def check_solver(self, words: Words, precision: str | None = None) -> None:

@@ -25,6 +25,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
+from nmf_lightning.console import NMFWarning
 from nmf_lightning.engine import divergence, sq_error, to_block
 from nmf_lightning.engine.problem import Problem, Source, Spec, solve_w
 from nmf_lightning.init import INITS
@@ -94,7 +95,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     Ours: ``optimizer`` (a factory ``params -> torch.optim.Optimizer``, e.g.
     ``functools.partial(torch.optim.Adam, lr=1e-2)``; when given it replaces ``solver``),
     ``lr`` (gradient solvers; None: scale-aware), ``lam`` and ``project`` (gradient
-    solvers: the clamp penalty's weight, and whether to clamp W, H at 0 after every step),
+    solvers: the clamp penalty's weight, and whether to clamp W, H at 0 after every step;
+    with ``project=False`` the factors returned are the trained ones clamped at 0, and
+    ``lam_growth`` > 1 multiplies ``lam`` every ``lam_every`` updates while the factors'
+    negative mass is above ``neg_tol``, so that clamping costs the fit nothing),
     ``restarts`` (starts from seeds s, s+1, ... trained at once; the best is kept),
     ``device`` (``"auto"``: CUDA when visible), ``precision`` (None: X's dtype, float32 or
     float64; ``"64"``, ``"32"``, ``"bf16"``, ``"16"``), ``batch_rows`` (X stays in host
@@ -129,6 +133,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         lr: float | None = None,
         lam: float = 0.0,
         project: bool = True,
+        lam_growth: float = 1.0,
+        neg_tol: float = 1e-3,
+        lam_every: int = 100,
         restarts: int = 1,
         device: str = "auto",
         precision: str | None = None,
@@ -151,6 +158,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.lr = lr
         self.lam = lam
         self.project = project
+        self.lam_growth = lam_growth
+        self.neg_tol = neg_tol
+        self.lam_every = lam_every
         self.restarts = restarts
         self.device = device
         self.precision = precision
@@ -182,6 +192,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "lr": one_of(None, Real(0, open_low=True)),
         "lam": CONSTRAINTS["lam"],
         "project": CONSTRAINTS["project"],
+        "lam_growth": CONSTRAINTS["lam_growth"],
+        "neg_tol": CONSTRAINTS["neg_tol"],
+        "lam_every": CONSTRAINTS["lam_every"],
         "restarts": CONSTRAINTS["restarts"],
         "device": Kind("a device name: 'auto', 'cpu', 'cuda' or 'cuda:N'", (str, torch.device)),
         "precision": one_of(None, Options(ESTIMATOR_PRECISIONS)),
@@ -432,6 +445,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             l2_W=l2_W,
             l2_H=l2_H,
             project=bool(self.project),
+            lam_growth=self.lam_growth,
+            neg_tol=self.neg_tol,
+            lam_every=self.lam_every,
             init="random" if init == "custom" else init,  # custom factors are copied, not drawn
             restarts=self.restarts,
             seed=seed,
@@ -481,6 +497,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if not math.isfinite(float(loss)):
             lr = step.param_groups[0]["lr"] if isinstance(step, torch.optim.Optimizer) else None
             raise problem.diverged(losses, 0, steps, None, lr, self._words())
+        if problem.spec.clamps:
+            self._warn_clamped(problem, W_, H_)
+            W_, H_ = problem.spec.reported(W_, H_)
         if self.tol and not converged:
             warnings.warn(
                 f"Maximum number of iterations {self.max_iter} reached before the objective settled to "
@@ -489,6 +508,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 stacklevel=3,
             )
         return to_numpy(W_), to_numpy(H_), steps, _error(problem, problem.data_term(W_, H_))
+
+    def _warn_clamped(self, problem: Problem, W: Tensor, H: Tensor) -> None:
+        """Say when the factors returned, clamped at 0, fit worse than the trained ones (``project=False``)."""
+        recorder = Recorder(problem)
+        clamped = recorder.clamped({key: float(value) for key, value in recorder.metrics(W, H).items()})
+        if clamped is not None and clamped.costly:
+            warnings.warn(clamped.message(problem.spec, self._words()), NMFWarning, stacklevel=4)
 
     def _run(self, problem: Problem, W: Tensor, H: Tensor, update) -> tuple[int, bool, Tensor | None]:
         """Up to ``max_iter`` updates; every 10, the ``tol`` test (and a line or point when asked for)."""

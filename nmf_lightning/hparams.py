@@ -193,6 +193,8 @@ def write_layout(writer: Any, online: bool, negatives: bool, restarts: bool) -> 
     }
     if negatives:
         layout["factors"]["negative share before clamping"] = ["Multiline", [r"factors/.*_neg_fraction"]]
+        layout["factors"]["negative mass before clamping"] = ["Multiline", [r"factors/.*_neg_mass"]]
+        layout["objective"]["penalty weight (grown by model.lam_growth)"] = ["Multiline", [f"{group}/lam"]]
     if restarts:
         layout["restarts"] = {"loss of each restart": ["Multiline", [r"restarts/loss_.*"]]}
     writer.add_custom_scalars(layout)

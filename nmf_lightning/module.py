@@ -32,7 +32,7 @@ from nmf_lightning.engine import DivergenceError, PassResult, Problem, Spec, Upd
 from nmf_lightning.internals import count_updates
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
-from nmf_lightning.recorder import HeldOut, Recorder, final_names
+from nmf_lightning.recorder import Clamped, HeldOut, Recorder, final_names
 from nmf_lightning.transform import transform
 from nmf_lightning.validation import PRECISIONS, NMFInputError, check_checkpoint_factors, check_rank
 
@@ -55,7 +55,8 @@ class NMFModule(L.LightningModule):
 
     ``optimizer`` is a factory ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``
     config; ``lr="auto"`` sizes it to the factors) or a closed-form solver; ``project``
-    clamps W, H to >= 0 after every update. ``restarts`` = r trains r initialisations
+    clamps W, H to >= 0 after every update; without it, ``lam_growth`` > 1 grows ``lam`` until
+    the factors are non-negative to ``neg_tol``. ``restarts`` = r trains r initialisations
     (seeds seed, seed+1, ...) at once as one batched problem, W (r, n, k) and H (r, k, m),
     and keeps the one with the lowest loss. The other arguments are the engine's
     :class:`~nmf_lightning.engine.Spec`, and ``inner_steps`` the updates per ``training_step``.
@@ -74,6 +75,9 @@ class NMFModule(L.LightningModule):
         l2_H: float = 0.0,
         l21_H: float = 0.0,
         project: bool = True,
+        lam_growth: float = 1.0,
+        neg_tol: float = 1e-3,
+        lam_every: int = 100,
         init: str = "random",
         init_scale: float = 0.01,
         loss_form: str = "auto",
@@ -90,9 +94,9 @@ class NMFModule(L.LightningModule):
         check_params({"inner_steps": inner_steps}, {"inner_steps": INNER_STEPS}, CLI_WORDS.name)
         self.spec = Spec(
             rank=rank, optimizer=optimizer or DEFAULT_OPTIMIZER, loss=loss, beta=beta, lam=lam, l1_W=l1_W,
-            l1_H=l1_H, l2_W=l2_W, l2_H=l2_H, l21_H=l21_H, project=project, init=init, init_scale=init_scale,
-            restarts=restarts, seed=seed, loss_form=loss_form, online=online, forget=forget, tol=tol,
-            tol_window=tol_window, compile=compile,
+            l1_H=l1_H, l2_W=l2_W, l2_H=l2_H, l21_H=l21_H, project=project, lam_growth=lam_growth,
+            neg_tol=neg_tol, lam_every=lam_every, init=init, init_scale=init_scale, restarts=restarts, seed=seed,
+            loss_form=loss_form, online=online, forget=forget, tol=tol, tol_window=tol_window, compile=compile,
         )  # fmt: skip
         self.spec.check(CLI_WORDS)  # before any data is read
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
@@ -107,10 +111,11 @@ class NMFModule(L.LightningModule):
         self.shard: RowShard | None = None  # this process's rows of X and W under DDP (trainer=ddp)
         self.streamed = False  # X arrives as row blocks from the dataloader (data.batch_rows)
         self.final_metrics: dict[str, float] = {}
+        self.clamped: Clamped | None = None  # what clamping did to the final factors (project=false)
         self.stop_reason = "max_steps"
         self.stop_signal: int | None = None  # a signal asked the run to stop (GracefulStop)
         self._update: Update | None = None  # built once per optimizer
-        self._gram_state: dict | None = None  # a checkpoint's GramForm, for the update built after loading
+        self._update_state: dict | None = None  # a checkpoint's update state, for the update built after loading
         self._whole_W: Tensor | None = None  # under DDP: all of W (every restart) gathered when training ends
         self._grid: UpdateGrid | None = None
         self._sizer: BlockSizer | None = None
@@ -176,7 +181,7 @@ class NMFModule(L.LightningModule):
         saved = checkpoint.get("holdout", {"fraction": 0.0, "seed": 0})
         check_resumed(saved, getattr(self, "holdout_spec", saved))
         self._update = None  # it holds the old parameters
-        self._gram_state = checkpoint.get("gram_form")
+        self._update_state = checkpoint.get("update")
         self.W = nn.Parameter(torch.empty_like(state["W"]))
         self.H = nn.Parameter(torch.empty_like(state["H"]))
         self._loaded_best = int(checkpoint.get("best_restart", 0))
@@ -184,12 +189,12 @@ class NMFModule(L.LightningModule):
             self.recorder.best = self._loaded_best
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record which restart is best and the Gram form reached, so a loaded module goes on the same way."""
+        """Record which restart is best and the update's state (its Gram form, the penalty weight reached)."""
         checkpoint["best_restart"] = self._best()
         checkpoint["holdout"] = getattr(self, "holdout_spec", {"fraction": 0.0, "seed": 0})
-        form = getattr(self._update, "form", None)
-        if form is not None:
-            checkpoint["gram_form"] = form.state_dict()
+        state = self._update.state_dict() if hasattr(self._update, "state_dict") else self._update_state
+        if state is not None:
+            checkpoint["update"] = state
         if self.shard is not None:  # all of W, in row order: a checkpoint resumes on any number of ranks
             gather_rows(checkpoint, self.shard, self.W.shape)
 
@@ -210,8 +215,8 @@ class NMFModule(L.LightningModule):
             self._update = self.problem.update(self.optimizers().optimizer, measure=self.streamed)
             if hasattr(self._update, "done"):
                 self._update.done = self.global_step
-            if self._gram_state is not None and hasattr(self._update, "form"):
-                self._update.form.load_state_dict(self._gram_state)
+            if self._update_state is not None and hasattr(self._update, "load_state_dict"):
+                self._update.load_state_dict(self._update_state)
         return self._update
 
     def training_step(self, batch: Tensor | dict, batch_idx: int) -> None:
@@ -402,9 +407,11 @@ class NMFModule(L.LightningModule):
         if self.spec.restarts > 1:
             final["best_restart"] = self._best()
         self.final_metrics = final
-        advice = self.recorder.negatives(final)
-        if advice is not None:
-            warnings.warn(advice, NMFWarning, stacklevel=2)
+        self.clamped = self.recorder.clamped(final)
+        if self.clamped is not None and self.clamped.costly:
+            warnings.warn(self.clamped.message(self.spec, CLI_WORDS), NMFWarning, stacklevel=2)
+        elif self.clamped is not None:
+            log.info(self.clamped.message(self.spec, CLI_WORDS))
 
     # ---------------------------------------------------------------- factors
     def final_metric_names(self, held_out: bool = False) -> set[str]:
@@ -438,7 +445,7 @@ class NMFModule(L.LightningModule):
         if W.dim() == 3:
             r = self._best() if restart is None else restart
             W, H = W[r], H[r]
-        return (W, H) if raw or not self.spec.clamps else (W.clamp(min=0), H.clamp(min=0))
+        return (W, H) if raw else self.spec.reported(W, H)
 
     def whole_factors(self) -> tuple[Tensor, Tensor]:
         """The best restart's W and H, all of W's rows: under DDP every rank must call it (W is gathered)."""
@@ -449,10 +456,10 @@ class NMFModule(L.LightningModule):
         """All rows of a W of this rank's rows (itself in one process); every rank calls it under DDP."""
         return W if self.shard is None else self.shard.gather_rows(W)
 
-    def factors(self, restart: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def factors(self, restart: int | None = None, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """W (n, k) and H (k, m) of the best (or the given) restart as numpy, in the trained dtype.
 
-        Clamped at 0 under ``project=false``; bf16/fp16 factors come back as float32.
+        Clamped at 0 under ``project=false`` unless ``raw``; bf16/fp16 factors come back as float32.
         """
-        W, H = self.best_factors(restart)
+        W, H = self.best_factors(restart, raw=raw)
         return to_numpy(W), to_numpy(H)

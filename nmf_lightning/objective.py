@@ -142,10 +142,27 @@ class Objective:
         return total, terms
 
 
-def factor_stats(A: Tensor, reported: Tensor, shard: RowShard | None = None) -> dict[str, Tensor]:
-    """Share and mean size of A's negative entries, and the sparsity of the factor a user gets (one per restart).
+def negative_mass(A: Tensor, whole: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``sum clamp(-A, 0) / sum |A|``: the share of A's mass that clamping at 0 takes away (one per restart).
 
-    ``shard``: A holds this rank's rows of a row-sharded factor; the statistics are the whole factor's.
+    Unlike the share of negative *entries*, it is 0 only for A >= 0 and small when the
+    negatives are few or tiny, whatever their number: what a clamp penalty must drive to 0.
+    ``whole`` completes a sum over this rank's rows of a row-sharded factor.
+    """
+    both = (-2, -1)
+    sums = torch.stack(
+        [torch.clamp(-A, min=0).sum(dim=both, dtype=torch.float64), A.abs().sum(dim=both, dtype=torch.float64)]
+    )
+    if whole is not None:
+        sums = whole(sums)
+    return sums[0] / sums[1].clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def factor_stats(A: Tensor, reported: Tensor, shard: RowShard | None = None) -> dict[str, Tensor]:
+    """A's negative entries (their share, mean size and share of its mass) and the sparsity of the factor a user gets.
+
+    One value per restart. ``shard``: A holds this rank's rows of a row-sharded factor; the
+    statistics are the whole factor's.
     """
     both = (-2, -1)
     top = reported.abs().amax(dim=both, keepdim=True)
@@ -160,4 +177,6 @@ def factor_stats(A: Tensor, reported: Tensor, shard: RowShard | None = None) -> 
     if shard is not None:
         counts = shard.sum(counts)
         size = shard.n * A.shape[-1]
-    return {name: (value / size).float() for name, value in counts.items()}
+    stats = {name: (value / size).float() for name, value in counts.items()}
+    stats["neg_mass"] = negative_mass(A, None if shard is None else shard.sum_rows).float()
+    return stats

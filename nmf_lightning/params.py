@@ -155,6 +155,9 @@ CONSTRAINTS: dict[str, Constraint] = {
     "l2_H": PENALTY,
     "l21_H": PENALTY,
     "project": Boolean(),
+    "lam_growth": Real(1),
+    "neg_tol": Real(0, 1, open_low=True),
+    "lam_every": Integer(1),
     "init": Options(INITS),
     "init_scale": Real(0, open_low=True),
     "loss_form": Options(("auto", "residual", "gram")),
@@ -171,6 +174,9 @@ CONSTRAINTS: dict[str, Constraint] = {
 }
 #: why a value matters, where the bare constraint would not say (shown after it)
 PURPOSE = {name: "a penalty weight" for name in ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")} | {
+    "lam_growth": "the factor lam is multiplied by; 1 keeps it fixed",
+    "neg_tol": "the factors' negative mass the penalty schedule aims below",
+    "lam_every": "updates between the schedule's checks",
     "steps": "the number of updates",
     "batch_rows": "rows per block",
 }
@@ -380,6 +386,21 @@ def check_compatible(
             f"{words.online} updates H after every row block, but under trainer=ddp with {layout.ranks} ranks "
             "each rank holds other blocks; H is updated once per pass there."
         )
+
+
+def check_schedule(growth: float, lam: float, clamps: bool, words: Words) -> None:
+    """A growing penalty weight needs a penalty to grow, on factors free to go negative (``clamps``)."""
+    if growth == 1:
+        return
+    setting = words.show("lam_growth", growth)
+    if not clamps:
+        raise NMFInputError(
+            f"{setting} grows the clamp penalty of a run that lets the factors go negative: it needs "
+            f"{words.show('project', False)} and a gradient solver (projected and closed-form solvers keep W, H >= 0 "
+            "by themselves)."
+        )
+    if not lam:
+        raise NMFInputError(f"{setting} grows {words.name('lam')}, which is 0; start it above 0 (e.g. 10).")
 
 
 def check_restarts(init: str, restarts: int, words: Words) -> None:

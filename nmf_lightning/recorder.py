@@ -20,11 +20,63 @@ from nmf_lightning.engine.problem import PENALTIES, Problem, Spec
 from nmf_lightning.engine.updates import PassResult
 from nmf_lightning.linalg import predict_observed
 from nmf_lightning.objective import Objective, factor_stats, relative_error
+from nmf_lightning.params import Words
 
 if TYPE_CHECKING:
     from nmf_lightning.curves import UpdateGrid
     from nmf_lightning.data.holdout import Holdout
     from nmf_lightning.distributed import RowShard
+
+
+#: clamping the trained factors may cost this much of their relative error before they count as not an NMF
+CLAMP_COST = 0.01
+
+
+@dataclass(frozen=True)
+class Clamped:
+    """What clamping trained factors at 0 did to a run that let them go negative (``project=false``).
+
+    ``mass`` is W's and H's negative mass (:func:`~nmf_lightning.objective.negative_mass`);
+    ``trained`` and ``clamped`` the relative errors of the factors as trained and clamped.
+    """
+
+    mass: tuple[float, float]
+    trained: float
+    clamped: float
+    lam: float
+
+    @property
+    def costly(self) -> bool:
+        """Whether the clamped factors, those a user gets, fit worse than training found (by more than CLAMP_COST)."""
+        return not self.clamped <= self.trained * (1 + CLAMP_COST)
+
+    def message(self, spec: Spec, words: Words) -> str:
+        """What happened, in one line, and (when ``costly``) the settings that give non-negative factors."""
+        shares = f"W {self.mass[0]:.2%}, H {self.mass[1]:.2%} of their mass"
+        errors = f"relative error {self.clamped:.4g}, against {self.trained:.4g} as trained"
+        if not self.costly:
+            return f"the trained factors had negative entries ({shares}); clamped at 0 they fit as well ({errors})."
+        if spec.lam_growth > 1:
+            fix = (
+                f"the schedule raised {words.name('lam')} to {self.lam:g} but the factors stayed negative: give it "
+                f"more updates ({words.name('steps')}), grow it faster ({words.name('lam_growth')}) or set "
+                f"{words.show('project', True)}"
+            )
+        elif self.lam:
+            fix = (
+                f"for an NMF set {words.show('project', True)}, a larger {words.name('lam')} (now {self.lam:g}), "
+                f"or {words.show('lam_growth', 10.0)} to grow it until the negative mass is below "
+                f"{words.name('neg_tol')}"
+            )
+        else:
+            fix = (
+                f"for an NMF set {words.show('project', True)}, or a clamp penalty grown until the negative mass "
+                f"is below {words.name('neg_tol')}: {words.show('lam', 10.0)} and {words.show('lam_growth', 10.0)}"
+            )
+        return (
+            f"the trained factors are not non-negative ({shares} is negative), and clamped at 0 they fit worse "
+            f"({errors}); {fix}."
+        )
 
 
 @dataclass
@@ -87,7 +139,7 @@ class Recorder:
 
     def reported(self, W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
         """The factors a user gets: clamped at 0 when training let them go negative."""
-        return (W.clamp(min=0), H.clamp(min=0)) if self.clamps else (W, H)
+        return self.problem.spec.reported(W, H)
 
     def errors(self, sq: Tensor, div: Tensor | None = None) -> dict[str, Tensor]:
         """Relative error, RMSE and the divergence (``div``; 1/2 sq for the Frobenius losses), one per restart."""
@@ -130,10 +182,14 @@ class Recorder:
         sq = problem.sq_error(W, H) if sq is None else sq
         div = None if problem.beta is None else problem.data_term(W, H)
         loss, terms = problem.objective.terms(sq if div is None else div, W, H, zero_weights=False)
+        point = {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}}
+        if problem.schedule is not None:  # the penalty weight reached
+            point["train/lam"] = torch.full_like(loss, problem.schedule.lam, dtype=torch.float64)
         reported = self.reported(W, H)
         if reported[0] is not W:
+            point["train/trained_relative_error"] = relative_error(sq.double(), problem.source.x_sq.to(sq.device))
             sq = problem.sq_error(*reported)
-        return {"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}, **self.errors(sq, div)}
+        return {**point, **self.errors(sq, div)}
 
     @torch.no_grad()
     def on_update(self, span: tuple[int, int], s: int, result: PassResult, W: Tensor, H: Tensor, update: Any) -> None:
@@ -176,16 +232,13 @@ class Recorder:
             return s, now, sq if result.after else None
         return s - 1, before, sq
 
-    def negatives(self, metrics: dict[str, float]) -> str | None:
-        """The advice for trained factors that went negative and are reported clamped (``project=false``), or None."""
-        negs = {n: metrics[f"factors/{n}_neg_fraction"] for n in ("W", "H")}
-        if not self.clamps or not any(v > 0 for v in negs.values()):
+    def clamped(self, metrics: dict[str, float]) -> Clamped | None:
+        """What clamping did to the final factors (``metrics``, as floats), when training let them go negative."""
+        mass = tuple(metrics[f"factors/{n}_neg_mass"] for n in ("W", "H"))
+        if not self.clamps or not any(v > 0 for v in mass):
             return None
-        return (
-            f"the trained factors have negative entries (W {negs['W']:.1%}, H {negs['H']:.1%}); factors.npz "
-            "and the errors reported use them clamped at 0. Set model.project=true or raise model.lam to train "
-            "factors that need no clamping."
-        )
+        lam = self.problem.objective.lam
+        return Clamped(mass, metrics["train/trained_relative_error"], metrics["train/relative_error"], lam)
 
     @torch.no_grad()
     def validation(self, W: Tensor, H: Tensor) -> dict[str, Tensor]:
@@ -221,7 +274,8 @@ class Recorder:
         objective = self.problem.objective
         skip = {name for name, weight, _ in objective.penalties(None, None) if not weight}
         if not self.clamps:
-            skip |= {f"{A}_neg_{stat}" for A in "WH" for stat in ("fraction", "mean")}
+            skip |= {f"{A}_neg_{stat}" for A in "WH" for stat in ("fraction", "mean", "mass")}
+        skip.add("trained_relative_error")  # measured at a block's end only: a final number, not a curve
         return {k: v for k, v in metrics.items() if k.rpartition("/")[2] not in skip}
 
 
@@ -230,7 +284,11 @@ def final_names(spec: Spec, held_out: bool = False) -> set[str]:
     weights = Objective(**{k: getattr(spec, k) for k in PENALTIES})
     names = {"loss", "reconstruction", "relative_error", "rmse", "divergence", "steps", "updates_per_sec"}
     names |= {name for name, weight, _ in weights.penalties(None, None) if weight}
-    names |= {f"{A}_{stat}" for A in "WH" for stat in ("neg_fraction", "neg_mean", "sparsity")}
+    names |= {f"{A}_{stat}" for A in "WH" for stat in ("neg_fraction", "neg_mean", "neg_mass", "sparsity")}
+    if spec.clamps:
+        names.add("trained_relative_error")
+    if spec.lam_growth > 1:
+        names.add("lam")
     if spec.restarts > 1:
         names |= {"best_restart"} | {f"loss_{r}" for r in range(spec.restarts)}
     if held_out:

@@ -22,6 +22,7 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from nmf_lightning.atomic import finish_pending, write_atomic, write_text
+from nmf_lightning.status import SUCCEEDED
 
 #: metrics.json columns shown after the chosen metric, when present
 SHOWN_METRICS = (
@@ -35,8 +36,8 @@ SHOWN_METRICS = (
     "steps",
     "updates_per_sec",
 )
-#: ... and these when some job's factors kept negative entries
-NEGATIVITY_METRICS = ("W_neg_fraction", "H_neg_fraction")
+#: ... and these when some job's factors kept negative entries (model.project=false)
+NEGATIVITY_METRICS = ("trained_relative_error", "W_neg_mass", "H_neg_mass")
 #: TensorBoard tags drawn in curves.png, one panel each when logged
 CURVE_TAGS = ("train/relative_error", "val/relative_error")
 
@@ -236,7 +237,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], params: list[str], out: Path) ->
             if tag in curves[r["job"]]:
                 steps, values = curves[r["job"]][tag]
                 label = ", ".join(f"{p}={_fmt(r['params'].get(p))}" for p in params) or r["job"]
-                ax.plot(steps, values, lw=1.2, label=label + (" (failed)" if r["status"] != "completed" else ""))
+                ax.plot(steps, values, lw=1.2, label=label + _status_note(r["status"]))
         ax.set_xlabel("update")
         ax.set_ylabel(tag)
         ax.set_yscale("log")
@@ -247,6 +248,13 @@ def plot_curves(rows: Sequence[dict[str, Any]], params: list[str], out: Path) ->
     write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     return path
+
+
+def _status_note(status: str) -> str:
+    """What a curve's label adds for a job that did not complete cleanly."""
+    if status == "completed":
+        return ""
+    return " (not non-negative)" if status in SUCCEEDED else " (failed)"
 
 
 def _sort_key(value: Any) -> tuple[int, float, str]:
@@ -306,7 +314,7 @@ def report(sweep_dir: str | Path, metric: str | None = None, mode: str = "min", 
         "written": written,
         "metric": metric,
         "jobs": len(rows),
-        "failed": sum(r["status"] != "completed" for r in rows),
+        "failed": sum(r["status"] not in SUCCEEDED for r in rows),
         "best": None
         if best is None
         else {"job": best["job"], **{p: best["params"].get(p) for p in params}, metric: best["metrics"][metric]},
@@ -326,7 +334,7 @@ class SweepSummary(Callback):
 
         sweep = Path(config.hydra.sweep.dir)
         rows = [read_job(job) for job in find_jobs(sweep)] if sweep.is_dir() else []
-        failed = [r["job"] for r in rows if r["status"] != "completed"]
+        failed = [r["job"] for r in rows if r["status"] not in SUCCEEDED]
         log = logging.getLogger(__name__)
         log.info("sweep done: nmf-sweep-report %s writes its table and plots", sweep)
         if failed:

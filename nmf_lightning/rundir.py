@@ -16,10 +16,9 @@ from omegaconf import DictConfig
 
 from nmf_lightning.atomic import finish_pending
 from nmf_lightning.distributed import is_main_process
+from nmf_lightning.status import FINISHED
 from nmf_lightning.validation import NMFInputError
 
-#: statuses of a run whose results are in its folder
-FINISHED = ("completed", "degenerate", "interrupted")
 LOCK = ".nmf-lightning.lock"
 #: a run's results, removed when ``overwrite`` replaces it
 RESULTS = ("metrics.json", "factors.npz", "factors_last_finite.npz", "topics.md", "checkpoints/last.ckpt")

@@ -50,6 +50,7 @@ from nmf_lightning.module import NMFModule
 from nmf_lightning.params import CLI_WORDS, check_params
 from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir, continues
 from nmf_lightning.solvers import registry
+from nmf_lightning.status import SUCCEEDED
 from nmf_lightning.validation import NMFInputError, check_accelerator, check_checkpoint_factors, check_precision
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def _already_done(cfg: DictConfig, done: int) -> dict[str, Any]:
         metrics = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
         metrics = {}
-    if metrics.get("status") != "completed":
+    if metrics.get("status") not in SUCCEEDED:
         raise NMFInputError(
             f"ckpt_path={cfg.ckpt_path} already has {done} updates, trainer.max_steps={cfg.trainer.max_steps}: "
             "raise trainer.max_steps to train on from it."
@@ -269,10 +270,12 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
     metrics["status"] = "completed" if model.stop_signal is None else "interrupted"
     metrics["stop_reason"] = _stop_reason(trainer, model)
     W, H = model.factors()
-    reason = degenerate_reason(metrics, W, H) if model.stop_signal is None else None
-    log.info("final metrics: %s", json.dumps(metrics))
+    reason = degenerate_reason(metrics, *model.factors(raw=True)) if model.stop_signal is None else None
     if reason is not None:
         metrics.update(status="degenerate", reason=reason)
+    elif model.stop_signal is None and model.clamped is not None and model.clamped.costly:
+        metrics.update(status="not_nonnegative", reason=model.clamped.message(model.spec, CLI_WORDS))
+    log.info("final metrics: %s", json.dumps(metrics))
     hp_metrics = hp_metric_names(held_out)
     for logger in trainer.loggers:
         logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)
@@ -294,11 +297,12 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
     key = cfg.get("optimized_metric") or "relative_error"
     shown = [key] + [k for k in ("relative_error", "loss") if k != key]
     log.info(
-        "%s after %d updates (%s); wrote %s",
+        "%s after %d updates (%s); wrote %s%s",
         ", ".join(f"{k} {metrics[k]:.6g}" for k in shown if k in metrics),
         metrics["steps"],
         metrics["stop_reason"],
         out,
+        "" if metrics["status"] == "completed" else f" (status {metrics['status']}, said above)",
     )
     return metrics
 
@@ -319,17 +323,19 @@ class DegenerateError(RuntimeError):
 
 
 def degenerate_reason(metrics: dict[str, Any], W: np.ndarray, H: np.ndarray) -> str | None:
-    """Why the final factors are useless as an NMF (all zero, no better than zero, unmeasurable), or None."""
-    if not math.isfinite(metrics["relative_error"]):
+    """Why the trained factors are useless as an NMF (all zero, no better than zero, unmeasurable), or None.
+
+    ``W``, ``H`` and the error judged are the factors as trained: factors that went negative
+    and fit worse once clamped did not collapse (their status is ``not_nonnegative``).
+    """
+    error = metrics.get("trained_relative_error", metrics["relative_error"])
+    if not math.isfinite(error) or not math.isfinite(metrics["relative_error"]):
         return "the final relative error is not a number"
     for name, A in (("W", W), ("H", H)):
         if not np.any(A):
-            return f"the factors collapsed: {name} is all zero (relative error {metrics['relative_error']:.4g})"
-    if metrics["relative_error"] >= DEGENERATE_ERROR:
-        return (
-            f"the factors collapsed: relative error {metrics['relative_error']:.4g}, "
-            "no better than all-zero factors (1.0)"
-        )
+            return f"the factors collapsed: {name} is all zero (relative error {error:.4g})"
+    if error >= DEGENERATE_ERROR:
+        return f"the factors collapsed: relative error {error:.4g}, no better than all-zero factors (1.0)"
     return None
 
 
@@ -691,7 +697,7 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> float:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
-    if done.get("status") in ("completed", "degenerate"):
+    if done.get("status") in (*SUCCEEDED, "degenerate"):
         record = {**done, **record, "status": done["status"] if isinstance(err, DegenerateError) else "failed"}
     write_text(path, json.dumps(record, indent=2) + "\n")
     return _sweep_failed(err)

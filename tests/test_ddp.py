@@ -22,6 +22,7 @@ from nmf_lightning.distributed import RowShard, split_rows
 from nmf_lightning.engine import GradientUpdate, SolverUpdate, sq_error, to_block
 from nmf_lightning.engine.blocks import dense_layout
 from nmf_lightning.engine.loop import update
+from nmf_lightning.engine.updates import PenaltySchedule
 from nmf_lightning.objective import Objective
 from nmf_lightning.solvers.rules import HALSRule, MURule
 from nmf_lightning.train import train
@@ -67,10 +68,14 @@ def _step(solver: str, W: torch.Tensor, H: torch.Tensor, shard: RowShard | None,
     objective = Objective(loss="fro2", l1_W=0.01, lam=0.1)
     if shard is not None:
         objective = Objective(loss="fro2", l1_W=0.01, lam=0.1, sum_rows=shard.sum_rows, n_rows=N)
-    return GradientUpdate(torch.optim.Adam([W, H], lr=0.01), objective, project=False, sum_ranks=sums)
+    schedule = PenaltySchedule(0.1, growth=10.0, tol=1e-9, every=3) if solver == "adam_lam_growth" else None
+    return GradientUpdate(
+        torch.optim.Adam([W, H], lr=0.05), objective, project=False, sum_ranks=sums, schedule=schedule
+    )
 
 
 CASES = [(s, layout) for s in ("hals", "mu", "adam") for layout in ("dense", "sparse", "masked")]
+CASES.append(("adam_lam_growth", "dense"))  # the penalty schedule reads W's negative mass over every rank
 
 
 def _run(solver: str, layout: str, shard: RowShard | None) -> dict:
@@ -89,7 +94,14 @@ def _run(solver: str, layout: str, shard: RowShard | None) -> dict:
         Hs.append(H.detach().clone())
     W = W.detach() if shard is None else shard.gather_rows(W.detach())
     sums = None if shard is None else shard.sum
-    return {"W": W, "H": H.detach(), "Hs": torch.stack(Hs), "sq": sq_error(t, W[rows], H.detach(), sum_ranks=sums)}
+    lam = torch.tensor(getattr(step, "objective", Objective()).lam)
+    return {
+        "W": W,
+        "H": H.detach(),
+        "Hs": torch.stack(Hs),
+        "sq": sq_error(t, W[rows], H.detach(), sum_ranks=sums),
+        "lam": lam,
+    }
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
@@ -120,8 +132,10 @@ def test_two_ranks_take_the_updates_of_one_process(two_ranks, solver, layout):
     one = _run(solver, layout, None)
     for ranked in two_ranks:
         got = ranked[f"{solver}-{layout}"]
-        for name in ("W", "H", "sq"):
+        for name in ("W", "H", "sq", "lam"):
             np.testing.assert_allclose(got[name].numpy(), one[name].numpy(), rtol=1e-10, atol=1e-12)
+    if solver == "adam_lam_growth":
+        assert float(one["lam"]) > 0.1  # the schedule grew the weight: the ranks agreed on W's negative mass
     # H identical on every rank after every update: the same sums, the same update, nothing broadcast
     torch.testing.assert_close(two_ranks[0][f"{solver}-{layout}"]["Hs"], two_ranks[1][f"{solver}-{layout}"]["Hs"],
                                rtol=0, atol=0)  # fmt: skip

@@ -210,6 +210,8 @@ def test_block_sizes_leave_the_factors_alone(make_cfg, tmp_path):
 
 
 ADAM_TO_EXACT = ("optimizer.lr=0.005", "optimizer.betas=[0.9,0.999]")  # past the Gram form's switch by update 1000
+#: a penalty run whose weight grows on a grid of updates (the weight reached is in the checkpoint)
+GROWN = ("model.project=false", "model.lam=1", "model.lam_growth=10", "model.lam_every=20", "model.neg_tol=1e-9")
 
 
 @pytest.mark.parametrize(
@@ -219,8 +221,9 @@ ADAM_TO_EXACT = ("optimizer.lr=0.005", "optimizer.betas=[0.9,0.999]")  # past th
         (("optimizer=hals",), 120, 37),
         (("optimizer.lr=0.05", "data.batch_rows=16"), 120, 37),
         (("optimizer=mu", "data.batch_rows=16"), 120, 37),
+        (("optimizer.lr=0.05", *GROWN), 120, 37),
     ],
-    ids=["adam", "hals", "adam-streamed", "mu-streamed"],
+    ids=["adam", "hals", "adam-streamed", "mu-streamed", "adam-lam-growth"],
 )
 def test_a_run_stopped_at_any_update_resumes_to_the_straight_runs_factors(
     make_cfg, tmp_path, monkeypatch, extra, steps, stop
@@ -261,6 +264,8 @@ def test_a_run_stopped_at_any_update_resumes_to_the_straight_runs_factors(
     monkeypatch.undo()
     resumed = train(make_cfg(*common, f"paths.output_dir={stopped}", "ckpt_path=last"))
     assert resumed["steps"] == steps and resumed["status"] == "completed"
+    if "model.lam_growth=10" in extra:
+        assert resumed["lam"] > 10  # grown before and after the stop
     for name in "WH":
         np.testing.assert_array_equal(np.load(straight / "factors.npz")[name], np.load(stopped / "factors.npz")[name])
 
@@ -427,6 +432,8 @@ def test_a_key_or_choice_that_is_not_there_is_one_line_naming_the_nearest(monkey
     [
         ("callbacks.model_checkpoint.every_n_updates=-5", r"every_n_updates and every_n_minutes must be >= 0"),
         ("model.tol=nan", r"model.tol must be a finite number >= 0, got nan"),
+        ("model.lam_growth=10", r"model.lam_growth=10 grows the clamp penalty .* needs model.project=false"),
+        ("model.lam_growth=0.5", r"model.lam_growth must be a finite number >= 1 \(the factor lam is multiplied"),
     ],
 )
 def test_config_values_out_of_range_are_one_line(make_cfg, override, message):
@@ -478,3 +485,76 @@ def test_transform_of_all_zero_rows_and_an_impossible_rank_say_what_they_are(tmp
     assert "the new rows are all zero, and so is W" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"n_components=1000000000000 needs .* GiB for W and H alone .* or restarts"):
         NMF(n_components=10**12).fit(np.random.default_rng(0).random((20, 10)))
+
+
+# ------------------------------------------- 5. a result that is an NMF, said correctly
+#: the 20 newsgroups notebook's recipe: Adam(1e-3) from |N(0, 0.01)|, the clamp penalty alone at lam = 10
+NOTEBOOK_RECIPE = (
+    "model.rank=30",
+    "model.init=normal_abs",
+    "model.project=false",
+    "model.lam=10",
+    "optimizer.lr=1e-3",
+    "logger=none",
+)
+
+
+def _tf_idf_like(path: Path) -> Path:
+    """300 short documents over 2000 words, rows of unit norm: a matrix of the notebook's kind."""
+    from sklearn.preprocessing import normalize
+
+    sp.save_npz(path, normalize(sp.random(300, 2000, density=0.01, random_state=0, format="csr")))
+    return path
+
+
+def test_a_penalty_run_left_negative_is_not_nonnegative_rather_than_collapsed(make_cfg, tmp_path):
+    """H stays half negative, and clamped the factors fit worse than zero: no collapse, a result said as it is."""
+    data, out = _tf_idf_like(tmp_path / "tfidf.npz"), tmp_path / "run"
+    overrides = ("data=file", f"data.path={data}", *NOTEBOOK_RECIPE, "trainer.max_steps=300")
+    metrics = train(make_cfg(*overrides, f"paths.output_dir={out}"))  # no error: exit code 0
+    assert metrics["status"] == "not_nonnegative" and metrics["H_neg_mass"] > 0.3
+    assert metrics["trained_relative_error"] < 1 <= metrics["relative_error"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["status"] == "not_nonnegative"
+    for fix in ("H 4", "model.project=true", "a larger model.lam (now 10)", "model.lam_growth=10"):
+        assert fix in saved["reason"], fix
+    factors = np.load(out / "factors.npz")  # what was asked for: the trained factors, clamped
+    assert factors["W"].min() >= 0 and factors["H"].min() >= 0 and factors["H"].any()
+
+
+def test_the_penalty_schedule_gives_non_negative_factors_without_projection(make_cfg, tmp_path):
+    """model.lam grown on a grid of updates: negative mass below neg_tol, clamping costs under 1%."""
+    data = _tf_idf_like(tmp_path / "tfidf.npz")
+    schedule = ("model.lam_growth=10", "model.lam_every=50", "trainer.max_steps=600")
+    metrics = train(make_cfg("data=file", f"data.path={data}", *NOTEBOOK_RECIPE, *schedule))
+    assert metrics["status"] == "completed" and metrics["lam"] >= 1e3
+    assert max(metrics["W_neg_mass"], metrics["H_neg_mass"]) <= 1e-3
+    assert metrics["relative_error"] <= 1.01 * metrics["trained_relative_error"] < 1
+
+
+def test_a_sweep_counts_a_not_nonnegative_job_as_a_result_not_a_failure(tmp_path):
+    from nmf_lightning.report import SweepSummary, report
+
+    for job, status in (("0_a", "completed"), ("1_b", "not_nonnegative")):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- model.lam={job[0]}\n")
+        metrics = {"relative_error": 0.5, "status": status}
+        (tmp_path / job / "metrics.json").write_text(json.dumps(metrics))
+    assert report(tmp_path, out=tmp_path / "report")["failed"] == 0
+    config = type("Config", (), {"hydra": type("H", (), {"sweep": type("S", (), {"dir": str(tmp_path)})})})
+    SweepSummary().on_multirun_end(config)  # no sys.exit(1)
+
+
+def test_the_estimator_returns_clamped_factors_and_says_when_they_fit_worse():
+    from sklearn.datasets import load_digits
+
+    from nmf_lightning import NMF
+    from nmf_lightning.console import NMFWarning
+
+    X = load_digits().data
+    model = NMF(10, solver="adam", project=False, lam=10.0, max_iter=300, random_state=0)
+    with pytest.warns(NMFWarning, match=r"not non-negative .* project=True, a larger lam \(now 10\), or lam_growth=10"):
+        W = model.fit_transform(X)
+    H = model.components_
+    assert W.min() >= 0 and H.min() >= 0  # an NMF: the trained factors clamped, as nmf-train writes them
+    assert model.reconstruction_err_ == pytest.approx(np.linalg.norm(X - W @ H), rel=1e-6)

@@ -137,3 +137,34 @@ def test_observed_entries_form_matches_the_masked_residual():
         got = torch.autograd.grad(sparse.sum(), (W, H), retain_graph=True)
         for a, b in zip(got, torch.autograd.grad(dense.sum(), (W, H)), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_negative_mass_is_the_share_clamping_takes_away():
+    from nmf_lightning.objective import negative_mass
+
+    A = torch.tensor([[1.0, -1.0], [2.0, 0.0]])
+    assert negative_mass(A).item() == pytest.approx(0.25)  # |-1| of 4
+    assert negative_mass(A.clamp(min=0)).item() == 0 and negative_mass(torch.zeros(2, 2)).item() == 0
+    batched = torch.stack([A, A.abs()])
+    np.testing.assert_allclose(negative_mass(batched).numpy(), [0.25, 0.0])
+
+
+def test_the_penalty_schedule_grows_lam_on_its_grid_until_the_factors_are_non_negative():
+    from nmf_lightning.engine.loop import Convergence
+    from nmf_lightning.engine.updates import PenaltySchedule
+
+    schedule = PenaltySchedule(10.0, growth=10.0, tol=1e-3, every=5)
+    negative, nonnegative = torch.tensor([[1.0, -0.5]]), torch.tensor([[1.0, 1e-4]])
+    grew = [schedule.observe(done, negative, nonnegative) for done in range(1, 11)]
+    assert grew == [False] * 4 + [True] + [False] * 4 + [True] and schedule.lam == 1000.0 and not schedule.met
+    assert not schedule.observe(15, nonnegative, nonnegative) and schedule.lam == 1000.0 and schedule.met
+    resumed = PenaltySchedule(10.0, growth=10.0, tol=1e-3, every=5)
+    resumed.load_state_dict(schedule.state_dict())
+    assert (resumed.lam, resumed.met) == (1000.0, True)
+    # tol stops a fit only once the schedule's constraint holds too
+    gate = PenaltySchedule(1.0, growth=2.0, tol=1e-3, every=5)
+    convergence = Convergence(tol=0.1, window=1, ready=lambda: gate.met)
+    flat = lambda: torch.tensor(1.0)  # noqa: E731 - an objective that does not move
+    assert [convergence.check(done, flat) for done in (1, 2)] == [False, False]
+    gate.observe(5, nonnegative, nonnegative)
+    assert convergence.check(3, flat)

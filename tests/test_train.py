@@ -145,7 +145,9 @@ def test_projection_keeps_factors_non_negative_after_every_update(optimizer):
 
 
 def test_without_projection_the_result_is_clamped_and_the_raw_negatives_reported(make_cfg, tmp_path):
-    with pytest.warns(UserWarning, match="trained factors have negative entries"):
+    with pytest.warns(
+        UserWarning, match=r"trained factors are not non-negative .* model.lam=10 and model.lam_growth=10"
+    ):
         metrics = train(
             make_cfg(
                 *SMALL,
@@ -157,6 +159,7 @@ def test_without_projection_the_result_is_clamped_and_the_raw_negatives_reported
             )
         )
     assert metrics["W_neg_fraction"] > 0 or metrics["H_neg_fraction"] > 0  # of the trained factors
+    assert metrics["status"] == "not_nonnegative"  # clamping cost the fit more than 1%
     W, H = _factors(tmp_path)
     assert (W >= 0).all() and (H >= 0).all()  # what a user gets is an NMF
     from nmf_lightning.data import synthetic

@@ -36,12 +36,14 @@ class Convergence:
 
     Every ``window`` updates, counted from the start of training so that where a run stops
     does not depend on how its updates were grouped, the objective is measured; a relative
-    change of at most ``tol`` since the last measurement ends the fit. ``tol`` 0 is off.
+    change of at most ``tol`` since the last measurement ends the fit, once ``ready`` (when
+    given) also says so: a penalty schedule's constraint must hold too. ``tol`` 0 is off.
     """
 
     tol: float = 0.0
     window: int = 10
     previous: Tensor | None = None
+    ready: Callable[[], bool] | None = None
 
     def due(self, done: int) -> bool:
         """Whether update ``done`` (from the start of training) is measured."""
@@ -57,7 +59,8 @@ class Convergence:
         if not self.due(done):
             return False
         with torch.no_grad():
-            return self.settled(measure().detach().min())
+            settled = self.settled(measure().detach().min())
+        return settled and (self.ready is None or self.ready())
 
 
 def passes(blocks: Blocks) -> Iterable[Block]:

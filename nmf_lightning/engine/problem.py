@@ -9,6 +9,7 @@ factors whichever front end runs them, and a resumed run repeats a straight one:
 - the initial factors (:meth:`Problem.initial_factors`; deterministic inits refuse restarts);
 - ``lr=auto`` (:meth:`Problem.auto_lr`);
 - the Gram or residual form of gradient updates (:class:`~nmf_lightning.engine.updates.GramForm`);
+- the clamp penalty's weight, when it grows (:class:`~nmf_lightning.engine.updates.PenaltySchedule`);
 - when to stop (:class:`~nmf_lightning.engine.loop.Convergence`), which restart is best and
   what a fit that diverged raises (:class:`DivergenceError`).
 """
@@ -33,7 +34,14 @@ from nmf_lightning.console import NMFWarning
 from nmf_lightning.divergence import EPSILON, loss_beta
 from nmf_lightning.engine.blocks import Block, ObservedBlock, dense_layout, to_block
 from nmf_lightning.engine.loop import Blocks, Convergence, FitResult, divergence, fit, passes, sq_error
-from nmf_lightning.engine.updates import GradientUpdate, GramForm, SolverUpdate, Update, fused_optimizer
+from nmf_lightning.engine.updates import (
+    GradientUpdate,
+    GramForm,
+    PenaltySchedule,
+    SolverUpdate,
+    Update,
+    fused_optimizer,
+)
 from nmf_lightning.init import SVD_INITS, draw_factors, initial_factors
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.objective import Objective, reconstruction
@@ -46,6 +54,7 @@ from nmf_lightning.params import (
     check_init,
     check_params,
     check_restarts,
+    check_schedule,
 )
 from nmf_lightning.solvers import hals
 from nmf_lightning.solvers.registry import SolverInfo, lookup, of_factory
@@ -78,6 +87,8 @@ class DivergenceError(FloatingPointError):
 class Spec:
     """Everything about a fit that is not X: the rank, the solver and its loss, the start, when to stop.
 
+    ``lam_growth`` > 1 grows ``lam`` every ``lam_every`` updates while the factors'
+    negative mass is above ``neg_tol`` (:class:`~nmf_lightning.engine.updates.PenaltySchedule`).
     ``optimizer`` builds the solver over [W, H] (a closed-form :class:`~nmf_lightning.solvers.Solver`
     or a ``torch.optim.Optimizer`` factory, as a Hydra ``_partial_`` config gives it); its
     ``lr`` may be ``"auto"``.
@@ -94,6 +105,9 @@ class Spec:
     l2_H: float = 0.0
     l21_H: float = 0.0
     project: bool = True
+    lam_growth: float = 1.0
+    neg_tol: float = 1e-3
+    lam_every: int = 100
     init: str = "random"
     init_scale: float = 0.01
     restarts: int = 1
@@ -118,6 +132,7 @@ class Spec:
         if not self.info.closed_form and lr is not None:
             check_params({"lr": lr}, name=words.name)
         check_restarts(self.init, self.restarts, words)
+        check_schedule(self.lam_growth, self.lam, self.clamps, words)
         try:
             loss_beta(self.loss, self.beta)
         except ValueError as err:
@@ -132,6 +147,10 @@ class Spec:
     def clamps(self) -> bool:
         """Whether the factors a user gets are the trained ones clamped at 0 (a gradient solver without projection)."""
         return not self.project and not self.info.closed_form
+
+    def reported(self, W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+        """The factors a user gets: clamped at 0 when training let them go negative (:attr:`clamps`)."""
+        return (W.clamp(min=0), H.clamp(min=0)) if self.clamps else (W, H)
 
     @property
     def penalized(self) -> bool:
@@ -339,8 +358,19 @@ class Problem:
         weights = {key: float(getattr(spec, key)) for key in PENALTIES}
         if shard is not None:  # W's penalties are those of the whole factor
             weights.update(sum_rows=shard.sum_rows, n_rows=shard.n)
-        self.objective = Objective(loss=self.loss_name, beta=self.beta, n_obs=source.n_obs, **weights)
-        self.convergence = Convergence(spec.tol, spec.tol_window)
+        self._objective = Objective(loss=self.loss_name, beta=self.beta, n_obs=source.n_obs, **weights)
+        self.schedule = (
+            PenaltySchedule(spec.lam, spec.lam_growth, spec.neg_tol, spec.lam_every) if spec.lam_growth > 1 else None
+        )
+        ready = None if self.schedule is None else (lambda: self.schedule.met)  # the penalty's constraint holds
+        self.convergence = Convergence(spec.tol, spec.tol_window, ready=ready)
+
+    @property
+    def objective(self) -> Objective:
+        """The training objective, at the penalty weight the schedule has reached (``lam_growth``)."""
+        if self.schedule is not None and self._objective.lam != self.schedule.lam:
+            self._objective = dataclasses.replace(self._objective, lam=self.schedule.lam)
+        return self._objective
 
     @property
     def blocks(self) -> Blocks:
@@ -565,16 +595,16 @@ class Problem:
         form = GramForm(
             spec.loss_form, missing=layout.missing, sparse=layout.sparse, reads_value=self.loss_name in ("fro", "rmse")
         )
-        loss = torch.compile(self.objective) if spec.compile else self.objective
         return GradientUpdate(
             step,
-            loss,
+            self.objective,
             spec.project,
             form=form,
-            objective=self.objective,
             beta=self.beta,
             sum_ranks=self.sum_ranks,
             x_sq=self.source.x_sq,
+            compile=spec.compile,
+            schedule=self.schedule,
         )
 
     # -------------------------------------------------------------- measuring

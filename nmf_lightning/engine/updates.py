@@ -9,6 +9,7 @@ alternating update (W, then H from the new W, as scikit-learn's ``cd`` and ``mu`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from nmf_lightning.engine.blocks import Block
 from nmf_lightning.linalg import gram, gram_sq
+from nmf_lightning.objective import Objective, negative_mass
 
 #: sums named tensors over the processes that hold the other rows of X (see nmf_lightning.distributed)
 SumRanks = Callable[[dict[str, Tensor]], dict[str, Tensor]]
@@ -255,20 +257,63 @@ class GramForm:
         self.gram = bool(state.get("gram", self.gram))
 
 
+class PenaltySchedule:
+    """The clamp penalty's weight ``lam``, grown by ``growth`` every ``every`` updates while the factors stay negative.
+
+    A fixed weight may leave the factors far from non-negative: the penalty's gradient is
+    lam / size per entry, whatever X's scale, and an optimizer may settle where the fit's
+    pull outweighs it. Penalty methods raise the weight until the constraint holds; here
+    until the factors' negative mass (:func:`~nmf_lightning.objective.negative_mass`, the
+    larger of W's and H's, of any restart) is at most ``tol``. Checked after updates
+    ``every``, 2 ``every``, ... counted from the start of training (one host sync each), so
+    the weight follows from the settings and the update number alone, and a checkpoint
+    keeps it (``state_dict``).
+    """
+
+    def __init__(self, lam: float, growth: float, tol: float, every: int):
+        self.lam, self.growth, self.tol, self.every = float(lam), float(growth), float(tol), int(every)
+        self.met = False  # the last check found the factors non-negative to tol (a fit may stop then)
+
+    @torch.no_grad()
+    def observe(self, done: int, W: Tensor, H: Tensor, whole: Callable[[Tensor], Tensor] | None = None) -> bool:
+        """After update ``done``: grow ``lam`` when due and the factors are still negative; whether it grew.
+
+        ``whole`` completes a sum over this rank's rows of W (row-sharded under DDP).
+        """
+        if done % self.every:
+            return False
+        share = torch.maximum(negative_mass(W, whole), negative_mass(H)).max()
+        self.met = float(share) <= self.tol
+        if self.met:
+            return False
+        self.lam *= self.growth
+        return True
+
+    def state_dict(self) -> dict[str, float]:
+        """The weight reached, for a checkpoint."""
+        return {"lam": self.lam, "met": self.met}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """The weight a checkpointed run had reached."""
+        self.lam = float(state.get("lam", self.lam))
+        self.met = bool(state.get("met", self.met))
+
+
 class GradientUpdate:
     """A torch.optim optimizer (Adam, SGD, ...) over row blocks: one step on W and H together.
 
     Each block adds its squared error and its gradients at the current factors; ``end``
-    turns them into the training loss (reconstruction term + penalties, through autograd
-    so any optimizer and penalty works) and takes one optimizer step on W and H: the
-    same step as on the whole matrix. ``form`` says whether unmasked errors are computed
-    without a residual (see :class:`GramForm`; ``x_sq``, the whole X's ``||X||^2``, is what
-    it compares the error with); ``done`` counts the updates since training started.
-    ``record_terms`` makes the next pass also report the unweighted terms of ``objective``
-    (default: ``loss``; the plain one when ``loss`` is compiled) for a curve's point, before its step.
+    turns them into the training loss (``objective``: reconstruction term + penalties,
+    through autograd so any optimizer and penalty works; ``compile`` runs it compiled) and
+    takes one optimizer step on W and H: the same step as on the whole matrix. ``form``
+    says whether unmasked errors are computed without a residual (see :class:`GramForm`;
+    ``x_sq``, the whole X's ``||X||^2``, is what it compares the error with); ``schedule``
+    grows the clamp penalty's weight (see :class:`PenaltySchedule`); ``done`` counts the
+    updates since training started. ``record_terms`` makes the next pass also report the
+    objective's unweighted terms for a curve's point, before its step.
 
     With ``beta`` the data term is the beta-divergence instead of the squared error
-    (``loss`` reads it in the same place); a recorded pass then measures the squared
+    (``objective`` reads it in the same place); a recorded pass then measures the squared
     error too, for the relative error.
 
     ``sum_ranks`` adds the data term and its H-gradient over the processes that hold X's
@@ -278,25 +323,50 @@ class GradientUpdate:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        loss: Callable[[Tensor, Tensor, Tensor], Tensor],
+        objective: Objective,
         project: bool = True,
         form: GramForm | None = None,
-        objective: Any = None,
         beta: float | None = None,
         sum_ranks: SumRanks | None = None,
         x_sq: Tensor | None = None,
         done: int = 0,
+        compile: bool = False,
+        schedule: PenaltySchedule | None = None,
     ):
         self.sum_ranks = sum_ranks
-        self.optimizer, self.loss, self.project = optimizer, loss, project
+        self.optimizer, self.project, self.compile = optimizer, project, compile
         self.form = form if form is not None else GramForm()
-        self.objective = objective if objective is not None else loss  # its .terms, when loss is compiled
+        self.schedule = schedule
         self.beta, self.x_sq, self.done = beta, x_sq, done
         self.record_terms = False
         self._error: Tensor | None = None  # beta: the recorded pass's squared error
         self._sq: Tensor | None = None
         self._dW: Tensor | None = None
         self._dH: Tensor | None = None
+        self._set_objective(objective)
+
+    def _set_objective(self, objective: Objective) -> None:
+        self.objective = objective
+        self.loss = torch.compile(objective) if self.compile else objective
+
+    def state_dict(self) -> dict[str, dict]:
+        """What decides the next updates' arithmetic beyond the factors and the optimizer: for a checkpoint."""
+        state = {"gram_form": self.form.state_dict()}
+        if self.schedule is not None:
+            state["penalty"] = self.schedule.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Go on as the checkpointed run would: its Gram form and penalty weight."""
+        if "gram_form" in state:
+            self.form.load_state_dict(state["gram_form"])
+        if self.schedule is not None and "penalty" in state:
+            self.schedule.load_state_dict(state["penalty"])
+            self._follow_schedule()
+
+    def _follow_schedule(self) -> None:
+        if self.schedule is not None and self.objective.lam != self.schedule.lam:
+            self._set_objective(dataclasses.replace(self.objective, lam=self.schedule.lam))
 
     def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
         self._sq = self._dH = None
@@ -330,7 +400,7 @@ class GradientUpdate:
         sq = _SqWithGrads.apply(W, H, self._sq, self._dW, self._dH)
         loss = self.loss(sq, W, H)  # (r,) with restarts: they are independent, so sum them
         terms = None
-        if self.record_terms and hasattr(self.objective, "terms"):
+        if self.record_terms:
             with torch.no_grad():
                 terms = self.objective.terms(self._sq, W, H, zero_weights=False)[1]
         (loss.sum() if loss.dim() else loss).backward()
@@ -341,6 +411,8 @@ class GradientUpdate:
                 H.clamp_(min=0)
         self._dW = self._dH = None
         self.done += 1
+        if self.schedule is not None and self.schedule.observe(self.done, W, H, self.objective.sum_rows):
+            self._follow_schedule()
         if self.beta is None:
             if self.x_sq is not None:
                 self.form.observe(self.done, self._sq, self.x_sq)

@@ -1,0 +1,35 @@
+"""The scripts behind the README's tables run as the README writes them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
+def test_the_penalty_schedule_script_runs_the_readmes_digits_commands(tmp_path):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    command = [sys.executable, str(ROOT / "scripts/penalty_schedule.py"), "--out", str(out), "--runs", str(runs)]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "NMF_NEWSGROUPS_ARCHIVE": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "penalty_schedule.json").read_text())
+    assert [(r["command"], r["exit_code"], r["status"]) for r in rows] == [
+        ("nmf-train", 0, "completed"),
+        ("nmf-train model.project=false model.lam=10", 0, "not_nonnegative"),
+        ("nmf-train model.project=false model.lam=10 model.lam_growth=10", 0, "completed"),
+    ]
+    grown = rows[2]
+    assert max(grown["W_neg_mass"], grown["H_neg_mass"]) <= 1e-3
+    assert grown["relative_error"] <= 1.01 * grown["trained_relative_error"]
+    assert "| digits | penalty grown from 10 | 0 | completed |" in (out / "penalty_schedule.md").read_text()

@@ -54,6 +54,25 @@ def check_matrix(X: np.ndarray | sp.spmatrix | sp.sparray, name: str = "X", tota
         check_totals(missing < X.size if not sparse else True, positive, X.size, name)
 
 
+def check_indptr(
+    indptr: np.ndarray, major: int, stored: int, damaged: str, fix: str, unit: str = "row", offset: int = 0
+) -> None:
+    """A compressed matrix's index pointer must be whole: a bad one makes every later read go astray.
+
+    One entry per row (``unit``) and one more, from 0, never decreasing, ending within the
+    ``stored`` entries. ``damaged`` opens the message, ``fix`` ends it; ``offset`` numbers rows.
+    """
+    if indptr.ndim != 1 or len(indptr) != major + 1:
+        raise NMFInputError(f"{damaged}: its index pointer has {len(indptr)} entries for {major} {unit}s; {fix}.")
+    if indptr[0] != 0 or indptr[-1] > stored:
+        raise NMFInputError(
+            f"{damaged}: its index pointer runs from {indptr[0]} to {indptr[-1]} over {stored} stored entries; {fix}."
+        )
+    falls = np.flatnonzero(np.diff(indptr) < 0)
+    if falls.size:
+        raise NMFInputError(f"{damaged}: its index pointer decreases at {unit} {offset + int(falls[0])}; {fix}.")
+
+
 def check_sparse(X: sp.spmatrix | sp.sparray, name: str = "X", first_row: int = 0) -> None:
     """A sparse matrix's structure must hold together before anything reads it (a damaged one corrupts memory).
 
@@ -70,16 +89,7 @@ def check_sparse(X: sp.spmatrix | sp.sparray, name: str = "X", first_row: int = 
         major, minor, unit, other = (n, m, "row", "column") if X.format == "csr" else (m, n, "column", "row")
         offset = first_row if X.format == "csr" else 0
         indptr, indices = np.asarray(X.indptr).astype(np.int64, copy=False), np.asarray(X.indices)
-        if indptr.ndim != 1 or len(indptr) != major + 1:
-            raise NMFInputError(f"{damaged}: its index pointer has {len(indptr)} entries for {major} {unit}s; {fix}.")
-        if indptr[0] != 0 or indptr[-1] > min(len(indices), len(X.data)):
-            raise NMFInputError(
-                f"{damaged}: its index pointer runs from {indptr[0]} to {indptr[-1]} over {len(indices)} stored "
-                f"entries; {fix}."
-            )
-        falls = np.flatnonzero(np.diff(indptr) < 0)
-        if falls.size:
-            raise NMFInputError(f"{damaged}: its index pointer decreases at {unit} {offset + int(falls[0])}; {fix}.")
+        check_indptr(indptr, major, min(len(indices), len(X.data)), damaged, fix, unit, offset)
         stored = indices[: indptr[-1]]
         bad = np.flatnonzero((stored < 0) | (stored >= minor))
         if bad.size:

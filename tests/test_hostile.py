@@ -128,7 +128,7 @@ def test_the_estimator_refuses_damaged_sparse_input_before_any_work(layout):
 
 def test_a_damaged_h5ad_is_refused_at_its_header_or_its_rows(make_cfg, tmp_path):
     h5py = pytest.importorskip("h5py")
-    for kind, where in (("indptr", r"indptr decreases at row 7"), ("indices", r"row \d+ has column index")):
+    for kind, where in (("indptr", r"index pointer decreases at row 7"), ("indices", r"row \d+ has column index")):
         X = _damaged(kind)
         path = tmp_path / f"{kind}.h5ad"
         with h5py.File(path, "w") as f:

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import Dataset
 
-from nmf_lightning.validation import NMFInputError, check_sparse, check_totals, check_values, has_zeros
+from nmf_lightning.validation import NMFInputError, check_indptr, check_sparse, check_totals, check_values, has_zeros
 
 #: the scan reads X in pieces of at most this many entries
 _SCAN_ENTRIES = 2**22
@@ -142,16 +142,8 @@ class H5Matrix(OnDisk):
         self.sparse, self.shape = True, tuple(int(s) for s in shape)
         self.indptr = node["indptr"][:].astype(np.int64)  # n + 1 offsets: small next to the data
         stored = min(len(node["indices"]), len(node["data"]))
-        n, indptr = self.shape[0], self.indptr
         damaged = f"its CSR group {self.key!r} is not a well-formed sparse matrix"
-        if len(indptr) != n + 1 or indptr[0] != 0 or indptr[-1] > stored:
-            raise NMFInputError(
-                f"{damaged}: its indptr has {len(indptr)} entries for {n} rows, from {indptr[:1].tolist()} to "
-                f"{indptr[-1:].tolist()} over {stored} stored entries; the file is damaged: write it again"
-            )
-        falls = np.flatnonzero(np.diff(indptr) < 0)
-        if falls.size:
-            raise NMFInputError(f"{damaged}: its indptr decreases at row {int(falls[0])}; the file is damaged")
+        check_indptr(self.indptr, self.shape[0], stored, damaged, "the file is damaged: write it again")
 
     def _node(self) -> Any:
         if self._file is None or self._pid != os.getpid():  # a worker process opens its own handle

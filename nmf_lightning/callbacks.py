@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nmf_lightning.atomic import atomic_path, write_text
+from nmf_lightning.consensus import distance_image
 from nmf_lightning.hparams import write_hparams, write_layout
 from nmf_lightning.internals import Tqdm, has_train_bar, save_last_checkpoint
 from nmf_lightning.linalg import to_numpy
@@ -176,6 +177,8 @@ class FactorPictures(L.Callback):
         matrix = pl_module.matrix
         if matrix.image_shape is not None:
             images["components/H"] = component_grid(H, matrix.image_shape)
+        if getattr(pl_module, "consensus", None) is not None:  # cNMF's clustered distances of the restarts
+            images["consensus/distances"] = distance_image(pl_module.H.detach(), pl_module.consensus[2].labels)
         text = text if text is not None else self.topics(pl_module)
         for writer in writers:
             for tag, image in images.items():

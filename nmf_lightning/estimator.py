@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from nmf_lightning.console import NMFWarning
+from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine import divergence, sq_error, to_block
 from nmf_lightning.engine.problem import Problem, Source, Spec, solve_w
 from nmf_lightning.init import INITS
@@ -44,6 +45,7 @@ from nmf_lightning.params import (
     check_restarts,
     one_of,
 )
+from nmf_lightning.rank import RankSearch, search
 from nmf_lightning.recorder import Recorder
 from nmf_lightning.solvers import registry
 from nmf_lightning.validation import PRECISIONS, check_matrix, check_precision, check_sparse
@@ -80,7 +82,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Non-negative matrix factorization X ~ W H on the nmf-lightning engine, CPU or GPU.
 
     Parameters shared with :class:`sklearn.decomposition.NMF` mean the same:
-    ``n_components`` (``"auto"``/None: from a custom H, else ``n_features``), ``init``
+    ``n_components`` (None: from a custom H, else ``n_features``; ``"auto"``: from a custom H,
+    else chosen by held-out error, see below), ``init``
     (None: ``"nndsvda"`` when ``n_components <= min(n_samples, n_features)``, else
     ``"random"``; also ``"normal_abs"``, ``"custom"`` with ``fit(X, W=W0, H=H0)``), ``solver`` (``"cd"`` is HALS, the
     same coordinate descent; ``"mu"``; and ours: ``"als"``, ``"kaczmarz"``, and the
@@ -99,7 +102,15 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     with ``project=False`` the factors returned are the trained ones clamped at 0, and
     ``lam_growth`` > 1 multiplies ``lam`` every ``lam_every`` updates while the factors'
     negative mass is above ``neg_tol``, so that clamping costs the fit nothing),
-    ``restarts`` (starts from seeds s, s+1, ... trained at once; the best is kept),
+    ``restarts`` (starts from seeds s, s+1, ... trained at once; the best is kept), ``consensus``
+    (instead of the best restart, the consensus of all: cNMF's clustering of their components,
+    outliers dropped above ``density_threshold`` of mean distance to the nearest ``neighbors``
+    share of them; W solved for the consensus H; ``stability_`` is the clustering's
+    silhouette, ``best_restart_err_`` the best restart's error), ``n_components="auto"``
+    (the rank in ``rank_min``..``rank_max`` whose fit best predicts a held-out ``rank_holdout``
+    share of the entries, or with ``rank_rule="1se"`` the smallest within one standard
+    error of it; then a fit at that rank on all entries; ``rank_search_`` holds each
+    candidate's row),
     ``device`` (``"auto"``: CUDA when visible), ``precision`` (None: X's dtype, float32 or
     float64; ``"64"``, ``"32"``, ``"bf16"``, ``"16"``), ``batch_rows`` (X stays in host
     memory and reaches the device in blocks of rows), ``forget_factor`` (``partial_fit``'s
@@ -117,7 +128,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def __init__(
         self,
-        n_components: int | str | None = "auto",
+        n_components: int | str | None = None,
         *,
         init: str | None = None,
         solver: str = "cd",
@@ -137,6 +148,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         neg_tol: float = 1e-3,
         lam_every: int = 100,
         restarts: int = 1,
+        consensus: bool = False,
+        density_threshold: float = 0.5,
+        neighbors: float = 0.3,
+        rank_min: int = 2,
+        rank_max: int = 20,
+        rank_holdout: float = 0.1,
+        rank_rule: str = "min",
         device: str = "auto",
         precision: str | None = None,
         batch_rows: int | None = None,
@@ -162,6 +180,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.neg_tol = neg_tol
         self.lam_every = lam_every
         self.restarts = restarts
+        self.consensus = consensus
+        self.density_threshold = density_threshold
+        self.neighbors = neighbors
+        self.rank_min = rank_min
+        self.rank_max = rank_max
+        self.rank_holdout = rank_holdout
+        self.rank_rule = rank_rule
         self.device = device
         self.precision = precision
         self.batch_rows = batch_rows
@@ -196,6 +221,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "neg_tol": CONSTRAINTS["neg_tol"],
         "lam_every": CONSTRAINTS["lam_every"],
         "restarts": CONSTRAINTS["restarts"],
+        **{key: CONSTRAINTS[key] for key in ("consensus", "density_threshold", "neighbors")},
+        **{key: CONSTRAINTS[key] for key in ("rank_min", "rank_max", "rank_holdout", "rank_rule")},
         "device": Kind("a device name: 'auto', 'cpu', 'cuda' or 'cuda:N'", (str, torch.device)),
         "precision": one_of(None, Options(ESTIMATOR_PRECISIONS)),
         "batch_rows": CONSTRAINTS["batch_rows"],
@@ -213,7 +240,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """Learn the components of X and return its W (n_samples, n_components)."""
         self._check_params()
         X = self._validate(X, reset=True)
-        W, H, steps, error = self._factorize(X, W, H)
+        rank = self._choose_rank(X) if self._searches(H) else None
+        W, H, steps, error = self._factorize(X, W, H, rank)
         self.components_ = H
         self.n_components_ = H.shape[0]
         self.n_iter_ = steps
@@ -331,6 +359,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
         words, beta = self._words(), self._beta()
         check_restarts(self.init or "random", self.restarts, words)  # init=None with restarts: random starts
+        if online and self.n_components == "auto" and self.init != "custom":
+            raise ValueError("n_components='auto' chooses the rank on a whole X: use fit, or give partial_fit a rank.")
         if online and self.restarts > 1:
             raise ValueError(f"partial_fit follows one start; restarts={self.restarts} applies to fit only.")
         check_precision(self.precision, "precision", fix="'bf16' (float32's range in 16 bits) or '32'", known=None)
@@ -361,9 +391,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             return int(self.random_state)  # the seed nmf-train takes: the same start for the same number
         return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
-    def _init_name(self, n: int, m: int, W, H) -> str:
+    def _init_name(self, n: int, m: int, W, H, rank: int | None = None) -> str:
         if self.init is None:
-            k = self.n_components if isinstance(self.n_components, (int, np.integer)) else m
+            k = rank or (self.n_components if isinstance(self.n_components, (int, np.integer)) else m)
             return "nndsvda" if k <= min(n, m) and self.restarts == 1 else "random"
         if self.init == "custom" and H is None:
             raise ValueError("init='custom' starts from the W and H you pass: fit(X, W=W0, H=H0).")
@@ -418,15 +448,16 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         takes_seed = "seed" in inspect.signature(info.factory.rule_class).parameters  # Kaczmarz samples rows
         return partial(info.factory, seed=seed) if takes_seed else info.factory
 
-    def _problem(self, X, W=None, H=None, first: bool = True, online: bool = False) -> Problem:
+    def _problem(self, X, W=None, H=None, first: bool = True, online: bool = False, rank: int | None = None) -> Problem:
         """The engine's problem for X and these parameters, checked against X before any work.
 
-        ``first`` is False for a later ``partial_fit`` batch, which starts from ``components_``.
+        ``first`` is False for a later ``partial_fit`` batch, which starts from ``components_``;
+        ``rank`` is the one chosen for ``n_components="auto"``.
         """
         n, m = X.shape
         info, seed = self._info(), self._seed()
-        init = self._init_name(n, m, W, H) if first else "custom"
-        k = self._n_components(m, init, H)
+        init = self._init_name(n, m, W, H, rank) if first else "custom"
+        k = rank or self._n_components(m, init, H)
         if not first and k != np.shape(H)[0]:
             raise ValueError(
                 f"n_components={self.n_components} but the fitted components_ has {np.shape(H)[0]} rows: "
@@ -450,6 +481,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             lam_every=self.lam_every,
             init="random" if init == "custom" else init,  # custom factors are copied, not drawn
             restarts=self.restarts,
+            consensus=bool(self.consensus),
+            density_threshold=self.density_threshold,
+            neighbors=self.neighbors,
             seed=seed,
             online=online,
             forget=self.forget_factor,
@@ -457,16 +491,31 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             tol_window=TOL_WINDOW,
         )
         dtype, device = self._dtype(X), self._device()
-        whole = self.batch_rows is None or X.shape[0] <= self.batch_rows
-        if whole:
-            source = Source.in_memory(X, dtype, device, observed=info.observed)
-        else:
-            source = Source.host_blocks(X, dtype, device, self.batch_rows, observed=info.observed)
+        source = Source.host(X, dtype, device, self.batch_rows, observed=info.observed)
         if online:  # partial_fit's batches are X's row blocks
             source.layout = dataclasses.replace(source.layout, streamed=True)
         problem = Problem(spec, source, dtype, device)
         problem.check(self._words(), self.precision)
         return problem
+
+    def _searches(self, H) -> bool:
+        """Whether ``n_components="auto"`` asks for the rank to be chosen (not read from a custom H)."""
+        return self.n_components == "auto" and not (self.init == "custom" and H is not None)
+
+    def _choose_rank(self, X) -> int:
+        """The rank of lowest held-out error in ``rank_min``..``rank_max`` (:func:`nmf_lightning.rank.search`)."""
+        problem = self._problem(X, rank=self.rank_min)  # the fit's spec, checked against X
+        options = RankSearch(self.rank_min, self.rank_max, self.rank_holdout, self.rank_rule, problem.spec.seed)
+        info, dtype, device = problem.info, problem.dtype, problem.device
+
+        def source(matrix: Matrix) -> Source:
+            return Source.host(matrix.X, dtype, device, self.batch_rows, observed=info.observed)
+
+        result = search(Matrix(X), problem.spec, self.max_iter, options, self._words(), source, dtype, device)
+        if self.verbose:
+            print(result.table())
+        self.rank_search_ = [row.as_dict() for row in result.rows]
+        return result.rank
 
     def _start(self, X, problem: Problem, W, H) -> tuple[Tensor, Tensor]:
         """The initial factors: custom (copies of W and H), or the problem's, drawn with seeds from ``random_state``."""
@@ -479,9 +528,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             return torch.zeros((n, problem.spec.rank), dtype=like.dtype, device=like.device), H_
         return _custom("W", W, (n, problem.spec.rank), like), H_
 
-    def _factorize(self, X, W=None, H=None) -> tuple[np.ndarray, np.ndarray, int, float]:
-        """Fit W and H; return them as numpy with the updates run and ``||X - W H||_F`` (``sqrt(2 D_beta)``)."""
-        problem = self._problem(X, W, H)
+    def _factorize(self, X, W=None, H=None, rank: int | None = None) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """Fit W and H; return them as numpy with the updates run and ``||X - W H||_F`` (``sqrt(2 D_beta)``).
+
+        With ``consensus`` they are the consensus of the restarts (the best one's error is
+        ``best_restart_err_``).
+        """
+        problem = self._problem(X, W, H, rank=rank)
         W_, H_ = self._start(X, problem, W, H)
         if not problem.info.closed_form:
             W_.requires_grad_(True)
@@ -490,6 +543,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         update = problem.update(step)
         steps, converged, losses = self._run(problem, W_, H_, update)
         W_, H_ = W_.detach(), H_.detach()
+        all_H = H_
         loss = problem.loss(W_, H_)
         best = problem.best(loss)
         if best is not None:
@@ -500,6 +554,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if problem.spec.clamps:
             self._warn_clamped(problem, W_, H_)
             W_, H_ = problem.spec.reported(W_, H_)
+        if problem.spec.consensus:
+            self.best_restart_err_ = _error(problem, problem.data_term(W_, H_))
+            W_, H_, found = problem.consensus(problem.spec.reported(W_, all_H)[1])
+            self.stability_, self.consensus_kept_ = found.stability, found.kept
         if self.tol and not converged:
             warnings.warn(
                 f"Maximum number of iterations {self.max_iter} reached before the objective settled to "

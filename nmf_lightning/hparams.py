@@ -114,7 +114,7 @@ def run_hparams(
     """
     opt = cfg.optimizer
     base = {
-        "rank": int(cfg.model.rank),
+        "rank": cfg.model.rank if cfg.model.rank == "auto" else int(cfg.model.rank),  # (auto: set once chosen)
         "optimizer": str(choices.get("optimizer") or opt.get("_target_")),
         "lr": opt.get("lr") if opt.get("lr") == "auto" else float(opt.get("lr", math.nan)),
         "lam": float(cfg.model.lam),

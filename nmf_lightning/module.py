@@ -10,6 +10,7 @@ curves have a point every ``trainer.log_every_n_steps`` updates whatever the blo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -23,15 +24,19 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from nmf_lightning.consensus import Consensus
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.curves import BlockSizer, UpdateGrid, restart_curves
 from nmf_lightning.data.datamodule import NMFDataModule
 from nmf_lightning.data.holdout import check_resumed
+from nmf_lightning.data.rows import in_memory
+from nmf_lightning.data.sources import Matrix
 from nmf_lightning.distributed import RowShard, gather_rows, keep_rows
-from nmf_lightning.engine import DivergenceError, PassResult, Problem, Spec, Update, from_batch
+from nmf_lightning.engine import DivergenceError, PassResult, Problem, Source, Spec, Update, from_batch
 from nmf_lightning.internals import count_updates
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
+from nmf_lightning.rank import RankResult, RankSearch, search
 from nmf_lightning.recorder import Clamped, HeldOut, Recorder, final_names
 from nmf_lightning.transform import transform
 from nmf_lightning.validation import PRECISIONS, NMFInputError, check_checkpoint_factors, check_rank
@@ -42,6 +47,8 @@ __all__ = ["DivergenceError", "NMFModule"]
 
 #: inner_steps: a fixed number of updates per training_step, or auto (blocks of about a second)
 INNER_STEPS = one_of("auto", Integer(1))
+#: model.rank: a number, or auto (chosen by held-out error, :mod:`nmf_lightning.rank`)
+RANK = one_of("auto", Integer(1))
 #: the 20 newsgroups notebook's optimizer, the default when none is given
 DEFAULT_OPTIMIZER = partial(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.9))
 
@@ -64,7 +71,7 @@ class NMFModule(L.LightningModule):
 
     def __init__(
         self,
-        rank: int = 10,
+        rank: int | str = 10,
         optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None,
         loss: str = "fro",
         beta: float | None = None,
@@ -83,6 +90,13 @@ class NMFModule(L.LightningModule):
         loss_form: str = "auto",
         inner_steps: int | str = "auto",
         restarts: int = 1,
+        consensus: bool = False,
+        density_threshold: float = 0.5,
+        neighbors: float = 0.3,
+        rank_min: int = 2,
+        rank_max: int = 20,
+        rank_holdout: float = 0.1,
+        rank_rule: str = "min",
         tol: float = 0.0,
         tol_window: int = 10,
         compile: bool = False,
@@ -91,11 +105,19 @@ class NMFModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        check_params({"inner_steps": inner_steps}, {"inner_steps": INNER_STEPS}, CLI_WORDS.name)
+        own = {"inner_steps": INNER_STEPS, "rank": RANK}
+        check_params({"inner_steps": inner_steps, "rank": rank}, own, CLI_WORDS.name)
+        search = {"rank_min": rank_min, "rank_max": rank_max, "rank_holdout": rank_holdout, "rank_rule": rank_rule}
+        check_params(search, name=CLI_WORDS.name)
+        #: rank=auto: where to look for the rank (chosen by :meth:`choose_rank` before training)
+        self.rank_search = RankSearch(rank_min, rank_max, rank_holdout, rank_rule, seed) if rank == "auto" else None
+        self.rank_result: RankResult | None = None
+        rank = rank_min if rank == "auto" else rank
         self.spec = Spec(
             rank=rank, optimizer=optimizer or DEFAULT_OPTIMIZER, loss=loss, beta=beta, lam=lam, l1_W=l1_W,
             l1_H=l1_H, l2_W=l2_W, l2_H=l2_H, l21_H=l21_H, project=project, lam_growth=lam_growth,
-            neg_tol=neg_tol, lam_every=lam_every, init=init, init_scale=init_scale, restarts=restarts, seed=seed,
+            neg_tol=neg_tol, lam_every=lam_every, init=init, init_scale=init_scale, restarts=restarts,
+            consensus=consensus, density_threshold=density_threshold, neighbors=neighbors, seed=seed,
             loss_form=loss_form, online=online, forget=forget, tol=tol, tol_window=tol_window, compile=compile,
         )  # fmt: skip
         self.spec.check(CLI_WORDS)  # before any data is read
@@ -112,6 +134,7 @@ class NMFModule(L.LightningModule):
         self.streamed = False  # X arrives as row blocks from the dataloader (data.batch_rows)
         self.final_metrics: dict[str, float] = {}
         self.clamped: Clamped | None = None  # what clamping did to the final factors (project=false)
+        self.consensus: tuple[Tensor, Tensor, Consensus] | None = None  # model.consensus: W, H and the clustering
         self.stop_reason = "max_steps"
         self.stop_signal: int | None = None  # a signal asked the run to stop (GracefulStop)
         self._update: Update | None = None  # built once per optimizer
@@ -161,6 +184,34 @@ class NMFModule(L.LightningModule):
         dtype = PRECISIONS.get(str(precision), torch.float32)
         check_rank(self.spec.rank, datamodule.matrix.shape)
         Problem(self.spec, datamodule.summarized(ranks), dtype).check(CLI_WORDS, str(precision))
+        if ranks > 1 and (self.rank_search is not None or self.spec.consensus):
+            raise NMFInputError(
+                "model.rank=auto and model.consensus run in one process: drop trainer=ddp (or several devices)."
+            )
+        if self.rank_search is not None and not in_memory(datamodule.matrix.X):
+            raise NMFInputError(
+                "model.rank=auto holds out entries of X, which needs X in host memory, but this X is read from "
+                "disk block by block; load it whole (data.batch_rows=null), or choose the rank on a subset of "
+                "its rows and set model.rank."
+            )
+
+    def choose_rank(self, datamodule: NMFDataModule, precision: str, steps: int, device: torch.device) -> None:
+        """``rank=auto``: choose the rank by held-out error on the training entries, and size W and H for it."""
+        if self.rank_search is None or self.rank_result is not None:
+            return
+        dtype = PRECISIONS.get(str(precision), torch.float32)
+        observed, batch_rows = self.spec.info.observed, datamodule.batch_rows
+
+        def source(matrix: Matrix) -> Source:
+            missing = matrix.unstored_missing
+            return Source.host(matrix.X, dtype, device, batch_rows, observed=observed, unstored_missing=missing)
+
+        matrix = datamodule.matrix
+        self.rank_result = search(matrix, self.spec, steps, self.rank_search, CLI_WORDS, source, dtype, device)
+        self.spec = dataclasses.replace(self.spec, rank=self.rank_result.rank)
+        batch = () if self.spec.restarts == 1 else (self.spec.restarts,)
+        self.W = nn.Parameter(torch.empty(*batch, 0, self.spec.rank))
+        self.H = nn.Parameter(torch.empty(*batch, self.spec.rank, 0))
 
     # ------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -374,7 +425,17 @@ class NMFModule(L.LightningModule):
         self._last_point = self._last_val_point = self.global_step  # a resumed run's curves go on from here
         if self.global_step:
             restart_curves(self.loggers, self.global_step + 1)
+        if self.rank_result is not None:  # a plot against the rank: one point per candidate, at step = rank
+            for row in self.rank_result.rows:
+                values = {f"rank_search/{k}": v for k, v in row.as_dict().items() if k != "rank"}
+                for logger in self.loggers:
+                    logger.log_metrics(values, step=row.rank)
         self._warn_small_lr()
+
+    def on_train_epoch_end(self) -> None:
+        """``model.consensus``: as training ends, the consensus of the restarts (before the pictures and metrics)."""
+        if self.spec.consensus and self.consensus is None and self._ending():
+            self.consensus = self.problem.consensus(self.spec.reported(self.W.detach(), self.H.detach())[1])
 
     def _warn_small_lr(self) -> None:
         """Say now when the lr cannot reach a fit in the run's updates (see :meth:`Problem.lr_advice`)."""
@@ -406,6 +467,13 @@ class NMFModule(L.LightningModule):
             final.update(self.shard.costs_since(self._comm_mark, self.global_step - first, time.perf_counter() - start))
         if self.spec.restarts > 1:
             final["best_restart"] = self._best()
+        if self.consensus is not None:
+            W, H, found = self.consensus
+            error = (self.problem.sq_error(W, H).double() / self.problem.source.x_sq.clamp_min(1e-300)).sqrt()
+            final.update(consensus_relative_error=float(error), stability=found.stability, consensus_kept=found.kept)
+        if self.rank_result is not None:
+            final["rank"] = self.rank_result.rank
+            final["rank_search"] = [row.as_dict() for row in self.rank_result.rows]
         self.final_metrics = final
         self.clamped = self.recorder.clamped(final)
         if self.clamped is not None and self.clamped.costly:
@@ -416,7 +484,7 @@ class NMFModule(L.LightningModule):
     # ---------------------------------------------------------------- factors
     def final_metric_names(self, held_out: bool = False) -> set[str]:
         """Names of the numbers a run writes to metrics.json (checked before training)."""
-        return final_names(self.spec, held_out)
+        return final_names(self.spec, held_out) | ({"rank"} if self.rank_search is not None else set())
 
     def transform(self, X: np.ndarray | sp.spmatrix, solver: str | None = None, **options) -> np.ndarray:
         """W >= 0 for new rows X (same columns) with this model's H held fixed, on the model's loss.
@@ -434,6 +502,8 @@ class NMFModule(L.LightningModule):
         Under DDP, all of W once training has ended (gathered from every rank; before, see
         :meth:`whole_factors`); ``local`` gives this rank's rows.
         """
+        if self.consensus is not None and restart is None:  # the factors of this run are the consensus
+            return self.consensus[0], self.consensus[1]
         W, H = self.W.detach(), self.H.detach()
         if self.shard is not None and not local:
             if self._whole_W is None:

@@ -162,6 +162,13 @@ CONSTRAINTS: dict[str, Constraint] = {
     "init_scale": Real(0, open_low=True),
     "loss_form": Options(("auto", "residual", "gram")),
     "restarts": Integer(1),
+    "consensus": Boolean(),
+    "density_threshold": Real(0, open_low=True),
+    "neighbors": Real(0, 1, open_low=True),
+    "rank_min": Integer(1),
+    "rank_max": Integer(1),
+    "rank_holdout": Real(0, 0.5, open_low=True),
+    "rank_rule": Options(("min", "1se")),
     "seed": Integer(),
     "tol": Real(0),
     "tol_window": Integer(1),
@@ -409,6 +416,15 @@ def check_restarts(init: str, restarts: int, words: Words) -> None:
         raise NMFInputError(
             f"{words.show('init', init)} gives the same start every time, so {words.show('restarts', restarts)} "
             f"would train identical copies; use {words.show('init', 'random')} or nndsvdar."
+        )
+
+
+def check_consensus(consensus: bool, restarts: int, words: Words) -> None:
+    """A consensus needs restarts to agree on: cNMF clusters tens to hundreds of them."""
+    if consensus and restarts < 2:
+        raise NMFInputError(
+            f"{words.show('consensus', True)} clusters the components of many restarts, but "
+            f"{words.show('restarts', restarts)}; train several (e.g. {words.show('restarts', 50)})."
         )
 
 

@@ -291,6 +291,8 @@ def final_names(spec: Spec, held_out: bool = False) -> set[str]:
         names.add("lam")
     if spec.restarts > 1:
         names |= {"best_restart"} | {f"loss_{r}" for r in range(spec.restarts)}
+    if spec.consensus:
+        names |= {"consensus_relative_error", "stability", "consensus_kept"}
     if held_out:
         names |= {"val_relative_error", "val_rmse", "val_divergence"}
     return names

@@ -2,7 +2,8 @@
 
 ``nmf-sweep-report multirun/2026-01-01/12-00-00`` reads every job's overrides,
 metrics.json and TensorBoard events and writes ``report.csv``, ``report.md``,
-``<metric>_vs_params.png`` and ``curves.png`` into ``<sweep dir>/report``. Failed jobs
+``<metric>_vs_params.png``, ``curves.png`` and, for a rank sweep of consensus runs,
+``k_selection.png`` into ``<sweep dir>/report``. Failed jobs
 stay in the table with their error.
 """
 
@@ -27,6 +28,8 @@ from nmf_lightning.status import SUCCEEDED
 #: metrics.json columns shown after the chosen metric, when present
 SHOWN_METRICS = (
     "relative_error",
+    "consensus_relative_error",
+    "stability",
     "val_relative_error",
     "rmse",
     "val_rmse",
@@ -38,6 +41,8 @@ SHOWN_METRICS = (
 )
 #: ... and these when some job's factors kept negative entries (model.project=false)
 NEGATIVITY_METRICS = ("trained_relative_error", "W_neg_mass", "H_neg_mass")
+#: the error of a consensus run's factors (model.consensus=true)
+CONSENSUS_ERROR = "consensus_relative_error"
 #: TensorBoard tags drawn in curves.png, one panel each when logged
 CURVE_TAGS = ("train/relative_error", "val/relative_error")
 
@@ -204,6 +209,40 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, params: list[str], 
     return path
 
 
+def plot_k_selection(rows: Sequence[dict[str, Any]], out: Path) -> Path | None:
+    """``k_selection.png``, cNMF's plot for choosing k: stability and error of the consensus against the rank.
+
+    Drawn for a sweep over ``model.rank`` whose jobs ran ``model.consensus=true``; at each
+    rank, the job of highest stability.
+    """
+    best: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        rank, metrics = r["params"].get("model.rank"), r["metrics"]
+        measured = _finite(metrics.get("stability")) and _finite(metrics.get(CONSENSUS_ERROR))
+        if isinstance(rank, int) and measured and (rank not in best or metrics["stability"] > best[rank]["stability"]):
+            best[rank] = metrics
+    if len(best) < 2:
+        return None
+    plt = _pyplot()
+    ranks = sorted(best)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(ranks, [best[k]["stability"] for k in ranks], "-o", color="tab:blue", ms=4)
+    ax.set_xlabel("model.rank (k)")
+    ax.set_ylabel("stability (silhouette)", color="tab:blue")
+    other = ax.twinx()
+    other.plot(ranks, [best[k][CONSENSUS_ERROR] for k in ranks], "-s", color="tab:red", ms=4)
+    other.set_ylabel("consensus relative error", color="tab:red")
+    if len(ranks) <= 20:
+        ax.set_xticks(ranks)
+    ax.grid(alpha=0.3)
+    fig.suptitle("Choosing k: stable components (high) and error (low)", fontsize=10)
+    fig.tight_layout()
+    path = out / "k_selection.png"
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
 def read_curves(job: Path, tags: Sequence[str] = CURVE_TAGS) -> dict[str, tuple[list[int], list[float]]]:
     """(steps, values) of each tag in a job's TensorBoard event files.
 
@@ -306,6 +345,9 @@ def report(sweep_dir: str | Path, metric: str | None = None, mode: str = "min", 
     written = {"csv": csv_path, "markdown": md_path}
     if params and any(_finite(r["metrics"].get(metric)) for r in rows):
         written["metric_plot"] = plot_metric(rows, metric, params, target, mode)
+    k_selection = plot_k_selection(rows, target)
+    if k_selection is not None:
+        written["k_selection"] = k_selection
     curves = plot_curves(rows, params, target)
     if curves is not None:
         written["curves"] = curves

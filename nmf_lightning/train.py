@@ -254,6 +254,8 @@ def _instantiate(cfg: DictConfig, datamodule: Any) -> tuple[NMFModule, L.Trainer
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **extra)
     _check_ranks(cfg, trainer, datamodule.matrix.shape[0])
     model.check(datamodule, trainer.precision, trainer.world_size)  # X against the solver: before files are opened
+    model.choose_rank(datamodule, trainer.precision, int(cfg.trainer.max_steps), trainer.strategy.root_device)
+    params["rank"] = model.spec.rank  # HPARAMS shows the rank trained (the one chosen, for rank=auto)
     logged = {k: v for k, v in params.items() if k != "overrides" and not (isinstance(v, float) and math.isnan(v))}
     log.info("config: %s", ", ".join(f"{k}={v}" for k, v in logged.items()))  # (a closed form has no lr: NaN)
     log.info("overrides: %s", params["overrides"])
@@ -275,7 +277,7 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
         metrics.update(status="degenerate", reason=reason)
     elif model.stop_signal is None and model.clamped is not None and model.clamped.costly:
         metrics.update(status="not_nonnegative", reason=model.clamped.message(model.spec, CLI_WORDS))
-    log.info("final metrics: %s", json.dumps(metrics))
+    log.info("final metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
     hp_metrics = hp_metric_names(held_out)
     for logger in trainer.loggers:
         logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)

@@ -25,7 +25,7 @@ from nmf_lightning.console import NMFWarning
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.rows import materialize
 from nmf_lightning.divergence import loss_beta
-from nmf_lightning.engine.problem import solve_w
+from nmf_lightning.engine.problem import FIXED_H_MAX_ITER, FIXED_H_TOL, solve_w
 from nmf_lightning.params import Words
 from nmf_lightning.solvers import registry
 from nmf_lightning.validation import NMFInputError, check_matrix
@@ -38,8 +38,8 @@ def transform(
     X: np.ndarray | sp.spmatrix,
     H: np.ndarray,
     solver: str | None = None,
-    max_iter: int = 5000,
-    tol: float = 1e-8,
+    max_iter: int = FIXED_H_MAX_ITER,
+    tol: float = FIXED_H_TOL,
     device: str = "cpu",
     l1_W: float = 0.0,
     l2_W: float = 0.0,
@@ -58,7 +58,7 @@ def transform(
     returns the passes run. ``beta`` != 2 fits that beta-divergence instead (1 KL, 0 IS),
     with ``solver="mu"`` (the default then; HALS otherwise).
     """
-    solver = solver or ("hals" if beta == 2 else "mu")
+    solver = solver or registry.for_fixed_components(beta == 2).name
     closed_form = registry.names(closed_form=True)
     if solver not in closed_form:
         raise NMFInputError(f"solver={solver!r} is not one of {closed_form}.")
@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the loss the model was trained on: 2 Frobenius, 1 KL, 0 IS (default: the run's model.loss, "
         "read from its .hydra/config.yaml, else 2)",
     )
-    ap.add_argument("--max-iter", type=int, default=5000, help="passes at most (default: %(default)s)")
+    ap.add_argument("--max-iter", type=int, default=FIXED_H_MAX_ITER, help="passes at most (default: %(default)s)")
     ap.add_argument(
         "--tol",
         type=float,
-        default=1e-8,
+        default=FIXED_H_TOL,
         help="hals: stop once the projected gradient is tol times its start; other solvers: once the "
         "objective changes by less (default: %(default)s)",
     )

@@ -121,7 +121,7 @@ def test_multirun_sweep_runs_every_combination_in_its_own_folder(tmp_path):
                 (("data=file", "data.path=ALLNAN"), "X has no observed entries"),
                 (("data=file", "data.path=BAD.xyz"), "unknown extension '.xyz'"),
                 (("data=file", "data.path=GARBAGE"), "could not read data.path="),
-                (("data=toy", "model.rank=0"), "model.rank must be an integer >= 1"),
+                (("data=toy", "model.rank=0"), "model.rank must be 'auto' or an integer >= 1"),
                 (("optimizer=nope",), "optimizer=nope is not one of the optimizer configs"),
             ]
         ),

@@ -34,7 +34,8 @@ def sweep(tmp_path_factory):
 def test_a_failing_job_records_why_and_the_others_finish(sweep):
     records = {p.parent.name.split("_")[0]: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
     assert len(records) == 4
-    assert records["0"]["status"] == "failed" and "model.rank must be an integer >= 1" in records["0"]["error"]
+    assert records["0"]["status"] == "failed"
+    assert "model.rank must be 'auto' or an integer >= 1" in records["0"]["error"]
     assert not (next(sweep.glob("0_*")) / "factors.npz").exists()
     for job in "123":
         assert records[job]["status"] == "completed"
@@ -49,7 +50,8 @@ def test_report_has_one_row_per_job_sorted_with_failures_last_and_plots(sweep, t
     with (out / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["job"] for r in rows][-1] == "0" and len(rows) == 4
-    assert rows[-1]["status"] == "failed" and "model.rank must be an integer >= 1" in rows[-1]["stop_reason / error"]
+    assert rows[-1]["status"] == "failed"
+    assert "model.rank must be 'auto' or an integer >= 1" in rows[-1]["stop_reason / error"]
     values = [float(r["val_relative_error"]) for r in rows[:3]]
     assert values == sorted(values)
     assert {r["model.rank"] for r in rows} == {"0", "1", "2", "3"}

@@ -274,7 +274,7 @@ def test_divergence_stops_with_the_step_and_keeps_last_finite_factors(make_cfg, 
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [
-        (("model.rank=0",), NMFInputError, r"model.rank must be an integer >= 1, got 0"),
+        (("model.rank=0",), NMFInputError, r"model.rank must be 'auto' or an integer >= 1, got 0"),
         (("model.loss=l1",), NMFInputError, r"model.loss must be one of 'fro', .*got 'l1'"),
         (("model.lam=-1",), NMFInputError, r"model.lam must be a finite number >= 0 \(a penalty weight\), got -1"),
         (

@@ -30,6 +30,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from nmf_lightning.consensus import Consensus, consensus
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.divergence import EPSILON, loss_beta
 from nmf_lightning.engine.blocks import Block, ObservedBlock, dense_layout, to_block
@@ -51,13 +52,14 @@ from nmf_lightning.params import (
     Layout,
     Words,
     check_compatible,
+    check_consensus,
     check_init,
     check_params,
     check_restarts,
     check_schedule,
 )
 from nmf_lightning.solvers import hals
-from nmf_lightning.solvers.registry import SolverInfo, lookup, of_factory
+from nmf_lightning.solvers.registry import SolverInfo, for_fixed_components, lookup, of_factory
 from nmf_lightning.solvers.rules import Rule
 from nmf_lightning.validation import NMFInputError, check_factor_memory, check_scale, has_zeros, require_memory
 
@@ -71,6 +73,9 @@ AUTO_LR_SHARE = 0.05
 #: and the same steps for X and c X (an absolute eps swamps the gradients of a small X)
 AUTO_EPS = 1e-8
 HALF = (torch.bfloat16, torch.float16)
+#: solving W for fixed components: at most this many passes, until the projected gradient is this share of its start
+FIXED_H_MAX_ITER = 5000
+FIXED_H_TOL = 1e-8
 #: the penalty weights of a spec, in the order messages name them
 PENALTIES = ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")
 
@@ -111,6 +116,9 @@ class Spec:
     init: str = "random"
     init_scale: float = 0.01
     restarts: int = 1
+    consensus: bool = False
+    density_threshold: float = 0.5
+    neighbors: float = 0.3
     seed: int = 0
     loss_form: str = "auto"
     online: bool = False
@@ -132,6 +140,7 @@ class Spec:
         if not self.info.closed_form and lr is not None:
             check_params({"lr": lr}, name=words.name)
         check_restarts(self.init, self.restarts, words)
+        check_consensus(self.consensus, self.restarts, words)
         check_schedule(self.lam_growth, self.lam, self.clamps, words)
         try:
             loss_beta(self.loss, self.beta)
@@ -272,6 +281,26 @@ class Source:
             zeros=lambda: has_zeros(X),
             whole=lambda: to_block(X, dtype, host, triplets=triplets),
         )
+
+    @classmethod
+    def host(
+        cls,
+        X: np.ndarray | sp.spmatrix,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        batch_rows: int | None = None,
+        *,
+        observed: bool = True,
+        unstored_missing: bool = False,
+    ) -> Source:
+        """X held in host memory as a fit reads it: one block on ``device``, or blocks of ``batch_rows`` rows."""
+        if batch_rows is None or X.shape[0] <= batch_rows:
+            return cls.in_memory(X, dtype, device, unstored_missing=unstored_missing, observed=observed)
+        if unstored_missing:
+            raise NMFInputError(
+                "a sparse X whose unstored entries are missing (ratings) is fit whole here: leave batch_rows unset."
+            )
+        return cls.host_blocks(X, dtype, device, batch_rows, observed=observed)
 
     @classmethod
     def summarized(
@@ -700,6 +729,25 @@ class Problem:
             return W, steps, converged
         result = self.fit(W, H, self.update(self.rule(), update_H=False), max_iter, convergence=Convergence(tol, 10))
         return W, result.steps, result.steps < max_iter
+
+    def consensus(self, H: Tensor) -> tuple[Tensor, Tensor, Consensus]:
+        """The consensus components of the restarts' H (R, k, m), and W solved for them: cNMF's combine and refit.
+
+        W is each row's best fit with the consensus H held fixed (:meth:`solve_w`, by the
+        spec's rule, or by HALS/MU for a gradient solver). Returns W (n, k), H (k, m) and
+        the :class:`~nmf_lightning.consensus.Consensus` (stability, outliers).
+        """
+        spec = self.spec
+        found = consensus(H.detach(), spec.density_threshold, spec.neighbors, spec.seed)
+        fixed = spec
+        if not self.info.closed_form:
+            rule = for_fixed_components(self.beta is None, self.source.layout.observed)
+            fixed = dataclasses.replace(spec, optimizer=rule.factory)
+        fixed = dataclasses.replace(fixed, restarts=1, consensus=False)
+        problem = Problem(fixed, self.source, self.dtype, self.device, self.shard)
+        H_c = found.H.to(self.device, self.dtype)
+        W, _, _ = problem.solve_w(H_c, FIXED_H_MAX_ITER, FIXED_H_TOL)
+        return W, H_c, found
 
 
 def solve_w(

@@ -84,6 +84,14 @@ def lookup(name: str) -> SolverInfo | None:
     return next((s for s in SOLVERS if name == s.name or name in s.aliases), None)
 
 
+def for_fixed_components(fro: bool, observed: bool = False) -> SolverInfo:
+    """The closed-form rule that solves W for fixed H: HALS (each row's exact NNLS) on the Frobenius loss, else MU.
+
+    MU also takes X kept as observed triplets, which HALS does not.
+    """
+    return lookup("hals" if fro and not observed else "mu")
+
+
 def of_factory(factory: Any) -> SolverInfo:
     """The solver a factory builds (a class, or a ``functools.partial`` of one, as Hydra's ``_partial_`` gives).
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nmf_lightning.validation import NMFInputError
+
 #: rows of the distance matrix formed at once
 CHUNK = 2048
 #: cNMF's defaults: the outlier threshold on the local density, and the neighbourhood as a share of R
@@ -150,14 +152,15 @@ def consensus(
     """The consensus of R restarts' components H (R, k, m): cNMF's combine step (see the module).
 
     ``density_threshold`` >= 2 keeps every component (unit vectors are at most 2 apart).
-    Raises ValueError when the threshold leaves fewer than k components to cluster.
+    Raises :class:`~nmf_lightning.validation.NMFInputError` when the threshold leaves fewer
+    than k components to cluster.
     """
     R, k, _ = H.shape
     P = normalized(H)
     density = local_density(P, int(neighbors * R), chunk)
     keep = density < density_threshold
     if int(keep.sum()) < k:
-        raise ValueError(
+        raise NMFInputError(
             f"the density threshold {density_threshold:g} keeps {int(keep.sum())} of the {R * k} components of "
             f"{R} restarts, fewer than the rank {k}: raise it (the densities run from {float(density.min()):.3g} "
             f"to {float(density.max()):.3g}) or train more restarts."

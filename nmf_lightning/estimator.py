@@ -105,8 +105,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     ``restarts`` (starts from seeds s, s+1, ... trained at once; the best is kept), ``consensus``
     (instead of the best restart, the consensus of all: cNMF's clustering of their components,
     outliers dropped above ``density_threshold`` of mean distance to the nearest ``neighbors``
-    share of them; W solved for the consensus H; ``stability_`` is the clustering's
-    silhouette, ``best_restart_err_`` the best restart's error), ``n_components="auto"``
+    share of them; W solved for the consensus H, then ``consensus_refine`` updates of both;
+    ``stability_`` is the clustering's silhouette, ``best_restart_err_`` the best restart's
+    error), ``n_components="auto"``
     (the rank in ``rank_min``..``rank_max`` whose fit best predicts a held-out ``rank_holdout``
     share of the entries, or with ``rank_rule="1se"`` the smallest within one standard
     error of it; then a fit at that rank on all entries; ``rank_search_`` holds each
@@ -151,6 +152,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         consensus: bool = False,
         density_threshold: float = 0.5,
         neighbors: float = 0.3,
+        consensus_refine: int = 0,
         rank_min: int = 2,
         rank_max: int = 20,
         rank_holdout: float = 0.1,
@@ -183,6 +185,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.consensus = consensus
         self.density_threshold = density_threshold
         self.neighbors = neighbors
+        self.consensus_refine = consensus_refine
         self.rank_min = rank_min
         self.rank_max = rank_max
         self.rank_holdout = rank_holdout
@@ -221,7 +224,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "neg_tol": CONSTRAINTS["neg_tol"],
         "lam_every": CONSTRAINTS["lam_every"],
         "restarts": CONSTRAINTS["restarts"],
-        **{key: CONSTRAINTS[key] for key in ("consensus", "density_threshold", "neighbors")},
+        **{key: CONSTRAINTS[key] for key in ("consensus", "density_threshold", "neighbors", "consensus_refine")},
         **{key: CONSTRAINTS[key] for key in ("rank_min", "rank_max", "rank_holdout", "rank_rule")},
         "device": Kind("a device name: 'auto', 'cpu', 'cuda' or 'cuda:N'", (str, torch.device)),
         "precision": one_of(None, Options(ESTIMATOR_PRECISIONS)),
@@ -484,6 +487,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             consensus=bool(self.consensus),
             density_threshold=self.density_threshold,
             neighbors=self.neighbors,
+            consensus_refine=self.consensus_refine,
             seed=seed,
             online=online,
             forget=self.forget_factor,

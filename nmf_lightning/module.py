@@ -93,6 +93,7 @@ class NMFModule(L.LightningModule):
         consensus: bool = False,
         density_threshold: float = 0.5,
         neighbors: float = 0.3,
+        consensus_refine: int = 0,
         rank_min: int = 2,
         rank_max: int = 20,
         rank_holdout: float = 0.1,
@@ -117,7 +118,8 @@ class NMFModule(L.LightningModule):
             rank=rank, optimizer=optimizer or DEFAULT_OPTIMIZER, loss=loss, beta=beta, lam=lam, l1_W=l1_W,
             l1_H=l1_H, l2_W=l2_W, l2_H=l2_H, l21_H=l21_H, project=project, lam_growth=lam_growth,
             neg_tol=neg_tol, lam_every=lam_every, init=init, init_scale=init_scale, restarts=restarts,
-            consensus=consensus, density_threshold=density_threshold, neighbors=neighbors, seed=seed,
+            consensus=consensus, density_threshold=density_threshold, neighbors=neighbors,
+            consensus_refine=consensus_refine, seed=seed,
             loss_form=loss_form, online=online, forget=forget, tol=tol, tol_window=tol_window, compile=compile,
         )  # fmt: skip
         self.spec.check(CLI_WORDS)  # before any data is read

@@ -165,6 +165,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "consensus": Boolean(),
     "density_threshold": Real(0, open_low=True),
     "neighbors": Real(0, 1, open_low=True),
+    "consensus_refine": Integer(0),
     "rank_min": Integer(1),
     "rank_max": Integer(1),
     "rank_holdout": Real(0, 0.5, open_low=True),

@@ -79,7 +79,7 @@ def test_consensus_finds_the_components_and_drops_outliers():
 
 def test_consensus_threshold_that_keeps_too_few_says_so():
     H = restarts_of(np.random.default_rng(3).random((4, 20)), R=10)
-    with pytest.raises(ValueError, match="keeps 0 of the 40 components.*raise it"):
+    with pytest.raises(NMFInputError, match="keeps 0 of the 40 components.*raise it"):
         consensus(H, density_threshold=1e-9)
 
 
@@ -92,6 +92,15 @@ def test_estimator_consensus_recovers_planted_components_near_the_best_restart()
     assert est.reconstruction_err_ <= 1.01 * est.best_restart_err_
     W = est.transform(X)
     assert np.linalg.norm(X - W @ est.components_) == pytest.approx(est.reconstruction_err_, rel=1e-3)
+
+
+def test_consensus_refine_fits_as_the_best_restart_and_keeps_rows_summing_to_one():
+    X = np.random.default_rng(5).random((120, 40))  # no structure: the consensus alone fits worse
+    plain = NMF(6, restarts=10, consensus=True, max_iter=200, random_state=0).fit(X)
+    polished = NMF(6, restarts=10, consensus=True, consensus_refine=50, max_iter=200, random_state=0).fit(X)
+    assert plain.reconstruction_err_ > 1.01 * plain.best_restart_err_
+    assert polished.reconstruction_err_ <= 1.01 * polished.best_restart_err_
+    np.testing.assert_allclose(polished.components_.sum(1), 1.0, rtol=1e-6)
 
 
 def test_consensus_needs_restarts():
@@ -113,6 +122,15 @@ def test_auto_rank_returns_the_planted_rank(k, sparse, missing):
     ranks = [row["rank"] for row in est.rank_search_]
     assert ranks == sorted(ranks) and k - 1 in ranks and k + 1 in ranks  # refined around the chosen one
     assert min(est.rank_search_, key=lambda r: r["heldout_rmse"])["rank"] == k
+
+
+def test_auto_rank_on_x_streamed_in_row_blocks_chooses_as_in_memory():
+    X, _ = planted(k=4, noise=0.05, seed=4)
+    whole = NMF("auto", rank_min=2, rank_max=8, max_iter=100, random_state=0).fit(X)
+    streamed = NMF("auto", rank_min=2, rank_max=8, max_iter=100, random_state=0, batch_rows=64).fit(X)
+    assert streamed.n_components_ == whole.n_components_ == 4
+    for a, b in zip(whole.rank_search_, streamed.rank_search_, strict=True):
+        assert a["rank"] == b["rank"] and a["heldout_rmse"] == pytest.approx(b["heldout_rmse"], rel=1e-3)
 
 
 def test_rank_choice_rules_and_grid():

@@ -49,3 +49,26 @@ def test_the_gpu_proof_dry_run_runs_every_step_and_writes_its_eight_files(tmp_pa
     assert "'skipped': " in summary and "dry_run True" in summary
     assert "| digits | nmf-lightning hals (tol 1e-4) |" in summary
     assert done.stdout.rstrip().splitlines()[-1].startswith("total ")  # the table comes last, then the time
+
+
+def test_the_choosing_k_commands_are_the_readmes():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import choosing_k
+    finally:
+        sys.path.pop(0)
+    readme = (ROOT / "README.md").read_text()
+    for command in choosing_k.COMMANDS:
+        assert command in readme, command
+
+
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
+def test_the_choosing_k_script_runs_its_commands(tmp_path):
+    command = [sys.executable, str(ROOT / "scripts/choosing_k.py"), "--quick", "--cwd", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "outputs/digits_auto/metrics.json").read_text())
+    assert 2 <= metrics["rank"] <= 8 and metrics["rank_search"]
+    assert (tmp_path / "docs/consensus_digits/k_selection.png").is_file()
+    jobs = sorted((tmp_path / "multirun/digits_consensus").glob("*/metrics.json"))
+    assert len(jobs) == 2 and all("stability" in json.loads(p.read_text()) for p in jobs)

@@ -119,6 +119,7 @@ class Spec:
     consensus: bool = False
     density_threshold: float = 0.5
     neighbors: float = 0.3
+    consensus_refine: int = 0
     seed: int = 0
     loss_form: str = "auto"
     online: bool = False
@@ -735,7 +736,8 @@ class Problem:
 
         W is each row's best fit with the consensus H held fixed (:meth:`solve_w`, by the
         spec's rule, or by HALS/MU for a gradient solver). Returns W (n, k), H (k, m) and
-        the :class:`~nmf_lightning.consensus.Consensus` (stability, outliers).
+        the :class:`~nmf_lightning.consensus.Consensus` (stability, outliers). ``consensus_refine``
+        > 0 then runs that many updates of W and H together from there.
         """
         spec = self.spec
         found = consensus(H.detach(), spec.density_threshold, spec.neighbors, spec.seed)
@@ -747,6 +749,10 @@ class Problem:
         problem = Problem(fixed, self.source, self.dtype, self.device, self.shard)
         H_c = found.H.to(self.device, self.dtype)
         W, _, _ = problem.solve_w(H_c, FIXED_H_MAX_ITER, FIXED_H_TOL)
+        if spec.consensus_refine:  # polish W and H together from the consensus: a closer fit, components drift
+            problem.fit(W, H_c, problem.update(problem.rule()), spec.consensus_refine)
+            scale = H_c.sum(1, keepdim=True).clamp_min(torch.finfo(H_c.dtype).tiny)
+            W, H_c = W * scale.mT, H_c / scale  # H's rows sum to 1 again, as cNMF's
         return W, H_c, found
 
 

@@ -221,7 +221,7 @@ class RestoreBestFactors(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Put the best factors back as training ends (before the last checkpoint, pictures and metrics).
 
-        A streamed run has an epoch per pass over X: only the last one counts.
+        Only the epoch that ends training counts.
         """
         ending = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
         if self._factors is None or self.best_step == trainer.global_step or not ending:
@@ -236,8 +236,8 @@ class UpdateCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, saving ``last.ckpt`` every ``every_n_updates`` updates and ``every_n_minutes``.
 
     Lightning's own triggers count batches and never fire under the fused blocks of
-    updates; these are checked where a block ends (for a streamed X, where a pass ends:
-    the only consistent points), and ``last.ckpt`` is also saved when training ends.
+    updates; these are checked where a block ends (each update a whole pass over X, so the
+    state is always consistent), and ``last.ckpt`` is also saved when training ends.
     A re-run into the same folder replaces ``last.ckpt`` rather than writing ``last-v1.ckpt``;
     :class:`AtomicCheckpointIO` writes each file whole, then renames it.
     """
@@ -265,8 +265,6 @@ class UpdateCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any, **__: Any) -> None:
         """Save ``last.ckpt`` when a trigger is due at the end of a block of updates."""
-        if getattr(pl_module, "_in_pass", False):  # mid-pass over a streamed X: no consistent state
-            return
         step = trainer.global_step
         by_updates = bool(self.every_n_updates) and step >= self._next
         by_clock = bool(self.every_n_minutes) and time.monotonic() - self._clock >= 60 * self.every_n_minutes
@@ -282,8 +280,8 @@ class UpdateCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """``last.ckpt`` where training ends (or a stop signal ends it), not at every epoch.
 
-        A streamed run's epoch is one pass over X: Lightning's own trigger would rewrite the
-        checkpoint after every update, whatever ``every_n_minutes`` says.
+        Lightning's own trigger would rewrite the checkpoint after every block of updates,
+        whatever ``every_n_minutes`` says.
         """
         if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
             super().on_train_epoch_end(trainer, pl_module)

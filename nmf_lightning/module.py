@@ -3,8 +3,9 @@
 The module is glue: it hands the engine's :class:`~nmf_lightning.engine.Problem` what
 Lightning gives it (the data, the device, the precision, the ranks) and hands Lightning
 what it needs (parameters, an optimizer, steps, checkpoints, logged metrics). Each
-``training_step`` runs a block of updates on X in memory with no host sync inside, or
-takes one row block of a streamed X. ``trainer.max_steps`` counts updates, and the
+``training_step`` runs a block of updates with no host sync inside, each a pass over X's
+row blocks: one block held in memory, or blocks of ``data.batch_rows`` rows read in the
+step (no trainer hooks per block). ``trainer.max_steps`` counts updates, and the
 curves have a point every ``trainer.log_every_n_steps`` updates whatever the block sizes.
 """
 
@@ -32,7 +33,7 @@ from nmf_lightning.data.holdout import check_resumed
 from nmf_lightning.data.rows import in_memory
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.distributed import RowShard, gather_rows, keep_rows
-from nmf_lightning.engine import DivergenceError, PassResult, Problem, Source, Spec, Update, from_batch
+from nmf_lightning.engine import DivergenceError, PassResult, Problem, Source, Spec, Update
 from nmf_lightning.internals import count_updates
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
@@ -133,7 +134,7 @@ class NMFModule(L.LightningModule):
         self.recorder: Recorder | None = None
         self.matrix = None  # the datamodule's Matrix (its names, image shape)
         self.shard: RowShard | None = None  # this process's rows of X and W under DDP (trainer=ddp)
-        self.streamed = False  # X arrives as row blocks from the dataloader (data.batch_rows)
+        self.streamed = False  # X is read in row blocks every pass (data.batch_rows)
         self.final_metrics: dict[str, float] = {}
         self.clamped: Clamped | None = None  # what clamping did to the final factors (project=false)
         self.consensus: tuple[Tensor, Tensor, Consensus] | None = None  # model.consensus: W, H and the clustering
@@ -272,11 +273,12 @@ class NMFModule(L.LightningModule):
                 self._update.load_state_dict(self._update_state)
         return self._update
 
-    def training_step(self, batch: Tensor | dict, batch_idx: int) -> None:
-        """Run a block of updates on X in memory, or take one row block of a streamed X."""
-        if self.streamed:
-            self._stream_step(batch, batch_idx)
-            return
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Run a block of updates, each a pass over X's row blocks (one block when X is held in memory).
+
+        A streamed X is read once per update: it is measured again only where the curves
+        have a point or the run ends (from the last pass's sums when they can be trusted).
+        """
         start = self.global_step
         n = self.sizer.next(start, self.trainer.max_steps)
         self._block_span = (start, start + n)
@@ -285,8 +287,16 @@ class NMFModule(L.LightningModule):
         result = self.problem.fit(self.W, self.H, self.update, n, done=start, on_update=self._on_update)
         count_updates(self.trainer, result.steps)
         self._after_updates(result.converged)
-        metrics = self.recorder.metrics(self.W, self.H)
-        if not bool(torch.isfinite(metrics["train/loss"])):  # sync point, once per block
+        if self.streamed and not (self.grid.due(self.global_step) or self._ending()):
+            last = result.losses[-1] if result.losses is not None else result.last.sq
+            if last is not None and not bool(torch.isfinite(last).any()):
+                raise self._diverged(result.losses, start, W0, H0)
+            self._log_block({}, result.steps)
+            return
+        sq = self.recorder.pass_sq(result.last) if self.streamed else None
+        metrics = self.recorder.online(self.recorder.metrics(self.W, self.H, sq=sq), result.last)
+        loss = metrics.get("train/loss", metrics.get("online/loss"))
+        if not bool(torch.isfinite(loss)):  # sync point, once per block
             raise self._diverged(result.losses, start, W0, H0)
         self._log_block(metrics, result.steps)
 
@@ -313,45 +323,6 @@ class NMFModule(L.LightningModule):
             start = self._block_span[0]
             self.recorder.on_update(self._block_span, start + i, result, self.W, self.H, self.update)
         return False
-
-    def _stream_step(self, batch: dict, batch_idx: int) -> None:
-        """One row block of a pass over X; the pass's last block finishes the update (H)."""
-        update, n_blocks = self.update, self.trainer.num_training_batches
-        if batch_idx >= n_blocks:  # Lightning finishing the epoch a checkpoint ended (a pass already done)
-            return
-        if batch_idx == 0:
-            self._finite_start = getattr(self, "_pass_start", None)
-            self._pass_start = (self.W.detach().clone(), self.H.detach().clone())
-            self._in_pass = True
-            update.begin(self.W, self.H)
-        elif not getattr(self, "_in_pass", False):
-            raise NMFInputError(
-                "this run resumed in the middle of a pass over the row blocks of X (data.batch_rows), whose "
-                "partial sums no checkpoint holds; resume from a checkpoint saved at the end of a pass."
-            )
-        if not batch.get("empty"):  # (under DDP a rank with fewer rows pads its pass)
-            offset = 0 if self.shard is None else self.shard.start
-            update.block(from_batch(batch, self.W.dtype, self.matrix.unstored_missing, offset), self.W, self.H)
-        if batch_idx + 1 < n_blocks:
-            return
-        self._in_pass = False
-        result = update.end(self.W, self.H)
-        count_updates(self.trainer, 1)
-        s, problem = self.global_step, self.problem
-        self._after_updates(problem.convergence.check(s, lambda: problem.loss(self.W, self.H)))
-        self._unlogged += 1
-        last = self.trainer.should_stop or 0 < self.trainer.max_steps <= s
-        step, factors, sq = self.recorder.pass_point(result, s, last, (self.W, self.H), self._pass_start)
-        if not (last or self.grid.due(step)):
-            return  # a point off the grid: not measured
-        metrics = self.recorder.metrics(*factors, sq=sq)
-        if not bool(torch.isfinite(metrics["train/loss"])):  # the last finite factors: of the pass before, if any
-            finite = self._pass_start if step == s or self._finite_start is None else self._finite_start
-            raise self._diverged(None if result.loss is None else result.loss[None], step - 1, *finite)
-        if result.running:  # each block's error as it was fit: not the error of these factors
-            metrics = {k.replace("train/", "online/", 1): v for k, v in metrics.items()}
-        self._log_block(metrics, self._unlogged, step)
-        self._unlogged = 0
 
     # --------------------------------------------------------------- metrics
     @property
@@ -415,11 +386,6 @@ class NMFModule(L.LightningModule):
     # ------------------------------------------------------ start and end
     def on_train_start(self) -> None:
         """Start the clock (``updates_per_sec``) and the curves' grid; warn of an lr too small for X."""
-        if self.streamed and self.trainer.num_training_batches != len(self.trainer.datamodule.row_blocks()):
-            raise NMFInputError(
-                f"a pass over X takes all its {len(self.trainer.datamodule.row_blocks())} row blocks, but the "
-                f"trainer runs {self.trainer.num_training_batches} per epoch; leave trainer.limit_train_batches unset."
-            )
         self._fit_start = (time.perf_counter(), self.global_step)
         self._whole_W = None  # W changes from here: gathered again at the end
         self._comm_mark = None if self.shard is None else self.shard.mark()  # what scale-out costs, from here

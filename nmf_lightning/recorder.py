@@ -213,24 +213,25 @@ class Recorder:
             return
         grid.add(s, {})  # reached now (a gradient step reports its values with the next update)
         if result.loss is None:
-            sq = result.sq if result.after and not result.running and self.sums_ok(points=True) else None
-            grid.add(s, self.train(W, H, sq=sq))
+            grid.add(s, self.online(self.train(W, H, sq=self.pass_sq(result, points=True)), result))
         elif self.clamps:
             grid.add(s, self.errors(self.problem.sq_error(*self.reported(W, H))))
 
-    def pass_point(
-        self, result: PassResult, s: int, last: bool, now: tuple[Tensor, Tensor], before: tuple[Tensor, Tensor]
-    ) -> tuple[int, tuple[Tensor, Tensor], Tensor | None]:
-        """Which point a pass over a streamed X gives: (update, factors, their squared error when the pass knows it).
+    def pass_sq(self, result: PassResult, points: bool = False) -> Tensor | None:
+        """The squared error a pass measured of the factors it ended with, when it can be trusted; None: measure it.
 
-        A closed-form pass reports the error of the new factors (``now``, after update s),
-        when its sums are trusted; a gradient pass, or a masked X's, that of the factors it
-        started from (``before``: the point s - 1). The last pass is measured on its own factors.
+        A closed-form pass forms it from its sums (trusted per :meth:`sums_ok`; ``points``:
+        inside a block); an online pass (``running``) reports each block's error as it was
+        fit, which :meth:`online` names as such.
         """
-        sq = result.sq if result.running or self.sums_ok() or not result.after else None
-        if result.after or sq is None or last:
-            return s, now, sq if result.after else None
-        return s - 1, before, sq
+        if result.running:
+            return result.sq
+        return result.sq if result.after and self.sums_ok(points) else None
+
+    @staticmethod
+    def online(metrics: dict[str, Tensor], result: PassResult) -> dict[str, Tensor]:
+        """``train/*`` as ``online/*`` after an online pass: its errors are not those of the factors it ended with."""
+        return {k.replace("train/", "online/", 1): v for k, v in metrics.items()} if result.running else metrics
 
     def clamped(self, metrics: dict[str, float]) -> Clamped | None:
         """What clamping did to the final factors (``metrics``, as floats), when training let them go negative."""

@@ -368,9 +368,8 @@ def _trainer_overrides(cfg: DictConfig, held_out: bool) -> dict[str, Any]:
     extra: dict[str, Any] = {"use_distributed_sampler": False}
     if not held_out:
         extra["limit_val_batches"] = 0
-    streamed = cfg.data.get("batch_rows") is not None
-    if held_out and cfg.trainer.get("val_check_interval") is None and not streamed:
-        extra["val_check_interval"] = 1  # after every block of updates (a streamed run: after every pass)
+    if held_out and cfg.trainer.get("val_check_interval") is None:
+        extra["val_check_interval"] = 1  # after every block of updates
     if cfg.get("gpu") is not None:
         extra["devices"] = [int(cfg.gpu)]
     return extra

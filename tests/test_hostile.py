@@ -228,7 +228,7 @@ GROWN = ("model.project=false", "model.lam=1", "model.lam_growth=10", "model.lam
 def test_a_run_stopped_at_any_update_resumes_to_the_straight_runs_factors(
     make_cfg, tmp_path, monkeypatch, extra, steps, stop
 ):
-    """SIGTERM at an update inside a block of updates (or at a streamed pass), then a resume: the straight run."""
+    """SIGTERM at an update inside a block of updates (a streamed one is a pass), then a resume: the straight run."""
     import os
     import signal
 
@@ -248,17 +248,6 @@ def test_a_run_stopped_at_any_update_resumes_to_the_straight_runs_factors(
         return result
 
     monkeypatch.setattr(loop, "update", update_then_signal)
-    if "data.batch_rows=16" in extra:  # a streamed run's updates are taken by the module, a pass at a time
-        from nmf_lightning import module
-
-        real_end = module.NMFModule._stream_step
-
-        def step_then_signal(self, batch, batch_idx):  # the signal arrives during the pass that is update `stop`
-            if self.global_step == stop - 1 and batch_idx == 0:
-                os.kill(os.getpid(), signal.SIGTERM)
-            real_end(self, batch, batch_idx)
-
-        monkeypatch.setattr(module.NMFModule, "_stream_step", step_then_signal)
     with pytest.raises(InterruptedRunError, match=f"SIGTERM after {stop} updates"):
         train(make_cfg(*common, f"paths.output_dir={stopped}"))
     monkeypatch.undo()

@@ -212,7 +212,6 @@ def test_the_engine_fit_is_what_transform_and_the_module_run(make_cfg, tmp_path,
         (("data.batch_rows=5", "optimizer=kaczmarz"), r"optimizer=kaczmarz samples rows anywhere in X"),
         (("model.online=true", "optimizer=hals"), r"model.online=true updates H after every row block"),
         (("data.batch_rows=5", "data.holdout=0.1"), r"data.holdout needs X in host memory"),
-        (("data.batch_rows=5", "+trainer.limit_train_batches=2"), r"leave trainer.limit_train_batches unset"),
     ],
 )
 def test_streaming_limits_are_named_before_training(make_cfg, tmp_path, overrides, message):

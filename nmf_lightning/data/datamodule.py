@@ -1,10 +1,10 @@
 """The LightningDataModule that loads one matrix and feeds it to training.
 
-Two modes. By default X is held whole on the training device and each item of the
-training dataloader is a tick that asks the module for its next block of updates (the
-fused fast path). With ``batch_rows=B`` the rows of X are the samples: a DataLoader
-yields blocks of B rows (read from disk a block at a time, prefetched by a worker,
-pinned for the GPU), and one pass over them, an epoch, is one update of W and H.
+Each item of the training dataloader is a tick that asks the module for its next block
+of updates. By default X is held whole on the training device. With ``batch_rows=B``
+the rows of X are the samples: :meth:`NMFDataModule.block_loader` yields blocks of B rows
+(read from disk a block at a time, prefetched by a worker, pinned for the GPU), and one
+pass over them is one update of W and H, run inside the module's step.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class NMFDataModule(L.LightningDataModule):
         self.num_workers = num_workers if num_workers == "auto" else int(num_workers)
         self.matrix: Matrix | None = None
         self.holdout: Holdout | None = None
+        self._loader: DataLoader | None = None  # the row blocks of a streamed X, made once
         self.summary: RowSummary | None = None
         self.dtype = torch.float32  # of the streamed blocks; the module sets it to its own
         self.shard: Any = None  # under DDP, this rank's rows (a RowShard, set by the module)
@@ -145,7 +146,7 @@ class NMFDataModule(L.LightningDataModule):
         self.dtype, offset = dtype, 0 if shard is None else shard.start
 
         def blocks() -> Iterator[Block]:  # one pass over this process's row blocks
-            for batch in self.row_blocks():
+            for batch in self.block_loader():
                 if not batch.get("empty"):
                     moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                     yield from_batch(moved, dtype, matrix.unstored_missing, offset)
@@ -161,26 +162,32 @@ class NMFDataModule(L.LightningDataModule):
         X, missing = self.matrix.X, self.matrix.unstored_missing
         return RowBlocks(X, self.batch_rows, self.summary, self.dtype, missing, rows=rows, length=length)
 
-    def train_dataloader(self) -> Iterable[Any]:
-        """Row blocks when streaming; else one tick per ``training_step`` (enough for ``max_steps``).
-
-        Each tick runs at least one update, so ``max_steps`` ticks always suffice; the
-        trainer stops as soon as ``max_steps`` updates are done.
-        """
-        if self.streamed:
+    def block_loader(self) -> DataLoader:
+        """The row blocks of a pass, read ahead by ``num_workers`` and pinned for a GPU (made once, reused)."""
+        if self._loader is None:
             workers = self.num_workers
             on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
             if workers == "auto":
                 workers = 1 if on_gpu else 0
-            return DataLoader(
+            self._loader = DataLoader(
                 self.row_blocks(),
                 batch_size=None,
-                shuffle=False,  # exact passes: the same order every epoch, sequential reads
+                shuffle=False,  # exact passes: the same order every time, sequential reads
                 num_workers=workers,
                 pin_memory=on_gpu,  # (pinning on a CPU run would start a CUDA context for nothing)
                 persistent_workers=workers > 0,
                 prefetch_factor=2 if workers else None,
             )
+        return self._loader
+
+    def train_dataloader(self) -> Iterable[Any]:
+        """One tick per ``training_step`` (enough for ``max_steps``): each runs a block of updates.
+
+        An update is a pass over X: over its one block in memory, or over the row blocks
+        of :meth:`block_loader`, read inside the step (no trainer hooks per block). Each tick
+        runs at least one update, so ``max_steps`` ticks always suffice; the trainer stops
+        as soon as ``max_steps`` updates are done.
+        """
         trainer = self.trainer
         max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 10**9
         module = trainer.lightning_module if trainer is not None else None

@@ -187,6 +187,18 @@ def test_cli_auto_rank_and_consensus_write_their_metrics_and_curves(make_cfg, tm
     assert "consensus/distances" in acc.Tags()["images"]
 
 
+def test_cli_and_estimator_choose_the_same_rank_from_the_same_settings(make_cfg, tmp_path):
+    X, _ = planted(n=150, m=90, k=3, noise=0.05, seed=3)
+    X = X.astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    settings = ("model.rank=auto", "model.rank_max=6", "model.tol=1e-4", "trainer.max_steps=100", "model.loss=fro2")
+    cli = train(make_cfg("data=file", f"data.path={tmp_path / 'x.npy'}", "optimizer=hals", *settings))
+    est = NMF("auto", solver="cd", init="random", rank_max=6, tol=1e-4, max_iter=100, random_state=0).fit(X)
+    assert cli["rank"] == est.n_components_ == 3
+    for a, b in zip(cli["rank_search"], est.rank_search_, strict=True):
+        assert a["rank"] == b["rank"] and a["heldout_rmse"] == pytest.approx(b["heldout_rmse"], rel=1e-4)
+
+
 def test_cli_refuses_auto_rank_on_x_read_from_disk(make_cfg, tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((50, 20)))
     cfg = make_cfg("data=file", f"data.path={tmp_path / 'x.npy'}", "data.batch_rows=10", "model.rank=auto")

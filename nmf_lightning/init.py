@@ -9,6 +9,7 @@ Gallopoulos (2008), with scikit-learn's definitions of ``nndsvda`` and ``nndsvda
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -152,6 +153,13 @@ def _nndsvd(
             f"{n}x{m}, got rank {rank}; lower the rank or use model.init=random."
         )
     U, S, V = _top_svd(X, rank, generator)  # (n, k), (k,), (m, k)
+    return _nndsvd_of(U, S, V, rank, variant, generator=generator, mean=mean, eps=eps)
+
+
+def _nndsvd_of(
+    U: Tensor, S: Tensor, V: Tensor, rank: int, variant: str, *, generator: torch.Generator, mean: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """NNDSVD from X's leading singular triplets U (n, k), S (k,), V (m, k)."""
     x, y = U.T, V.T  # (k, n), (k, m)
     x_p, x_n = x.clamp_min(0), (-x).clamp_min(0)
     y_p, y_n = y.clamp_min(0), (-y).clamp_min(0)
@@ -159,7 +167,7 @@ def _nndsvd(
     xn_nrm, yn_nrm = x_n.norm(dim=1), y_n.norm(dim=1)
     m_p, m_n = xp_nrm * yp_nrm, xn_nrm * yn_nrm
     pos = m_p > m_n
-    tiny = torch.finfo(X.dtype).tiny
+    tiny = torch.finfo(U.dtype).tiny
     u = torch.where(pos[:, None], x_p / xp_nrm.clamp_min(tiny)[:, None], x_n / xn_nrm.clamp_min(tiny)[:, None])
     v = torch.where(pos[:, None], y_p / yp_nrm.clamp_min(tiny)[:, None], y_n / yn_nrm.clamp_min(tiny)[:, None])
     lbd = torch.sqrt(S * torch.where(pos, m_p, m_n))
@@ -190,13 +198,103 @@ def _top_svd(X: Tensor, rank: int, generator: torch.Generator) -> tuple[Tensor, 
     """
     n, m = X.shape
     sparse = X.is_sparse or X.layout == torch.sparse_csr
-    if not sparse and min(n, m) <= max(128, 4 * (rank + 10)):
+    if not sparse and exact_svd(n, m, rank):
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
         return U[:, :rank], S[:rank], Vh[:rank].T
-    if X.layout == torch.sparse_csr:
+    wide = torch.promote_types(X.dtype, torch.float32)
+    if X.layout == torch.sparse_csr:  # (its transpose multiplies as COO)
         X = X.to_sparse_coo()
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    with torch.random.fork_rng(devices=[X.device] if X.is_cuda else []):
-        torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(X, q=min(rank + 10, n, m), niter=4)
-    return U[:, :rank], S[:rank], V[:, :rank]
+
+    def times(B: Tensor) -> Tensor:
+        return (X @ B.to(X.dtype)).to(wide)
+
+    def t_times(A: Tensor) -> Tensor:
+        return (X.mT @ A.to(X.dtype)).to(wide)
+
+    return randomized_svd(times, t_times, (n, m), rank, generator, wide, X.device)
+
+
+def exact_svd(n: int, m: int, rank: int) -> bool:
+    """Whether a dense X is small enough for an exact SVD (cheaper, then, than the randomized one's passes)."""
+    return min(n, m) <= max(128, 4 * (rank + 10))
+
+
+def randomized_svd(
+    times: Callable[[Tensor], Tensor],
+    t_times: Callable[[Tensor], Tensor],
+    shape: tuple[int, int],
+    rank: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    niter: int = 4,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Leading singular triplets of X from products with it alone: ``times(B)`` = X B, ``t_times(A)`` = X^T A.
+
+    Halko, Martinsson & Tropp's range finder with ``niter`` power iterations and 10
+    oversamples (``torch.svd_lowrank``'s algorithm, scikit-learn's for NNDSVD). A pass over
+    row blocks gives both products, so a streamed X gets the same start as X in memory.
+    """
+    n, m = shape
+    q = min(rank + 10, n, m)
+    R = torch.randn((m, q), generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    Q = torch.linalg.qr(times(R)).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(t_times(Q)).Q
+        Q = torch.linalg.qr(times(Q)).Q
+    U, S, Vh = torch.linalg.svd(t_times(Q).mT, full_matrices=False)  # of Q^T X (q, m)
+    return (Q @ U)[:, :rank], S[:rank], Vh[:rank].mT
+
+
+def streamed_nndsvd(
+    passes: Callable[[], Iterable[Block]],
+    shape: tuple[int, int],
+    rank: int,
+    variant: str,
+    *,
+    mean: float,
+    sparse: bool = False,
+    seed: int = 0,
+    restarts: int = 1,
+    like: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The NNDSVD inits of an X read in row blocks (``passes()`` gives one pass; missing entries count as 0).
+
+    The same SVD as X held whole: a small dense X's exact one from X^T X (one pass, then
+    one for U), else the randomized one, each product with X a pass. The factors equal
+    those of X held whole to rounding.
+    """
+    n, m = shape
+    if rank > min(n, m):
+        raise NMFInputError(f"model.init={variant} needs model.rank <= min(n, m) = {min(n, m)}, got rank {rank}.")
+    wide = torch.promote_types(like.dtype, torch.float32)
+
+    def times(B: Tensor) -> Tensor:  # X B: each block's rows
+        out = torch.empty((n, B.shape[1]), dtype=wide, device=like.device)
+        for t in passes():
+            out[t.start : t.stop] = t.XHt(B.mT.to(t.dtype)).to(wide)
+        return out
+
+    def t_times(A: Tensor) -> Tensor:  # X^T A: summed over the blocks
+        total = torch.zeros((m, A.shape[1]), dtype=wide, device=like.device)
+        for t in passes():
+            total += t.WtX(A[t.start : t.stop].to(t.dtype)).mT.to(wide)
+        return total
+
+    exact = None
+    if not sparse and exact_svd(n, m, rank) and m <= n:  # (a wide X in few rows: randomized)
+        gram = torch.zeros((m, m), dtype=torch.float64, device=like.device)
+        for t in passes():  # X^T X, a block's rows at a time
+            rows = t.WtX(torch.eye(t.stop - t.start, dtype=t.dtype, device=like.device)).double()
+            gram += rows.mT @ rows
+        values, vectors = torch.linalg.eigh(gram)  # ascending
+        S = values.flip(0)[:rank].clamp_min(0).sqrt()
+        V = vectors.flip(1)[:, :rank]
+        U = times(V.to(wide)).double() / S.clamp_min(torch.finfo(torch.float64).tiny)
+        exact = (U.to(wide), S.to(wide), V.to(wide))
+    pairs = []
+    for r in range(restarts):
+        generator = _seeded(seed + r)
+        U, S, V = exact or randomized_svd(times, t_times, shape, rank, generator, wide, like.device)
+        pairs.append(_nndsvd_of(U, S, V, rank, variant, generator=generator, mean=mean, eps=1e-6))
+    return stack_restarts(pairs, like=like)

@@ -430,7 +430,10 @@ def check_consensus(consensus: bool, restarts: int, words: Words) -> None:
 
 
 def check_init(init: str, rank: int, shape: tuple[int, int], words: Words, whole: bool = True) -> None:
-    """An init must fit the rank and read X whole when it needs an SVD (see :func:`check_restarts` too)."""
+    """An init must fit the rank, and ``whole``: one process reads all of X, when it needs an SVD.
+
+    (See :func:`check_restarts` too.) A streamed X's SVD takes a few passes over its blocks.
+    """
     n, m = shape
     if init in SVD_INITS and rank > min(n, m):
         raise NMFInputError(
@@ -439,6 +442,6 @@ def check_init(init: str, rank: int, shape: tuple[int, int], words: Words, whole
         )
     if init in SVD_INITS and not whole:
         raise NMFInputError(
-            f"{words.show('init', init)} reads X's singular vectors, which a streamed X ({words.blocks}) "
-            f"never holds at once; use {words.show('init', 'random')}."
+            f"{words.show('init', init)} reads X's singular vectors, which X split over processes never "
+            f"holds in one; use {words.show('init', 'random')}."
         )

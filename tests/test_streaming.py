@@ -208,7 +208,6 @@ def test_the_engine_fit_is_what_transform_and_the_module_run(make_cfg, tmp_path,
     ("overrides", "message"),
     [
         (("data.batch_rows=0",), r"data.batch_rows must be an integer >= 1"),
-        (("data.batch_rows=5", "model.init=nndsvda"), r"model.init=nndsvda reads X's singular vectors"),
         (("data.batch_rows=5", "optimizer=kaczmarz"), r"optimizer=kaczmarz samples rows anywhere in X"),
         (("model.online=true", "optimizer=hals"), r"model.online=true updates H after every row block"),
         (("data.batch_rows=5", "data.holdout=0.1"), r"data.holdout needs X in host memory"),
@@ -345,3 +344,22 @@ def test_tol_stops_a_streamed_run_where_the_whole_run_stops(make_cfg, tmp_path):
         steps.append(metrics["steps"])
     # the same objective is tested (float32 rounding may move the stop by one window of 10 updates)
     assert abs(steps[1] - steps[0]) <= 10, steps
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse", "small"])
+@pytest.mark.parametrize("init", ["nndsvd", "nndsvda", "nndsvdar"])
+def test_svd_inits_of_a_streamed_x_are_the_in_memory_ones(make_cfg, tmp_path, init, layout):
+    """A randomized SVD needs only products with X, a small X's exact one X^T X: passes over the row blocks."""
+    rng = np.random.default_rng(0)
+    X = rng.random((400, 8)) @ rng.random((8, 200 if layout != "small" else 40)) + 0.01 * rng.random((400, 1))
+    if layout != "sparse":
+        path = tmp_path / "x.npy"
+        np.save(path, X)
+    else:
+        path = tmp_path / "x.npz"
+        sp.save_npz(path, sp.csr_matrix(X * (rng.random(X.shape) < 0.2)))
+    args = ("optimizer=hals", f"model.init={init}", "trainer.max_steps=1")
+    _, W_whole, H_whole = _run(make_cfg, tmp_path, "whole", path, *args)
+    _, W_rows, H_rows = _run(make_cfg, tmp_path, "rows", path, *args, "data.batch_rows=64")
+    np.testing.assert_allclose(H_rows, H_whole, rtol=1e-9, atol=1e-12 * np.abs(H_whole).max())
+    np.testing.assert_allclose(W_rows, W_whole, rtol=1e-9, atol=1e-12 * np.abs(W_whole).max())

@@ -43,7 +43,7 @@ from nmf_lightning.engine.updates import (
     Update,
     fused_optimizer,
 )
-from nmf_lightning.init import SVD_INITS, draw_factors, initial_factors
+from nmf_lightning.init import SVD_INITS, draw_factors, initial_factors, streamed_nndsvd
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.objective import Objective, reconstruction
 from nmf_lightning.params import (
@@ -412,7 +412,8 @@ class Problem:
         """Everything that can be refused before a factor is drawn, in the front end's ``words``."""
         spec, source = self.spec, self.source
         spec.check(words)
-        check_init(spec.init, spec.rank, source.shape, words, whole=not source.layout.on_disk)
+        split = source.layout.streamed and source.layout.ranks > 1  # no process reads all of X
+        check_init(spec.init, spec.rank, source.shape, words, whole=not split)
         self.check_solver(words, precision)
         if spec.loss_form == "gram" and source.layout.missing:
             raise NMFInputError(
@@ -483,12 +484,27 @@ class Problem:
     def initial_factors(self) -> tuple[Tensor, Tensor]:
         """W (this process's rows) and H to start from: restart r draws from seed ``seed + r``.
 
-        The random inits read X's shape and mean only; the SVD inits read all of X. Under
+        The random inits read X's shape and mean only; the SVD inits read all of X (a
+        streamed X in a few passes, :func:`~nmf_lightning.init.streamed_nndsvd`). Under
         DDP each process draws W for the whole X and keeps its rows, so a run starts where
         one process starts.
         """
         spec, source = self.spec, self.source
         options = {"seed": spec.seed, "restarts": spec.restarts, "scale": spec.init_scale}
+        if spec.init in SVD_INITS and source.whole is None and source.rows is None:
+            like = torch.empty((), dtype=self.dtype, device=self.device)  # X in row blocks: products pass by pass
+            mean = source.total / max(source.n_obs, 1)
+            return streamed_nndsvd(
+                lambda: passes(source.blocks),
+                source.shape,
+                spec.rank,
+                spec.init,
+                mean=mean,
+                sparse=source.layout.sparse,
+                seed=spec.seed,
+                restarts=spec.restarts,
+                like=like,
+            )
         if spec.init in SVD_INITS:
             whole = source.whole_block()
             W, H = initial_factors(whole, spec.rank, spec.init, **options)

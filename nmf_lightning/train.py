@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import pickle
+import shlex
 import signal
 import sys
 import warnings
@@ -316,8 +317,15 @@ class InterruptedRunError(Exception):
         self.signum = signum
         super().__init__(
             f"{signal.Signals(signum).name} after {steps} updates: saved factors.npz, metrics.json "
-            f"(status interrupted) and checkpoints/last.ckpt in {out}; continue with ckpt_path=last"
+            f"(status interrupted) and checkpoints/last.ckpt in {out}; continue with: {resume_command(out)}"
         )
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues a run where it stopped: its own overrides, its folder and ``ckpt_path=last``."""
+    _, overrides, _ = _command_line()
+    kept = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in ("hydra.run.dir", "ckpt_path")]
+    return shlex.join(["nmf-train", *kept, f"hydra.run.dir={out}", "ckpt_path=last"])
 
 
 class DegenerateError(RuntimeError):

@@ -252,7 +252,8 @@ def test_sigterm_stops_the_run_saved_with_exit_code_143(tmp_path):
     metrics = _metrics(run)
     assert metrics["status"] == "interrupted" and metrics["stop_reason"] == "interrupted by SIGTERM"
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "factors.npz").is_file()
-    assert "continue with ckpt_path=last" in log.read_text()
+    resume = "continue with: nmf-train data=toy model.rank=2 trainer.max_steps=100000000 trainer.accelerator=cpu"
+    assert resume in log.read_text() and f"hydra.run.dir={run} ckpt_path=last" in log.read_text()
 
 
 @pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it

@@ -593,8 +593,9 @@ def test_a_stop_signal_saves_a_checkpoint_that_resumes_exactly(make_cfg, tmp_pat
         trainer.callbacks.append(_SignalAt(20, signum))
 
     monkeypatch.setattr(callbacks.GracefulStop, "on_train_start", with_signal)
-    with pytest.raises(InterruptedRunError, match=rf"{signal.Signals(signum).name} after 2\d updates"):
+    with pytest.raises(InterruptedRunError, match=rf"{signal.Signals(signum).name} after 2\d updates") as err:
         train(make_cfg(*common, f"paths.output_dir={stopped}"))
+    assert str(err.value).endswith(f"continue with: nmf-train hydra.run.dir={stopped} ckpt_path=last")
     monkeypatch.undo()
     saved = json.loads((stopped / "metrics.json").read_text())
     assert saved["status"] == "interrupted" and saved["stop_reason"].startswith("interrupted by SIG")

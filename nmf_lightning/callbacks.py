@@ -87,6 +87,9 @@ class UpdateProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is not None and not bar.disable:
             bar.n = trainer.global_step
+            done = getattr(pl_module, "stop_signal", None) is None  # (not a run a signal cut short)
+            if done and bar.total is not None and bar.n < bar.total:  # stopped early (tol, early stopping): done
+                bar.total = bar.n
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         super().on_train_end(trainer, pl_module)
 

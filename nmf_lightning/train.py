@@ -24,6 +24,7 @@ from typing import Any
 import hydra
 import lightning as L
 import numpy as np
+import scipy.sparse as sp
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import (
@@ -36,6 +37,7 @@ from hydra.errors import (
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -172,8 +174,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = _build(cfg.data, "data", _convert_="all")
     datamodule.setup("fit")  # load and check X now, before anything is trained or written
     matrix = datamodule.matrix
-    layout = "dense" if isinstance(matrix.X, np.ndarray) or not getattr(matrix.X, "sparse", True) else "sparse"
-    log.info("X: %s x %s %s", *matrix.shape, layout)
+    layout = "sparse" if sp.issparse(matrix.X) or getattr(matrix.X, "sparse", False) else "dense"
+    n, m = matrix.shape
+    observed = datamodule.summary.n_obs
+    missing = (
+        ""
+        if observed == n * m or (layout == "sparse" and not matrix.unstored_missing)
+        else f", {n * m - observed:,} missing"
+    )
+    log.info("X: %s x %s %s%s%s", n, m, layout, missing, " (streamed in row blocks)" if datamodule.streamed else "")
     model, trainer = _instantiate(cfg, datamodule)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -278,7 +287,7 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
         metrics.update(status="degenerate", reason=reason)
     elif model.stop_signal is None and model.clamped is not None and model.clamped.costly:
         metrics.update(status="not_nonnegative", reason=model.clamped.message(model.spec, CLI_WORDS))
-    log.info("final metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
+    log.debug("final metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
     hp_metrics = hp_metric_names(held_out)
     for logger in trainer.loggers:
         logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)
@@ -299,13 +308,15 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
         raise InterruptedRunError(model.stop_signal, metrics["steps"], out)
     key = cfg.get("optimized_metric") or "relative_error"
     shown = [key] + [k for k in ("relative_error", "loss") if k != key]
-    log.info(
-        "%s after %d updates (%s); wrote %s%s",
+    curves = any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
+    log.info(  # one short line: metrics.json holds every number and the whole stop reason
+        "%s after %d updates (%s, %s): %s%s",
         ", ".join(f"{k} {metrics[k]:.6g}" for k in shown if k in metrics),
         metrics["steps"],
-        metrics["stop_reason"],
+        str(metrics["stop_reason"]).split(":")[0],
+        metrics["status"],
         out,
-        "" if metrics["status"] == "completed" else f" (status {metrics['status']}, said above)",
+        f"; curves: tensorboard --logdir {shlex.quote(str(out))}" if curves else "",
     )
     return metrics
 

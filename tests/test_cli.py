@@ -45,7 +45,8 @@ def test_cli_trains_end_to_end(tmp_path, data):
     for noise in ("Epoch 0", "Training:", "GPU available", "Tip:", "LeafSpec"):
         assert noise not in proc.stdout + proc.stderr, noise
     log = (run / "train.log").read_text()
-    for line in ("config: ", "overrides: ", "device: cpu", "final metrics: ", "after 300 updates (max_steps)"):
+    ending = ("after 300 updates (max_steps, completed): ", f"; curves: tensorboard --logdir {run}")
+    for line in ("config: ", "overrides: ", "device: cpu", *ending):
         assert line in log, line
     for name in ("factors.npz", "metrics.json", ".hydra/config.yaml", "checkpoints/last.ckpt"):
         assert (run / name).exists(), name

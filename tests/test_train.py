@@ -672,3 +672,20 @@ def test_values_too_tiny_or_huge_for_float32_are_refused_with_the_factor_to_appl
     with pytest.raises(NMFInputError, match=rf"too {word} to train in float32.*multiply X by .*precision=64-true"):
         train(make_cfg("data=file", f"data.path={tmp_path / 'x.npy'}", "model.rank=3"))
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_the_log_says_what_x_holds_and_ends_on_one_short_line(make_cfg, tmp_path, caplog):
+    import logging
+
+    X = np.random.default_rng(0).random((50, 20))
+    X[X < 0.05] = np.nan
+    np.save(tmp_path / "nan.npy", X)
+    cfg = make_cfg("data=file", f"data.path={tmp_path / 'nan.npy'}", "model.rank=3", "optimizer=hals", "model.tol=1e-3")
+    with caplog.at_level(logging.INFO, logger="nmf_lightning.train"):
+        metrics = train(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nmf_lightning.train"]
+    assert f"X: 50 x 20 dense, {int(np.isnan(X).sum())} missing" in lines
+    last = lines[-1]
+    assert f"after {metrics['steps']} updates (converged, completed): {tmp_path}" in last
+    assert last.endswith(f"; curves: tensorboard --logdir {tmp_path}")
+    assert len(last) - 2 * len(str(tmp_path)) < 120  # the path twice, and little else

@@ -689,3 +689,16 @@ def test_the_log_says_what_x_holds_and_ends_on_one_short_line(make_cfg, tmp_path
     assert f"after {metrics['steps']} updates (converged, completed): {tmp_path}" in last
     assert last.endswith(f"; curves: tensorboard --logdir {tmp_path}")
     assert len(last) - 2 * len(str(tmp_path)) < 120  # the path twice, and little else
+
+
+def test_threads_auto_takes_one_for_small_problems_and_the_cores_for_large(make_cfg, monkeypatch):
+    from nmf_lightning.train import SMALL_WORK, auto_threads
+
+    assert auto_threads(1797 * 64 * 16, cores=8) == 1  # digits: one thread is fastest
+    assert auto_threads(SMALL_WORK, cores=8) == 8 and auto_threads(4e7, cores=2) == 2
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    train(make_cfg("data=toy", "trainer.max_steps=2"))
+    assert chosen == [1]
+    with pytest.raises(NMFInputError, match="threads must be 'auto', None or an integer >= 1, got 0"):
+        train(make_cfg("data=toy", "threads=0"))

@@ -54,6 +54,14 @@ def short_name(key: str) -> str:
     return key.lstrip("+~").rpartition(".")[2]
 
 
+def data_name(choice: str, path: str | None = None) -> str:
+    """A run folder's name for its data: the file's own name for ``data=file`` (``cells.h5ad`` -> ``cells``)."""
+    if not path:
+        return str(choice)
+    stem = Path(str(path)).name.split(".")[0] or str(choice)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem)
+
+
 def short_overrides(override_dirname: str, sweep_dir: str | None = None) -> str:
     """A sweep job's name from Hydra's ``key=value,...``: ``model.rank=8,optimizer.lr=0.01`` -> ``rank=8,lr=0.01``.
 

@@ -48,7 +48,7 @@ from nmf_lightning.curves import check_every
 from nmf_lightning.distributed import ShardedDDP, check_shardable, global_rank, is_main_process
 from nmf_lightning.engine import DivergenceError
 from nmf_lightning.gpus import claimed_gpu
-from nmf_lightning.hparams import run_hparams, short_overrides, swept_keys
+from nmf_lightning.hparams import data_name, run_hparams, short_overrides, swept_keys
 from nmf_lightning.module import NMFModule
 from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
 from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir, continues
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("nmf.cuda_devices", lambda: max(1, torch.cuda.device_count()), replace=True)
 # `${nmf.short:${hydra.job.override_dirname}}`: a sweep job's folder (and TensorBoard run) name, rank=8,lr=0.01
 OmegaConf.register_new_resolver("nmf.short", short_overrides, replace=True)
+# `${nmf.data_name:${hydra:runtime.choices.data},${oc.select:data.path,null}}`: a run folder's data, the file's name
+OmegaConf.register_new_resolver("nmf.data_name", data_name, replace=True)
 
 
 def config_dir() -> str:

@@ -294,3 +294,12 @@ def test_a_run_killed_outright_resumes_from_its_last_checkpoint_exactly(tmp_path
     ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
     ea.Reload()
     assert [e.step for e in ea.Scalars("train/loss")] == list(range(10, 4001, 10))  # no step twice, none missing
+
+
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
+def test_a_run_without_a_folder_gets_one_named_after_its_file(tmp_path):
+    np.save(tmp_path / "cells.npy", np.random.default_rng(0).random((30, 10)))
+    proc = run_cli("data=file", "data.path=cells.npy", "model.rank=2", "trainer.max_steps=2", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "outputs").glob("*/*_cells-adam-k2"))
+    assert len(runs) == 1 and (runs[0] / "factors.npz").is_file()

@@ -100,3 +100,13 @@ def test_a_capability_the_registry_denies_is_refused_in_the_solvers_words():
     check_compatible(dense_only, CLI_WORDS, layout=Layout())
     with pytest.raises(NMFInputError, match=r"optimizer=als needs X dense, and X is sparse; use optimizer=hals, mu"):
         check_compatible(dense_only, CLI_WORDS, layout=Layout(sparse=True))
+
+
+def test_a_run_folder_is_named_after_its_data_file():
+    from nmf_lightning.hparams import data_name
+
+    assert data_name("file", "/data/cells.h5ad") == "cells"
+    assert data_name("file", "runs/pbmc 68k.v2.npz") == "pbmc_68k"
+    assert data_name("digits", None) == "digits" and data_name("digits") == "digits"
+    hydra_cfg = (Path(config_dir()) / "hydra" / "default.yaml").read_text()
+    assert "${nmf.data_name:${hydra:runtime.choices.data},${oc.select:data.path,null}}" in hydra_cfg

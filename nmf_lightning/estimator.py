@@ -510,12 +510,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """The rank of lowest held-out error in ``rank_min``..``rank_max`` (:func:`nmf_lightning.rank.search`)."""
         problem = self._problem(X, rank=self.rank_min)  # the fit's spec, checked against X
         options = RankSearch(self.rank_min, self.rank_max, self.rank_holdout, self.rank_rule, problem.spec.seed)
-        info, dtype, device = problem.info, problem.dtype, problem.device
-
-        def source(matrix: Matrix) -> Source:
-            return Source.host(matrix.X, dtype, device, self.batch_rows, observed=info.observed)
-
-        result = search(Matrix(X), problem.spec, self.max_iter, options, self._words(), source, dtype, device)
+        words, dtype, device = self._words(), problem.dtype, problem.device
+        result = search(Matrix(X), problem.spec, self.max_iter, options, words, dtype, device, self.batch_rows)
         if self.verbose:
             print(result.table())
         self.rank_search_ = [row.as_dict() for row in result.rows]

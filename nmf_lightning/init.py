@@ -146,14 +146,19 @@ def _nndsvd(
     (Boutsidis & Gallopoulos, and scikit-learn, fill with X's mean itself, a value in X's
     units: for a large X, W H starts far above it, and float32 products overflow.)
     """
-    n, m = X.shape
+    _check_svd_rank(rank, X.shape, variant)
+    U, S, V = _top_svd(X, rank, generator)  # (n, k), (k,), (m, k)
+    return _nndsvd_of(U, S, V, rank, variant, generator=generator, mean=mean, eps=eps)
+
+
+def _check_svd_rank(rank: int, shape: tuple[int, int], variant: str) -> None:
+    """An NNDSVD start takes ``rank`` singular pairs of X: at most min(n, m) of them exist."""
+    n, m = shape
     if rank > min(n, m):
         raise NMFInputError(
             f"model.init={variant} needs model.rank <= min(n, m) = {min(n, m)} for X of shape "
             f"{n}x{m}, got rank {rank}; lower the rank or use model.init=random."
         )
-    U, S, V = _top_svd(X, rank, generator)  # (n, k), (k,), (m, k)
-    return _nndsvd_of(U, S, V, rank, variant, generator=generator, mean=mean, eps=eps)
 
 
 def _nndsvd_of(
@@ -265,8 +270,7 @@ def streamed_nndsvd(
     those of X held whole to rounding.
     """
     n, m = shape
-    if rank > min(n, m):
-        raise NMFInputError(f"model.init={variant} needs model.rank <= min(n, m) = {min(n, m)}, got rank {rank}.")
+    _check_svd_rank(rank, shape, variant)
     wide = torch.promote_types(like.dtype, torch.float32)
 
     def times(B: Tensor) -> Tensor:  # X B: each block's rows

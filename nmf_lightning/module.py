@@ -31,11 +31,11 @@ from nmf_lightning.curves import BlockSizer, UpdateGrid, restart_curves
 from nmf_lightning.data.datamodule import NMFDataModule
 from nmf_lightning.data.holdout import check_resumed
 from nmf_lightning.data.rows import in_memory
-from nmf_lightning.data.sources import Matrix
 from nmf_lightning.distributed import RowShard, gather_rows, keep_rows
-from nmf_lightning.engine import DivergenceError, PassResult, Problem, Source, Spec, Update
+from nmf_lightning.engine import DivergenceError, PassResult, Problem, Spec, Update
 from nmf_lightning.internals import count_updates
 from nmf_lightning.linalg import to_numpy
+from nmf_lightning.objective import relative_error
 from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
 from nmf_lightning.rank import RankResult, RankSearch, search
 from nmf_lightning.recorder import Clamped, HeldOut, Recorder, final_names
@@ -126,10 +126,7 @@ class NMFModule(L.LightningModule):
         self.spec.check(CLI_WORDS)  # before any data is read
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.automatic_optimization = False
-        # (n, k) and (k, m); with restarts a leading batch dimension: (r, n, k), (r, k, m)
-        batch = () if restarts == 1 else (restarts,)
-        self.W = nn.Parameter(torch.empty(*batch, 0, rank))
-        self.H = nn.Parameter(torch.empty(*batch, rank, 0))
+        self.W, self.H = self._unsized_factors()
         self.problem: Problem | None = None
         self.recorder: Recorder | None = None
         self.matrix = None  # the datamodule's Matrix (its names, image shape)
@@ -148,6 +145,14 @@ class NMFModule(L.LightningModule):
         self._block_span = (0, 0)  # first and last update of the block under way
         self._last_time: float | None = None
         self._unlogged = 0  # updates since the last block end (perf/updates_per_sec)
+
+    def _unsized_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """W and H of the spec's rank, before X gives their other sides (``setup``, or a checkpoint, sizes them).
+
+        (n, k) and (k, m); with restarts a leading batch dimension: (r, n, k), (r, k, m).
+        """
+        batch, k = () if self.spec.restarts == 1 else (self.spec.restarts,), self.spec.rank
+        return nn.Parameter(torch.empty(*batch, 0, k)), nn.Parameter(torch.empty(*batch, k, 0))
 
     #: what DDP must neither verify nor broadcast: W's rows differ between ranks (see ShardedDDP);
     #: DDP checks a root module's parameters under two names, "W" and ".W"
@@ -203,18 +208,10 @@ class NMFModule(L.LightningModule):
         if self.rank_search is None or self.rank_result is not None:
             return
         dtype = PRECISIONS.get(str(precision), torch.float32)
-        observed, batch_rows = self.spec.info.observed, datamodule.batch_rows
-
-        def source(matrix: Matrix) -> Source:
-            missing = matrix.unstored_missing
-            return Source.host(matrix.X, dtype, device, batch_rows, observed=observed, unstored_missing=missing)
-
-        matrix = datamodule.matrix
-        self.rank_result = search(matrix, self.spec, steps, self.rank_search, CLI_WORDS, source, dtype, device)
+        options = (self.rank_search, CLI_WORDS, dtype, device, datamodule.batch_rows)
+        self.rank_result = search(datamodule.matrix, self.spec, steps, *options)
         self.spec = dataclasses.replace(self.spec, rank=self.rank_result.rank)
-        batch = () if self.spec.restarts == 1 else (self.spec.restarts,)
-        self.W = nn.Parameter(torch.empty(*batch, 0, self.spec.rank))
-        self.H = nn.Parameter(torch.empty(*batch, self.spec.rank, 0))
+        self.W, self.H = self._unsized_factors()
 
     # ------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -437,7 +434,7 @@ class NMFModule(L.LightningModule):
             final["best_restart"] = self._best()
         if self.consensus is not None:
             W, H, found = self.consensus
-            error = (self.problem.sq_error(W, H).double() / self.problem.source.x_sq.clamp_min(1e-300)).sqrt()
+            error = relative_error(self.problem.sq_error(W, H).double(), self.problem.source.x_sq.to(W.device))
             final.update(consensus_relative_error=float(error), stability=found.stability, consensus_kept=found.kept)
         if self.rank_result is not None:
             final["rank"] = self.rank_result.rank

@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch import Tensor
 from nmf_lightning.data.holdout import Holdout, split_holdout
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine.problem import Problem, Source, Spec
+from nmf_lightning.objective import relative_error
 from nmf_lightning.params import Words
 from nmf_lightning.validation import NMFInputError
 
@@ -156,19 +156,20 @@ def search(
     steps: int,
     options: RankSearch,
     words: Words,
-    source: Callable[[Matrix], Source],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    batch_rows: int | None = None,
 ) -> RankResult:
     """Choose the rank of ``matrix`` by held-out error (see the module); ``spec`` is the fit's at every rank.
 
-    ``source`` gives X (the training entries) as the fit reads it: in memory or in row
-    blocks. Each candidate runs ``steps`` updates at most, stopping once its objective
-    settles (``spec.tol``, else :data:`CANDIDATE_TOL`).
+    The training entries are read as the fit reads X held in host memory: whole on
+    ``device``, or in blocks of ``batch_rows`` rows. Each candidate runs ``steps`` updates
+    at most, stopping once its objective settles (``spec.tol``, else :data:`CANDIDATE_TOL`).
     """
     options = options.check(matrix.shape, words)
     train, held = split_holdout(matrix, options.holdout, options.seed)
-    X = source(train)
+    observed, missing = spec.info.observed, train.unstored_missing
+    X = Source.host(train.X, dtype, device, batch_rows, observed=observed, unstored_missing=missing)
     candidate = dataclasses.replace(spec, tol=spec.tol or CANDIDATE_TOL)
     tried: dict[int, RankRow] = {}
     todo = coarse(options.low, options.high)
@@ -193,8 +194,6 @@ def _row(
     problem.check(words)
     W, H, all_H = fit_candidate(problem, steps)
     rmse, se = heldout_error(W, H, held)
-    sq, x_sq = float(problem.sq_error(W, H)), float(X.x_sq)
+    error = float(relative_error(problem.sq_error(W, H).double(), X.x_sq))
     stability = problem.consensus(all_H)[2].stability if spec.consensus else None
-    return RankRow(
-        spec.rank, rmse, se, math.sqrt(max(sq, 0.0) / max(x_sq, 1e-300)), time.perf_counter() - start, stability
-    )
+    return RankRow(spec.rank, rmse, se, error, time.perf_counter() - start, stability)

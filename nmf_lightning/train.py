@@ -176,7 +176,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = _build(cfg.data, "data", _convert_="all")
     datamodule.setup("fit")  # load and check X now, before anything is trained or written
     matrix = datamodule.matrix
-    rank = cfg.model.rank if cfg.model.rank != "auto" else cfg.model.get("rank_max", 20)
+    rank = cfg.model.rank if cfg.model.rank != "auto" else cfg.model.rank_max  # (auto: the largest it may fit)
     _set_auto_threads(cfg, matrix, int(rank))
     layout = "sparse" if sp.issparse(matrix.X) or getattr(matrix.X, "sparse", False) else "dense"
     n, m = matrix.shape

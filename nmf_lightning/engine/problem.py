@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from nmf_lightning.consensus import Consensus, consensus
+from nmf_lightning.consensus import DENSITY_THRESHOLD, NEIGHBORS, Consensus, consensus
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.divergence import EPSILON, loss_beta
 from nmf_lightning.engine.blocks import Block, ObservedBlock, dense_layout, to_block
@@ -117,8 +117,8 @@ class Spec:
     init_scale: float = 0.01
     restarts: int = 1
     consensus: bool = False
-    density_threshold: float = 0.5
-    neighbors: float = 0.3
+    density_threshold: float = DENSITY_THRESHOLD
+    neighbors: float = NEIGHBORS
     consensus_refine: int = 0
     seed: int = 0
     loss_form: str = "auto"

@@ -21,6 +21,7 @@ from nmf_lightning.hparams import write_hparams, write_layout
 from nmf_lightning.internals import Tqdm, has_train_bar, save_last_checkpoint
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.pictures import component_grid, heatmap, topics_markdown
+from nmf_lightning.recorder import metric_tag
 from nmf_lightning.validation import NMFInputError
 
 
@@ -176,7 +177,7 @@ class FactorPictures(L.Callback):
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
-        images = {"factors/W": heatmap(W, self.max_side), "factors/H": heatmap(H, self.max_side)}
+        images = {"factors/W": heatmap(W, self.max_side, "W"), "factors/H": heatmap(H, self.max_side, "H")}
         matrix = pl_module.matrix
         if matrix.image_shape is not None:
             images["components/H"] = component_grid(H, matrix.image_shape)
@@ -353,8 +354,11 @@ class RunHparams(L.Callback):
         """Log the hyperparameters; declare the HPARAMS columns and lay out the charts."""
         if not trainer.is_global_zero:
             return
+        params = dict(self.params)
+        if params.get("lr") == "auto" and trainer.optimizers:  # the step lr=auto chose, set up by now
+            params["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         for logger in trainer.loggers:
-            logger.log_hyperparams(self.params)
+            logger.log_hyperparams(params)
             if isinstance(logger, TensorBoardLogger):
-                write_hparams(logger.experiment, self.params, [f"hp/{k}" for k in self.metrics], self.shown)
+                write_hparams(logger.experiment, params, [metric_tag(k) for k in self.metrics], self.shown)
                 write_layout(logger.experiment, self.online, self.negatives, pl_module.spec.restarts > 1)

@@ -9,6 +9,7 @@ updates logged every 10 has the same 200 points on a fast machine and a slow one
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 
@@ -70,6 +71,7 @@ class UpdateGrid:
         self._points: dict[int, dict[str, Tensor]] = {}
         self._times: dict[int, float | tuple[torch.cuda.Event, torch.cuda.Event, float]] = {}
         self._origin: tuple[torch.cuda.Event, float] | None = None
+        self._last: dict[str, tuple[int, float]] = {}  # each curve's last point written
 
     def due(self, step: int) -> bool:
         """Whether update ``step`` is a point of the grid."""
@@ -93,6 +95,11 @@ class UpdateGrid:
             else:
                 self._times[step] = time.time()
         self._points.setdefault(step, {}).update(values)
+
+    def ends_at(self, tag: str, step: int, value: float) -> bool:
+        """Whether the curve ``tag`` was written up to ``step`` and ends there at ``value`` (to float32 rounding)."""
+        last = self._last.get(tag)
+        return last is not None and last[0] == step and math.isclose(last[1], value, rel_tol=1e-6)
 
     def __len__(self) -> int:
         return len(self._points)
@@ -123,6 +130,8 @@ class UpdateGrid:
         for (step, key), value in zip(keys, host, strict=True):
             out.setdefault(step, {})[key] = value
         walls = {step: _wall(when) for step, when in times.items()}
+        for step, metrics in out.items():
+            self._last.update({key: (step, value) for key, value in metrics.items()})
         for logger in loggers:
             writer = _writer(logger)
             for step, metrics in out.items():

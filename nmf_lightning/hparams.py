@@ -148,7 +148,8 @@ def run_hparams(
         changed[name] = value
     params = {**changed, **{k: v for k, v in base.items() if k not in changed}}
     params["overrides"] = " ".join(overrides) or "(defaults)"
-    return params, list(params)[:SHOWN]
+    varied = sum(1 for key in overridden_keys(overrides) if key in swept)
+    return params, list(params)[: varied or SHOWN]  # a sweep's table opens on what it varies, then the metrics
 
 
 def _value(cfg: DictConfig, choices: dict[str, Any], key: str) -> Any:
@@ -182,7 +183,7 @@ def write_hparams(writer: Any, params: dict[str, Any], metrics: list[str], shown
 def write_layout(writer: Any, online: bool, negatives: bool, restarts: bool) -> None:
     """Lay out the CUSTOM SCALARS tab: errors first, train and held-out on one chart.
 
-    SCALARS sorts groups by name, so ``factors`` comes before ``train`` there. Charts are
+    SCALARS sorts groups by name and opens on ``train``. Charts are
     made only for curves the run logs: ``online`` errors, the ``negatives`` of factors
     free to go below 0, each restart's loss.
     """
@@ -197,11 +198,11 @@ def write_layout(writer: Any, online: bool, negatives: bool, restarts: bool) -> 
             "loss": ["Multiline", [f"{group}/loss"]],
             "terms": ["Multiline", [rf"{group}/(reconstruction|penalty|l1_W|l1_H|l2_W|l2_H|l21_H)$"]],
         },
-        "factors": {"sparsity of W and H": ["Multiline", [r"factors/.*_sparsity"]]},
+        "factors": {"sparsity of W and H": ["Multiline", [rf"{group}/sparsity_[WH]"]]},
     }
     if negatives:
-        layout["factors"]["negative share before clamping"] = ["Multiline", [r"factors/.*_neg_fraction"]]
-        layout["factors"]["negative mass before clamping"] = ["Multiline", [r"factors/.*_neg_mass"]]
+        layout["factors"]["negative share before clamping"] = ["Multiline", [rf"{group}/neg_fraction_[WH]"]]
+        layout["factors"]["negative mass before clamping"] = ["Multiline", [rf"{group}/neg_mass_[WH]"]]
         layout["objective"]["penalty weight (grown by model.lam_growth)"] = ["Multiline", [f"{group}/lam"]]
     if restarts:
         layout["restarts"] = {"loss of each restart": ["Multiline", [r"restarts/loss_.*"]]}

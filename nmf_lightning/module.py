@@ -144,7 +144,7 @@ class NMFModule(L.LightningModule):
         self._sizer: BlockSizer | None = None
         self._block_span = (0, 0)  # first and last update of the block under way
         self._last_time: float | None = None
-        self._unlogged = 0  # updates since the last block end (perf/updates_per_sec)
+        self._unlogged = 0  # updates since the last block end (train/updates_per_sec)
 
     def _unsized_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         """W and H of the spec's rank, before X gives their other sides (``setup``, or a checkpoint, sizes them).
@@ -342,7 +342,7 @@ class NMFModule(L.LightningModule):
         now = time.perf_counter()
         seconds = None if self._last_time is None else now - self._last_time
         if seconds is not None:
-            metrics["perf/updates_per_sec"] = torch.tensor(n / max(seconds, 1e-9))
+            metrics["train/updates_per_sec"] = torch.tensor(n / max(seconds, 1e-9))
             if self.shard is not None and self.sizer.auto:  # every rank runs the same block sizes
                 seconds = float(self.shard.max(torch.tensor(seconds, dtype=torch.float64, device=self.W.device)))
         self.sizer.measured(n, seconds)

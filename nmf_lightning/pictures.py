@@ -15,9 +15,6 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-#: a heatmap's sides are stretched to at least this many pixels (a rank-8 W is 8 columns wide)
-MIN_SIDE = 128
-
 
 def reduce_to(A: Tensor, max_side: int = 512) -> np.ndarray:
     """A 2-D factor shrunk to at most ``max_side`` per side by block maxima of |A|, as float32 numpy."""
@@ -38,13 +35,34 @@ def colorize(A: np.ndarray, cmap: str = "viridis") -> np.ndarray:
     return (matplotlib.colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
 
 
-def heatmap(A: Tensor, max_side: int = 512) -> np.ndarray:
-    """RGB heatmap (h, w, 3) of a factor; thin sides are stretched so every row or column shows."""
+def heatmap(A: Tensor, max_side: int = 512, title: str = "") -> np.ndarray:
+    """RGB heatmap of |A| with a colour scale, drawn by matplotlib (about 520 x 400 pixels).
+
+    Thin factors are stretched to the picture (a rank-8 W shows as 8 wide columns); a
+    factor larger than ``max_side`` a side is first reduced by block maxima, so a spike
+    still shows. The colour bar gives the values, from 0 to the largest.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     reduced = reduce_to(A, max_side)
-    rows, cols = reduced.shape
-    reduced = np.repeat(reduced, max(1, MIN_SIDE // rows), axis=0)
-    reduced = np.repeat(reduced, max(1, MIN_SIDE // cols), axis=1)
-    return colorize(reduced)
+    figure = Figure(figsize=(5.2, 4.0), dpi=100)
+    canvas = FigureCanvasAgg(figure)  # drawn off-screen, whatever matplotlib's backend
+    axes = figure.add_subplot()
+    rows, cols = A.shape
+    extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)  # the axes count A's rows and columns, reduced or not
+    image = axes.imshow(reduced, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, extent=extent)
+    figure.colorbar(image, ax=axes)
+    axes.set_title(f"{title} |values|, {rows} x {cols}" + (" (block maxima)" if reduced.shape != (rows, cols) else ""))
+    axes.set_xlabel("column")
+    axes.set_ylabel("row")
+    figure.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+#: the component grid's longest side, in pixels: it fits TensorBoard's image card
+GRID_SIDE = 400
 
 
 def component_grid(H: Tensor, image_shape: Sequence[int], zoom: int | None = None, pad: int = 1) -> np.ndarray:
@@ -52,14 +70,16 @@ def component_grid(H: Tensor, image_shape: Sequence[int], zoom: int | None = Non
 
     Each component is scaled by its own maximum, so faint parts show as clearly as strong
     ones: this is the parts-based picture of NMF (strokes of digits, parts of faces).
-    ``zoom`` (default: up to 64 pixels a side) enlarges small images such as 8 x 8 digits.
+    ``zoom`` (default: up to 64 pixels a side, the grid at most ``GRID_SIDE``) enlarges
+    small images such as 8 x 8 digits.
     """
     h, w = (int(s) for s in image_shape)
-    zoom = zoom or max(1, 64 // max(h, w))
     comps = H.detach().float().abs().reshape(H.shape[0], h, w).cpu().numpy()
     k = comps.shape[0]
     cols = math.ceil(math.sqrt(k))
     rows = math.ceil(k / cols)
+    side = max(rows * (h + pad), cols * (w + pad)) + pad
+    zoom = zoom or max(1, min(64 // max(h, w), GRID_SIDE // side))
     grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.float32)
     for i, comp in enumerate(comps):
         top = comp.max()

@@ -32,6 +32,39 @@ if TYPE_CHECKING:
 CLAMP_COST = 0.01
 
 
+def factor_tag(factor: str, stat: str) -> str:
+    """The curve of a statistic of W or H: ``train/sparsity_W``.
+
+    Under ``train/`` so TensorBoard opens on the training curves; the statistic first so
+    its cards sort after the errors and the loss (TensorBoard sorts upper case first).
+    """
+    return f"train/{stat}_{factor}"
+
+
+def metric_key(tag: str) -> str:
+    """metrics.json's name of a curve.
+
+    ``train/rmse`` -> ``rmse``, ``val/rmse`` -> ``val_rmse``, ``train/sparsity_W`` -> ``W_sparsity``.
+    """
+    group, _, rest = tag.rpartition("/")
+    stat, _, factor = rest.rpartition("_")
+    if factor in ("W", "H") and stat in FACTOR_STATS:
+        return f"{factor}_{stat}"
+    return f"val_{rest}" if group == "val" else rest
+
+
+def metric_tag(key: str) -> str:
+    """The curve a final metric ends: ``val_rmse`` -> ``val/rmse``, ``rmse`` -> ``train/rmse``.
+
+    HPARAMS reads a run's final metrics as the last points of these curves.
+    """
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
+#: the statistics of W and H on the curves (objective.factor_stats)
+FACTOR_STATS = ("neg_fraction", "neg_mean", "sparsity", "neg_mass")
+
+
 @dataclass(frozen=True)
 class Clamped:
     """What clamping trained factors at 0 did to a run that let them go negative (``project=false``).
@@ -164,7 +197,7 @@ class Recorder:
         reported = self.reported(W, H)
         for name, A, R in (("W", W, reported[0]), ("H", H, reported[1])):
             shard = self.problem.shard if name == "W" else None  # W's rows are sharded under DDP
-            per_restart.update({f"factors/{name}_{k}": v for k, v in factor_stats(A, R, shard).items()})
+            per_restart.update({factor_tag(name, k): v for k, v in factor_stats(A, R, shard).items()})
         loss = per_restart["train/loss"]
         if loss.dim() == 0:
             return per_restart
@@ -235,7 +268,7 @@ class Recorder:
 
     def clamped(self, metrics: dict[str, float]) -> Clamped | None:
         """What clamping did to the final factors (``metrics``, as floats), when training let them go negative."""
-        mass = tuple(metrics[f"factors/{n}_neg_mass"] for n in ("W", "H"))
+        mass = tuple(metrics[factor_tag(n, "neg_mass")] for n in ("W", "H"))
         if not self.clamps or not any(v > 0 for v in mass):
             return None
         lam = self.problem.objective.lam
@@ -277,7 +310,7 @@ class Recorder:
         if not self.clamps:
             skip |= {f"{A}_neg_{stat}" for A in "WH" for stat in ("fraction", "mean", "mass")}
         skip.add("trained_relative_error")  # measured at a block's end only: a final number, not a curve
-        return {k: v for k, v in metrics.items() if k.rpartition("/")[2] not in skip}
+        return {k: v for k, v in metrics.items() if metric_key(k) not in skip}
 
 
 def final_names(spec: Spec, held_out: bool = False) -> set[str]:

@@ -51,6 +51,7 @@ from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import data_name, run_hparams, short_overrides, swept_keys
 from nmf_lightning.module import NMFModule
 from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
+from nmf_lightning.recorder import metric_key, metric_tag
 from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir, continues
 from nmf_lightning.solvers import registry
 from nmf_lightning.status import SUCCEEDED
@@ -249,7 +250,7 @@ def auto_threads(work: float, cores: int) -> int:
 
     On 2 cores, digits (1797 x 64, k = 16) and 500 x 400 (k = 20) run 1.3-1.4x faster on
     one thread than on two, 2000 x 1000 (k = 20) 1.25-1.46x slower; on a busy machine,
-    many threads on a small problem collapse (see the README's "threads").
+    many threads on a small problem collapse (see docs/cli.md, "threads").
     """
     return 1 if work < SMALL_WORK else max(1, cores)
 
@@ -319,9 +320,11 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
     elif model.stop_signal is None and model.clamped is not None and model.clamped.costly:
         metrics.update(status="not_nonnegative", reason=model.clamped.message(model.spec, CLI_WORDS))
     log.debug("final metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
-    hp_metrics = hp_metric_names(held_out)
-    for logger in trainer.loggers:
-        logger.log_metrics({f"hp/{k}": metrics[k] for k in hp_metrics}, step=trainer.global_step)
+    ends = {metric_tag(k): metrics[k] for k in hp_metric_names(held_out)}
+    ends = {tag: v for tag, v in ends.items() if not model.grid.ends_at(tag, trainer.global_step, v)}
+    for logger in trainer.loggers:  # HPARAMS shows the curves' last points: they are the final metrics
+        if ends:
+            logger.log_metrics(ends, step=trainer.global_step)
         logger.finalize("success" if reason is None else "failed")
     if reason is not None:
         write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -554,12 +557,6 @@ def hp_metric_names(held_out: bool) -> tuple[str, ...]:
         "divergence",
         "reconstruction",
     )
-
-
-def metric_key(name: str) -> str:
-    """metrics.json name of a logged metric: ``train/rmse`` -> ``rmse``, ``val/rmse`` -> ``val_rmse``."""
-    group, _, rest = name.rpartition("/")
-    return f"val_{rest}" if group == "val" else rest
 
 
 def _check_optimized_metric(cfg: DictConfig, model: NMFModule, held_out: bool) -> None:

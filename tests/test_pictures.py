@@ -13,8 +13,9 @@ def test_heatmap_reduces_large_factors_by_block_maxima_and_stretches_thin_ones()
     A[1234, 3] = 7.0  # one spike must survive the reduction
     small = reduce_to(A, max_side=100)
     assert small.shape == (100, 8) and small.max() == 7.0
-    image = heatmap(A, max_side=100)
-    assert image.dtype == np.uint8 and image.shape == (100, 8 * 16, 3)
+    image = heatmap(A, max_side=100, title="W")
+    assert image.dtype == np.uint8 and image.shape == (400, 520, 3)  # the factor, its colour bar, labels
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # a colour scale, not one flat colour
 
 
 def test_component_grid_tiles_each_component_as_an_image():
@@ -22,6 +23,8 @@ def test_component_grid_tiles_each_component_as_an_image():
     grid = component_grid(H, (8, 8))
     # 10 components -> 4 x 3 grid of 8x8 images with 1-pixel gaps, zoomed 8x
     assert grid.shape == ((3 * 9 + 1) * 8, (4 * 9 + 1) * 8, 3)
+    many = component_grid(torch.rand(100, 64), (8, 8))  # 10 x 10 images: zoomed less, to fit a card
+    assert max(many.shape[:2]) <= 400 and many.shape[0] == (10 * 9 + 1) * 4
 
 
 def test_top_words_pick_the_heaviest_columns_of_each_component():

@@ -47,21 +47,35 @@ def test_run_writes_factors_metrics_checkpoint_and_events(make_cfg, tmp_path):
         "train/reconstruction",
         "train/relative_error",
         "train/rmse",
-        "factors/W_sparsity",
-        "perf/updates_per_sec",
-        "hp/relative_error",
-        "hp/loss",
+        "train/sparsity_W",
+        "train/updates_per_sec",
     ):
         assert tag in tags, tag
     # no curve for a penalty of weight 0, nor for the negative share of factors projected to >= 0
-    assert not tags & {"train/penalty", "train/l1_W", "factors/W_neg_fraction", "factors/H_neg_mean"}
+    assert not tags & {"train/penalty", "train/l1_W", "train/neg_fraction_W", "train/neg_mean_H"}
+    assert not any(tag.startswith(("hp/", "factors/", "perf/")) for tag in tags)  # SCALARS opens on train/
     loss = [e.value for e in ea.Scalars("train/loss")]
     steps = [e.step for e in ea.Scalars("train/loss")]
     assert loss[-1] < 0.5 * loss[0]
     assert steps == list(range(10, 301, 10))  # the x-axis counts updates: a point every 10
-    assert ea.Scalars("hp/relative_error")[-1].value == pytest.approx(saved["relative_error"], rel=1e-5)
+    # HPARAMS reads the curves' last points: the final metrics, with no point written twice
+    assert ea.Scalars("train/relative_error")[-1].value == pytest.approx(saved["relative_error"], rel=1e-5)
+    assert [e.step for e in ea.Scalars("train/relative_error")] == list(range(10, 301, 10))
     assert "_hparams_/experiment" in ea.summary_metadata
     assert "custom_scalars__config__" in ea.Tags()["tensors"]  # the CUSTOM SCALARS layout, errors first
+
+
+def test_hparams_show_the_step_lr_auto_chose(make_cfg, tmp_path, caplog):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    with caplog.at_level("INFO"):
+        train(make_cfg(*SMALL, "trainer.max_steps=20"))
+    chosen = float(re.search(r"optimizer.lr=auto: ([0-9.e-]+)", caplog.text).group(1))
+    ea = EventAccumulator(str(tmp_path))
+    ea.Reload()
+    content = ea.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+    lr = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams["lr"].number_value
+    assert lr == pytest.approx(chosen, rel=1e-2)  # the value used, not "auto"
 
 
 def test_checkpoint_restores_the_factors(make_cfg, tmp_path):
@@ -141,7 +155,7 @@ def test_projection_keeps_factors_non_negative_after_every_update(optimizer):
     )
     trainer.fit(module, datamodule=NMFDataModule(synthetic, n_rows=20, n_cols=15, true_rank=4))
     assert check.checked == 25
-    assert module.final_metrics["factors/W_neg_fraction"] == 0
+    assert module.final_metrics["train/neg_fraction_W"] == 0
 
 
 def test_without_projection_the_result_is_clamped_and_the_raw_negatives_reported(make_cfg, tmp_path):
@@ -176,7 +190,7 @@ def test_without_projection_the_result_is_clamped_and_the_raw_negatives_reported
     assert metrics["val_relative_error"] == pytest.approx(np.linalg.norm(V) / np.linalg.norm(X[held]), rel=1e-4)
     ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     ea.Reload()
-    assert ea.Scalars("factors/W_neg_fraction")[-1].value == pytest.approx(metrics["W_neg_fraction"])
+    assert ea.Scalars("train/neg_fraction_W")[-1].value == pytest.approx(metrics["W_neg_fraction"])
     curve = [e.step for e in ea.Scalars("train/relative_error")]
     assert curve == list(range(10, 201, 10))
     assert ea.Scalars("train/relative_error")[-1].value == pytest.approx(metrics["relative_error"], rel=1e-5)

@@ -47,8 +47,13 @@ class UpdateProgressBar(TQDMProgressBar):
         "online/relative_error": "online_rel_error",
     }
 
+    #: seconds between two writes of the bar when the console is not a terminal (a log file, a pipe)
+    LOG_EVERY = 5.0
+
     def init_train_tqdm(self) -> Tqdm:
         """The run's bar, counted in updates."""
+        self._interactive = sys.stdout.isatty()
+        self._written = time.monotonic()
         steps = self.trainer.max_steps
         return Tqdm(
             desc="updates",
@@ -80,6 +85,10 @@ class UpdateProgressBar(TQDMProgressBar):
         if bar is None or bar.disable or self.refresh_rate == 0:
             return
         bar.n = trainer.global_step
+        if not self._interactive:  # a log keeps every write: one every LOG_EVERY seconds, and the last
+            if time.monotonic() - self._written < self.LOG_EVERY:
+                return
+            self._written = time.monotonic()
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         bar.refresh()
 

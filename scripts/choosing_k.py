@@ -1,7 +1,7 @@
-"""The README's "Choosing k and trusting the components" commands, run as written there.
+"""The "Choosing k and trusting the components" commands of docs/sweeps.md, run as written there.
 
 Automatic rank on digits, then the cNMF workflow as one sweep (consensus over 100
-restarts at each rank) and its report, whose ``k_selection.png`` the README shows.
+restarts at each rank) and its report, whose ``k_selection.png`` the page shows.
 
     python scripts/choosing_k.py            # writes outputs/digits_auto, multirun/digits_consensus, docs/consensus_digits
     python scripts/choosing_k.py --quick    # the same commands with fewer updates and restarts (the test)
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: as the README writes them
+#: as docs/sweeps.md writes them
 COMMANDS = (
     "nmf-train data=digits model.rank=auto model.rank_max=32 optimizer=hals model.l2_W=1 model.l2_H=1 "
     "model.tol=1e-4 trainer.max_steps=1000 hydra.run.dir=outputs/digits_auto",

@@ -1,6 +1,6 @@
 """NMF without projection: the clamp penalty at a fixed weight, grown by a schedule, and projection.
 
-Runs the README's commands as a user types them (``nmf-train ...``, one process each, back
+Runs the commands of docs/solvers.md as a user types them (``nmf-train ...``, one process each, back
 to back) on digits and on the 20 newsgroups notebook's matrix, and tables what each run
 delivers: its status, the relative error of the factors as trained and clamped at 0 (the
 factors written), their negative mass, the penalty weight reached and the wall time.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-#: (data set, label, overrides): the README's commands, without their run folders
+#: (data set, label, overrides): the commands of docs/solvers.md, without their run folders
 DIGITS = [
     ("digits", "projected (default)", ()),
     ("digits", "penalty, lam = 10", ("model.project=false", "model.lam=10")),

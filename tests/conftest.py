@@ -71,10 +71,32 @@ def run_sweep(sweep_dir: Path, *overrides: str, failures: bool = False) -> subpr
     return proc
 
 
+#: ``pytest -m smoke``: a minute that passes through every entry point and the core once
+SMOKE = (
+    "test_cli.py::test_cli_trains_end_to_end[toy]",
+    "test_train.py::test_run_writes_factors_metrics_checkpoint_and_events",
+    "test_estimator.py::test_matches_scikit_learn",
+    "test_estimator.py::test_pipeline_with_tfidf_and_grid_search",
+    "test_front_ends.py::test_the_cli_and_the_estimator_give_the_same_factors",
+    "test_front_ends.py::test_transform_is_the_estimators_transform_and_nmf_transforms",
+    "test_streaming.py::test_missing_entries_stream_too",
+    "test_holdout.py::test_validation_metrics_match_a_direct_computation",
+    "test_data.py::test_file_formats_load_with_the_right_shape_and_values",
+    "test_hostile.py::test_valid_matrices_train_and_invalid_ones_fail_in_one_line",
+    "test_solvers.py::test_updates_never_increase_the_objective_and_stay_non_negative",
+    "test_consensus.py::test_consensus_finds_the_components_and_drops_outliers",
+    "test_docs.py::test_the_checker_refuses_what_drifted",
+    "test_docs.py::test_the_documentation_site_builds_without_a_warning",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip themselves where CUDA sees no device."""
+    """Mark the smoke subset; GPU tests skip themselves where CUDA sees no device."""
     import torch
 
+    for item in items:
+        if item.nodeid.removeprefix("tests/").startswith(SMOKE):
+            item.add_marker(pytest.mark.smoke)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

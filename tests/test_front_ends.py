@@ -128,13 +128,12 @@ def test_bad_input_exits_2_in_one_line_and_a_bug_shows_its_traceback(make_cfg, m
         _main(cfg, single=True)
 
 
-def test_the_readmes_engine_example_runs():
-    """The README's Python example of the engine, run as it is written there."""
+def test_the_docs_engine_example_converges():
+    """The engine page's Python example, run as it is written there, converges."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### The engine in Python") :]
+    section = (Path(__file__).resolve().parents[1] / "docs/engine.md").read_text()
     code = section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    exec(compile(code, "engine.md", "exec"), namespace)  # noqa: S102 - the page's own example
     assert namespace["result"].converged and float(namespace["problem"].loss(namespace["W"], namespace["H"])) > 0

@@ -1,4 +1,4 @@
-"""The scripts behind the README's tables run as the README writes them."""
+"""The scripts behind the documentation's tables run as the documentation writes them."""
 
 import json
 import os
@@ -51,15 +51,15 @@ def test_the_gpu_proof_dry_run_runs_every_step_and_writes_its_eight_files(tmp_pa
     assert done.stdout.rstrip().splitlines()[-1].startswith("total ")  # the table comes last, then the time
 
 
-def test_the_choosing_k_commands_are_the_readmes():
+def test_the_choosing_k_commands_are_the_docs():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import choosing_k
     finally:
         sys.path.pop(0)
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs/sweeps.md").read_text()
     for command in choosing_k.COMMANDS:
-        assert command in readme, command
+        assert command in page, command
 
 
 @pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it

@@ -309,6 +309,18 @@ def test_the_documented_transform_figure_is_scipys_nnls(tmp_path, monkeypatch, c
     assert _matches("0.0025152", printed) and _matches("0.0025152", np.linalg.norm(X - W @ H) / np.linalg.norm(X))
 
 
+def test_the_newsgroups_figures_are_the_penalty_scripts():
+    """The notebook's newsgroups run needs the 20 newsgroups archive: its figures are the script's recorded ones."""
+    import json
+
+    rows = json.loads((ROOT / "results/cpu-penalty-schedule/penalty_schedule.json").read_text())
+    notebook = next(r for r in rows if r["command"].startswith("nmf-train experiment=newsgroups_adam data."))
+    text = (ROOT / "docs/notebooks.md").read_text()
+    assert f"loss {notebook['loss']:.2f} after 1000 updates" in text
+    assert f"{notebook['H_neg_fraction']:.0%} of H's entries negative, {notebook['H_neg_mass']:.0%} of its mass" in text
+    assert f"relative error {notebook['relative_error']:.2f}, against {notebook['trained_relative_error']:.3f}" in text
+
+
 def test_a_figure_that_drifted_fails():
     assert _matches("0.2572", 0.25718) and _matches("2.17e-4", 2.171e-4) and _matches("180", 180)
     assert not _matches("0.2572", 0.2575) and not _matches("2.8e-4", 2.17e-4) and not _matches("110", 180)

@@ -129,7 +129,7 @@ def run_hparams(
         "loss": str(cfg.model.loss),
         "init": str(cfg.model.init),
         "restarts": int(cfg.model.get("restarts", 1)),
-        "tol": float(cfg.model.get("tol", 0.0)),
+        "tol": float(cfg.model.get("tol") or 0.0),
         "holdout": float(cfg.data.get("holdout", 0.0)),
         "data": str(choices.get("data") or cfg.data.get("loader", {}).get("path")),
         "project": bool(cfg.model.project),

@@ -99,7 +99,7 @@ class NMFModule(L.LightningModule):
         rank_max: int = 20,
         rank_holdout: float = 0.1,
         rank_rule: str = "min",
-        tol: float = 0.0,
+        tol: float | None = 0.0,
         tol_window: int = 10,
         compile: bool = False,
         online: bool = False,
@@ -300,10 +300,9 @@ class NMFModule(L.LightningModule):
     def _after_updates(self, converged: bool) -> None:
         """Stop the trainer where the objective settled (``tol``) or a stop signal arrived (on any rank)."""
         if converged:
-            spec = self.spec
             self.stop_reason = (
-                f"converged: the objective changed by less than model.tol={spec.tol} (relative) "
-                f"over the last {spec.tol_window} updates"
+                f"converged: the objective changed by less than model.tol={self.problem.convergence.tol} "
+                f"(relative) over the last {self.problem.convergence.window} updates"
             )
             self.trainer.should_stop = True
         if self.shard is not None and self.shard.any(self.stop_signal is not None, self.W.device):

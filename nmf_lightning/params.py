@@ -171,7 +171,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "rank_holdout": Real(0, 0.5, open_low=True),
     "rank_rule": Options(("min", "1se")),
     "seed": Integer(),
-    "tol": Real(0),
+    "tol": one_of(None, Real(0)),
     "tol_window": Integer(1),
     "online": Boolean(),
     "forget": Real(0, 1, open_low=True),

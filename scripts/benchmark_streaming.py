@@ -260,6 +260,28 @@ def online(args, work: Path) -> list[dict]:
                 "curve": curve.points,
             }
         )
+    # as a user runs it: the default stop (model.tol=null) ends it, not a count of passes
+    cfg = _cfg(
+        work / "hals_online_default",
+        "data=file",
+        f"data.path={path}",
+        f"data.batch_rows={args.online_batch_rows}",
+        f"model.rank={k}",
+        "optimizer=hals",
+        "model.online=true",
+    )
+    t0 = time.perf_counter()
+    metrics = train(cfg)
+    rows.append(
+        {
+            "part": "online",
+            "problem": rows[0]["problem"],
+            "method": f"nmf-lightning hals online, stopped by its default tol ({args.online_batch_rows} rows/block)",
+            "updates": metrics["steps"],
+            "relative_error": metrics["relative_error"],
+            "wall_s": time.perf_counter() - t0,
+        }
+    )
     return rows
 
 

@@ -290,7 +290,7 @@ def test_optimizer_factory():
         ({"beta_loss": "kl"}, "beta_loss must be one of 'frobenius'.*got 'kl'"),
         ({"beta_loss": "kullback-leibler"}, "solver='cd' fits the Frobenius loss only"),
         ({"max_iter": 0}, "max_iter must be an integer >= 1"),
-        ({"tol": -1}, "tol must be a finite number >= 0"),
+        ({"tol": -1}, "tol must be None or a finite number >= 0"),
         ({"l1_ratio": 2}, "l1_ratio must be a finite number >= 0 and <= 1"),
         ({"lr": 0.1}, "lr, lam and project=False act on gradient solvers"),
         ({"precision": "8"}, "precision must be None or one of .*got '8'"),
@@ -390,7 +390,7 @@ def test_non_negative_factorization_with_h_fixed_counts_its_updates():
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"tol": float("nan")}, "tol must be a finite number"),
+        ({"tol": float("nan")}, "tol must be None or a finite number"),
         ({"alpha_W": float("inf")}, "alpha_W must be a finite number"),
         ({"random_state": -1}, "random_state must be None"),
         ({"project": "no", "solver": "adam"}, "project must be True or False"),

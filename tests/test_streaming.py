@@ -190,6 +190,19 @@ def test_online_mode_lowers_the_objective_pass_by_pass_and_leads_early(make_cfg,
     assert errors[0] < 0.8 * exact["relative_error"]  # H already learnt from the first blocks of the pass
 
 
+def test_online_mode_stops_once_its_pass_cost_settles(make_cfg, tmp_path):
+    rng = np.random.default_rng(0)  # word counts of 8 sparse topics, as online NMF is used on
+    W = rng.exponential(1, (4000, 8)) * (rng.random((4000, 8)) < 0.3)
+    H = rng.exponential(1, (8, 300)) * (rng.random((8, 300)) < 0.2)
+    path = tmp_path / "counts.npz"
+    sp.save_npz(path, sp.csr_matrix(rng.poisson(0.5 * W @ H).astype(np.float32)))
+    args = (path, "optimizer=hals", "data.batch_rows=500", "model.online=true", "model.rank=8", "trainer.max_steps=300")
+    settled, _, _ = _run(make_cfg, tmp_path, "default", *args, "trainer.precision=32-true")  # model.tol=null
+    assert settled["stop_reason"].startswith("converged") and settled["steps"] < 30
+    every, _, _ = _run(make_cfg, tmp_path, "all", *args, "trainer.precision=32-true", "model.tol=0")  # every pass
+    assert every["steps"] == 300 and settled["relative_error"] <= 1.001 * every["relative_error"]
+
+
 def test_the_engine_fit_is_what_transform_and_the_module_run(make_cfg, tmp_path, monkeypatch):
     import nmf_lightning.engine.loop as engine_loop
     from nmf_lightning.transform import transform

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -107,14 +108,14 @@ def fit(
     step: Update,
     steps: int,
     *,
-    measure: Callable[[], Tensor] | None = None,
+    measure: Callable[[PassResult], Tensor] | None = None,
     convergence: Convergence | None = None,
     done: int = 0,
     on_update: Callable[[int, PassResult], bool | None] | None = None,
 ) -> FitResult:
     """Run up to ``steps`` updates of W and H (in place) over the row blocks of X.
 
-    ``convergence`` (with ``measure``, the objective of the factors as they are) is the
+    ``convergence`` (with ``measure``, the objective after an update, given its result) is the
     ``tol`` test, run at its due updates counted from ``done``, the updates before this
     call. Per-update losses stay on the device: no host sync but the test.
     ``on_update(i, result)`` is called after the i-th update (from 1) of this call, while
@@ -129,7 +130,7 @@ def fit(
             losses.append(last.loss)
         if on_update is not None and on_update(i + 1, last):
             return FitResult(i + 1, _stack(losses), False, last, stopped=True)
-        if convergence is not None and measure is not None and convergence.check(done + i + 1, measure):
+        if convergence is not None and measure is not None and convergence.check(done + i + 1, partial(measure, last)):
             return FitResult(i + 1, _stack(losses), True, last)
     return FitResult(steps, _stack(losses), False, last)
 

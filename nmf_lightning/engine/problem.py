@@ -124,7 +124,7 @@ class Spec:
     loss_form: str = "auto"
     online: bool = False
     forget: float = 0.7
-    tol: float = 0.0
+    tol: float | None = 0.0
     tol_window: int = 10
     compile: bool = False
 
@@ -366,6 +366,23 @@ class Source:
         return self.whole if isinstance(self.whole, Block) else self.whole()
 
 
+#: online mode stops, unless ``tol`` says otherwise, once a pass's cost moves by less than this (relative)
+ONLINE_TOL = 1e-4
+
+
+def spec_tol(spec: Spec) -> tuple[float, int]:
+    """The ``tol`` test of a spec: (tol, updates between two measurements).
+
+    ``tol=None`` is the mode's default: off for passes over X, as the notebooks' fixed
+    update counts; online, :data:`ONLINE_TOL` on each pass's own cost (each block's error
+    as it was fit, free to read), as scikit-learn's ``MiniBatchNMF`` stops early on its
+    smoothed batch cost, where a fixed count of passes would run on long after it settled.
+    """
+    if spec.tol is None:
+        return (ONLINE_TOL, 1) if spec.online else (0.0, spec.tol_window)
+    return spec.tol, spec.tol_window
+
+
 class Problem:
     """A fit as the engine runs it: X's blocks, the objective, and how W and H start and are updated.
 
@@ -393,7 +410,7 @@ class Problem:
             PenaltySchedule(spec.lam, spec.lam_growth, spec.neg_tol, spec.lam_every) if spec.lam_growth > 1 else None
         )
         ready = None if self.schedule is None else (lambda: self.schedule.met)  # the penalty's constraint holds
-        self.convergence = Convergence(spec.tol, spec.tol_window, ready=ready)
+        self.convergence = Convergence(*spec_tol(spec), ready=ready)
 
     @property
     def objective(self) -> Objective:
@@ -688,7 +705,7 @@ class Problem:
             H,
             update,
             steps,
-            measure=lambda: self.loss(W, H),
+            measure=lambda last: last.sq if last.running else self.loss(W, H),  # online: the pass's own cost
             convergence=self.convergence if convergence is None else convergence,
             done=done,
             on_update=on_update,

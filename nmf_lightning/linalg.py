@@ -30,13 +30,18 @@ def eps_for(A: Tensor) -> float:
     return float(torch.finfo(A.dtype).eps)
 
 
-def floor_for(values: Tensor, dims: tuple[int, ...] = (-1,)) -> Tensor:
+def floor_for(values: Tensor | np.ndarray, dims: tuple[int, ...] = (-1,)) -> Tensor | np.ndarray:
     """A division guard scaled to the values it guards: eps of their largest over ``dims`` (kept), never 0.
 
     An absolute guard (eps itself) swamps every value once X is small enough (X at 1e-6
     in float32 makes W^T W H about 1e-9), so a solver's fit would depend on X's units;
-    this one is the same at any scale of X.
+    this one is the same at any scale of X. A numpy array (HALS on a CPU) gets a numpy
+    floor: four torch calls on a few numbers cost more than the pass they guard.
     """
+    if isinstance(values, np.ndarray):
+        info = np.finfo(values.dtype)
+        top = np.abs(values).max(axis=dims, keepdims=True)
+        return np.maximum(top * values.dtype.type(info.eps), info.tiny)
     top = values.detach().abs().amax(dim=dims, keepdim=True)
     return (top * eps_for(values)).clamp_min(torch.finfo(values.dtype).tiny)
 

@@ -91,7 +91,7 @@ class NMFDataModule(L.LightningDataModule):
         self.num_workers = num_workers if num_workers == "auto" else int(num_workers)
         self.matrix: Matrix | None = None
         self.holdout: Holdout | None = None
-        self._loader: DataLoader | None = None  # the row blocks of a streamed X, made once
+        self._loader: Iterable[dict[str, Any]] | None = None  # the row blocks of a streamed X, made once
         self.summary: RowSummary | None = None
         self.dtype = torch.float32  # of the streamed blocks; the module sets it to its own
         self.shard: Any = None  # under DDP, this rank's rows (a RowShard, set by the module)
@@ -145,11 +145,14 @@ class NMFDataModule(L.LightningDataModule):
             return source.to(device)
         self.dtype, offset = dtype, 0 if shard is None else shard.start
 
+        on_cpu = torch.device(device).type == "cpu"
+
         def blocks() -> Iterator[Block]:  # one pass over this process's row blocks
             for batch in self.block_loader():
                 if not batch.get("empty"):
-                    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    yield from_batch(moved, dtype, matrix.unstored_missing, offset)
+                    if not on_cpu:
+                        batch = {k: _to(v, device) for k, v in batch.items()}
+                    yield from_batch(batch, dtype, matrix.unstored_missing, offset)
 
         rows = None if shard is None else shard.rows  # this rank's rows of W
         return dataclasses.replace(self.summarized(1 if shard is None else shard.world), blocks=blocks, rows=rows)
@@ -162,13 +165,20 @@ class NMFDataModule(L.LightningDataModule):
         X, missing = self.matrix.X, self.matrix.unstored_missing
         return RowBlocks(X, self.batch_rows, self.summary, self.dtype, missing, rows=rows, length=length)
 
-    def block_loader(self) -> DataLoader:
-        """The row blocks of a pass, read ahead by ``num_workers`` and pinned for a GPU (made once, reused)."""
+    def block_loader(self) -> Iterable[dict[str, Any]]:
+        """The row blocks of a pass, read ahead by ``num_workers`` and pinned for a GPU (made once, reused).
+
+        Without workers or a GPU to pin for, the blocks are read in turn from the dataset
+        itself: a DataLoader would only add its fetch and conversion to every block.
+        """
         if self._loader is None:
             workers = self.num_workers
             on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
             if workers == "auto":
                 workers = 1 if on_gpu else 0
+            if not workers and not on_gpu:
+                self._loader = self.row_blocks()
+                return self._loader
             self._loader = DataLoader(
                 self.row_blocks(),
                 batch_size=None,
@@ -214,3 +224,8 @@ def _check_fits(X: object) -> None:
             " (or fewer), which never holds X at once."
         ),
     )
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """A block's tensor on ``device``, copied while the device works; its other fields as they are."""
+    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value

@@ -60,14 +60,14 @@ def _passes(A: Tensor, G: Tensor, B: Tensor, sweeps: int) -> None:
     A diagonal entry of G below eps of its largest (a component that is all but zero) is
     divided by that floor instead: relative, so the passes are the same at any scale of X.
     """
-    floor = floor_for(torch.diagonal(G, dim1=-2, dim2=-1))  # (..., 1)
     numpy = A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64)
+    floor = floor_for(np.diagonal(G.numpy(), axis1=-2, axis2=-1) if numpy else torch.diagonal(G, dim1=-2, dim2=-1))
     scaled = None if numpy else _scaled_torch(G, B, floor)
     first = None
     for s in range(sweeps):
         before = A.clone() if sweeps > 1 else None
         if scaled is None:
-            _sweep_numpy(A.numpy(), G.numpy(), B.numpy(), floor.numpy())
+            _sweep_numpy(A.numpy(), G.numpy(), B.numpy(), floor)
         else:
             _sweep_torch(A, *scaled)
         if before is not None and s + 1 < sweeps:

@@ -321,6 +321,41 @@ def test_the_newsgroups_figures_are_the_penalty_scripts():
     assert f"relative error {notebook['relative_error']:.2f}, against {notebook['trained_relative_error']:.3f}" in text
 
 
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])")
+
+
+def quoted_tables() -> list[tuple[str, str, list[str]]]:
+    """Tables of results a page quotes: (page, source file, rows), marked ``<!-- figures: FILE -->``."""
+    found = []
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            mark = re.fullmatch(r"<!-- figures: (\S+) -->", line.strip())
+            if mark:
+                rows = []
+                for row in lines[i + 1 :]:
+                    if row.startswith("|"):
+                        rows.append(row)
+                    elif rows:
+                        break
+                found.append((page.name, mark.group(1), rows[2:]))  # (header and rule left out)
+    return found
+
+
+@pytest.mark.parametrize(("page", "source", "rows"), quoted_tables(), ids=lambda v: v if isinstance(v, str) else "")
+def test_quoted_tables_are_the_scripts_results(page, source, rows):
+    """Every number of a quoted table is one its results file holds (rounded as printed)."""
+    assert rows, f"{page}: no table after the mark for {source}"
+    recorded = [float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", (ROOT / source).read_text())]
+    for row in rows:
+        for printed in NUMBER.findall(row):
+            assert any(_matches(printed, value) for value in recorded), f"{page}: {printed} is not in {source}: {row}"
+
+
+def test_every_results_table_is_marked_with_its_source():
+    assert len(quoted_tables()) >= 10
+
+
 def test_a_figure_that_drifted_fails():
     assert _matches("0.2572", 0.25718) and _matches("2.17e-4", 2.171e-4) and _matches("180", 180)
     assert not _matches("0.2572", 0.2575) and not _matches("2.8e-4", 2.17e-4) and not _matches("110", 180)

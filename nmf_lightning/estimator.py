@@ -90,7 +90,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     gradient optimizers ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"sgd"``), ``beta_loss``
     (``"frobenius"``, ``"kullback-leibler"``, ``"itakura-saito"`` or a float; other than
     Frobenius with ``"mu"`` or a gradient solver), ``max_iter``, ``random_state``, ``alpha_W``, ``alpha_H``,
-    ``l1_ratio`` (scaled by the data's size as scikit-learn does) and ``verbose``.
+    ``l1_ratio`` (scaled by the data's size as scikit-learn does; ``l2_scale="count"`` scales the L2
+    terms by each row's and column's number of observed entries instead, ALS-WR's weighting) and ``verbose``.
 
     ``tol`` stops the fit once the objective changes by less than ``tol`` (relative) over
     10 updates (scikit-learn's ``cd`` measures a projected gradient instead).
@@ -140,6 +141,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         alpha_W: float = 0.0,
         alpha_H: float | str = "same",
         l1_ratio: float = 0.0,
+        l2_scale: str | None = None,
         verbose: int = 0,
         optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None,
         lr: float | None = None,
@@ -173,6 +175,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.alpha_W = alpha_W
         self.alpha_H = alpha_H
         self.l1_ratio = l1_ratio
+        self.l2_scale = l2_scale
         self.verbose = verbose
         self.optimizer = optimizer
         self.lr = lr
@@ -208,6 +211,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "alpha_W": CONSTRAINTS["l1_W"],
         "alpha_H": one_of(CONSTRAINTS["l1_H"], "same"),
         "l1_ratio": Real(0, 1),
+        "l2_scale": one_of(None, "count"),
         "verbose": one_of(Integer(0), Boolean()),
         "optimizer": one_of(
             Kind(
@@ -415,10 +419,15 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return int(k)
 
     def _regularization(self, n: int, m: int) -> tuple[float, float, float, float]:
-        """scikit-learn's scaling: W's terms by n_features, H's by n_samples."""
+        """scikit-learn's scaling: W's terms by n_features, H's by n_samples.
+
+        With ``l2_scale="count"`` the L2 terms are scaled by each row's and column's observed
+        entries instead (the engine's ``l2_scale``; the same numbers when X has no missing entry).
+        """
         alpha_H = self.alpha_W if self.alpha_H == "same" else self.alpha_H
         r = self.l1_ratio
-        return m * self.alpha_W * r, n * alpha_H * r, m * self.alpha_W * (1 - r), n * alpha_H * (1 - r)
+        n2, m2 = (1, 1) if self.l2_scale == "count" else (n, m)
+        return m * self.alpha_W * r, n * alpha_H * r, m2 * self.alpha_W * (1 - r), n2 * alpha_H * (1 - r)
 
     def _dtype(self, X) -> torch.dtype:
         if self.precision is None:
@@ -478,6 +487,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             l1_H=l1_H,
             l2_W=l2_W,
             l2_H=l2_H,
+            l2_scale=self.l2_scale or "none",
             project=bool(self.project),
             lam_growth=self.lam_growth,
             neg_tol=self.neg_tol,
@@ -616,6 +626,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         rule = "mu" if (self.solver == "mu" and self.optimizer is None) or beta != 2 else "hals"
         l1_W, _, l2_W, _ = self._regularization(*X.shape)
         options = {"max_iter": self.max_iter, "tol": self.tol, "device": self._device(), "beta": beta}
+        options["l2_scale"] = self.l2_scale or "none"
         W, steps, _ = solve_w(X, np.asarray(H), rule, self._words(), l1_W=l1_W, l2_W=l2_W, **options)
         return (W, steps) if return_n_iter else W
 

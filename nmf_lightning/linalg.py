@@ -41,6 +41,16 @@ def floor_for(values: Tensor, dims: tuple[int, ...] = (-1,)) -> Tensor:
     return (top * eps_for(values)).clamp_min(torch.finfo(values.dtype).tiny)
 
 
+def per_column(weight: float | Tensor) -> float | Tensor:
+    """A penalty weight as a vector over H's columns, (..., m), from its (..., 1, m) form; a number stays one.
+
+    ``model.l2_scale=count`` weighs each column of H (each row of W, on the transposed
+    problem) by its number of observed entries; the rules take such a weight as (..., 1, m),
+    which broadcasts against H (..., k, m).
+    """
+    return weight[..., 0, :] if isinstance(weight, Tensor) else weight
+
+
 def scatter_rows(index: Tensor, size: int, values: Tensor) -> Tensor:
     """Sum per-entry rows (..., n_obs, k) into ``size`` rows by ``index``: (..., size, k)."""
     out = values.new_zeros(*values.shape[:-2], size, values.shape[-1])

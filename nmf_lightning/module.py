@@ -61,6 +61,8 @@ class NMFModule(L.LightningModule):
                 + l1_W * |W|_1 + l1_H * |H|_1 + l2_W/2 * ||W||^2 + l2_H/2 * ||H||^2
                 + l21_H * mean_j |H[:, j]|_2
 
+    (with ``l2_scale="count"`` each row's ||W_i||^2 and column's ||H_j||^2 weighed by its observed entries)
+
     ``optimizer`` is a factory ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``
     config; ``lr="auto"`` sizes it to the factors) or a closed-form solver; ``project``
     clamps W, H to >= 0 after every update; without it, ``lam_growth`` > 1 grows ``lam`` until
@@ -81,6 +83,7 @@ class NMFModule(L.LightningModule):
         l1_H: float = 0.0,
         l2_W: float = 0.0,
         l2_H: float = 0.0,
+        l2_scale: str = "none",
         l21_H: float = 0.0,
         project: bool = True,
         lam_growth: float = 1.0,
@@ -117,7 +120,7 @@ class NMFModule(L.LightningModule):
         rank = rank_min if rank == "auto" else rank
         self.spec = Spec(
             rank=rank, optimizer=optimizer or DEFAULT_OPTIMIZER, loss=loss, beta=beta, lam=lam, l1_W=l1_W,
-            l1_H=l1_H, l2_W=l2_W, l2_H=l2_H, l21_H=l21_H, project=project, lam_growth=lam_growth,
+            l1_H=l1_H, l2_W=l2_W, l2_H=l2_H, l2_scale=l2_scale, l21_H=l21_H, project=project, lam_growth=lam_growth,
             neg_tol=neg_tol, lam_every=lam_every, init=init, init_scale=init_scale, restarts=restarts,
             consensus=consensus, density_threshold=density_threshold, neighbors=neighbors,
             consensus_refine=consensus_refine, seed=seed,

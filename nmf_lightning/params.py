@@ -153,6 +153,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "l1_H": PENALTY,
     "l2_W": PENALTY,
     "l2_H": PENALTY,
+    "l2_scale": Options(("none", "count")),
     "l21_H": PENALTY,
     "project": Boolean(),
     "lam_growth": Real(1),
@@ -187,6 +188,7 @@ PURPOSE = {name: "a penalty weight" for name in ("lam", "l1_W", "l1_H", "l2_W", 
     "lam_every": "updates between the schedule's checks",
     "steps": "the number of updates",
     "batch_rows": "rows per block",
+    "l2_scale": "what l2_W and l2_H are multiplied by: 1, or each row's and column's observed entries",
 }
 
 

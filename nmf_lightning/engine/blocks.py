@@ -80,6 +80,17 @@ class Block:
         """The sum of the observed entries, in float64 (the random init's scale)."""
         raise NotImplementedError
 
+    def counts(self) -> tuple[Tensor, Tensor]:
+        """Each row's and each column's number of observed entries, (b,) and (m,) in float64.
+
+        Every entry of a dense or sparse X is observed (a sparse X's unstored ones are zeros).
+        """
+        b, m = self.shape
+        device = self.device
+        return torch.full((b,), float(m), dtype=torch.float64, device=device), torch.full(
+            (m,), float(b), dtype=torch.float64, device=device
+        )
+
     def tensors(self) -> tuple[Tensor, ...]:
         """The tensors the block holds (their bytes are its size in memory)."""
         raise NotImplementedError
@@ -310,6 +321,9 @@ class MaskedBlock(DenseBlock):
     def values_sum(self) -> Tensor:  # noqa: D102
         return self.X.sum(dtype=torch.float64)  # 0 at the missing entries
 
+    def counts(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        return self.mask.sum(-1, dtype=torch.float64), self.mask.sum(-2, dtype=torch.float64)
+
     def tensors(self) -> tuple[Tensor, ...]:  # noqa: D102
         return (self.X, self.mask)
 
@@ -442,6 +456,10 @@ class ObservedBlock(Block):
 
     def values_sum(self) -> Tensor:  # noqa: D102
         return self.vals.sum(dtype=torch.float64)
+
+    def counts(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        b, m = self.shape
+        return torch.bincount(self.rows, minlength=b).double(), torch.bincount(self.cols, minlength=m).double()
 
     def tensors(self) -> tuple[Tensor, ...]:  # noqa: D102
         return (self.vals, self.rows, self.cols)

@@ -17,6 +17,7 @@ factors whichever front end runs them, and a resumed run repeats a straight one:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import warnings
@@ -96,7 +97,9 @@ class Spec:
     negative mass is above ``neg_tol`` (:class:`~nmf_lightning.engine.updates.PenaltySchedule`).
     ``optimizer`` builds the solver over [W, H] (a closed-form :class:`~nmf_lightning.solvers.Solver`
     or a ``torch.optim.Optimizer`` factory, as a Hydra ``_partial_`` config gives it); its
-    ``lr`` may be ``"auto"``.
+    ``lr`` may be ``"auto"``. ``l2_scale="count"`` weighs each row's ``l2_W`` and each
+    column's ``l2_H`` by its number of observed entries (ALS-WR; scikit-learn's scaling when
+    every entry is observed).
     """
 
     rank: int
@@ -108,6 +111,7 @@ class Spec:
     l1_H: float = 0.0
     l2_W: float = 0.0
     l2_H: float = 0.0
+    l2_scale: str = "none"
     l21_H: float = 0.0
     project: bool = True
     lam_growth: float = 1.0
@@ -385,10 +389,7 @@ class Problem:
         self.info = spec.info
         self.loss_name, self.beta = spec.data_loss()
         self.sum_ranks = None if shard is None else shard.sum
-        weights = {key: float(getattr(spec, key)) for key in PENALTIES}
-        if shard is not None:  # W's penalties are those of the whole factor
-            weights.update(sum_rows=shard.sum_rows, n_rows=shard.n)
-        self._objective = Objective(loss=self.loss_name, beta=self.beta, n_obs=source.n_obs, **weights)
+        self._objective: Objective | None = None  # made when first read: a count-scaled L2 counts X's entries
         self.schedule = (
             PenaltySchedule(spec.lam, spec.lam_growth, spec.neg_tol, spec.lam_every) if spec.lam_growth > 1 else None
         )
@@ -398,9 +399,55 @@ class Problem:
     @property
     def objective(self) -> Objective:
         """The training objective, at the penalty weight the schedule has reached (``lam_growth``)."""
+        if self._objective is None:
+            weights = {key: float(getattr(self.spec, key)) for key in PENALTIES}
+            if self.shard is not None:  # W's penalties are those of the whole factor
+                weights.update(sum_rows=self.shard.sum_rows, n_rows=self.shard.n)
+            if self.spec.l2_scale == "count" and (self.spec.l2_W or self.spec.l2_H):
+                weights.update(l2_counts=self.l2_counts())
+            self._objective = Objective(loss=self.loss_name, beta=self.beta, n_obs=self.source.n_obs, **weights)
         if self.schedule is not None and self._objective.lam != self.schedule.lam:
             self._objective = dataclasses.replace(self._objective, lam=self.schedule.lam)
         return self._objective
+
+    @functools.cached_property
+    def counts(self) -> tuple[Tensor, Tensor]:
+        """Each row's (this process's rows) and each column's number of observed entries: one pass over X.
+
+        (n, 1) and (1, m) in float64 on the device; the columns' are summed over every rank under DDP.
+        """
+        rows_here = (
+            self.source.shape[0] if self.source.rows is None else len(range(self.source.shape[0])[self.source.rows])
+        )
+        rows = torch.zeros(rows_here, dtype=torch.float64, device=self.device)
+        cols = torch.zeros(self.source.shape[1], dtype=torch.float64, device=self.device)
+        for t in passes(self.source.blocks):
+            r, c = t.counts()
+            rows[t.start : t.stop] = r.to(self.device)
+            cols += c.to(self.device)
+        if self.sum_ranks is not None:
+            cols = self.sum_ranks({"n": cols})["n"]
+        return rows[:, None], cols[None, :]
+
+    def l2_counts(self) -> tuple[float | Tensor, float | Tensor]:
+        """What ``l2_scale`` multiplies ``l2_W`` (per row, (n, 1)) and ``l2_H`` (per column, (1, m)) by.
+
+        ``none``: 1. ``count``: each row's and column's number of observed entries; plain numbers
+        when every entry is observed (m and n: scikit-learn's scaling), so the unmasked updates,
+        whose columns share one Gram, take them too.
+        """
+        if self.spec.l2_scale == "none":
+            return 1.0, 1.0
+        n, m = self.source.shape
+        if not self.source.layout.missing:
+            return float(m), float(n)
+        rows, cols = self.counts
+        return rows.to(self.dtype), cols.to(self.dtype)
+
+    def l2_weights(self) -> tuple[float | Tensor, float | Tensor]:
+        """``l2_W`` and ``l2_H`` as the closed-form updates take them: numbers, or per row (n, 1) and column (1, m)."""
+        rows, cols = self.l2_counts() if (self.spec.l2_W or self.spec.l2_H) else (1.0, 1.0)
+        return self.spec.l2_W * rows, self.spec.l2_H * cols
 
     @property
     def blocks(self) -> Blocks:
@@ -629,7 +676,7 @@ class Problem:
             return SolverUpdate(
                 getattr(step, "rule", step),
                 (spec.l1_W, spec.l1_H),
-                (spec.l2_W, spec.l2_H),
+                self.l2_weights(),
                 update_H=update_H,
                 online=spec.online,
                 forget=spec.forget,
@@ -742,7 +789,7 @@ class Problem:
         W = torch.full((self.source.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=self.dtype, device=self.device)
         spec = self.spec
         if self.info.name == "hals" and self.beta is None and isinstance(t, Block) and not t.masked:
-            W, steps, converged = hals.nnls(t.XHt(H), H @ H.mT, W, spec.l1_W, spec.l2_W, max_iter, tol)
+            W, steps, converged = hals.nnls(t.XHt(H), H @ H.mT, W, spec.l1_W, self.l2_weights()[0], max_iter, tol)
             return W, steps, converged
         result = self.fit(W, H, self.update(self.rule(), update_H=False), max_iter, convergence=Convergence(tol, 10))
         return W, result.steps, result.steps < max_iter
@@ -783,6 +830,7 @@ def solve_w(
     device: torch.device | str = "cpu",
     l1_W: float = 0.0,
     l2_W: float = 0.0,
+    l2_scale: str = "none",
     beta: float = 2.0,
 ) -> tuple[np.ndarray, int, bool]:
     """W >= 0 with X ~ W H for fixed components H (k, m), in H's dtype: what ``transform`` computes everywhere.
@@ -799,6 +847,7 @@ def solve_w(
         beta=None if beta == 2 else beta,
         l1_W=l1_W,
         l2_W=l2_W,
+        l2_scale=l2_scale,
     )
     problem = Problem(spec, Source.in_memory(X, dtype, device, observed=False), dtype, device)
     problem.check_solver(words)

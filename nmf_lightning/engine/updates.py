@@ -95,13 +95,16 @@ class SolverUpdate:
     ``sum_ranks`` adds the pass's sums over the processes that hold X's other rows (one
     all-reduce) before H is updated, so every rank takes the same H-update; ``x_sq`` is
     then the whole X's ``||X||^2``, for the error from the sums.
+
+    ``l2`` weights may be tensors, one per row of W (n, 1) and per column of H (1, m)
+    (``model.l2_scale=count``); a block's rows take theirs.
     """
 
     def __init__(
         self,
         rule: Any,
         l1: tuple[float, float] = (0.0, 0.0),
-        l2: tuple[float, float] = (0.0, 0.0),
+        l2: tuple[float | Tensor, float | Tensor] = (0.0, 0.0),
         update_H: bool = True,
         online: bool = False,
         forget: float = 0.7,
@@ -133,7 +136,8 @@ class SolverUpdate:
         if self.measure and t.masked and not self.online:  # the error before this update, as it passes
             sq = t.sq_error(W[..., rows, :], H)
             self._before = sq if self._before is None else self._before + sq
-        Wb = self.rule.update_w(t, W[..., rows, :], H, self.l1[0], self.l2[0])
+        l2_W = self.l2[0][..., rows, :].mT if isinstance(self.l2[0], Tensor) else self.l2[0]  # (1, b): W^T's columns
+        Wb = self.rule.update_w(t, W[..., rows, :], H, self.l1[0], l2_W)
         W[..., rows, :] = Wb
         if not self.update_H:
             return

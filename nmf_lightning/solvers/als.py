@@ -15,18 +15,22 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from nmf_lightning.linalg import gram
+from nmf_lightning.linalg import gram, per_column
 
 if TYPE_CHECKING:
     from nmf_lightning.engine.blocks import Block
 
 
-def update_h(t: Block, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, ridge: float = 1e-6) -> Tensor:
+def update_h(
+    t: Block, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float | Tensor = 0.0, ridge: float = 1e-6
+) -> Tensor:
     """H <- max(0, (W^T W + (l2_H + ridge) I)^-1 (W^T X - l1_H)); W (..., n, k), H (..., k, m)."""
     return h_from_stats(h_stats(t, W, H), H, l1_H, l2_H, ridge)
 
 
-def update_w(t: Block, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, ridge: float = 1e-6) -> Tensor:
+def update_w(
+    t: Block, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float | Tensor = 0.0, ridge: float = 1e-6
+) -> Tensor:
     """W <- max(0, (X H^T - l1_W) (H H^T + ridge I)^-1), the mirror of :func:`update_h`."""
     return update_h(t.transposed(), H.mT, W.mT, l1_W, l2_W, ridge).mT
 
@@ -39,14 +43,19 @@ def h_stats(t: Block, W: Tensor, H: Tensor) -> dict[str, Tensor]:
 
 
 def h_from_stats(
-    stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, ridge: float = 1e-6
+    stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: float | Tensor = 0.0, ridge: float = 1e-6
 ) -> Tensor:
-    """The H-update from :func:`h_stats` summed over all row blocks."""
+    """The H-update from :func:`h_stats` summed over all row blocks.
+
+    ``l2_H`` may weigh each column (``(..., 1, m)``, :func:`~nmf_lightning.linalg.per_column`):
+    only the per-column systems of a masked X can take that.
+    """
     rhs = stats["WtX"] - l1_H  # (..., k, m)
     G = stats["grams"] if "grams" in stats else stats["WtW"]  # (..., m, k, k) or (..., k, k)
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     tiny = torch.finfo(G.dtype).tiny  # the ridge follows W^T W's scale: the same solve at any scale of X
-    G = G + (l2_H + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(tiny)) * eye
+    l2 = torch.as_tensor(per_column(l2_H), dtype=G.dtype, device=G.device)[..., None, None]  # one per column's system
+    G = G + (l2 + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(tiny)) * eye
     if "grams" not in stats:
         return _solve_psd(G, rhs).clamp_min(0)
     return _solve_psd(G, rhs.mT[..., None]).squeeze(-1).mT.clamp_min(0)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from nmf_lightning.linalg import gram, per_column
+from nmf_lightning.linalg import floor_for, gram, per_column
 
 if TYPE_CHECKING:
     from nmf_lightning.engine.blocks import Block
@@ -55,7 +55,10 @@ def h_from_stats(
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     tiny = torch.finfo(G.dtype).tiny  # the ridge follows W^T W's scale: the same solve at any scale of X
     l2 = torch.as_tensor(per_column(l2_H), dtype=G.dtype, device=G.device)[..., None, None]  # one per column's system
-    G = G + (l2 + ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(tiny)) * eye
+    scale = G.diagonal(dim1=-2, dim2=-1).mean(-1)  # (..., m) or (...)
+    if "grams" in stats:  # a column with no observed entry (G = 0) takes eps of the others' scale: it solves to 0
+        scale = torch.maximum(scale, floor_for(scale))
+    G = G + (l2 + ridge * scale[..., None, None].clamp_min(tiny)) * eye
     if "grams" not in stats:
         return _solve_psd(G, rhs).clamp_min(0)
     return _solve_psd(G, rhs.mT[..., None]).squeeze(-1).mT.clamp_min(0)

@@ -627,7 +627,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         l1_W, _, l2_W, _ = self._regularization(*X.shape)
         options = {"max_iter": self.max_iter, "tol": self.tol, "device": self._device(), "beta": beta}
         options["l2_scale"] = self.l2_scale or "none"
-        W, steps, _ = solve_w(X, np.asarray(H), rule, self._words(), l1_W=l1_W, l2_W=l2_W, **options)
+        W, steps, _, _ = solve_w(X, np.asarray(H), rule, self._words(), l1_W=l1_W, l2_W=l2_W, **options)
         return (W, steps) if return_n_iter else W
 
 

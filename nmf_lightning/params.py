@@ -155,6 +155,8 @@ CONSTRAINTS: dict[str, Constraint] = {
     "l2_H": PENALTY,
     "l2_scale": Options(("none", "count")),
     "l21_H": PENALTY,
+    "biases": Boolean(),
+    "l2_bias": PENALTY,
     "project": Boolean(),
     "lam_growth": Real(1),
     "neg_tol": Real(0, 1, open_low=True),
@@ -188,6 +190,7 @@ PURPOSE = {name: "a penalty weight" for name in ("lam", "l1_W", "l1_H", "l2_W", 
     "lam_every": "updates between the schedule's checks",
     "steps": "the number of updates",
     "batch_rows": "rows per block",
+    "l2_bias": "the biases' shrinkage: a row with n entries keeps n / (n + l2_bias) of its mean residual",
     "l2_scale": "what l2_W and l2_H are multiplied by: 1, or each row's and column's observed entries",
 }
 
@@ -235,6 +238,8 @@ class Words:
     gradient: bool = True
     #: where this front end's missing entries come from
     missing: str = "NaN entries"
+    #: how this front end reads a sparse X's unstored entries as missing
+    unstored: str = "give X dense, with NaN at the missing entries"
 
     def name(self, key: str) -> str:
         """The user's name of an engine parameter."""
@@ -273,6 +278,7 @@ ENGINE_WORDS = Words(quote=True, solver_key="optimizer")
 #: nmf-train's words: the config keys
 CLI_WORDS = Words(
     missing="NaN entries, entries held out by data.holdout, or unstored ones with data.unstored=missing",
+    unstored="set data.unstored=missing to read them as missing (ratings)",
     params={key: f"model.{key}" for key in CONSTRAINTS}
     | {
         "lr": "optimizer.lr",
@@ -313,6 +319,7 @@ def check_compatible(
     precision: str | None = None,
     penalties: bool = False,
     l21: bool = False,
+    biases: bool = False,
 ) -> None:
     """Refuse a solver that cannot fit this run (its loss, data layout, precision, mode), naming the way out.
 
@@ -346,6 +353,16 @@ def check_compatible(
         raise NMFInputError(
             f"{solver} takes no L1/L2 penalty ({', '.join(dict.fromkeys(words.name(k) for k in PENALTY_KEYS))}); "
             f"use {words.solvers(_closed_form_with('penalties'))}."
+        )
+    if biases and not info.observed:
+        raise NMFInputError(
+            f"{solver} cannot fit {words.show('biases', True)}: a biased model reads X as its observed entries "
+            f"only; use {words.solvers(_closed_form_with('observed'), gradient=True)}."
+        )
+    if biases and layout.sparse and not layout.observed:
+        raise NMFInputError(
+            f"{words.show('biases', True)} predicts ratings at the observed entries, but X is sparse with its "
+            f"unstored entries observed zeros; {words.unstored}."
         )
     if layout.observed and not info.observed:
         raise NMFInputError(
@@ -395,6 +412,27 @@ def check_compatible(
         raise NMFInputError(
             f"{words.online} updates H after every row block, but under trainer=ddp with {layout.ranks} ranks "
             "each rank holds other blocks; H is updated once per pass there."
+        )
+
+
+def check_biases(biases: bool, beta: float | None, restarts: int, online: bool, words: Words) -> None:
+    """A biased model (mu + b_i + c_j + (W H)_ij) is fit on the squared error, one start, H once per pass."""
+    if not biases:
+        return
+    setting = words.show("biases", True)
+    if beta is not None:
+        raise NMFInputError(
+            f"{setting} adds unconstrained biases to W H, which the {words.show('loss', words.kl)} family of "
+            f"losses (defined for W H >= 0) cannot take; use the squared error: {words.show('loss', 'fro2')}."
+        )
+    if restarts > 1:
+        raise NMFInputError(
+            f"{setting} trains one start, but {words.show('restarts', restarts)}; set {words.show('restarts', 1)}."
+        )
+    if online:
+        raise NMFInputError(
+            f"{setting} takes its column biases' step from a whole pass's sums, and {words.online} updates H "
+            "after every block; train it without online updates."
         )
 
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from nmf_lightning.divergence import elementwise
+from nmf_lightning.engine.biases import predict
 from nmf_lightning.engine.problem import PENALTIES, Problem, Spec
 from nmf_lightning.engine.updates import PassResult
-from nmf_lightning.linalg import predict_observed
 from nmf_lightning.objective import Objective, factor_stats, relative_error
 from nmf_lightning.params import Words
 
@@ -246,6 +246,7 @@ class Recorder:
         """``val/relative_error``, ``val/rmse`` and ``val/divergence`` of (2-D) factors on the held-out entries.
 
         The divergence is the training loss's (1/2 the squared error for the Frobenius losses).
+        Predictions are the model's (:func:`~nmf_lightning.engine.biases.predict`: with its biases).
         """
         held, problem = self.held_out, self.problem
         if held is None:
@@ -256,7 +257,7 @@ class Recorder:
         chunk = max(1, 2**24 // max(1, W.shape[-1]))  # bounds the (chunk, k) gather
         for start in range(0, len(held), chunk):
             rows, cols, vals = (A[start : start + chunk] for A in (held.rows, held.cols, held.vals))
-            pred = predict_observed(rows, cols, W, H)  # one gather serves both
+            pred = predict(rows, cols, W, H, problem.biases)  # one gather serves both
             sq += ((vals - pred) ** 2).sum().double()
             if problem.beta is not None:
                 div += elementwise(vals, pred, problem.beta).sum().double()

@@ -76,7 +76,7 @@ def transform(
         )
     H = H if H.dtype in (np.float32, np.float64) else H.astype(np.float64)
     options = {"max_iter": max_iter, "tol": tol, "device": device, "l1_W": l1_W, "l2_W": l2_W, "beta": beta}
-    W, steps, converged = solve_w(X, H, solver, dataclasses.replace(WORDS, values={"loss": beta}), **options)
+    W, steps, converged, _ = solve_w(X, H, solver, dataclasses.replace(WORDS, values={"loss": beta}), **options)
     if not converged and tol > 0:
         warnings.warn(
             f"solving W stopped at max_iter={max_iter} before tol={tol:g}; W may be far from the best fit: "

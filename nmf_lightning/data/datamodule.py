@@ -140,6 +140,7 @@ class NMFDataModule(L.LightningDataModule):
         matrix = self.matrix
         if not self.streamed:
             options = {"unstored_missing": matrix.unstored_missing, "observed": spec.info.observed, "shard": shard}
+            options["biased"] = spec.biases
             source = Source.in_memory(matrix.X, dtype, "cpu", **options)
             source.check_memory(device, spec.rank, spec.restarts, torch.empty((), dtype=dtype).element_size())
             return source.to(device)

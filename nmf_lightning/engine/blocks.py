@@ -51,6 +51,8 @@ class Block:
     masked = False
     #: whether X is a sparse (CSR) tensor, never made dense
     sparse = False
+    #: whether entries may be negative (ratings less their biases): MU splits such a target
+    signed = False
 
     def __init__(self, shape: tuple[int, int], start: int = 0, x_sq: Tensor | None = None):
         self.shape, self.start, self._x_sq = (int(shape[0]), int(shape[1])), int(start), x_sq
@@ -113,6 +115,16 @@ class Block:
     def transposed(self) -> Block:
         """X^T as a block: W's update is H's update on the transposed problem."""
         raise NotImplementedError
+
+    def observed(self) -> ObservedBlock:
+        """The block's observed entries as (row, column, value) triplets (a biased model reads them so)."""
+        X, mask = self.for_svd()
+        if mask is None:
+            if self.sparse:
+                raise NotImplementedError("a sparse X's unstored entries are observed zeros: it has no triplets")
+            mask = torch.ones(self.shape, dtype=torch.bool, device=X.device)
+        rows, cols = mask.nonzero(as_tuple=True)
+        return ObservedBlock(rows, cols, X[rows, cols], self.shape, self.start, self._x_sq)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Block:
         """The same block on another device (with its values in ``dtype``, when given)."""
@@ -443,9 +455,24 @@ class ObservedBlock(Block):
         shape: tuple[int, int],
         start: int = 0,
         x_sq: Tensor | None = None,
+        signed: bool = False,
     ):
         super().__init__(shape, start, x_sq)
-        self.rows, self.cols, self.vals = rows, cols, vals
+        self.rows, self.cols, self.vals, self.signed = rows, cols, vals, signed
+
+    def observed(self) -> ObservedBlock:  # noqa: D102
+        return self
+
+    def shifted(self, offsets: Tensor) -> ObservedBlock:
+        """The same entries less ``offsets`` (n_obs,): a target that may be negative (``signed``).
+
+        ``||X||^2`` stays X's own: errors relative to X are still read against it.
+        """
+        return ObservedBlock(self.rows, self.cols, self.vals - offsets, self.shape, self.start, self._x_sq, True)
+
+    def negative_part(self) -> ObservedBlock:
+        """``max(-X, 0)`` at the same entries: where a signed target lies below 0."""
+        return ObservedBlock(self.rows, self.cols, (-self.vals).clamp_min(0), self.shape, self.start)
 
     @property
     def n_obs(self) -> int:  # noqa: D102
@@ -465,11 +492,11 @@ class ObservedBlock(Block):
         return (self.vals, self.rows, self.cols)
 
     def transposed(self) -> ObservedBlock:  # noqa: D102
-        return ObservedBlock(self.cols, self.rows, self.vals, self.shape[::-1], x_sq=self._x_sq)
+        return ObservedBlock(self.cols, self.rows, self.vals, self.shape[::-1], x_sq=self._x_sq, signed=self.signed)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ObservedBlock:  # noqa: D102
         rows, cols, vals = self.rows.to(device), self.cols.to(device), self.vals.to(device, dtype)
-        return ObservedBlock(rows, cols, vals, self.shape, self.start, self._kept_x_sq(dtype))
+        return ObservedBlock(rows, cols, vals, self.shape, self.start, self._kept_x_sq(dtype), self.signed)
 
     def for_svd(self) -> tuple[Tensor, Tensor | None]:
         """The SVD of the observed entries, zeros elsewhere."""
@@ -540,7 +567,8 @@ def to_block(
 
     NaN marks missing entries of a dense X; ``unstored_missing`` makes the unstored entries
     of a sparse X missing (ratings). Ratings, and dense X with at most ``OBSERVED_FRACTION``
-    observed, are kept as observed triplets (``triplets`` forces the choice). ``masked``
+    observed, are kept as observed triplets (``triplets`` forces the choice: True keeps a
+    complete dense X as triplets too, as a biased model reads it). ``masked``
     keeps a dense X masked with nothing missing (a block of an X that has missing entries elsewhere).
     """
     shape = tuple(X.shape)
@@ -553,7 +581,7 @@ def to_block(
         return SparseBlock(T, transpose_sparse(T), start)
     Xn = np.asarray(X, dtype=np.float64)
     missing = np.isnan(Xn)
-    if not missing.any() and not masked:
+    if not missing.any() and not masked and not triplets:
         return DenseBlock(torch.from_numpy(Xn).to(dtype).to(device), start)
     values, mask = torch.from_numpy(np.where(missing, 0.0, Xn)).to(dtype), torch.from_numpy(~missing)
     if triplets if triplets is not None else float(mask.float().mean()) <= OBSERVED_FRACTION:

@@ -34,6 +34,7 @@ from torch import Tensor
 from nmf_lightning.consensus import DENSITY_THRESHOLD, NEIGHBORS, Consensus, consensus
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.divergence import EPSILON, loss_beta
+from nmf_lightning.engine.biases import Biases
 from nmf_lightning.engine.blocks import Block, ObservedBlock, dense_layout, to_block
 from nmf_lightning.engine.loop import Blocks, Convergence, FitResult, divergence, fit, passes, sq_error
 from nmf_lightning.engine.updates import (
@@ -52,6 +53,7 @@ from nmf_lightning.params import (
     ENGINE_WORDS,
     Layout,
     Words,
+    check_biases,
     check_compatible,
     check_consensus,
     check_init,
@@ -99,7 +101,8 @@ class Spec:
     or a ``torch.optim.Optimizer`` factory, as a Hydra ``_partial_`` config gives it); its
     ``lr`` may be ``"auto"``. ``l2_scale="count"`` weighs each row's ``l2_W`` and each
     column's ``l2_H`` by its number of observed entries (ALS-WR; scikit-learn's scaling when
-    every entry is observed).
+    every entry is observed). ``biases`` adds mu + b_i + c_j to W H at every entry, shrunk
+    by ``l2_bias`` (:mod:`~nmf_lightning.engine.biases`).
     """
 
     rank: int
@@ -113,6 +116,8 @@ class Spec:
     l2_H: float = 0.0
     l2_scale: str = "none"
     l21_H: float = 0.0
+    biases: bool = False
+    l2_bias: float = 0.0
     project: bool = True
     lam_growth: float = 1.0
     neg_tol: float = 1e-3
@@ -146,6 +151,7 @@ class Spec:
             check_params({"lr": lr}, name=words.name)
         check_restarts(self.init, self.restarts, words)
         check_consensus(self.consensus, self.restarts, words)
+        check_biases(self.biases, self.data_loss()[1], self.restarts, self.online, words)
         check_schedule(self.lam_growth, self.lam, self.clamps, words)
         try:
             loss_beta(self.loss, self.beta)
@@ -207,14 +213,16 @@ class Source:
         unstored_missing: bool = False,
         observed: bool = True,
         shard: RowShard | None = None,
+        biased: bool = False,
     ) -> Source:
         """X held in host memory, as one block on ``device`` (this process's rows of it under DDP).
 
         ``observed``: the solver can fit X kept as observed triplets; a dense X with missing
-        entries then stays a dense mask.
+        entries then stays a dense mask. ``biased``: a biased model reads X, which is kept as
+        observed triplets whatever its density.
         """
         masked, triplets = dense_layout(X)
-        triplets = triplets and observed if not sp.issparse(X) else None
+        triplets = (triplets or biased) and observed if not sp.issparse(X) else None
         if shard is None:
             t = to_block(X, dtype, device, unstored_missing=unstored_missing, triplets=triplets)
             return cls._of_block(t, X, unstored_missing, whole=t)
@@ -261,11 +269,12 @@ class Source:
         device: torch.device | str,
         batch_rows: int,
         observed: bool = True,
+        biased: bool = False,
     ) -> Source:
         """X held in host memory, reaching ``device`` in blocks of ``batch_rows`` rows, one pass at a time."""
         X = X.tocsr() if sp.issparse(X) else X
         masked, triplets = dense_layout(X)
-        triplets = triplets and observed if not sp.issparse(X) else None
+        triplets = (triplets or biased) and observed if not sp.issparse(X) else None
         host = torch.device("cpu")
         parts = [
             to_block(X[s : s + batch_rows], dtype, host, start=s, triplets=triplets, masked=masked)
@@ -297,15 +306,17 @@ class Source:
         *,
         observed: bool = True,
         unstored_missing: bool = False,
+        biased: bool = False,
     ) -> Source:
         """X held in host memory as a fit reads it: one block on ``device``, or blocks of ``batch_rows`` rows."""
         if batch_rows is None or X.shape[0] <= batch_rows:
-            return cls.in_memory(X, dtype, device, unstored_missing=unstored_missing, observed=observed)
+            options = {"unstored_missing": unstored_missing, "observed": observed, "biased": biased}
+            return cls.in_memory(X, dtype, device, **options)
         if unstored_missing:
             raise NMFInputError(
                 "a sparse X whose unstored entries are missing (ratings) is fit whole here: leave batch_rows unset."
             )
-        return cls.host_blocks(X, dtype, device, batch_rows, observed=observed)
+        return cls.host_blocks(X, dtype, device, batch_rows, observed=observed, biased=biased)
 
     @classmethod
     def summarized(
@@ -390,6 +401,7 @@ class Problem:
         self.loss_name, self.beta = spec.data_loss()
         self.sum_ranks = None if shard is None else shard.sum
         self._objective: Objective | None = None  # made when first read: a count-scaled L2 counts X's entries
+        self._biases: Biases | None = None
         self.schedule = (
             PenaltySchedule(spec.lam, spec.lam_growth, spec.neg_tol, spec.lam_every) if spec.lam_growth > 1 else None
         )
@@ -451,8 +463,33 @@ class Problem:
 
     @property
     def blocks(self) -> Blocks:
-        """X as the updates read it: one block, or a callable giving a pass of blocks."""
-        return self.source.blocks
+        """X as the updates read it: one block, or a callable giving a pass of blocks.
+
+        A biased model's blocks are the ratings less the biases as they are when read.
+        """
+        if self.biases is None:
+            return self.source.blocks
+        biases = self.biases
+        return lambda: (biases.shift(t) for t in passes(self.source.blocks))
+
+    @property
+    def biases(self) -> Biases | None:
+        """mu, b (this process's rows) and c of a biased model (``spec.biases``), None otherwise.
+
+        They start at mu = the mean observed entry and b = c = 0 (:meth:`start_biases` sets others).
+        """
+        if self.spec.biases and self._biases is None:
+            self.start_biases()
+        return self._biases
+
+    def start_biases(self, mu: float | None = None, c: Tensor | None = None) -> Biases:
+        """Start the biases: mu (default: the mean observed entry), b = 0 and c (default 0; (1, m) or (m,))."""
+        like = torch.empty((), dtype=self.dtype, device=self.device)
+        mean = self.source.total / max(self.source.n_obs, 1) if mu is None else mu
+        self._biases = Biases.start(mean, self.counts, self.spec.l2_bias, like)
+        if c is not None:
+            self._biases.c.copy_(torch.as_tensor(c).reshape(1, -1))
+        return self._biases
 
     # ----------------------------------------------------------------- checks
     def check(self, words: Words = ENGINE_WORDS, precision: str | None = None) -> None:
@@ -494,6 +531,7 @@ class Problem:
             precision=precision,
             penalties=spec.penalized,
             l21=bool(spec.l21_H),
+            biases=spec.biases,
         )
         self._check_beta_data(words)
 
@@ -540,7 +578,7 @@ class Problem:
         options = {"seed": spec.seed, "restarts": spec.restarts, "scale": spec.init_scale}
         if spec.init in SVD_INITS and source.whole is None and source.rows is None:
             like = torch.empty((), dtype=self.dtype, device=self.device)  # X in row blocks: products pass by pass
-            mean = source.total / max(source.n_obs, 1)
+            mean = self._init_mean()
             return streamed_nndsvd(
                 lambda: passes(source.blocks),
                 source.shape,
@@ -558,11 +596,20 @@ class Problem:
             W, H = W.to(self.device, self.dtype), H.to(self.device, self.dtype)
         else:
             like = torch.empty((), dtype=self.dtype, device=self.device)
-            mean = source.total / max(source.n_obs, 1)
+            mean = self._init_mean()
             W, H = draw_factors(source.shape, spec.rank, spec.init, mean=mean, like=like, **options)
         if source.rows is not None:
             W = W[..., source.rows, :].clone()
         return W, H
+
+    def _init_mean(self) -> float:
+        """What the random inits scale W H to: X's mean; a biased model's W H fits X's spread about it."""
+        source = self.source
+        mean = source.total / max(source.n_obs, 1)
+        if not self.spec.biases:
+            return mean
+        spread = math.sqrt(max(float(source.x_sq) / max(source.n_obs, 1) - mean * mean, 0.0))
+        return spread or mean
 
     def scale(self, W: Tensor, H: Tensor) -> float:
         """The scale of the factors: the larger RMS of W (all of its rows, under DDP) and H."""
@@ -683,6 +730,7 @@ class Problem:
                 measure=measure,
                 sum_ranks=self.sum_ranks,
                 x_sq=None if self.shard is None else self.source.x_sq.to(self.device),
+                biases=self.biases,
             )
         layout = self.source.layout
         form = GramForm(
@@ -698,6 +746,7 @@ class Problem:
             x_sq=self.source.x_sq,
             compile=spec.compile,
             schedule=self.schedule,
+            biases=self.biases,
         )
 
     # -------------------------------------------------------------- measuring
@@ -785,7 +834,7 @@ class Problem:
         W, the passes run and whether ``tol`` was met.
         """
         t, k = self.blocks, H.shape[-2]
-        mean = self.source.total / max(self.source.n_obs, 1)
+        mean = self._init_mean()
         W = torch.full((self.source.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=self.dtype, device=self.device)
         spec = self.spec
         if self.info.name == "hals" and self.beta is None and isinstance(t, Block) and not t.masked:
@@ -832,12 +881,16 @@ def solve_w(
     l2_W: float = 0.0,
     l2_scale: str = "none",
     beta: float = 2.0,
-) -> tuple[np.ndarray, int, bool]:
+    biases: tuple[float, np.ndarray] | None = None,
+    l2_bias: float = 0.0,
+) -> tuple[np.ndarray, int, bool, np.ndarray | None]:
     """W >= 0 with X ~ W H for fixed components H (k, m), in H's dtype: what ``transform`` computes everywhere.
 
     ``solver`` names a closed-form rule (its W-update runs); ``beta`` the loss the
-    components were trained on. NaN entries of a dense X are missing. Returns W (n, k) as
-    numpy, the passes run and whether ``tol`` was met (see :meth:`Problem.solve_w`).
+    components were trained on. NaN entries of a dense X are missing. ``biases`` (mu, c (m,))
+    are a biased model's, held fixed with H: each row's bias b is solved with its W. Returns
+    W (n, k) as numpy, the passes run, whether ``tol`` was met (see :meth:`Problem.solve_w`)
+    and b (n,) (None without ``biases``).
     """
     dtype = torch.float64 if H.dtype == np.float64 else torch.float32
     spec = Spec(
@@ -848,8 +901,13 @@ def solve_w(
         l1_W=l1_W,
         l2_W=l2_W,
         l2_scale=l2_scale,
+        biases=biases is not None,
+        l2_bias=l2_bias,
     )
-    problem = Problem(spec, Source.in_memory(X, dtype, device, observed=False), dtype, device)
+    biased = biases is not None
+    problem = Problem(spec, Source.in_memory(X, dtype, device, observed=biased, biased=biased), dtype, device)
     problem.check_solver(words)
+    if biased:
+        problem.start_biases(*biases)
     W, steps, converged = problem.solve_w(torch.from_numpy(H).to(device=device, dtype=dtype), max_iter, tol)
-    return to_numpy(W), steps, converged
+    return to_numpy(W), steps, converged, to_numpy(problem.biases.b)[:, 0] if biased else None

@@ -2,7 +2,9 @@
 
 Each factor is multiplied by a ratio of non-negative terms, so W, H stay >= 0 and the
 objective D_beta(M * X | M * WH) + l1 |.|_1 + l2/2 ||.||^2 (per factor) never increases;
-the penalties enter the denominators as in scikit-learn. For the Frobenius loss (beta = 2,
+the penalties enter the denominators as in scikit-learn. A target that may be negative
+(ratings less their biases) is split as X = X+ - X-: W^T X- joins the denominator, as a
+penalty does, and the updates stay >= 0 and monotone. For the Frobenius loss (beta = 2,
 Lee & Seung) the H-update reads W^T X and the model term W^T (M * WH) (W^T W H without
 missing entries); for other betas (Fevotte & Idier) ``W^T (M * X * (WH)^(beta-2))`` and
 ``W^T (M * (WH)^(beta-1))``, with the ratio raised to gamma(beta). All are sums over row
@@ -51,6 +53,9 @@ def h_stats(t: Block, W: Tensor, H: Tensor, beta: float = 2.0) -> dict[str, Tens
     if beta != 2:
         num, den = t.beta_terms_h(W, H, beta)
         return {"num": num, "den": den}
+    if t.signed:  # ratings less their biases: the part below 0 pulls down as the model term does
+        below = t.negative_part().WtX(W)  # W^T (M * X^-); W^T X = W^T X^+ - W^T X^-
+        return {"WtX": t.WtX(W) + below, "model": t.Wt_model(W, H) + below}
     if t.masked:
         return {"WtX": t.WtX(W), "model": t.Wt_model(W, H)}
     return {"WtX": t.WtX(W), "WtW": gram(W, left=True)}

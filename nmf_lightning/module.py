@@ -187,9 +187,11 @@ class NMFModule(L.LightningModule):
         source = dm.source(self.spec, dtype, device, self.shard)
         self.problem = Problem(self.spec, source, dtype, device, self.shard)
         self.problem.check(CLI_WORDS, precision)
-        held_out = None if dm.holdout is None else HeldOut.of(dm.holdout, dtype, device, self.shard)
+        clip = getattr(dm, "rating_range", None)
+        held_out = None if dm.holdout is None else HeldOut.of(dm.holdout, dtype, device, self.shard, clip)
         self.recorder = Recorder(self.problem, held_out)
         self.holdout_spec = {"fraction": dm.holdout_fraction, "seed": dm.holdout_seed}
+        self.rating_range = clip
         W, H = self.problem.initial_factors()
         self.W, self.H = nn.Parameter(W), nn.Parameter(H)
         biases = self.problem.biases

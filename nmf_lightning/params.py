@@ -112,6 +112,20 @@ class Kind(Constraint):
 
 
 @dataclass(frozen=True)
+class Scale(Constraint):
+    """A pair ``[low, high]`` of finite numbers with low < high (a rating scale)."""
+
+    def ok(self, value: Any) -> bool:  # noqa: D102
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            return False
+        pair = list(value)
+        return len(pair) == 2 and all(Real().ok(v) for v in pair) and pair[0] < pair[1]
+
+    def describe(self) -> str:  # noqa: D102
+        return "a pair [low, high] of finite numbers with low < high"
+
+
+@dataclass(frozen=True)
 class AnyOf(Constraint):
     """Any one of several constraints (``auto`` or a number > 0)."""
 
@@ -182,6 +196,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "lr": one_of("auto", Real(0, open_low=True)),
     "steps": Integer(1),
     "batch_rows": one_of(Integer(1), None),
+    "rating_range": one_of(None, Scale()),
 }
 #: why a value matters, where the bare constraint would not say (shown after it)
 PURPOSE = {name: "a penalty weight" for name in ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")} | {
@@ -190,6 +205,7 @@ PURPOSE = {name: "a penalty weight" for name in ("lam", "l1_W", "l1_H", "l2_W", 
     "lam_every": "updates between the schedule's checks",
     "steps": "the number of updates",
     "batch_rows": "rows per block",
+    "rating_range": "the scale predictions are clipped to",
     "l2_bias": "the biases' shrinkage: a row with n entries keeps n / (n + l2_bias) of its mean residual",
     "l2_scale": "what l2_W and l2_H are multiplied by: 1, or each row's and column's observed entries",
 }
@@ -284,6 +300,7 @@ CLI_WORDS = Words(
         "lr": "optimizer.lr",
         "steps": "trainer.max_steps",
         "batch_rows": "data.batch_rows",
+        "rating_range": "data.rating_range",
         "precision": "trainer.precision",
     },
 )

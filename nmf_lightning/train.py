@@ -334,7 +334,9 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
         lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
         hint = _degenerate_hint(cfg, lr) if math.isfinite(metrics["relative_error"]) else NAN_HINT
         raise DegenerateError(f"{reason}; {hint}. No factors.npz was written.")
-    extra = model.bias_arrays()  # a biased model's mu, b and c
+    extra = model.bias_arrays()  # a biased model's mu, b and c, and the scale its predictions are clipped to
+    if getattr(model, "rating_range", None) is not None:
+        extra["rating_range"] = np.asarray(model.rating_range, dtype=np.float64)
     write_together(
         out,  # both or neither: a kill between them must not leave the factors of one update with another's metrics
         {

@@ -246,6 +246,27 @@ def test_streamed_row_blocks_equal_the_matrix_in_memory(make_cfg, tmp_path, layo
         np.testing.assert_allclose(b[name], a[name], rtol=1e-8, atol=1e-10)
 
 
+# ---------------------------------------------------------------------------- rating range
+def test_rating_range_clips_the_held_out_predictions_and_travels_with_the_factors(make_cfg, tmp_path):
+    X, _ = _ratings(150, 100, observed=0.3)
+    X = np.clip(X, 1.0, 5.0)  # a 1-5 scale, where a fit predicts beyond either end now and then
+    np.save(tmp_path / "r.npy", X)
+    options = ("data=file", f"data.path={tmp_path / 'r.npy'}", "data.holdout=0.1", "logger=none", *ALS_WR)
+    options += ("optimizer=als", "model.biases=true", "trainer.max_steps=20", "trainer.precision=64-true")
+    clipped = train(make_cfg(*options, "data.rating_range=[1,5]"))
+    out = _outputs(tmp_path)
+    np.testing.assert_array_equal(out["rating_range"], [1.0, 5.0])
+    held = split_holdout(Matrix(X), 0.1, seed=0)[1]
+    r, c = held.rows, held.cols
+    raw = out["mu"] + out["b"][r] + out["c"][c] + (out["W"][r] * out["H"][:, c].T).sum(1)
+    assert ((raw < 1) | (raw > 5)).sum() > 5  # the clip has work to do
+    assert clipped["val_rmse"] == pytest.approx(np.sqrt(np.mean((np.clip(raw, 1, 5) - held.values) ** 2)), rel=1e-9)
+    free = train(make_cfg(*options))
+    assert free["val_rmse"] == pytest.approx(np.sqrt(np.mean((raw - held.values) ** 2)), rel=1e-9)
+    assert clipped["val_rmse"] < free["val_rmse"]  # the same factors: only the clip differs
+    assert clipped["rmse"] == free["rmse"]  # training reads the unclipped model
+
+
 # ------------------------------------------------------------------------- refused settings
 @pytest.mark.parametrize(
     ("overrides", "message"),
@@ -257,12 +278,15 @@ def test_streamed_row_blocks_equal_the_matrix_in_memory(make_cfg, tmp_path, layo
         (("model.restarts=2",), r"model.biases=true trains one start, but model.restarts=2; set model.restarts=1"),
         (("model.online=true", "data.batch_rows=10"), r"model.biases=true takes its column biases' step from a whole"),
         (("model.rank=auto",), r"model.rank=auto chooses the rank of an unbiased model"),
+        (("data.rating_range=[5,1]",), r"data.rating_range must be None or a pair \[low, high\] of finite numbers "
+                                       r"with low < high \(the scale predictions are clipped to\), got \[5, 1\]"),
+        (("data.rating_range=[1,2,5]",), r"data.rating_range must be None or a pair"),
         (("model.l2_bias=-1",), r"model.l2_bias must be a finite number >= 0 \(the biases' shrinkage"),
         (("model.l2_scale=rows",), r"model.l2_scale must be one of 'none', 'count'"),
         (("data.unstored=zero",), r"model.biases=true predicts ratings at the observed entries, but X is sparse with "
                                   r"its unstored entries observed zeros; set data.unstored=missing"),
     ],
-    ids=["hals", "kaczmarz", "kl", "restarts", "online", "rank-auto", "l2-bias",
+    ids=["hals", "kaczmarz", "kl", "restarts", "online", "rank-auto", "range-reversed", "range-three", "l2-bias",
          "l2-scale", "sparse-zeros"],
 )  # fmt: skip
 def test_what_a_biased_model_cannot_take_is_refused_before_any_work(make_cfg, tmp_path, overrides, message):

@@ -246,6 +246,21 @@ def test_streamed_row_blocks_equal_the_matrix_in_memory(make_cfg, tmp_path, layo
         np.testing.assert_allclose(b[name], a[name], rtol=1e-8, atol=1e-10)
 
 
+def test_the_cli_and_the_estimator_fit_the_same_biased_model(make_cfg, tmp_path):
+    X = _run_files(tmp_path)["dense"]
+    options = ("data=file", f"data.path={X}", "trainer.precision=64-true", "logger=none", "trainer.max_steps=12")
+    options += ("optimizer=als", "model.biases=true", "model.l2_bias=2", "model.rank=3", "model.l2_W=0.05")
+    options += ("model.l2_H=0.05", "model.l2_scale=count", "model.loss=fro2", "seed=4")
+    train(make_cfg(*options))
+    cli = _outputs(tmp_path)
+    est = NMF(3, solver="als", init="random", biases=True, l2_bias=2, alpha_W=0.05, l2_scale="count", max_iter=12)
+    est.set_params(tol=0, random_state=4)
+    W = est.fit_transform(np.load(X))
+    for got, want in ((W, cli["W"]), (est.components_, cli["H"]), (est.row_bias_, cli["b"]), (est.col_bias_, cli["c"])):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert est.intercept_ == pytest.approx(float(cli["mu"]), rel=1e-12)
+
+
 # ---------------------------------------------------------------------------- rating range
 def test_rating_range_clips_the_held_out_predictions_and_travels_with_the_factors(make_cfg, tmp_path):
     X, _ = _ratings(150, 100, observed=0.3)
@@ -265,6 +280,27 @@ def test_rating_range_clips_the_held_out_predictions_and_travels_with_the_factor
     assert free["val_rmse"] == pytest.approx(np.sqrt(np.mean((raw - held.values) ** 2)), rel=1e-9)
     assert clipped["val_rmse"] < free["val_rmse"]  # the same factors: only the clip differs
     assert clipped["rmse"] == free["rmse"]  # training reads the unclipped model
+
+
+def test_the_estimator_predicts_entries_with_its_biases_within_the_rating_range():
+    X, _ = _ratings(150, 100, observed=0.3)
+    X = np.clip(X, 1.0, 5.0)
+    est = NMF(3, solver="als", biases=True, rating_range=(1, 5), max_iter=20, random_state=0)
+    W = est.fit_transform(X)
+    rows, cols = np.nonzero(np.isnan(X))  # the entries a recommender fills in
+    got = est.predict_entries(rows, cols)
+    raw = est.intercept_ + est.row_bias_[rows] + est.col_bias_[cols] + (W[rows] * est.components_[:, cols].T).sum(1)
+    assert ((raw < 1) | (raw > 5)).any()
+    np.testing.assert_allclose(got, np.clip(raw, 1, 5), rtol=1e-12)
+    np.testing.assert_allclose(
+        NMF(**{**est.get_params(), "rating_range": None}).fit(X).predict_entries(rows, cols), raw
+    )
+    with pytest.raises(ValueError, match=r"rows must index X's 150 rows \(0 to 149\), got 0 to 150"):
+        est.predict_entries([0, 150], [0, 1])
+    with pytest.raises(ValueError, match=r"rows and cols must have the same length, got 2 and 1"):
+        est.predict_entries([0, 1], [0])
+    with pytest.raises(ValueError, match=r"cols must be a 1-D sequence of integers"):
+        est.predict_entries([0], [0.5])
 
 
 # ------------------------------------------------------------------------- refused settings
@@ -297,6 +333,25 @@ def test_what_a_biased_model_cannot_take_is_refused_before_any_work(make_cfg, tm
     with pytest.raises(NMFInputError, match=message):
         train(make_cfg(*options, f"paths.output_dir={tmp_path / 'run'}"))
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "factors.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"solver": "cd"}, r"solver='cd' cannot fit biases=True: a biased model reads X as its observed entries only; "
+                           r"use solver='mu' or 'als', or a gradient solver"),
+        ({"beta_loss": "kullback-leibler", "solver": "mu"}, r"biases=True adds unconstrained biases to W H"),
+        ({"n_components": "auto"}, r"n_components='auto' chooses the rank of an unbiased model"),
+        ({"rating_range": (5, 1)}, r"rating_range must be None or a pair \[low, high\]"),
+        ({"l2_bias": -1.0}, r"l2_bias must be a finite number >= 0"),
+    ],
+    ids=["cd", "kl", "auto", "range", "l2-bias"],
+)  # fmt: skip
+def test_the_estimator_refuses_the_same_settings_before_reading_x(params, message):
+    with pytest.raises(ValueError, match=message):
+        NMF(**{"n_components": 3, "solver": "als", "biases": True, **params}).fit(np.full((4, 3), np.nan))
+    with pytest.raises(ValueError, match=r"biases=True predicts ratings at the observed entries, but X is sparse"):
+        NMF(3, solver="als", biases=True).fit(sp.random(20, 10, density=0.5, format="csr", random_state=0))
 
 
 def test_a_biased_run_resumes_from_its_checkpoint_as_a_straight_run(make_cfg, tmp_path):

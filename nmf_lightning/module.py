@@ -477,10 +477,14 @@ class NMFModule(L.LightningModule):
     def transform(self, X: np.ndarray | sp.spmatrix, solver: str | None = None, **options) -> np.ndarray:
         """W >= 0 for new rows X (same columns) with this model's H held fixed, on the model's loss.
 
-        ``solver`` defaults to HALS for the Frobenius losses and MU for a beta-divergence.
+        ``solver`` defaults to HALS for the Frobenius losses and MU for a beta-divergence; a
+        biased model's transform returns W and the new rows' biases b.
         """
         if self.problem.beta is not None:
             options.setdefault("beta", self.problem.beta)
+        if self.problem.biases is not None:  # W and each new row's bias b, with mu and c held fixed
+            biases = self.problem.biases
+            options.setdefault("biases", (float(biases.mu), to_numpy(biases.c)[0]))
         return transform(X, to_numpy(self.best_factors(local=True)[1]), solver, **options)
 
     def best_factors(self, restart: int | None = None, raw: bool = False, local: bool = False) -> tuple[Tensor, Tensor]:

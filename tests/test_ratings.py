@@ -1,6 +1,9 @@
 """Ratings that recommend: biased NMF on observed entries, read from rating lists as they come."""
 
+import contextlib
+import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from nmf_lightning.data.holdout import split_holdout
 from nmf_lightning.engine import Problem, Source, Spec
 from nmf_lightning.solvers.registry import lookup
 from nmf_lightning.train import train
+from nmf_lightning.transform import main, transform
 from nmf_lightning.validation import NMFInputError
 
 
@@ -404,3 +408,36 @@ def test_two_ranks_fit_the_biased_model_of_one_process_and_share_its_checkpoints
     assert result.returncode == 0, result.stderr[-3000:]
     for name, value in _outputs(again).items():
         np.testing.assert_allclose(value, _outputs(tmp_path / "s")[name], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- new rows: transform
+def test_transform_solves_new_rows_and_their_biases_with_the_fitted_ones_held(make_cfg, tmp_path):
+    """Rows made by the model itself (their own b, W) are completed exactly from half of their entries."""
+    rng = np.random.default_rng(3)
+    H, c, mu = rng.gamma(2.0, 0.5, (3, 40)), rng.normal(0, 0.5, 40), 3.0
+    W_new, b_new = rng.gamma(2.0, 0.5, (25, 3)), rng.normal(0, 0.5, 25)
+    truth = mu + b_new[:, None] + c[None, :] + W_new @ H
+    X_new = np.where(rng.random(truth.shape) < 0.5, truth, np.nan)
+    for solver in ("als", "mu"):
+        W, b = transform(X_new, H, solver, max_iter=3000, tol=1e-12, biases=(mu, c))
+        filled = mu + b[:, None] + c[None, :] + W @ H
+        np.testing.assert_allclose(
+            filled, truth, rtol=0, atol=2e-3 if solver == "mu" else 1e-4
+        )  # (ALS: its relative ridge)
+    # nmf-transform: a run's factors.npz, new users' ratings with NaN where they rated nothing
+    X, _ = _ratings(120, 80, observed=0.4)
+    X = np.clip(X, 1.0, 5.0)
+    np.save(tmp_path / "r.npy", X)
+    options = ("data=file", f"data.path={tmp_path / 'r.npy'}", "logger=none", *ALS_WR, "optimizer=als")
+    train(make_cfg(*options, "model.biases=true", "trainer.max_steps=20", "data.rating_range=[1,5]"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main([str(tmp_path), str(tmp_path / "r.npy"), "--out", str(tmp_path / "W.npy"), "--solver", "als",
+              "--predictions", str(tmp_path / "p.npy")])  # fmt: skip
+    values = np.load(tmp_path / "p.npy")
+    assert values.shape == (120, 80) and values.min() >= 1.0 and values.max() <= 5.0
+    rmse = float(re.search(r"RMSE (\S+) at the (\d+) entries, predictions within \[1\.0, 5\.0\]", out.getvalue())[1])
+    assert rmse == pytest.approx(np.sqrt(np.nanmean((values - X) ** 2)), rel=1e-5)
+    with np.load(tmp_path / "factors.npz") as f:
+        trained = np.clip(f["mu"] + f["b"][:, None] + f["c"][None, :] + f["W"] @ f["H"], 1, 5)
+    assert rmse < 1.1 * np.sqrt(np.nanmean((trained - X) ** 2))  # the training rows, solved again: as good a fit

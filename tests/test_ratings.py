@@ -441,3 +441,21 @@ def test_transform_solves_new_rows_and_their_biases_with_the_fitted_ones_held(ma
     with np.load(tmp_path / "factors.npz") as f:
         trained = np.clip(f["mu"] + f["b"][:, None] + f["c"][None, :] + f["W"] @ f["H"], 1, 5)
     assert rmse < 1.1 * np.sqrt(np.nanmean((trained - X) ** 2))  # the training rows, solved again: as good a fit
+
+
+def test_the_ratings_experiment_beats_the_mean_rating_on_a_rating_list_as_it_comes(make_cfg, tmp_path):
+    """experiment=ratings on a u.data-like list of 1-5 stars (a header line, timestamps): better than the mean."""
+    X, _ = _ratings(300, 200, observed=0.15, k=4)
+    X = np.rint(np.clip(X, 1, 5))  # whole stars
+    rows, cols = np.nonzero(~np.isnan(X))
+    lines = [
+        f"{i + 1}\t{j + 1}\t{int(X[i, j])}\t{881250949 + n}" for n, (i, j) in enumerate(zip(rows, cols, strict=True))
+    ]
+    (tmp_path / "u.data").write_text("user_id\titem_id\trating\ttimestamp\n" + "\n".join(lines) + "\n")
+    cfg = make_cfg("experiment=ratings", f"data.path={tmp_path / 'u.data'}", "logger=none")
+    assert cfg.optimizer._target_.endswith("ALS") and cfg.model.biases and cfg.data.rating_range == [1, 5]
+    metrics = train(cfg)
+    held = split_holdout(Matrix(X), 0.1, seed=0)[1]  # the same entries: ids in numeric order are X's rows
+    mean = np.nanmean(split_holdout(Matrix(X), 0.1, seed=0)[0].X)
+    assert metrics["val_rmse"] < 0.9 * np.sqrt(np.mean((held.values - mean) ** 2))
+    assert metrics["steps"] == 30 and json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"

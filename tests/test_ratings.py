@@ -16,6 +16,7 @@ from nmf_lightning.data import Matrix
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.holdout import split_holdout
 from nmf_lightning.engine import Problem, Source, Spec
+from nmf_lightning.params import CLI_WORDS
 from nmf_lightning.solvers.registry import lookup
 from nmf_lightning.train import train
 from nmf_lightning.transform import main, transform
@@ -337,6 +338,19 @@ def test_what_a_biased_model_cannot_take_is_refused_before_any_work(make_cfg, tm
     with pytest.raises(NMFInputError, match=message):
         train(make_cfg(*options, f"paths.output_dir={tmp_path / 'run'}"))
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "factors.npz").exists()
+
+
+def test_projected_als_that_diverges_without_a_ridge_says_which_ridge_steadies_it():
+    X, _ = _ratings(60, 40, observed=0.3)
+    problem = Problem(
+        Spec(rank=3, optimizer=lookup("als").factory, biases=True),
+        Source.in_memory(X, torch.float32, "cpu", biased=True),
+    )
+    error = problem.diverged(None, 13, 14, None, None, CLI_WORDS)  # the block of update 14
+    assert str(error) == (
+        "the loss became nan at update 14; check X for extreme values, or steady ALS's solves with a ridge "
+        "(model.l2_W, model.l2_H)."
+    )
 
 
 @pytest.mark.parametrize(

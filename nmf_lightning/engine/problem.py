@@ -819,6 +819,8 @@ class Problem:
         offset = int(bad[0]) if len(bad) else len(losses) - 1
         value = float(losses[offset]) if len(bad) else math.nan
         hint = f"lower the learning rate (e.g. {words.show('lr', lr / 10)})" if lr else "check X for extreme values"
+        if not lr and self.info.name == "als" and not (self.spec.l2_W or self.spec.l2_H):  # projected ALS unsteadied
+            hint += f", or steady ALS's solves with a ridge ({words.name('l2_W')}, {words.name('l2_H')})"
         if not self.spec.project:
             hint += f", or set {words.show('project', True)}"
         step = start + offset + 1

@@ -68,8 +68,11 @@ def _solve_psd(G: Tensor, B: Tensor) -> Tensor:
     """Solve G Y = B for symmetric positive semi-definite G, by Cholesky in float32 at least.
 
     Under autocast (bf16-mixed) the Grams come in half precision, which Cholesky has no
-    kernels for. A G that is not positive definite (a dead component with ``ridge=0``) takes
-    the pseudo-inverse: ``lstsq`` on a GPU assumes full rank.
+    kernels for. A G that is not positive definite (a dead component with ``ridge=0``, a
+    column of ratings with fewer entries than k) takes the pseudo-inverse, in float64:
+    ``lstsq`` on a GPU assumes full rank, and float32's eigensolver fails on a batch of
+    ill-conditioned systems. Only the systems Cholesky refused take it; one holding NaN or
+    infinity (factors that diverged) solves to NaN, for the fit's divergence check to name.
     """
     dtype = torch.promote_types(G.dtype, torch.float32)
     with torch.autocast(G.device.type, enabled=False):
@@ -77,4 +80,11 @@ def _solve_psd(G: Tensor, B: Tensor) -> Tensor:
         L, info = torch.linalg.cholesky_ex(G)
         if bool((info == 0).all()):  # one host sync per solve
             return torch.cholesky_solve(B, L)
-        return torch.linalg.pinv(G, hermitian=True) @ B
+        k, p = G.shape[-1], B.shape[-1]
+        G, B, bad = G.reshape(-1, k, k), B.reshape(-1, k, p), (info != 0).reshape(-1)
+        Y = torch.cholesky_solve(B, L.reshape(-1, k, k))  # (the refused systems' rows are replaced)
+        finite = torch.isfinite(G).all(-1).all(-1)
+        Y[bad & ~finite] = torch.nan
+        bad &= finite
+        Y[bad] = (torch.linalg.pinv(G[bad].double(), hermitian=True) @ B[bad].double()).to(dtype)
+        return Y.reshape(*info.shape, k, p)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from nmf_lightning.engine.blocks import Block, ObservedBlock
-from nmf_lightning.linalg import predict_observed, scatter_rows
+from nmf_lightning.linalg import predict_observed, rows_at, scatter_rows
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Biases:
         """
         m = t.shape[1]
         x = t.vals.new_zeros(1, m).index_add_(-1, t.cols, t.vals[None, :])  # (1, m)
-        return {"bias_x": x, "bias_W": scatter_rows(t.cols, m, W[t.rows]).mT}  # (k, m): (W^T M)
+        return {"bias_x": x, "bias_W": scatter_rows(t.cols, m, rows_at(W, t.rows)).mT}  # (k, m): (W^T M)
 
     @torch.no_grad()
     def fit_cols(self, stats: dict[str, Tensor], H: Tensor) -> None:

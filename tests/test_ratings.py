@@ -473,3 +473,27 @@ def test_the_ratings_experiment_beats_the_mean_rating_on_a_rating_list_as_it_com
     mean = np.nanmean(split_holdout(Matrix(X), 0.1, seed=0)[0].X)
     assert metrics["val_rmse"] < 0.9 * np.sqrt(np.mean((held.values - mean) ** 2))
     assert metrics["steps"] == 30 and json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["als", "mu", "adam"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_the_biased_model_on_cuda_follows_the_cpu(make_cfg, tmp_path, solver, streamed):
+    X, _ = _ratings(200, 120, observed=0.3)
+    _triplets_file(tmp_path / "r.tsv", X)
+    options = (*RATINGS, f"data.path={tmp_path / 'r.tsv'}", f"optimizer={solver}", "model.biases=true", *ALS_WR)
+    options += ("trainer.precision=64-true", "trainer.max_steps=15", "data.rating_range=[1,5]", "model.l2_bias=2")
+    options += ("data.batch_rows=64",) if streamed else ()
+    options += ("optimizer.lr=0.02",) if solver == "adam" else ()
+    runs = {acc: train(make_cfg(*options, f"trainer.accelerator={acc}", f"paths.output_dir={tmp_path / acc}"))
+            for acc in ("cpu", "gpu")}  # fmt: skip
+    assert runs["gpu"]["val_rmse"] == pytest.approx(runs["cpu"]["val_rmse"], rel=1e-8)
+    cpu, gpu = _outputs(tmp_path / "cpu"), _outputs(tmp_path / "gpu")
+    for name in ("W", "H", "mu", "b", "c"):
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-6, atol=1e-9)
+    est = {device: NMF(3, solver=solver if solver != "adam" else "als", biases=True, device=device, max_iter=10)
+           for device in ("cpu", "cuda")}  # fmt: skip
+    dense = np.clip(X, 1, 5)
+    for model in est.values():
+        model.set_params(random_state=0, rating_range=(1, 5)).fit(dense)
+    np.testing.assert_allclose(est["cuda"].predict_entries([0, 5], [1, 7]), est["cpu"].predict_entries([0, 5], [1, 7]))

@@ -1,15 +1,16 @@
 """Biases of a ratings model: X_ij ~ mu + b_i + c_j + (W H)_ij at the observed entries.
 
-A rating says as much about its user (a generous rater) and its item (a film most like)
-as about how the two match. The global mean mu, the row biases b and the column biases
+A rating says as much about its user (a generous rater) and its item (a film most people
+like) as about how the two match. The global mean mu, the row biases b and the column biases
 c carry the first two, unconstrained; W, H >= 0 carry the match (Koren, Bell & Volinsky,
 "Matrix factorization techniques for recommender systems", IEEE Computer 2009; Surprise's
 ``SVD`` and ``NMF(biased=True)``).
 
 Whatever the solver, the biases take an exact step in every update, in the order rows of
-X are read: for a block of rows, b (row-local, as W's rows are) for the W and H of
-now, then the solver's step on W's rows with the ratings less the biases; once every block
-(and rank) is summed, H's step, then mu and c for the W and H the update ended with. Each
+X are read: for each block of rows, its biases b (row-local, as W's rows are) for the
+current W and H, then the solver's step on those rows of W with the ratings less the
+biases; once every block (and rank) is summed, H's step, then mu and c for the W and H
+the update ended with. Each
 minimises ``1/2 ||M * (X - mu - b - c - W H)||^2 + l2/2 (||b||^2 + ||c||^2)`` with the others
 fixed: ``b_i = sum_j r_ij / (n_i + l2)``, r the residual without b_i, n_i row i's observed
 entries; c_j the same down column j; mu, not penalised, the mean residual. The column

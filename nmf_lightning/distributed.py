@@ -200,6 +200,10 @@ class RowShard:
         self.calls += 1
 
 
+#: besides W, what a checkpoint holds one row of per row of X: a biased model's row biases (n, 1)
+ROW_STATE = ("b",)
+
+
 def keep_rows(checkpoint: dict, shard: RowShard) -> None:
     """Keep this rank's rows of the whole W (and its optimizer state) in a checkpoint: it resumes on any ranks."""
     map_w_state(checkpoint, lambda A: A[..., shard.rows, :].clone(), checkpoint["state_dict"]["W"].shape)
@@ -211,9 +215,12 @@ def gather_rows(checkpoint: dict, shard: RowShard, shape: torch.Size) -> None:
 
 
 def map_w_state(checkpoint: dict, fn: Callable[[Tensor], Tensor], shape: torch.Size) -> None:
-    """Apply ``fn`` to W in a checkpoint and to W's optimizer state (W is the optimizer's first parameter)."""
+    """Apply ``fn`` to W in a checkpoint, to W's optimizer state (W is the optimizer's first parameter) and to b."""
     state = checkpoint["state_dict"]
     state["W"] = fn(state["W"])
+    for name in ROW_STATE:  # row by row with W, with no optimizer state of its own
+        if name in state:
+            state[name] = fn(state[name])
     for i, optimizer in enumerate(checkpoint.get("optimizer_states", [])):
         if 0 not in optimizer.get("state", {}):
             continue

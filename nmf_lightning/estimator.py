@@ -28,6 +28,7 @@ from torch import Tensor
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine import divergence, sq_error, to_block
+from nmf_lightning.engine.biases import Biases, predict
 from nmf_lightning.engine.problem import Problem, Source, Spec, solve_w
 from nmf_lightning.init import INITS
 from nmf_lightning.linalg import to_numpy
@@ -40,6 +41,7 @@ from nmf_lightning.params import (
     Options,
     Real,
     Words,
+    check_biases,
     check_compatible,
     check_params,
     check_restarts,
@@ -90,7 +92,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     gradient optimizers ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"sgd"``), ``beta_loss``
     (``"frobenius"``, ``"kullback-leibler"``, ``"itakura-saito"`` or a float; other than
     Frobenius with ``"mu"`` or a gradient solver), ``max_iter``, ``random_state``, ``alpha_W``, ``alpha_H``,
-    ``l1_ratio`` (scaled by the data's size as scikit-learn does) and ``verbose``.
+    ``l1_ratio`` (scaled by the data's size as scikit-learn does; ``l2_scale="count"`` scales the L2
+    terms by each row's and column's number of observed entries instead, ALS-WR's weighting) and ``verbose``.
 
     ``tol`` stops the fit once the objective changes by less than ``tol`` (relative) over
     10 updates (scikit-learn's ``cd`` measures a projected gradient instead).
@@ -119,6 +122,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     NaN entries of a dense X are missing: the fit and ``reconstruction_err_`` skip them.
 
+    Ratings: ``biases=True`` models X_ij as mu + b_i + c_j + (W H)_ij, the global mean and each
+    row's and column's bias beside the factors (``intercept_``, ``row_bias_``, ``col_bias_``),
+    fit in closed form in every update and shrunk by ``l2_bias`` (a row with n ratings keeps
+    n / (n + l2_bias) of its mean residual); solvers ``"als"``, ``"mu"`` or a gradient one. The
+    W of the rows fitted is kept (``W_``), so ``predict_entries(rows, cols)`` gives the model's
+    value at (row, column) pairs of X, clipped to ``rating_range`` (low, high) when set.
+
     Beyond and beside scikit-learn's ``NMF``: ``score`` (minus the reconstruction error of
     ``transform``, so model selection needs no scorer); ``transform`` computes in the
     dtype of ``components_`` (X of another float dtype is converted); ``init=None`` with
@@ -140,6 +150,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         alpha_W: float = 0.0,
         alpha_H: float | str = "same",
         l1_ratio: float = 0.0,
+        l2_scale: str | None = None,
+        biases: bool = False,
+        l2_bias: float = 0.0,
+        rating_range: tuple[float, float] | None = None,
         verbose: int = 0,
         optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None,
         lr: float | None = None,
@@ -173,6 +187,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.alpha_W = alpha_W
         self.alpha_H = alpha_H
         self.l1_ratio = l1_ratio
+        self.l2_scale = l2_scale
+        self.biases = biases
+        self.l2_bias = l2_bias
+        self.rating_range = rating_range
         self.verbose = verbose
         self.optimizer = optimizer
         self.lr = lr
@@ -208,6 +226,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "alpha_W": CONSTRAINTS["l1_W"],
         "alpha_H": one_of(CONSTRAINTS["l1_H"], "same"),
         "l1_ratio": Real(0, 1),
+        "l2_scale": one_of(None, "count"),
+        "biases": CONSTRAINTS["biases"],
+        "l2_bias": CONSTRAINTS["l2_bias"],
+        "rating_range": CONSTRAINTS["rating_range"],
         "verbose": one_of(Integer(0), Boolean()),
         "optimizer": one_of(
             Kind(
@@ -245,6 +267,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         X = self._validate(X, reset=True)
         rank = self._choose_rank(X) if self._searches(H) else None
         W, H, steps, error = self._factorize(X, W, H, rank)
+        self.W_ = W
         self.components_ = H
         self.n_components_ = H.shape[0]
         self.n_iter_ = steps
@@ -280,10 +303,37 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X) -> np.ndarray:
-        """W >= 0 for new rows of X with the components held fixed."""
+        """W >= 0 for new rows of X with the components held fixed (and a biased model's mu and c: b is solved)."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
         return self._solve_w(X, self.components_)
+
+    def predict_entries(self, rows, cols) -> np.ndarray:
+        """The model's values at the entries (rows[i], cols[i]) of the X fitted: what a recommender predicts.
+
+        ``mu + b_i + c_j + (W H)_ij`` for a biased model, ``(W H)_ij`` otherwise, clipped to
+        ``rating_range`` when set. (Not ``predict``: scikit-learn's ``predict`` takes a matrix of samples.)
+        """
+        check_is_fitted(self)
+        n, m = self.W_.shape[0], self.components_.shape[1]
+        index = []
+        for name, values, size in (("rows", rows, n), ("cols", cols, m)):
+            values = np.asarray(values)
+            if values.ndim != 1 or not (np.issubdtype(values.dtype, np.integer) or values.size == 0):
+                raise ValueError(f"{name} must be a 1-D sequence of integers (indices of X's {name}), got {values!r}.")
+            if values.size and (values.min() < 0 or values.max() >= size):
+                raise ValueError(f"{name} must index X's {size} {name} (0 to {size - 1}), got {values.min()} to "
+                                 f"{values.max()}.")  # fmt: skip
+            index.append(torch.from_numpy(values.astype(np.int64)))
+        if len(index[0]) != len(index[1]):
+            raise ValueError(f"rows and cols must have the same length, got {len(index[0])} and {len(index[1])}.")
+        W, H = torch.from_numpy(self.W_), torch.from_numpy(self.components_)
+        biases = self._fitted_biases(self.row_bias_, W) if self.biases else None
+        return to_numpy(predict(*index, W, H, biases, self.rating_range))
+
+    def _fitted_biases(self, b: np.ndarray, like: Tensor) -> Biases:
+        """The fitted mu and c with these rows' biases b, for predictions."""
+        return Biases.of(self.intercept_, b, self.col_bias_, like)
 
     def inverse_transform(self, X) -> np.ndarray:
         """The data ``W @ components_`` that rows W of the transformed space stand for."""
@@ -302,9 +352,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        W, H = (torch.from_numpy(A) for A in (self._solve_w(X, self.components_), self.components_))
+        W, b = self._solve_w(X, self.components_, return_biases=True)
+        W, H = torch.from_numpy(W), torch.from_numpy(self.components_)
         device, beta = self._device(), self._beta()
-        t, W, H = to_block(X, H.dtype, device), W.to(device), H.to(device)
+        t, W, H = to_block(X, H.dtype, device, triplets=self.biases or None), W.to(device), H.to(device)
+        if self.biases:  # the error of mu + b + c + W H
+            t = self._fitted_biases(b, H).shift(t)
         error = float(sq_error(t, W, H)) if beta == 2 else 2 * float(divergence(t, W, H, beta))
         return -math.sqrt(max(error, 0.0))
 
@@ -362,6 +415,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
         words, beta = self._words(), self._beta()
         check_restarts(self.init or "random", self.restarts, words)  # init=None with restarts: random starts
+        check_biases(bool(self.biases), None if beta == 2 else beta, self.restarts, online, words)
+        if self.biases and self.n_components == "auto":
+            raise ValueError("n_components='auto' chooses the rank of an unbiased model; with biases=True give it.")
         if online and self.n_components == "auto" and self.init != "custom":
             raise ValueError("n_components='auto' chooses the rank on a whole X: use fit, or give partial_fit a rank.")
         if online and self.restarts > 1:
@@ -379,6 +435,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             online=online,
             half=half,
             precision=self.precision,
+            biases=bool(self.biases),
         )
         self._device()  # a device that is not there fails now
 
@@ -415,10 +472,15 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return int(k)
 
     def _regularization(self, n: int, m: int) -> tuple[float, float, float, float]:
-        """scikit-learn's scaling: W's terms by n_features, H's by n_samples."""
+        """scikit-learn's scaling: W's terms by n_features, H's by n_samples.
+
+        With ``l2_scale="count"`` the L2 terms are scaled by each row's and column's observed
+        entries instead (the engine's ``l2_scale``; the same numbers when X has no missing entry).
+        """
         alpha_H = self.alpha_W if self.alpha_H == "same" else self.alpha_H
         r = self.l1_ratio
-        return m * self.alpha_W * r, n * alpha_H * r, m * self.alpha_W * (1 - r), n * alpha_H * (1 - r)
+        n2, m2 = (1, 1) if self.l2_scale == "count" else (n, m)
+        return m * self.alpha_W * r, n * alpha_H * r, m2 * self.alpha_W * (1 - r), n2 * alpha_H * (1 - r)
 
     def _dtype(self, X) -> torch.dtype:
         if self.precision is None:
@@ -478,6 +540,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             l1_H=l1_H,
             l2_W=l2_W,
             l2_H=l2_H,
+            l2_scale=self.l2_scale or "none",
+            biases=bool(self.biases),
+            l2_bias=self.l2_bias,
             project=bool(self.project),
             lam_growth=self.lam_growth,
             neg_tol=self.neg_tol,
@@ -495,7 +560,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             tol_window=TOL_WINDOW,
         )
         dtype, device = self._dtype(X), self._device()
-        source = Source.host(X, dtype, device, self.batch_rows, observed=info.observed)
+        source = Source.host(X, dtype, device, self.batch_rows, observed=info.observed, biased=bool(self.biases))
         if online:  # partial_fit's batches are X's row blocks
             source.layout = dataclasses.replace(source.layout, streamed=True)
         problem = Problem(spec, source, dtype, device)
@@ -558,6 +623,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             self.best_restart_err_ = _error(problem, problem.data_term(W_, H_))
             W_, H_, found = problem.consensus(problem.spec.reported(W_, all_H)[1])
             self.stability_, self.consensus_kept_ = found.stability, found.kept
+        if problem.biases is not None:
+            self.intercept_ = float(problem.biases.mu)
+            self.row_bias_, self.col_bias_ = to_numpy(problem.biases.b)[:, 0], to_numpy(problem.biases.c)[0]
         if self.tol and not converged:
             warnings.warn(
                 f"Maximum number of iterations {self.max_iter} reached before the objective settled to "
@@ -607,17 +675,26 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 writer.close()
         return done, converged, torch.cat(losses) if losses else None
 
-    def _solve_w(self, X, H: np.ndarray, return_n_iter: bool = False):
+    def _solve_w(self, X, H: np.ndarray, return_n_iter: bool = False, return_biases: bool = False):
         """W for rows X with H fixed: the fit's W-update (HALS, or MU for ``solver="mu"``) run to ``tol``.
 
-        The W penalties are the fit's (``alpha_W``, ``l1_ratio``, scaled by ``n_features``).
+        The W penalties are the fit's (``alpha_W``, ``l1_ratio``, scaled by ``n_features``). A
+        biased model holds its mu and c fixed too and solves each row's b with its W (by ALS
+        when it was fit by ALS, else MU: HALS does not read X as observed entries).
         """
         beta = self._beta()
         rule = "mu" if (self.solver == "mu" and self.optimizer is None) or beta != 2 else "hals"
+        if self.biases:
+            rule = "als" if self.solver == "als" and self.optimizer is None else "mu"
         l1_W, _, l2_W, _ = self._regularization(*X.shape)
         options = {"max_iter": self.max_iter, "tol": self.tol, "device": self._device(), "beta": beta}
-        W, steps, _ = solve_w(X, np.asarray(H), rule, self._words(), l1_W=l1_W, l2_W=l2_W, **options)
-        return (W, steps) if return_n_iter else W
+        options["l2_scale"] = self.l2_scale or "none"
+        if self.biases:
+            options.update(biases=(self.intercept_, self.col_bias_), l2_bias=self.l2_bias)
+        W, steps, _, b = solve_w(X, np.asarray(H), rule, self._words(), l1_W=l1_W, l2_W=l2_W, **options)
+        out = (W, steps) if return_n_iter else (W,)
+        out += (b,) if return_biases else ()
+        return out if len(out) > 1 else W
 
 
 def non_negative_factorization(

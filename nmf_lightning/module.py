@@ -61,6 +61,12 @@ class NMFModule(L.LightningModule):
                 + l1_W * |W|_1 + l1_H * |H|_1 + l2_W/2 * ||W||^2 + l2_H/2 * ||H||^2
                 + l21_H * mean_j |H[:, j]|_2
 
+    (with ``l2_scale="count"`` each row's ||W_i||^2 and column's ||H_j||^2 weighed by its observed entries)
+
+    ``biases`` models X_ij as mu + b_i + c_j + (W H)_ij (ratings): the global mean and the row
+    and column biases are buffers ``mu`` (1, 1), ``b`` (n, 1) and ``c`` (1, m), fit in closed
+    form in every update and shrunk by ``l2_bias`` (:mod:`~nmf_lightning.engine.biases`).
+
     ``optimizer`` is a factory ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``
     config; ``lr="auto"`` sizes it to the factors) or a closed-form solver; ``project``
     clamps W, H to >= 0 after every update; without it, ``lam_growth`` > 1 grows ``lam`` until
@@ -81,7 +87,10 @@ class NMFModule(L.LightningModule):
         l1_H: float = 0.0,
         l2_W: float = 0.0,
         l2_H: float = 0.0,
+        l2_scale: str = "none",
         l21_H: float = 0.0,
+        biases: bool = False,
+        l2_bias: float = 0.0,
         project: bool = True,
         lam_growth: float = 1.0,
         neg_tol: float = 1e-3,
@@ -117,7 +126,8 @@ class NMFModule(L.LightningModule):
         rank = rank_min if rank == "auto" else rank
         self.spec = Spec(
             rank=rank, optimizer=optimizer or DEFAULT_OPTIMIZER, loss=loss, beta=beta, lam=lam, l1_W=l1_W,
-            l1_H=l1_H, l2_W=l2_W, l2_H=l2_H, l21_H=l21_H, project=project, lam_growth=lam_growth,
+            l1_H=l1_H, l2_W=l2_W, l2_H=l2_H, l2_scale=l2_scale, l21_H=l21_H, biases=biases, l2_bias=l2_bias,
+            project=project, lam_growth=lam_growth,
             neg_tol=neg_tol, lam_every=lam_every, init=init, init_scale=init_scale, restarts=restarts,
             consensus=consensus, density_threshold=density_threshold, neighbors=neighbors,
             consensus_refine=consensus_refine, seed=seed,
@@ -154,9 +164,9 @@ class NMFModule(L.LightningModule):
         batch, k = () if self.spec.restarts == 1 else (self.spec.restarts,), self.spec.rank
         return nn.Parameter(torch.empty(*batch, 0, k)), nn.Parameter(torch.empty(*batch, k, 0))
 
-    #: what DDP must neither verify nor broadcast: W's rows differ between ranks (see ShardedDDP);
-    #: DDP checks a root module's parameters under two names, "W" and ".W"
-    _ddp_params_and_buffers_to_ignore = ("W", ".W")
+    #: what DDP must neither verify nor broadcast: W's rows and the row biases b differ between ranks
+    #: (see ShardedDDP); DDP checks a root module's parameters under two names, "W" and ".W"
+    _ddp_params_and_buffers_to_ignore = ("W", ".W", "b", ".b")
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -177,11 +187,17 @@ class NMFModule(L.LightningModule):
         source = dm.source(self.spec, dtype, device, self.shard)
         self.problem = Problem(self.spec, source, dtype, device, self.shard)
         self.problem.check(CLI_WORDS, precision)
-        held_out = None if dm.holdout is None else HeldOut.of(dm.holdout, dtype, device, self.shard)
+        clip = getattr(dm, "rating_range", None)
+        held_out = None if dm.holdout is None else HeldOut.of(dm.holdout, dtype, device, self.shard, clip)
         self.recorder = Recorder(self.problem, held_out)
         self.holdout_spec = {"fraction": dm.holdout_fraction, "seed": dm.holdout_seed}
+        self.rating_range = clip
         W, H = self.problem.initial_factors()
         self.W, self.H = nn.Parameter(W), nn.Parameter(H)
+        biases = self.problem.biases
+        if biases is not None:  # checkpointed with W and H; the engine updates them in place
+            for name in ("mu", "b", "c"):
+                self.register_buffer(name, getattr(biases, name))
 
     def check(self, datamodule: NMFDataModule, precision: str, ranks: int = 1) -> None:
         """Check this model against the datamodule's X (set up) and the trainer's precision, before anything runs.
@@ -195,6 +211,11 @@ class NMFModule(L.LightningModule):
         if ranks > 1 and (self.rank_search is not None or self.spec.consensus):
             raise NMFInputError(
                 "model.rank=auto and model.consensus run in one process: drop trainer=ddp (or several devices)."
+            )
+        if self.rank_search is not None and self.spec.biases:
+            raise NMFInputError(
+                "model.rank=auto chooses the rank of an unbiased model; with model.biases=true set model.rank "
+                "(compare ranks by val_rmse in a sweep: model.rank=5,10,20 -m)."
             )
         if self.rank_search is not None and not in_memory(datamodule.matrix.X):
             raise NMFInputError(
@@ -223,7 +244,7 @@ class NMFModule(L.LightningModule):
         )
         if self.shard is not None:
             keep_rows(checkpoint, self.shard)
-        for name, now in (("W", self.W), ("H", self.H)):
+        for name, now in (("W", self.W), ("H", self.H), *((k, getattr(self, k)) for k in ("b", "c") if k in state)):
             if now.numel() and tuple(state[name].shape) != tuple(now.shape):
                 raise NMFInputError(
                     f"the checkpoint's {name} has shape {tuple(state[name].shape)} but this run's is "
@@ -417,6 +438,8 @@ class NMFModule(L.LightningModule):
         metrics.update(self.recorder.validation(*self.best_factors(local=True)))
         if self.shard is not None:  # the factors a user gets: all of W, in row order
             self._whole_W = self._whole(self.W.detach())
+            if self.problem.biases is not None:
+                self._whole_b = self._whole(self.problem.biases.b)
         restored = getattr(self, "restored_from_step", None) is not None  # these factors are of an earlier check
         if getattr(self, "_last_point", self.global_step) < self.global_step and not restored:  # ended off the grid
             self.grid.add(self.global_step, self.recorder.curve_metrics(metrics))
@@ -453,10 +476,14 @@ class NMFModule(L.LightningModule):
     def transform(self, X: np.ndarray | sp.spmatrix, solver: str | None = None, **options) -> np.ndarray:
         """W >= 0 for new rows X (same columns) with this model's H held fixed, on the model's loss.
 
-        ``solver`` defaults to HALS for the Frobenius losses and MU for a beta-divergence.
+        ``solver`` defaults to HALS for the Frobenius losses and MU for a beta-divergence; a
+        biased model's transform returns W and the new rows' biases b.
         """
         if self.problem.beta is not None:
             options.setdefault("beta", self.problem.beta)
+        if self.problem.biases is not None:  # W and each new row's bias b, with mu and c held fixed
+            biases = self.problem.biases
+            options.setdefault("biases", (float(biases.mu), to_numpy(biases.c)[0]))
         return transform(X, to_numpy(self.best_factors(local=True)[1]), solver, **options)
 
     def best_factors(self, restart: int | None = None, raw: bool = False, local: bool = False) -> tuple[Tensor, Tensor]:
@@ -480,6 +507,16 @@ class NMFModule(L.LightningModule):
             r = self._best() if restart is None else restart
             W, H = W[r], H[r]
         return (W, H) if raw else self.spec.reported(W, H)
+
+    def bias_arrays(self) -> dict[str, np.ndarray]:
+        """A biased model's ``mu`` (a number), ``b`` (n,) and ``c`` (m,) as numpy, all of b's rows; {} when unbiased."""
+        biases = self.problem.biases if self.problem is not None else None
+        if biases is None:
+            return {}
+        b = getattr(self, "_whole_b", None) if self.shard is not None else biases.b
+        if b is None:
+            raise RuntimeError("under DDP each rank holds its own rows of b until training ends.")
+        return {"mu": to_numpy(biases.mu).reshape(()), "b": to_numpy(b)[:, 0], "c": to_numpy(biases.c)[0]}
 
     def whole_factors(self) -> tuple[Tensor, Tensor]:
         """The best restart's W and H, all of W's rows: under DDP every rank must call it (W is gathered)."""

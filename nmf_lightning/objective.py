@@ -59,9 +59,13 @@ def l1(A: Tensor) -> Tensor:
     return A.abs().sum(dim=(-2, -1))
 
 
-def l2(A: Tensor) -> Tensor:
-    """Half the squared Frobenius norm ``1/2 ||A||_F^2`` (ridge), scikit-learn's L2 term."""
-    return 0.5 * (A * A).sum(dim=(-2, -1))
+def l2(A: Tensor, weight: float | Tensor = 1.0) -> Tensor:
+    """Half the squared Frobenius norm ``1/2 ||A||_F^2`` (ridge), scikit-learn's L2 term.
+
+    ``weight`` (broadcast against A) weighs each row of W or column of H: its number of
+    observed entries under ``model.l2_scale=count``, as ALS-WR does.
+    """
+    return 0.5 * (A * A * weight).sum(dim=(-2, -1))
 
 
 def l21(H: Tensor) -> Tensor:
@@ -89,6 +93,9 @@ class Objective:
     When W's rows are sharded over processes, ``sum_rows`` completes a sum over this
     rank's rows of W with the other ranks' (its gradient stays this rank's) and ``n_rows``
     is W's whole number of rows, so W's penalties are those of the whole factor.
+
+    ``l2_counts`` weighs the L2 terms by each row's (n, 1) and column's (1, m) number of
+    observed entries (``model.l2_scale=count``; numbers when every entry is observed).
     """
 
     loss: str = "fro"
@@ -102,6 +109,7 @@ class Objective:
     l21_H: float = 0.0
     sum_rows: Callable[[Tensor], Tensor] | None = field(default=None, compare=False)
     n_rows: int | None = None
+    l2_counts: tuple[float | Tensor, float | Tensor] = field(default=(1.0, 1.0), compare=False)
 
     def penalties(self, W: Tensor, H: Tensor) -> list[tuple[str, float, Callable[[], Tensor]]]:
         """(name, weight, value) of every penalty term; values are computed when called."""
@@ -117,8 +125,8 @@ class Objective:
             ("penalty", self.lam, negativity),
             ("l1_W", self.l1_W, lambda: whole(l1(W))),
             ("l1_H", self.l1_H, lambda: l1(H)),
-            ("l2_W", self.l2_W, lambda: whole(l2(W))),
-            ("l2_H", self.l2_H, lambda: l2(H)),
+            ("l2_W", self.l2_W, lambda: whole(l2(W, self.l2_counts[0]))),
+            ("l2_H", self.l2_H, lambda: l2(H, self.l2_counts[1])),
             ("l21_H", self.l21_H, lambda: l21(H)),
         ]
 

@@ -112,6 +112,20 @@ class Kind(Constraint):
 
 
 @dataclass(frozen=True)
+class Scale(Constraint):
+    """A pair ``[low, high]`` of finite numbers with low < high (a rating scale)."""
+
+    def ok(self, value: Any) -> bool:  # noqa: D102
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            return False
+        pair = list(value)
+        return len(pair) == 2 and all(Real().ok(v) for v in pair) and pair[0] < pair[1]
+
+    def describe(self) -> str:  # noqa: D102
+        return "a pair [low, high] of finite numbers with low < high"
+
+
+@dataclass(frozen=True)
 class AnyOf(Constraint):
     """Any one of several constraints (``auto`` or a number > 0)."""
 
@@ -153,7 +167,10 @@ CONSTRAINTS: dict[str, Constraint] = {
     "l1_H": PENALTY,
     "l2_W": PENALTY,
     "l2_H": PENALTY,
+    "l2_scale": Options(("none", "count")),
     "l21_H": PENALTY,
+    "biases": Boolean(),
+    "l2_bias": PENALTY,
     "project": Boolean(),
     "lam_growth": Real(1),
     "neg_tol": Real(0, 1, open_low=True),
@@ -179,6 +196,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "lr": one_of("auto", Real(0, open_low=True)),
     "steps": Integer(1),
     "batch_rows": one_of(Integer(1), None),
+    "rating_range": one_of(None, Scale()),
 }
 #: why a value matters, where the bare constraint would not say (shown after it)
 PURPOSE = {name: "a penalty weight" for name in ("lam", "l1_W", "l1_H", "l2_W", "l2_H", "l21_H")} | {
@@ -187,6 +205,9 @@ PURPOSE = {name: "a penalty weight" for name in ("lam", "l1_W", "l1_H", "l2_W", 
     "lam_every": "updates between the schedule's checks",
     "steps": "the number of updates",
     "batch_rows": "rows per block",
+    "rating_range": "the scale predictions are clipped to",
+    "l2_bias": "the biases' shrinkage: a row with n entries keeps n / (n + l2_bias) of its mean residual",
+    "l2_scale": "what l2_W and l2_H are multiplied by: 1, or each row's and column's observed entries",
 }
 
 
@@ -233,6 +254,8 @@ class Words:
     gradient: bool = True
     #: where this front end's missing entries come from
     missing: str = "NaN entries"
+    #: how this front end reads a sparse X's unstored entries as missing
+    unstored: str = "give X dense, with NaN at the missing entries"
 
     def name(self, key: str) -> str:
         """The user's name of an engine parameter."""
@@ -271,11 +294,13 @@ ENGINE_WORDS = Words(quote=True, solver_key="optimizer")
 #: nmf-train's words: the config keys
 CLI_WORDS = Words(
     missing="NaN entries, entries held out by data.holdout, or unstored ones with data.unstored=missing",
+    unstored="set data.unstored=missing to read them as missing (ratings)",
     params={key: f"model.{key}" for key in CONSTRAINTS}
     | {
         "lr": "optimizer.lr",
         "steps": "trainer.max_steps",
         "batch_rows": "data.batch_rows",
+        "rating_range": "data.rating_range",
         "precision": "trainer.precision",
     },
 )
@@ -311,6 +336,7 @@ def check_compatible(
     precision: str | None = None,
     penalties: bool = False,
     l21: bool = False,
+    biases: bool = False,
 ) -> None:
     """Refuse a solver that cannot fit this run (its loss, data layout, precision, mode), naming the way out.
 
@@ -344,6 +370,16 @@ def check_compatible(
         raise NMFInputError(
             f"{solver} takes no L1/L2 penalty ({', '.join(dict.fromkeys(words.name(k) for k in PENALTY_KEYS))}); "
             f"use {words.solvers(_closed_form_with('penalties'))}."
+        )
+    if biases and not info.observed:
+        raise NMFInputError(
+            f"{solver} cannot fit {words.show('biases', True)}: a biased model reads X as its observed entries "
+            f"only; use {words.solvers(_closed_form_with('observed'), gradient=True)}."
+        )
+    if biases and layout.sparse and not layout.observed:
+        raise NMFInputError(
+            f"{words.show('biases', True)} predicts ratings at the observed entries, but X is sparse with its "
+            f"unstored entries observed zeros; {words.unstored}."
         )
     if layout.observed and not info.observed:
         raise NMFInputError(
@@ -393,6 +429,27 @@ def check_compatible(
         raise NMFInputError(
             f"{words.online} updates H after every row block, but under trainer=ddp with {layout.ranks} ranks "
             "each rank holds other blocks; H is updated once per pass there."
+        )
+
+
+def check_biases(biases: bool, beta: float | None, restarts: int, online: bool, words: Words) -> None:
+    """A biased model (mu + b_i + c_j + (W H)_ij) is fit on the squared error, one start, H once per pass."""
+    if not biases:
+        return
+    setting = words.show("biases", True)
+    if beta is not None:
+        raise NMFInputError(
+            f"{setting} adds unconstrained biases to W H, which the {words.show('loss', words.kl)} family of "
+            f"losses (defined for W H >= 0) cannot take; use the squared error: {words.show('loss', 'fro2')}."
+        )
+    if restarts > 1:
+        raise NMFInputError(
+            f"{setting} trains one start, but {words.show('restarts', restarts)}; set {words.show('restarts', 1)}."
+        )
+    if online:
+        raise NMFInputError(
+            f"{setting} takes its column biases' step from a whole pass's sums, and {words.online} updates H "
+            "after every block; train it without online updates."
         )
 
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from nmf_lightning.divergence import elementwise
+from nmf_lightning.engine.biases import predict
 from nmf_lightning.engine.problem import PENALTIES, Problem, Spec
 from nmf_lightning.engine.updates import PassResult
-from nmf_lightning.linalg import predict_observed
 from nmf_lightning.objective import Objective, factor_stats, relative_error
 from nmf_lightning.params import Words
 
@@ -114,24 +114,35 @@ class Clamped:
 
 @dataclass
 class HeldOut:
-    """Entries held out of training (row, column, value), on the training device; rows are this process's."""
+    """Entries held out of training (row, column, value), on the training device; rows are this process's.
+
+    ``clip`` is the scale their predictions are clipped to before they are scored (``data.rating_range``).
+    """
 
     rows: Tensor
     cols: Tensor
     vals: Tensor
+    clip: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return len(self.vals)
 
     @classmethod
-    def of(cls, holdout: Holdout, dtype: torch.dtype, device: torch.device, shard: RowShard | None = None) -> HeldOut:
+    def of(
+        cls,
+        holdout: Holdout,
+        dtype: torch.dtype,
+        device: torch.device,
+        shard: RowShard | None = None,
+        clip: tuple[float, float] | None = None,
+    ) -> HeldOut:
         """``data.holdout``'s entries on ``device`` (values in float32 at least); under DDP this rank's, from row 0."""
         rows, cols, values = holdout.rows, holdout.cols, holdout.values
         if shard is not None:
             mine = (rows >= shard.start) & (rows < shard.stop)
             rows, cols, values = rows[mine] - shard.start, cols[mine], values[mine]
         vals = torch.from_numpy(values).to(device, torch.promote_types(dtype, torch.float32))
-        return cls(torch.from_numpy(rows).long().to(device), torch.from_numpy(cols).long().to(device), vals)
+        return cls(torch.from_numpy(rows).long().to(device), torch.from_numpy(cols).long().to(device), vals, clip)
 
 
 class Recorder:
@@ -279,6 +290,8 @@ class Recorder:
         """``val/relative_error``, ``val/rmse`` and ``val/divergence`` of (2-D) factors on the held-out entries.
 
         The divergence is the training loss's (1/2 the squared error for the Frobenius losses).
+        Predictions are the model's (:func:`~nmf_lightning.engine.biases.predict`: with its
+        biases, clipped to the rating scale).
         """
         held, problem = self.held_out, self.problem
         if held is None:
@@ -289,7 +302,7 @@ class Recorder:
         chunk = max(1, 2**24 // max(1, W.shape[-1]))  # bounds the (chunk, k) gather
         for start in range(0, len(held), chunk):
             rows, cols, vals = (A[start : start + chunk] for A in (held.rows, held.cols, held.vals))
-            pred = predict_observed(rows, cols, W, H)  # one gather serves both
+            pred = predict(rows, cols, W, H, problem.biases, held.clip)  # one gather serves both
             sq += ((vals - pred) ** 2).sum().double()
             if problem.beta is not None:
                 div += elementwise(vals, pred, problem.beta).sum().double()

@@ -153,6 +153,12 @@ def _check_ckpt_path(cfg: DictConfig) -> int | None:
             f"ckpt_path={path} cannot be read ({reason}); it is damaged: resume from another."
         ) from None
     factors = state.get("state_dict", {}) if isinstance(state, dict) else {}
+    biased = bool(cfg.model.get("biases", False))
+    if isinstance(factors, dict) and "W" in factors and ("b" in factors) != biased:
+        raise NMFInputError(
+            f"ckpt_path={path} was trained with model.biases={str(not biased).lower()}, this run has "
+            f"model.biases={str(biased).lower()}; resume with the setting it was trained with."
+        )
     projected = bool(cfg.model.get("project", True)) or bool(
         getattr(registry.of_target(str(cfg.optimizer._target_)), "closed_form", False)
     )
@@ -331,10 +337,13 @@ def _export(cfg: DictConfig, trainer: L.Trainer, model: NMFModule, held_out: boo
         lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
         hint = _degenerate_hint(cfg, lr) if math.isfinite(metrics["relative_error"]) else NAN_HINT
         raise DegenerateError(f"{reason}; {hint}. No factors.npz was written.")
+    extra = model.bias_arrays()  # a biased model's mu, b and c, and the scale its predictions are clipped to
+    if getattr(model, "rating_range", None) is not None:
+        extra["rating_range"] = np.asarray(model.rating_range, dtype=np.float64)
     write_together(
         out,  # both or neither: a kill between them must not leave the factors of one update with another's metrics
         {
-            "factors.npz": lambda f: np.savez(f, W=W, H=H),
+            "factors.npz": lambda f: np.savez(f, W=W, H=H, **extra),
             "metrics.json": lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()),
         },
     )

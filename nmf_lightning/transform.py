@@ -25,6 +25,7 @@ from nmf_lightning.console import NMFWarning
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.rows import materialize
 from nmf_lightning.divergence import loss_beta
+from nmf_lightning.engine.biases import Biases, predict
 from nmf_lightning.engine.problem import FIXED_H_MAX_ITER, FIXED_H_TOL, solve_w
 from nmf_lightning.params import Words
 from nmf_lightning.solvers import registry
@@ -45,7 +46,8 @@ def transform(
     l2_W: float = 0.0,
     return_n_iter: bool = False,
     beta: float = 2.0,
-) -> np.ndarray | tuple[np.ndarray, int]:
+    biases: tuple[float, np.ndarray] | None = None,
+) -> np.ndarray | tuple[np.ndarray, ...]:
     """Return W (n, k) >= 0 with X ~ W H for the fixed components H (k, m).
 
     NaN entries of a dense X are missing and do not count. HALS on a complete X solves
@@ -56,9 +58,11 @@ def transform(
     ``max_iter`` passes, with an :class:`NMFWarning` if tol was not met. ``l1_W`` and
     ``l2_W`` weigh ``|W|_1`` and ``1/2 ||W||^2`` as in training; ``return_n_iter`` also
     returns the passes run. ``beta`` != 2 fits that beta-divergence instead (1 KL, 0 IS),
-    with ``solver="mu"`` (the default then; HALS otherwise).
+    with ``solver="mu"`` (the default then; HALS otherwise). ``biases`` (mu, c (m,)) are a
+    biased model's, held fixed with H: X ~ mu + b + c + W H, each new row's bias b solved
+    with its W (MU by default, or ALS); W and b (n,) are returned then.
     """
-    solver = solver or registry.for_fixed_components(beta == 2).name
+    solver = solver or registry.for_fixed_components(beta == 2, observed=biases is not None).name
     closed_form = registry.names(closed_form=True)
     if solver not in closed_form:
         raise NMFInputError(f"solver={solver!r} is not one of {closed_form}.")
@@ -76,7 +80,8 @@ def transform(
         )
     H = H if H.dtype in (np.float32, np.float64) else H.astype(np.float64)
     options = {"max_iter": max_iter, "tol": tol, "device": device, "l1_W": l1_W, "l2_W": l2_W, "beta": beta}
-    W, steps, converged = solve_w(X, H, solver, dataclasses.replace(WORDS, values={"loss": beta}), **options)
+    words = dataclasses.replace(WORDS, values={"loss": beta})
+    W, steps, converged, b = solve_w(X, H, solver, words, biases=biases, **options)
     if not converged and tol > 0:
         warnings.warn(
             f"solving W stopped at max_iter={max_iter} before tol={tol:g}; W may be far from the best fit: "
@@ -84,7 +89,22 @@ def transform(
             NMFWarning,
             stacklevel=2,
         )
-    return (W, steps) if return_n_iter else W
+    out = (W, b) if biases is not None else (W,)
+    out += (steps,) if return_n_iter else ()
+    return out if len(out) > 1 else W
+
+
+def predictions(W: np.ndarray, H: np.ndarray, fitted: dict[str, np.ndarray], b: np.ndarray | None) -> np.ndarray:
+    """The model's value at every entry of the rows W stands for, (n, m): W H, plus mu + b + c, clipped.
+
+    ``fitted`` is what a run's factors.npz holds beside W and H (``mu``, ``c``, ``rating_range``).
+    """
+    rows, cols = (torch.from_numpy(A.ravel()) for A in np.indices((W.shape[0], H.shape[1])))
+    like = torch.from_numpy(W)
+    biases = None if b is None else Biases.of(fitted["mu"], b, fitted["c"], like)
+    clip = tuple(fitted["rating_range"]) if "rating_range" in fitted else None
+    values = predict(rows, cols, like, torch.from_numpy(H).to(like.dtype), biases, clip)
+    return values.reshape(W.shape[0], H.shape[1]).numpy()
 
 
 def run_beta(run: Path) -> float:
@@ -128,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--key", default=None, help="array name in a multi-array .npz or a .pt dict")
     ap.add_argument("--skip-header", type=int, default=0)
+    ap.add_argument(
+        "--predictions",
+        default=None,
+        help="also write the model's value at every entry of the new rows here (.npy): a biased model's "
+        "mu + b + c + W H, clipped to the run's data.rating_range (what a recommender ranks)",
+    )
     args = ap.parse_args(argv)
     factors = Path(args.factors)
     if factors.is_dir():
@@ -143,12 +169,15 @@ def main(argv: list[str] | None = None) -> None:
             if "H" not in f:
                 ap.error(f"{factors} has no array 'H' (it holds {list(f.keys())}).")
             H = f["H"]
+            fitted = {k: f[k] for k in ("mu", "c", "rating_range") if k in f}  # a biased model's, its scale
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
         ap.error(f"could not read {factors} ({err}); a run's factors.npz holds W and H as numeric arrays.")
     try:
         beta = args.beta if args.beta is not None else run_beta(factors.parent)
         X = materialize(from_file(args.matrix, key=args.key, skip_header=args.skip_header).X)
-        W = transform(X, H, args.solver, args.max_iter, args.tol, args.device, beta=beta)
+        biases = (fitted["mu"], fitted["c"]) if "mu" in fitted else None
+        solved = transform(X, H, args.solver, args.max_iter, args.tol, args.device, beta=beta, biases=biases)
+        W, b = solved if biases is not None else (solved, None)
     except (ValueError, FileNotFoundError) as err:  # in this command's own words, exit code 2 as argparse's
         flags = {"data.skip_header=": "--skip-header ", "data.key=": "--key ", "data.key": "--key"}
         text = str(err)
@@ -157,6 +186,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {text}", file=sys.stderr)
         raise SystemExit(2) from None
     save_npy(out, W)  # written whole, then renamed: never a truncated W
+    if args.predictions is not None or fitted:  # the model's values: with its biases, in its rating range
+        values = predictions(W, H, fitted, b)
+        if args.predictions is not None:
+            save_npy(Path(args.predictions), values)
+        dense = X.toarray() if sp.issparse(X) else X
+        obs = ~np.isnan(dense)
+        rmse = math.sqrt(float(np.square((dense - values)[obs]).mean())) if obs.any() else math.nan
+        clip = f", predictions within {fitted['rating_range'].tolist()}" if "rating_range" in fitted else ""
+        print(f"wrote {out}: W {W.shape[0]} x {W.shape[1]}; RMSE {rmse:.6g} at the {int(obs.sum())} entries{clip}")
+        return
     if sp.issparse(X):  # Gram form: no dense copy of a large sparse X
         x2 = float((X.data**2).sum())
         sq = x2 - 2 * float((X @ H.T * W).sum()) + float(((W.T @ W) * (H @ H.T)).sum())

@@ -79,6 +79,16 @@ def test_als_solves_a_singular_gram_by_the_pseudo_inverse():
     assert als._solve_psd(G.bfloat16(), B.bfloat16()).dtype == torch.float32
 
 
+def test_als_solves_each_system_alone_and_a_diverged_one_to_nan():
+    """A batch of per-column systems: Cholesky's where it passes, the pseudo-inverse where not, NaN for NaN."""
+    G = torch.stack([torch.eye(3) * 2, torch.diag(torch.tensor([2.0, 0.0, 3.0])), torch.full((3, 3), torch.nan)])
+    B = torch.ones(3, 3, 1)
+    Y = als._solve_psd(G, B)
+    torch.testing.assert_close(Y[0], torch.full((3, 1), 0.5))
+    torch.testing.assert_close(Y[1], torch.tensor([[0.5], [0.0], [1 / 3]]))
+    assert torch.isnan(Y[2]).all()
+
+
 def test_kaczmarz_sampler_state_from_another_kind_of_device_is_dropped_with_a_warning():
     rule = KaczmarzRule(seed=3)
     rule.set_generator_state(torch.zeros(16, dtype=torch.uint8))  # a CUDA generator's (seed, offset)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +73,27 @@ def test_the_choosing_k_script_runs_its_commands(tmp_path):
     assert (tmp_path / "docs/consensus_digits/k_selection.png").is_file()
     jobs = sorted((tmp_path / "multirun/digits_consensus").glob("*/metrics.json"))
     assert len(jobs) == 2 and all("stability" in json.loads(p.read_text()) for p in jobs)
+
+
+@pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
+def test_the_ratings_benchmark_runs_its_commands_and_writes_its_table(tmp_path):
+    """On a small u.data-like list (a header line, 1-5 stars), with the torch stand-in for Surprise."""
+    rng = np.random.default_rng(0)
+    n, m = 200, 120
+    X = np.clip(np.rint(3 + rng.normal(0, 0.6, (n, 1)) + rng.normal(0, 0.6, (1, m)) + rng.normal(0, 0.5, (n, m))), 1, 5)
+    rows, cols = np.nonzero(rng.random((n, m)) < 0.2)
+    lines = [f"{i}\t{j}\t{int(X[i, j])}\t0" for i, j in zip(rows, cols, strict=True)]
+    (tmp_path / "u.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "\n".join(lines)
+    )
+    out = tmp_path / "results"
+    command = [sys.executable, str(ROOT / "scripts/benchmark_ratings.py"), "--inter", str(tmp_path / "u.inter")]
+    done = subprocess.run([*command, "--out", str(out), "--reference", "torch"], capture_output=True, text=True,
+                          cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "ratings.json").read_text())
+    assert [r["command"].split()[1] for r in result["ours"]] == ["experiment=ratings"] * 5 + ["data=file"]
+    assert all(0.3 < r["val_rmse"] < 1.5 for r in result["ours"] + result["references"])
+    assert result["references"][0]["method"].startswith("plain torch biased MF")
+    text = (out / "ratings.md").read_text()
+    assert "| experiment=ratings: ALS, biases, ridge per rating |" in text and "a plain torch biased-MF loop" in text

@@ -10,6 +10,7 @@ from nmf_lightning.data import digits, known_factors
 from nmf_lightning.engine import DenseBlock, MaskedBlock, ObservedBlock, SolverUpdate, SparseBlock, fit, to_block
 from nmf_lightning.init import initialize
 from nmf_lightning.solvers import HALS, MU, hals, mu
+from nmf_lightning.solvers.rules import ALSRule
 from nmf_lightning.train import train
 from nmf_lightning.validation import NMFInputError
 
@@ -222,6 +223,20 @@ def test_masked_als_ignores_missing_values():
     trip, W, H, _, _ = _problem(layout="triplets")
     dense = MaskedBlock(*trip.for_svd())  # the same entries as a dense X with a mask
     torch.testing.assert_close(als.update_h(trip, W, H), als.update_h(dense, W, H))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_als_solves_a_column_with_no_observed_entry_to_zero(dtype):
+    """A held-out split can leave an item with no rating: its system is all zeros, its column of H is 0."""
+    rng = np.random.default_rng(0)
+    X = rng.random((40, 6)) @ rng.random((6, 30))
+    X[rng.random(X.shape) < 0.7] = np.nan
+    X[:, 3] = np.nan
+    for triplets in (False, True):
+        t = to_block(X, dtype, triplets=triplets)
+        W = torch.from_numpy(rng.random((40, 6))).to(dtype)
+        H = ALSRule().update_h(t, W, torch.ones(6, 30, dtype=dtype))
+        assert torch.isfinite(H).all() and (H[:, 3] == 0).all() and (H.sum(0) > 0).sum() > 20
 
 
 def test_kaczmarz_runs_on_sparse_x_without_densifying_it(make_cfg, tmp_path):

@@ -24,6 +24,7 @@ from nmf_lightning.data.holdout import Holdout, split_holdout
 from nmf_lightning.data.rows import OnDisk, RowBlocks, RowSummary, in_memory, materialize, scan
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine import Block, Source, Spec, from_batch
+from nmf_lightning.params import CLI_WORDS, check_params
 from nmf_lightning.validation import NMFInputError, check_matrix, require_memory
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class NMFDataModule(L.LightningDataModule):
     blocks of that many rows (``null``: X whole on the device); ``num_workers`` worker
     processes read the next blocks while the device works on this one (``auto``: one when
     training on a GPU, none on a CPU, whose cores the worker would take from the math).
+    ``rating_range`` ``[low, high]`` is the scale of X's values (ratings 1 to 5): predictions
+    of held-out entries are clipped to it before they are scored.
     """
 
     def __init__(
@@ -74,9 +77,11 @@ class NMFDataModule(L.LightningDataModule):
         holdout_seed: int = 0,
         batch_rows: int | None = None,
         num_workers: int | str = "auto",
+        rating_range: list[float] | None = None,
         **options: Any,
     ):
         super().__init__()
+        check_params({"rating_range": rating_range}, name=CLI_WORDS.name)
         if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 1):
             raise NMFInputError(
                 f"data.batch_rows must be an integer >= 1 (rows per block) or null, got {batch_rows!r}."
@@ -88,6 +93,7 @@ class NMFDataModule(L.LightningDataModule):
         self.holdout_fraction = holdout
         self.holdout_seed = holdout_seed
         self.batch_rows = None if batch_rows is None else int(batch_rows)
+        self.rating_range = None if rating_range is None else (float(rating_range[0]), float(rating_range[1]))
         self.num_workers = num_workers if num_workers == "auto" else int(num_workers)
         self.matrix: Matrix | None = None
         self.holdout: Holdout | None = None
@@ -140,6 +146,7 @@ class NMFDataModule(L.LightningDataModule):
         matrix = self.matrix
         if not self.streamed:
             options = {"unstored_missing": matrix.unstored_missing, "observed": spec.info.observed, "shard": shard}
+            options["biased"] = spec.biases
             source = Source.in_memory(matrix.X, dtype, "cpu", **options)
             source.check_memory(device, spec.rank, spec.restarts, torch.empty((), dtype=dtype).element_size())
             return source.to(device)

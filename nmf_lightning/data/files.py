@@ -117,10 +117,16 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
 
     Ids are any labels (MovieLens's user and item numbers, names): each distinct one is a
     row or column, in sorted order (numerically when all are integers). The column ids
-    come back as the column names. A pair given twice is an error, not a sum.
+    come back as the column names. A pair given twice is an error, not a sum. A first
+    line whose value is not a number is a header (RecBole's ``user_id:token item_id:token
+    rating:float``), read past without ``data.skip_header``.
     """
     delimiter = _delimiter(p, delimiter)
-    _first_line(p, skip_header)  # a text file with data rows
+    first = _first_line(p, skip_header)  # a text file with data rows
+    cells = first.split(delimiter)
+    if skip_header == 0 and len(cells) >= 3 and not _is_number(cells[2]):
+        skip_header = _header_lines(p)
+        _first_line(p, skip_header)  # rows after the header, too
     cells = np.genfromtxt(
         p, delimiter=delimiter, skip_header=skip_header, dtype=str, usecols=(0, 1, 2), ndmin=2, encoding=TEXT
     )
@@ -149,6 +155,15 @@ def _triplets(p: Path, skip_header: int = 0, delimiter: str | None = None, **_) 
         raise NMFInputError(f"data rows {first} and {second} give the same (row, column) pair; keep one of them")
     X = sp.csr_matrix((values, (rows, cols)), shape=(len(users), len(items)))
     return X, [str(label) for label in items]
+
+
+def _header_lines(p: Path) -> int:
+    """The lines up to and including the first that holds data: a header after blank or comment lines."""
+    with open(p, encoding=TEXT) as f:
+        for number, line in enumerate(f, start=1):
+            if line.split("#", 1)[0].strip():
+                return number
+    return 0
 
 
 def _delimiter(p: Path, delimiter: str | None) -> str | None:

@@ -17,6 +17,7 @@ factors whichever front end runs them, and a resumed run repeats a straight one:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import warnings
@@ -33,6 +34,7 @@ from torch import Tensor
 from nmf_lightning.consensus import DENSITY_THRESHOLD, NEIGHBORS, Consensus, consensus
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.divergence import EPSILON, loss_beta
+from nmf_lightning.engine.biases import Biases
 from nmf_lightning.engine.blocks import Block, ObservedBlock, dense_layout, to_block
 from nmf_lightning.engine.loop import Blocks, Convergence, FitResult, divergence, fit, passes, sq_error
 from nmf_lightning.engine.updates import (
@@ -51,6 +53,7 @@ from nmf_lightning.params import (
     ENGINE_WORDS,
     Layout,
     Words,
+    check_biases,
     check_compatible,
     check_consensus,
     check_init,
@@ -96,7 +99,10 @@ class Spec:
     negative mass is above ``neg_tol`` (:class:`~nmf_lightning.engine.updates.PenaltySchedule`).
     ``optimizer`` builds the solver over [W, H] (a closed-form :class:`~nmf_lightning.solvers.Solver`
     or a ``torch.optim.Optimizer`` factory, as a Hydra ``_partial_`` config gives it); its
-    ``lr`` may be ``"auto"``.
+    ``lr`` may be ``"auto"``. ``l2_scale="count"`` weighs each row's ``l2_W`` and each
+    column's ``l2_H`` by its number of observed entries (ALS-WR; scikit-learn's scaling when
+    every entry is observed). ``biases`` adds mu + b_i + c_j to W H at every entry, shrunk
+    by ``l2_bias`` (:mod:`~nmf_lightning.engine.biases`).
     """
 
     rank: int
@@ -108,7 +114,10 @@ class Spec:
     l1_H: float = 0.0
     l2_W: float = 0.0
     l2_H: float = 0.0
+    l2_scale: str = "none"
     l21_H: float = 0.0
+    biases: bool = False
+    l2_bias: float = 0.0
     project: bool = True
     lam_growth: float = 1.0
     neg_tol: float = 1e-3
@@ -142,6 +151,7 @@ class Spec:
             check_params({"lr": lr}, name=words.name)
         check_restarts(self.init, self.restarts, words)
         check_consensus(self.consensus, self.restarts, words)
+        check_biases(self.biases, self.data_loss()[1], self.restarts, self.online, words)
         check_schedule(self.lam_growth, self.lam, self.clamps, words)
         try:
             loss_beta(self.loss, self.beta)
@@ -203,14 +213,16 @@ class Source:
         unstored_missing: bool = False,
         observed: bool = True,
         shard: RowShard | None = None,
+        biased: bool = False,
     ) -> Source:
         """X held in host memory, as one block on ``device`` (this process's rows of it under DDP).
 
         ``observed``: the solver can fit X kept as observed triplets; a dense X with missing
-        entries then stays a dense mask.
+        entries then stays a dense mask. ``biased``: a biased model reads X, which is kept as
+        observed triplets whatever its density.
         """
         masked, triplets = dense_layout(X)
-        triplets = triplets and observed if not sp.issparse(X) else None
+        triplets = (triplets or biased) and observed if not sp.issparse(X) else None
         if shard is None:
             t = to_block(X, dtype, device, unstored_missing=unstored_missing, triplets=triplets)
             return cls._of_block(t, X, unstored_missing, whole=t)
@@ -257,11 +269,12 @@ class Source:
         device: torch.device | str,
         batch_rows: int,
         observed: bool = True,
+        biased: bool = False,
     ) -> Source:
         """X held in host memory, reaching ``device`` in blocks of ``batch_rows`` rows, one pass at a time."""
         X = X.tocsr() if sp.issparse(X) else X
         masked, triplets = dense_layout(X)
-        triplets = triplets and observed if not sp.issparse(X) else None
+        triplets = (triplets or biased) and observed if not sp.issparse(X) else None
         host = torch.device("cpu")
         parts = [
             to_block(X[s : s + batch_rows], dtype, host, start=s, triplets=triplets, masked=masked)
@@ -293,15 +306,17 @@ class Source:
         *,
         observed: bool = True,
         unstored_missing: bool = False,
+        biased: bool = False,
     ) -> Source:
         """X held in host memory as a fit reads it: one block on ``device``, or blocks of ``batch_rows`` rows."""
         if batch_rows is None or X.shape[0] <= batch_rows:
-            return cls.in_memory(X, dtype, device, unstored_missing=unstored_missing, observed=observed)
+            options = {"unstored_missing": unstored_missing, "observed": observed, "biased": biased}
+            return cls.in_memory(X, dtype, device, **options)
         if unstored_missing:
             raise NMFInputError(
                 "a sparse X whose unstored entries are missing (ratings) is fit whole here: leave batch_rows unset."
             )
-        return cls.host_blocks(X, dtype, device, batch_rows, observed=observed)
+        return cls.host_blocks(X, dtype, device, batch_rows, observed=observed, biased=biased)
 
     @classmethod
     def summarized(
@@ -402,10 +417,8 @@ class Problem:
         self.info = spec.info
         self.loss_name, self.beta = spec.data_loss()
         self.sum_ranks = None if shard is None else shard.sum
-        weights = {key: float(getattr(spec, key)) for key in PENALTIES}
-        if shard is not None:  # W's penalties are those of the whole factor
-            weights.update(sum_rows=shard.sum_rows, n_rows=shard.n)
-        self._objective = Objective(loss=self.loss_name, beta=self.beta, n_obs=source.n_obs, **weights)
+        self._objective: Objective | None = None  # made when first read: a count-scaled L2 counts X's entries
+        self._biases: Biases | None = None
         self.schedule = (
             PenaltySchedule(spec.lam, spec.lam_growth, spec.neg_tol, spec.lam_every) if spec.lam_growth > 1 else None
         )
@@ -415,14 +428,85 @@ class Problem:
     @property
     def objective(self) -> Objective:
         """The training objective, at the penalty weight the schedule has reached (``lam_growth``)."""
+        if self._objective is None:
+            weights = {key: float(getattr(self.spec, key)) for key in PENALTIES}
+            if self.shard is not None:  # W's penalties are those of the whole factor
+                weights.update(sum_rows=self.shard.sum_rows, n_rows=self.shard.n)
+            if self.spec.l2_scale == "count" and (self.spec.l2_W or self.spec.l2_H):
+                weights.update(l2_counts=self.l2_counts())
+            self._objective = Objective(loss=self.loss_name, beta=self.beta, n_obs=self.source.n_obs, **weights)
         if self.schedule is not None and self._objective.lam != self.schedule.lam:
             self._objective = dataclasses.replace(self._objective, lam=self.schedule.lam)
         return self._objective
 
+    @functools.cached_property
+    def counts(self) -> tuple[Tensor, Tensor]:
+        """Each row's (this process's rows) and each column's number of observed entries: one pass over X.
+
+        (n, 1) and (1, m) in float64 on the device; the columns' are summed over every rank under DDP.
+        """
+        rows_here = (
+            self.source.shape[0] if self.source.rows is None else len(range(self.source.shape[0])[self.source.rows])
+        )
+        rows = torch.zeros(rows_here, dtype=torch.float64, device=self.device)
+        cols = torch.zeros(self.source.shape[1], dtype=torch.float64, device=self.device)
+        for t in passes(self.source.blocks):
+            r, c = t.counts()
+            rows[t.start : t.stop] = r.to(self.device)
+            cols += c.to(self.device)
+        if self.sum_ranks is not None:
+            cols = self.sum_ranks({"n": cols})["n"]
+        return rows[:, None], cols[None, :]
+
+    def l2_counts(self) -> tuple[float | Tensor, float | Tensor]:
+        """What ``l2_scale`` multiplies ``l2_W`` (per row, (n, 1)) and ``l2_H`` (per column, (1, m)) by.
+
+        ``none``: 1. ``count``: each row's and column's number of observed entries; plain numbers
+        when every entry is observed (m and n: scikit-learn's scaling), so the unmasked updates,
+        whose columns share one Gram, take them too.
+        """
+        if self.spec.l2_scale == "none":
+            return 1.0, 1.0
+        n, m = self.source.shape
+        if not self.source.layout.missing:
+            return float(m), float(n)
+        rows, cols = self.counts
+        return rows.to(self.dtype), cols.to(self.dtype)
+
+    def l2_weights(self) -> tuple[float | Tensor, float | Tensor]:
+        """``l2_W`` and ``l2_H`` as the closed-form updates take them: numbers, or per row (n, 1) and column (1, m)."""
+        rows, cols = self.l2_counts() if (self.spec.l2_W or self.spec.l2_H) else (1.0, 1.0)
+        return self.spec.l2_W * rows, self.spec.l2_H * cols
+
     @property
     def blocks(self) -> Blocks:
-        """X as the updates read it: one block, or a callable giving a pass of blocks."""
-        return self.source.blocks
+        """X as the updates read it: one block, or a callable giving a pass of blocks.
+
+        A biased model's blocks are the ratings less the biases as they are when read.
+        """
+        if self.biases is None:
+            return self.source.blocks
+        biases = self.biases
+        return lambda: (biases.shift(t) for t in passes(self.source.blocks))
+
+    @property
+    def biases(self) -> Biases | None:
+        """mu, b (this process's rows) and c of a biased model (``spec.biases``), None otherwise.
+
+        They start at mu = the mean observed entry and b = c = 0 (:meth:`start_biases` sets others).
+        """
+        if self.spec.biases and self._biases is None:
+            self.start_biases()
+        return self._biases
+
+    def start_biases(self, mu: float | None = None, c: Tensor | None = None) -> Biases:
+        """Start the biases: mu (default: the mean observed entry), b = 0 and c (default 0; (1, m) or (m,))."""
+        like = torch.empty((), dtype=self.dtype, device=self.device)
+        mean = self.source.total / max(self.source.n_obs, 1) if mu is None else mu
+        self._biases = Biases.start(mean, self.counts, self.spec.l2_bias, like)
+        if c is not None:
+            self._biases.c.copy_(torch.as_tensor(c).reshape(1, -1))
+        return self._biases
 
     # ----------------------------------------------------------------- checks
     def check(self, words: Words = ENGINE_WORDS, precision: str | None = None) -> None:
@@ -464,6 +548,7 @@ class Problem:
             precision=precision,
             penalties=spec.penalized,
             l21=bool(spec.l21_H),
+            biases=spec.biases,
         )
         self._check_beta_data(words)
 
@@ -510,7 +595,7 @@ class Problem:
         options = {"seed": spec.seed, "restarts": spec.restarts, "scale": spec.init_scale}
         if spec.init in SVD_INITS and source.whole is None and source.rows is None:
             like = torch.empty((), dtype=self.dtype, device=self.device)  # X in row blocks: products pass by pass
-            mean = source.total / max(source.n_obs, 1)
+            mean = self._init_mean()
             return streamed_nndsvd(
                 lambda: passes(source.blocks),
                 source.shape,
@@ -528,11 +613,20 @@ class Problem:
             W, H = W.to(self.device, self.dtype), H.to(self.device, self.dtype)
         else:
             like = torch.empty((), dtype=self.dtype, device=self.device)
-            mean = source.total / max(source.n_obs, 1)
+            mean = self._init_mean()
             W, H = draw_factors(source.shape, spec.rank, spec.init, mean=mean, like=like, **options)
         if source.rows is not None:
             W = W[..., source.rows, :].clone()
         return W, H
+
+    def _init_mean(self) -> float:
+        """What the random inits scale W H to: X's mean; a biased model's W H fits X's spread about it."""
+        source = self.source
+        mean = source.total / max(source.n_obs, 1)
+        if not self.spec.biases:
+            return mean
+        spread = math.sqrt(max(float(source.x_sq) / max(source.n_obs, 1) - mean * mean, 0.0))
+        return spread or mean
 
     def scale(self, W: Tensor, H: Tensor) -> float:
         """The scale of the factors: the larger RMS of W (all of its rows, under DDP) and H."""
@@ -646,13 +740,14 @@ class Problem:
             return SolverUpdate(
                 getattr(step, "rule", step),
                 (spec.l1_W, spec.l1_H),
-                (spec.l2_W, spec.l2_H),
+                self.l2_weights(),
                 update_H=update_H,
                 online=spec.online,
                 forget=spec.forget,
                 measure=measure,
                 sum_ranks=self.sum_ranks,
                 x_sq=None if self.shard is None else self.source.x_sq.to(self.device),
+                biases=self.biases,
             )
         layout = self.source.layout
         form = GramForm(
@@ -668,6 +763,7 @@ class Problem:
             x_sq=self.source.x_sq,
             compile=spec.compile,
             schedule=self.schedule,
+            biases=self.biases,
         )
 
     # -------------------------------------------------------------- measuring
@@ -740,6 +836,8 @@ class Problem:
         offset = int(bad[0]) if len(bad) else len(losses) - 1
         value = float(losses[offset]) if len(bad) else math.nan
         hint = f"lower the learning rate (e.g. {words.show('lr', lr / 10)})" if lr else "check X for extreme values"
+        if not lr and self.info.name == "als" and not (self.spec.l2_W or self.spec.l2_H):  # projected ALS unsteadied
+            hint += f", or steady ALS's solves with a ridge ({words.name('l2_W')}, {words.name('l2_H')})"
         if not self.spec.project:
             hint += f", or set {words.show('project', True)}"
         step = start + offset + 1
@@ -755,11 +853,11 @@ class Problem:
         W, the passes run and whether ``tol`` was met.
         """
         t, k = self.blocks, H.shape[-2]
-        mean = self.source.total / max(self.source.n_obs, 1)
+        mean = self._init_mean()
         W = torch.full((self.source.shape[0], k), math.sqrt(max(mean, 0.0) / k), dtype=self.dtype, device=self.device)
         spec = self.spec
         if self.info.name == "hals" and self.beta is None and isinstance(t, Block) and not t.masked:
-            W, steps, converged = hals.nnls(t.XHt(H), H @ H.mT, W, spec.l1_W, spec.l2_W, max_iter, tol)
+            W, steps, converged = hals.nnls(t.XHt(H), H @ H.mT, W, spec.l1_W, self.l2_weights()[0], max_iter, tol)
             return W, steps, converged
         result = self.fit(W, H, self.update(self.rule(), update_H=False), max_iter, convergence=Convergence(tol, 10))
         return W, result.steps, result.steps < max_iter
@@ -800,13 +898,18 @@ def solve_w(
     device: torch.device | str = "cpu",
     l1_W: float = 0.0,
     l2_W: float = 0.0,
+    l2_scale: str = "none",
     beta: float = 2.0,
-) -> tuple[np.ndarray, int, bool]:
+    biases: tuple[float, np.ndarray] | None = None,
+    l2_bias: float = 0.0,
+) -> tuple[np.ndarray, int, bool, np.ndarray | None]:
     """W >= 0 with X ~ W H for fixed components H (k, m), in H's dtype: what ``transform`` computes everywhere.
 
     ``solver`` names a closed-form rule (its W-update runs); ``beta`` the loss the
-    components were trained on. NaN entries of a dense X are missing. Returns W (n, k) as
-    numpy, the passes run and whether ``tol`` was met (see :meth:`Problem.solve_w`).
+    components were trained on. NaN entries of a dense X are missing. ``biases`` (mu, c (m,))
+    are a biased model's, held fixed with H: each row's bias b is solved with its W. Returns
+    W (n, k) as numpy, the passes run, whether ``tol`` was met (see :meth:`Problem.solve_w`)
+    and b (n,) (None without ``biases``).
     """
     dtype = torch.float64 if H.dtype == np.float64 else torch.float32
     spec = Spec(
@@ -816,8 +919,14 @@ def solve_w(
         beta=None if beta == 2 else beta,
         l1_W=l1_W,
         l2_W=l2_W,
+        l2_scale=l2_scale,
+        biases=biases is not None,
+        l2_bias=l2_bias,
     )
-    problem = Problem(spec, Source.in_memory(X, dtype, device, observed=False), dtype, device)
+    biased = biases is not None
+    problem = Problem(spec, Source.in_memory(X, dtype, device, observed=biased, biased=biased), dtype, device)
     problem.check_solver(words)
+    if biased:
+        problem.start_biases(*biases)
     W, steps, converged = problem.solve_w(torch.from_numpy(H).to(device=device, dtype=dtype), max_iter, tol)
-    return to_numpy(W), steps, converged
+    return to_numpy(W), steps, converged, to_numpy(problem.biases.b)[:, 0] if biased else None

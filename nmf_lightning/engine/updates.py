@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from nmf_lightning.engine.biases import Biases
 from nmf_lightning.engine.blocks import Block
 from nmf_lightning.linalg import gram, gram_sq
 from nmf_lightning.objective import Objective, negative_mass
@@ -95,23 +96,33 @@ class SolverUpdate:
     ``sum_ranks`` adds the pass's sums over the processes that hold X's other rows (one
     all-reduce) before H is updated, so every rank takes the same H-update; ``x_sq`` is
     then the whole X's ``||X||^2``, for the error from the sums.
+
+    ``l2`` weights may be tensors, one per row of W (n, 1) and per column of H (1, m)
+    (``model.l2_scale=count``); a block's rows take theirs.
+
+    ``biases`` (a biased model; its blocks come as ratings less the biases, from
+    :meth:`~nmf_lightning.engine.Problem.blocks`) take their exact steps in the pass: b for
+    each block's rows before W's, mu and c once H is updated (:mod:`~nmf_lightning.engine.biases`).
     """
 
     def __init__(
         self,
         rule: Any,
         l1: tuple[float, float] = (0.0, 0.0),
-        l2: tuple[float, float] = (0.0, 0.0),
+        l2: tuple[float | Tensor, float | Tensor] = (0.0, 0.0),
         update_H: bool = True,
         online: bool = False,
         forget: float = 0.7,
         measure: bool = False,
         sum_ranks: SumRanks | None = None,
         x_sq: Tensor | None = None,
+        biases: Biases | None = None,
     ):
         if sum_ranks is not None and online:
             raise ValueError("online updates take H from each block's sums; they do not run over several ranks")
-        self.sum_ranks, self.total_x_sq = sum_ranks, x_sq
+        if biases is not None and online:
+            raise ValueError("the biases' column step reads a whole pass's sums; online updates take H per block")
+        self.sum_ranks, self.total_x_sq, self.biases = sum_ranks, x_sq, biases
         self.rule, self.l1, self.l2 = rule, l1, l2
         self.update_H, self.online, self.forget, self.measure = update_H, online, forget, measure
         self.stats: dict[str, Tensor] | None = None
@@ -133,15 +144,20 @@ class SolverUpdate:
         if self.measure and t.masked and not self.online:  # the error before this update, as it passes
             sq = t.sq_error(W[..., rows, :], H)
             self._before = sq if self._before is None else self._before + sq
-        Wb = self.rule.update_w(t, W[..., rows, :], H, self.l1[0], self.l2[0])
+        if self.biases is not None:  # b first: its step is exact for the rows of W and H as they are
+            t = self.biases.fit_rows(t, W[..., rows, :], H)
+        l2_W = self.l2[0][..., rows, :].mT if isinstance(self.l2[0], Tensor) else self.l2[0]  # (1, b): W^T's columns
+        Wb = self.rule.update_w(t, W[..., rows, :], H, self.l1[0], l2_W)
         W[..., rows, :] = Wb
         if not self.update_H:
             return
+        bias = {} if self.biases is None else self.biases.col_stats(t, Wb)  # read once H is updated
         direct = t.masked or not self.rule.sums
         if direct and t.shape[0] == W.shape[-2] and not self.online and self.sum_ranks is None:  # all of X at once
             self._H = self.rule.update_h(t, Wb, H, self.l1[1], self.l2[1])  # masked HALS: faster than Grams
+            self.stats = bias
             return
-        stats = self.rule.h_stats(t, Wb, H)
+        stats = {**self.rule.h_stats(t, Wb, H), **bias}
         if not t.masked and not self.online:
             self._x_sq = t.x_sq if self._x_sq is None else self._x_sq + t.x_sq
         if self.online:  # earlier blocks fade by `forget` over a whole pass of X
@@ -159,6 +175,8 @@ class SolverUpdate:
         if self._H is not None:
             H.copy_(self._H)
             self._H = None
+            if self.biases is not None:
+                self.biases.fit_cols(self.stats, H)
             return PassResult()
         if self.sum_ranks is not None and self.update_H and self.stats is not None:
             summed = self.sum_ranks({**self.stats, **({} if self._before is None else {"_before": self._before})})
@@ -167,6 +185,8 @@ class SolverUpdate:
             self._x_sq = self.total_x_sq if self._x_sq is not None else None
         if self.update_H and not self.online and self.stats is not None:
             H.copy_(self.rule.h_from_stats(self.stats, H, self.l1[1], self.l2[1]))
+            if self.biases is not None:
+                self.biases.fit_cols(self.stats, H)
         if self.online:
             running, self._running = self._running, None
             return PassResult(sq=running, after=True, running=True)
@@ -318,6 +338,10 @@ class GradientUpdate:
 
     ``sum_ranks`` adds the data term and its H-gradient over the processes that hold X's
     other rows (one all-reduce), so H's gradient is the whole matrix's, summed, not averaged.
+
+    ``biases`` (a biased model, whose blocks come as ratings less the biases) take their
+    exact steps at the factors the gradient is taken at: b for each block's rows before its
+    gradient, mu and c before the step (:mod:`~nmf_lightning.engine.biases`).
     """
 
     def __init__(
@@ -332,8 +356,10 @@ class GradientUpdate:
         done: int = 0,
         compile: bool = False,
         schedule: PenaltySchedule | None = None,
+        biases: Biases | None = None,
     ):
-        self.sum_ranks = sum_ranks
+        self.sum_ranks, self.biases = sum_ranks, biases
+        self._bias: dict[str, Tensor] = {}  # the pass's sums the column biases read
         self.optimizer, self.project, self.compile = optimizer, project, compile
         self.form = form if form is not None else GramForm()
         self.schedule = schedule
@@ -371,10 +397,15 @@ class GradientUpdate:
     def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
         self._sq = self._dH = None
         self._dW = self._error = None
+        self._bias = {}
 
     @torch.no_grad()
     def block(self, t: Block, W: Tensor, H: Tensor) -> None:  # noqa: D102
         rows = slice(t.start, t.stop)
+        if self.biases is not None:
+            t = self.biases.fit_rows(t, W[..., rows, :], H)
+            part = self.biases.col_stats(t, W[..., rows, :])
+            self._bias = {k: self._bias[k] + v for k, v in part.items()} if self._bias else part
         if self.beta is None:
             sq, dW, dH = t.sq_and_grads(W[..., rows, :], H, self.form.gram)
         else:
@@ -394,8 +425,11 @@ class GradientUpdate:
     def end(self, W: Tensor, H: Tensor) -> PassResult:  # noqa: D102
         if self.sum_ranks is not None:
             parts = {"sq": self._sq, "dH": self._dH, **({} if self._error is None else {"error": self._error})}
-            summed = self.sum_ranks(parts)
+            summed = self.sum_ranks({**parts, **self._bias})
             self._sq, self._dH, self._error = summed["sq"], summed["dH"], summed.get("error")
+            self._bias = {k: summed[k] for k in self._bias}
+        if self.biases is not None:
+            self.biases.fit_cols(self._bias, H.detach())
         self.optimizer.zero_grad(set_to_none=True)
         sq = _SqWithGrads.apply(W, H, self._sq, self._dW, self._dH)
         loss = self.loss(sq, W, H)  # (r,) with restarts: they are independent, so sum them

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nmf_lightning.linalg import floor_for, gram
+from nmf_lightning.linalg import floor_for, gram, per_column
 
 if TYPE_CHECKING:
     from nmf_lightning.engine.blocks import Block
@@ -123,14 +123,14 @@ def _sweep_torch(A: Tensor, G1: Tensor, B1: Tensor, step: Tensor) -> None:
         torch.clamp(step, min=0, out=row)
 
 
-def update_h(t: Block, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, sweeps: int = 1) -> Tensor:
+def update_h(t: Block, W: Tensor, H: Tensor, l1_H: float = 0.0, l2_H: float | Tensor = 0.0, sweeps: int = 1) -> Tensor:
     """HALS passes over the k rows of H; W (..., n, k), H (..., k, m) (a masked X takes one)."""
     if t.masked:
         return _masked_pass(t.X, t.mask, W, H.clone(), l1_H, l2_H)
     return h_from_stats(h_stats(t, W, H), H, l1_H, l2_H, sweeps)
 
 
-def update_w(t: Block, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float = 0.0, sweeps: int = 1) -> Tensor:
+def update_w(t: Block, W: Tensor, H: Tensor, l1_W: float = 0.0, l2_W: float | Tensor = 0.0, sweeps: int = 1) -> Tensor:
     """HALS passes over the k columns of W, as :func:`update_h` on the transposed problem."""
     return update_h(t.transposed(), H.mT, W.mT, l1_W, l2_W, sweeps).mT
 
@@ -142,17 +142,21 @@ def h_stats(t: Block, W: Tensor, H: Tensor) -> dict[str, Tensor]:
     return {"WtX": t.WtX(W), "WtW": gram(W, left=True)}
 
 
-def h_from_stats(stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: float = 0.0, sweeps: int = 1) -> Tensor:
+def h_from_stats(
+    stats: dict[str, Tensor], H: Tensor, l1_H: float = 0.0, l2_H: float | Tensor = 0.0, sweeps: int = 1
+) -> Tensor:
     """The H-update from :func:`h_stats` summed over all row blocks."""
     if "grams" not in stats:
         return sweep(H, stats["WtW"], stats["WtX"], l1_H, l2_H, sweeps)
     G, B = stats["grams"], stats["WtX"]  # (..., m, k, k), (..., k, m)
     H = H.clone()
-    floor = floor_for(torch.diagonal(G, dim1=-2, dim2=-1) + l2_H, dims=(-2, -1))[..., 0]  # (..., 1)
+    l2 = per_column(l2_H)  # (..., m) with a weight per column
+    diag = torch.diagonal(G, dim1=-2, dim2=-1) + (l2[..., None] if isinstance(l2, Tensor) else l2)
+    floor = floor_for(diag, dims=(-2, -1))[..., 0]  # (..., 1)
     for j in range(H.shape[-2]):  # column c: min over h of 1/2 G_c[j,j] h^2 - (B_jc - sum_{l != j} G_c[j,l] H_lc) h
         Gjj = G[..., :, j, j]
         num = B[..., j, :] - (G[..., :, j, :] * H.mT).sum(-1) + Gjj * H[..., j, :] - l1_H
-        H[..., j, :] = (num / torch.maximum(Gjj + l2_H, floor)).clamp_min(0)
+        H[..., j, :] = (num / torch.maximum(Gjj + l2, floor)).clamp_min(0)
     return H
 
 
@@ -160,7 +164,7 @@ def _add_diag(G: Tensor, value: float) -> Tensor:
     return G + value * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) if value else G
 
 
-def _masked_pass(X: Tensor, mask: Tensor, W: Tensor, H: Tensor, l1: float, l2: float) -> Tensor:
+def _masked_pass(X: Tensor, mask: Tensor, W: Tensor, H: Tensor, l1: float, l2: float | Tensor) -> Tensor:
     """Weighted HALS for a dense mask M: row j of H solves sum_i M_ic (R_ic + W_ij H_jc - W_ij h)^2."""
     M = mask.to(W.dtype)
     R = M * (X - W @ H)  # (..., n, m) residual at observed entries
@@ -168,7 +172,7 @@ def _masked_pass(X: Tensor, mask: Tensor, W: Tensor, H: Tensor, l1: float, l2: f
     for j in range(H.shape[-2]):
         w = W[..., :, j, None]  # (..., n, 1)
         num = (w * R).sum(-2) + (w * w * M).sum(-2) * H[..., j, :] - l1
-        den = torch.maximum((w * w * M).sum(-2) + l2, floor)
+        den = torch.maximum((w * w * M).sum(-2) + per_column(l2), floor)
         new = (num / den).clamp_min(0)
         R = R - M * (w * (new - H[..., j, :])[..., None, :])
         H[..., j, :] = new

@@ -47,15 +47,15 @@ class Rule:
         """This block's part of the sums over rows that the H-update reads."""
         return self.module.h_stats(target, W, H, **self.stats_options())
 
-    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+    def h_from_stats(self, stats: dict[str, Tensor], H: Tensor, l1: float = 0.0, l2: float | Tensor = 0.0) -> Tensor:
         """The rule's new H from the statistics summed over all row blocks."""
         return self.module.h_from_stats(stats, H, l1, l2, **self.options())
 
-    def update_h(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+    def update_h(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float | Tensor = 0.0) -> Tensor:
         """The rule's new H for fixed W."""
         return self.module.update_h(target, W, H, l1, l2, **self.options())
 
-    def update_w(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:
+    def update_w(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float | Tensor = 0.0) -> Tensor:
         """The rule's new W for fixed H."""
         return self.module.update_w(target, W, H, l1, l2, **self.options())
 
@@ -144,8 +144,8 @@ class KaczmarzRule(Rule):
         self._generator = None
         self._saved_state = state.cpu() if state is not None else None
 
-    def update_h(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+    def update_h(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float | Tensor = 0.0) -> Tensor:  # noqa: D102
         return kaczmarz.update_h(target, W, H, self._gen(W), self.steps, self.block)
 
-    def update_w(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float = 0.0) -> Tensor:  # noqa: D102
+    def update_w(self, target: Block, W: Tensor, H: Tensor, l1: float = 0.0, l2: float | Tensor = 0.0) -> Tensor:  # noqa: D102
         return kaczmarz.update_w(target, W, H, self._gen(W), self.steps, self.block)

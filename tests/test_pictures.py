@@ -14,8 +14,10 @@ def test_heatmap_reduces_large_factors_by_block_maxima_and_stretches_thin_ones()
     small = reduce_to(A, max_side=100)
     assert small.shape == (100, 8) and small.max() == 7.0
     image = heatmap(A, max_side=100, title="W")
-    assert image.dtype == np.uint8 and image.shape == (400, 520, 3)  # the factor, its colour bar, labels
-    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # a colour scale, not one flat colour
+    # 100 x 8 stretched to 200 x 256 (every row and column shows), a title above, a colour bar and its numbers
+    assert image.dtype == np.uint8 and image.shape == (200 + 20, 256 + 8 + 16 + 64, 3)
+    bar = image[20:, 256 + 8 + 8]
+    assert len(np.unique(bar, axis=0)) > 50 and (bar[0] != bar[-1]).any()  # a colour scale from the top value to 0
 
 
 def test_component_grid_tiles_each_component_as_an_image():

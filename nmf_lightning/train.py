@@ -262,11 +262,17 @@ def auto_threads(work: float, cores: int) -> int:
 
 
 def _set_auto_threads(cfg: DictConfig, matrix: Any, rank: int) -> None:
-    """Apply ``threads=auto`` once X's size is known: its stored entries times the rank."""
+    """Apply ``threads=auto`` once X's size is known: the stored entries of a product's X times the rank.
+
+    A streamed X is multiplied a row block at a time: the block's size decides, not X's.
+    """
     if cfg.get("threads") != "auto":
         return
     X = matrix.X
     entries = X.nnz if sp.issparse(X) else int(np.prod(matrix.shape))
+    batch_rows = cfg.data.get("batch_rows")
+    if batch_rows and matrix.shape[0] > batch_rows:
+        entries = entries * int(batch_rows) / matrix.shape[0]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = auto_threads(float(entries) * rank, cores)
     torch.set_num_threads(threads)

@@ -88,6 +88,7 @@ def overhead(args, work: Path) -> list[dict]:
             cfg = _cfg(
                 out,
                 "data=file",
+                f"threads={args.threads}",  # whole and streamed on the same threads: their ratio is the blocks' cost
                 f"model.rank={k}",
                 f"optimizer={optimizer}",
                 f"trainer.max_steps={args.steps}",
@@ -330,6 +331,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-rows", type=int, default=10_000)
     ap.add_argument("--optimizers", default="hals,mu,adam")
+    ap.add_argument("--threads", default="auto", help="nmf-train's threads for the overhead runs (auto, or a number)")
     ap.add_argument("--gb", type=float, default=4.0)
     ap.add_argument("--big-batch-rows", type=int, default=25_000)
     ap.add_argument("--big-steps", type=int, default=3)

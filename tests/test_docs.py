@@ -49,7 +49,7 @@ def _shell_lines(text: str) -> list[str]:
             words = shlex.split(line, comments=True)
             lines.extend(" ".join(shlex.quote(w) for w in part) for part in _split_and(words))
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    for code in re.findall(r"`([^`\n]+)`", prose):
+    for code in (" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)):  # a span may wrap lines
         if code.split(" ", 1)[0] in ENTRY_POINTS and " " in code or code.startswith("python scripts/"):
             lines.append(code)
     return [line for line in lines if line]

@@ -714,5 +714,9 @@ def test_threads_auto_takes_one_for_small_problems_and_the_cores_for_large(make_
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
     train(make_cfg("data=toy", "trainer.max_steps=2"))
     assert chosen == [1]
+    big = ("data=synthetic", "data.n_rows=2000", "data.n_cols=600", "model.rank=10", "trainer.max_steps=1")
+    train(make_cfg(*big))  # 12e6 multiply-adds a product: every core
+    train(make_cfg(*big, "data.batch_rows=200"))  # streamed, a block's product is 1.2e6: one thread
+    assert chosen[1:] == [max(1, len(os.sched_getaffinity(0))), 1]
     with pytest.raises(NMFInputError, match="threads must be 'auto', None or an integer >= 1, got 0"):
         train(make_cfg("data=toy", "threads=0"))

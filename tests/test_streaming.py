@@ -203,6 +203,20 @@ def test_online_mode_stops_once_its_pass_cost_settles(make_cfg, tmp_path):
     assert every["steps"] == 300 and settled["relative_error"] <= 1.001 * every["relative_error"]
 
 
+@pytest.mark.parametrize("optimizer", ["hals", "mu"])
+def test_online_mode_with_missing_entries_measures_its_pass_cost(make_cfg, tmp_path, optimizer):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = tmp_path / "x.npy"
+    np.save(path, _dense(missing=0.1))
+    args = (path, f"optimizer={optimizer}", "data.batch_rows=9", "model.online=true", "trainer.max_steps=20")
+    metrics, _, _ = _run(make_cfg, tmp_path, "online", *args)  # model.tol=null: tested on the pass's cost
+    assert 0 < metrics["steps"] <= 20 and np.isfinite(metrics["relative_error"])
+    ea = EventAccumulator(str(tmp_path / "online"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert len(ea.Scalars("online/loss")) >= 2  # each block's error as it was fit, summed over the pass
+
+
 def test_the_engine_fit_is_what_transform_and_the_module_run(make_cfg, tmp_path, monkeypatch):
     import nmf_lightning.engine.loop as engine_loop
     from nmf_lightning.transform import transform

@@ -161,9 +161,10 @@ class SolverUpdate:
         if not t.masked and not self.online:
             self._x_sq = t.x_sq if self._x_sq is None else self._x_sq + t.x_sq
         if self.online:  # earlier blocks fade by `forget` over a whole pass of X
-            if "WtW" in stats:  # this block's error as it was fit (new rows of W, H before its update)
-                sq = _sq_from_stats(t.x_sq, stats, H)
-                self._running = sq if self._running is None else self._running + sq
+            # this block's error as it was fit (new rows of W, H before its update): from the sums, or
+            # measured where missing entries leave none to read it from
+            sq = _sq_from_stats(t.x_sq, stats, H) if "WtW" in stats else t.sq_error(Wb, H)
+            self._running = sq if self._running is None else self._running + sq
             decay = self.forget ** (t.shape[0] / W.shape[-2])
             self.stats = stats if self.stats is None else {k: decay * self.stats[k] + v for k, v in stats.items()}
             H.copy_(self.rule.h_from_stats(self.stats, H, self.l1[1], self.l2[1]))

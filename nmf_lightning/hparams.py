@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from nmf_lightning.engine.problem import effective_tol
 from nmf_lightning.internals import file_writer
 
 #: the flat hyperparameters of a run, in the order they matter to a comparison, and their config keys
@@ -129,7 +130,7 @@ def run_hparams(
         "loss": str(cfg.model.loss),
         "init": str(cfg.model.init),
         "restarts": int(cfg.model.get("restarts", 1)),
-        "tol": float(cfg.model.get("tol") or 0.0),
+        "tol": effective_tol(cfg.model.get("tol"), bool(cfg.model.get("online")), 10)[0],  # the test run
         "holdout": float(cfg.data.get("holdout", 0.0)),
         "data": str(choices.get("data") or cfg.data.get("loader", {}).get("path")),
         "project": bool(cfg.model.project),

@@ -321,7 +321,7 @@ class Recorder:
         objective = self.problem.objective
         skip = {name for name, weight, _ in objective.penalties(None, None) if not weight}
         if not self.clamps:
-            skip |= {f"{A}_neg_{stat}" for A in "WH" for stat in ("fraction", "mean", "mass")}
+            skip |= {f"{A}_{stat}" for A in "WH" for stat in FACTOR_STATS if stat.startswith("neg_")}
         skip.add("trained_relative_error")  # measured at a block's end only: a final number, not a curve
         return {k: v for k, v in metrics.items() if metric_key(k) not in skip}
 
@@ -331,7 +331,7 @@ def final_names(spec: Spec, held_out: bool = False) -> set[str]:
     weights = Objective(**{k: getattr(spec, k) for k in PENALTIES})
     names = {"loss", "reconstruction", "relative_error", "rmse", "divergence", "steps", "updates_per_sec"}
     names |= {name for name, weight, _ in weights.penalties(None, None) if weight}
-    names |= {f"{A}_{stat}" for A in "WH" for stat in ("neg_fraction", "neg_mean", "neg_mass", "sparsity")}
+    names |= {f"{A}_{stat}" for A in "WH" for stat in FACTOR_STATS}
     if spec.clamps:
         names.add("trained_relative_error")
     if spec.lam_growth > 1:

@@ -109,6 +109,9 @@ def test_short_names_and_hparams_put_what_changed_first(tmp_path):
     assert shown == ["l21_H", "data.seed", "rank", "optimizer", "lr"] and len(shown) == SHOWN
     assert params["optimizer"] == "adam" and params["holdout"] == 0.1 and "accelerator" not in params
     assert params["overrides"] == " ".join(overrides)
+    assert params["tol"] == 0.0  # no tol in the config: off
+    cfg.model.tol, cfg.model.online = None, True
+    assert run_hparams(cfg, {}, overrides)[0]["tol"] == 1e-4  # online mode's own test, the one that runs
     params, shown = run_hparams(cfg, {}, overrides, swept=frozenset({"data.seed"}))
     assert list(params)[:2] == ["data.seed", "l21_H"] and shown == ["data.seed"]  # what the sweep varies, alone
 

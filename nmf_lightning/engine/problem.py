@@ -385,17 +385,17 @@ class Source:
 ONLINE_TOL = 1e-4
 
 
-def spec_tol(spec: Spec) -> tuple[float, int]:
-    """The ``tol`` test of a spec: (tol, updates between two measurements).
+def effective_tol(tol: float | None, online: bool, window: int) -> tuple[float, int]:
+    """The ``tol`` test a fit runs: (tol, updates between two measurements).
 
     ``tol=None`` is the mode's default: off for passes over X, as the notebooks' fixed
     update counts; online, :data:`ONLINE_TOL` on each pass's own cost (each block's error
     as it was fit, free to read), as scikit-learn's ``MiniBatchNMF`` stops early on its
     smoothed batch cost, where a fixed count of passes would run on long after it settled.
     """
-    if spec.tol is None:
-        return (ONLINE_TOL, 1) if spec.online else (0.0, spec.tol_window)
-    return spec.tol, spec.tol_window
+    if tol is None:
+        return (ONLINE_TOL, 1) if online else (0.0, window)
+    return tol, window
 
 
 class Problem:
@@ -423,7 +423,7 @@ class Problem:
             PenaltySchedule(spec.lam, spec.lam_growth, spec.neg_tol, spec.lam_every) if spec.lam_growth > 1 else None
         )
         ready = None if self.schedule is None else (lambda: self.schedule.met)  # the penalty's constraint holds
-        self.convergence = Convergence(*spec_tol(spec), ready=ready)
+        self.convergence = Convergence(*effective_tol(spec.tol, spec.online, spec.tol_window), ready=ready)
 
     @property
     def objective(self) -> Objective:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nmf_lightning.linalg import floor_for, gram, per_column
+from nmf_lightning.linalg import floor_for, gram, per_column, row_major
 
 if TYPE_CHECKING:
     from nmf_lightning.engine.blocks import Block
@@ -43,7 +43,7 @@ def sweep(A: Tensor, G: Tensor, B: Tensor, l1: float = 0.0, l2: float = 0.0, swe
     ``sweeps`` passes at most (see the module's docstring).
     """
     A = A.clone(memory_format=torch.contiguous_format)  # W^T comes as a view: rows must be contiguous
-    G, B = _add_diag(G, l2), (B - l1 if l1 else B).contiguous()
+    G, B = _add_diag(G, l2), row_major(B - l1 if l1 else B)
     if G.dtype != A.dtype or B.dtype != A.dtype:  # under autocast (bf16-mixed) the Grams come in bf16
         G, B = G.to(A.dtype), B.to(A.dtype)
     if torch.is_autocast_enabled(A.device.type):  # the passes run in A's dtype

@@ -2,7 +2,9 @@
 
 from functools import partial
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from test_solvers import _problem
 
@@ -130,3 +132,66 @@ def test_csr_rows_reads_a_block_of_rows_as_scipy_does():
     )
     idx = torch.tensor([3, 7, 3, 49, 0])
     np.testing.assert_array_equal(csr_rows(t, idx).numpy(), X[idx.numpy()].toarray())
+
+
+def _row_blocks(layout: str, n: int = 40, m: int = 30, size: int = 13):
+    """X in row blocks of ``size`` (the last one shorter), as a streamed pass gives them."""
+    from nmf_lightning.engine import to_block
+
+    rng = np.random.default_rng(1)
+    X = rng.random((n, m)) * (rng.random((n, m)) > 0.5)
+    X = sp.csr_matrix(X) if layout == "sparse" else X
+    return [to_block(X[s : s + size], torch.float64, start=s) for s in range(0, n, size)]
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+@pytest.mark.parametrize("rule", ["hals", "mu"])
+def test_online_pass_from_shared_sums_equals_the_plain_formulas(layout, rule):
+    """Online mode forms H H^T once per block and fades its sums in place: same factors, errors and sums."""
+    from nmf_lightning.engine import SolverUpdate
+    from nmf_lightning.engine.loop import update
+    from nmf_lightning.solvers.rules import HALSRule, MURule
+
+    blocks = _row_blocks(layout)
+    g = torch.Generator().manual_seed(0)
+    W0, H0 = torch.rand(40, 4, generator=g, dtype=torch.float64), torch.rand(4, 30, generator=g, dtype=torch.float64)
+    make = HALSRule if rule == "hals" else MURule
+    step = SolverUpdate(make(), l1=(0.01, 0.02), l2=(0.03, 0.04), online=True, forget=0.6)
+    seeded = {k: v.clone() for k, v in make().h_stats(blocks[0], W0[:13], H0).items()}  # a caller's saved sums
+    step.stats = {k: v.clone() for k, v in seeded.items()}
+    given = step.stats
+    W, H = W0.clone(), H0.clone()
+    results = [update(lambda: iter(blocks), W, H, step).sq for _ in range(3)]
+    for key in seeded:  # the caller's tensors were not written into
+        torch.testing.assert_close(given[key], seeded[key], rtol=0, atol=0)
+
+    plain = make()  # the reference: each block's W-update, its error, decayed sums made afresh, H
+    Wr, Hr, stats = W0.clone(), H0.clone(), {k: v.clone() for k, v in seeded.items()}
+    for result in results:
+        running = 0.0
+        for t in blocks:
+            rows = slice(t.start, t.stop)
+            Wr[rows] = plain.update_w(t, Wr[rows], Hr, 0.01, 0.03)
+            new = plain.h_stats(t, Wr[rows], Hr)
+            running = running + t.sq_error(Wr[rows], Hr)
+            decay = 0.6 ** (t.shape[0] / 40)
+            stats = {k: decay * stats[k] + v for k, v in new.items()}
+            Hr = plain.h_from_stats(stats, Hr, 0.02, 0.04)
+        torch.testing.assert_close(result, running)
+    torch.testing.assert_close(W, Wr)
+    torch.testing.assert_close(H, Hr)
+    for key in stats:
+        torch.testing.assert_close(step.stats[key], stats[key])
+
+
+def test_row_major_copies_a_transposed_view_and_keeps_autograd():
+    from nmf_lightning.linalg import row_major
+
+    H = torch.rand(3, 50, dtype=torch.float64)
+    Ht = row_major(H.mT)
+    assert Ht.is_contiguous() and torch.equal(Ht, H.mT) and row_major(Ht) is Ht
+    P = torch.rand(3, 5, requires_grad=True)
+    (row_major(P.mT) * 2).sum().backward()  # a tracked tensor is copied by torch, so its gradient flows
+    torch.testing.assert_close(P.grad, torch.full((3, 5), 2.0))
+    with torch.no_grad():
+        assert torch.equal(row_major(P.mT), P.mT)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from nmf_lightning.engine.biases import Biases
 from nmf_lightning.engine.blocks import Block
-from nmf_lightning.linalg import gram, gram_sq
+from nmf_lightning.linalg import gram, gram_sq, row_major
 from nmf_lightning.objective import Objective, negative_mass
 
 #: sums named tensors over the processes that hold the other rows of X (see nmf_lightning.distributed)
@@ -125,11 +125,21 @@ class SolverUpdate:
         self.sum_ranks, self.total_x_sq, self.biases = sum_ranks, x_sq, biases
         self.rule, self.l1, self.l2 = rule, l1, l2
         self.update_H, self.online, self.forget, self.measure = update_H, online, forget, measure
-        self.stats: dict[str, Tensor] | None = None
+        self._stats: dict[str, Tensor] | None = None
+        self._owns_stats = False  # whether online mode may add into the running sums in place
         self._H: Tensor | None = None
         self._x_sq: Tensor | None = None
         self._running: Tensor | None = None  # online: the pass's errors, each block's as it was fit
         self._before: Tensor | None = None  # measure: masked blocks' errors before the update
+
+    @property
+    def stats(self) -> dict[str, Tensor] | None:
+        """The sums of the pass under way; online, the running sums (see the class's docstring)."""
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: dict[str, Tensor] | None) -> None:
+        self._stats, self._owns_stats = stats, False  # a caller's sums are never written into
 
     def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
         self._H = None
@@ -147,7 +157,11 @@ class SolverUpdate:
         if self.biases is not None:  # b first: its step is exact for the rows of W and H as they are
             t = self.biases.fit_rows(t, W[..., rows, :], H)
         l2_W = self.l2[0][..., rows, :].mT if isinstance(self.l2[0], Tensor) else self.l2[0]  # (1, b): W^T's columns
-        Wb = self.rule.update_w(t, W[..., rows, :], H, self.l1[0], l2_W)
+        w_sums = self._w_sums(t, W[..., rows, :], H)
+        if w_sums is None:
+            Wb = self.rule.update_w(t, W[..., rows, :], H, self.l1[0], l2_W)
+        else:  # the rule's W-update, from sums kept for the block's error below
+            Wb = self.rule.h_from_stats(w_sums, W[..., rows, :].mT, self.l1[0], l2_W).mT
         W[..., rows, :] = Wb
         if not self.update_H:
             return
@@ -163,13 +177,39 @@ class SolverUpdate:
         if self.online:  # earlier blocks fade by `forget` over a whole pass of X
             # this block's error as it was fit (new rows of W, H before its update): from the sums, or
             # measured where missing entries leave none to read it from
-            sq = _sq_from_stats(t.x_sq, stats, H) if "WtW" in stats else t.sq_error(Wb, H)
+            if w_sums is not None and "WtW" in stats:  # ||X_b||^2 - 2<X_b H^T, W_b> + <W_b^T W_b, H H^T>
+                sq = gram_sq(t.x_sq, w_sums["WtX"], Wb.mT, stats["WtW"], w_sums["WtW"])
+            else:
+                sq = t.sq_error(Wb, H)
             self._running = sq if self._running is None else self._running + sq
-            decay = self.forget ** (t.shape[0] / W.shape[-2])
-            self.stats = stats if self.stats is None else {k: decay * self.stats[k] + v for k, v in stats.items()}
+            self._fade(stats, self.forget ** (t.shape[0] / W.shape[-2]))
             H.copy_(self.rule.h_from_stats(self.stats, H, self.l1[1], self.l2[1]))
             return
         self.stats = stats if self.stats is None else {k: self.stats[k] + v for k, v in stats.items()}
+
+    def _w_sums(self, t: Block, W: Tensor, H: Tensor) -> dict[str, Tensor] | None:
+        """Online, a rule in Gram form on a complete block: the W-side sums ``(X H^T)^T`` and ``H H^T``.
+
+        The W-update reads them, and so does the block's error as it was fit: H H^T is
+        formed once per block, not twice (on a 101 322-column H, 1.5 ms each).
+        """
+        if not (self.online and self.rule.gram_form and not t.masked):
+            return None
+        return self.rule.h_stats(t.transposed(), H.mT, W.mT)
+
+    def _fade(self, stats: dict[str, Tensor], decay: float) -> None:
+        """Running sums <- decay * running sums + this block's, in place in sums the update owns.
+
+        The first sums are copied by rows (the sparse W^T X comes transposed, and the
+        H-update reads it by rows); later ones are added into them: no k x m temporaries.
+        """
+        if self.stats is None or not self._owns_stats:
+            old = self.stats  # (a caller's, or none yet: the block's own sums are fresh tensors)
+            self.stats = {k: row_major(v if old is None else decay * old[k] + v) for k, v in stats.items()}
+            self._owns_stats = True
+            return
+        for k, v in stats.items():
+            self.stats[k].mul_(decay).add_(v)
 
     @torch.no_grad()
     def end(self, W: Tensor, H: Tensor) -> PassResult:  # noqa: D102

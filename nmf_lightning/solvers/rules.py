@@ -34,6 +34,9 @@ class Rule:
     #: whether H is updated from sums over row blocks (so X may come in blocks of rows, or
     #: sharded over processes); what each rule supports is in :mod:`~nmf_lightning.solvers.registry`
     sums = True
+    #: whether the rule's sums for a complete block are ``W^T X`` and ``W^T W`` (the Gram form),
+    #: and its W-update is its H-update on the transposed problem's sums
+    gram_form = False
 
     def options(self) -> dict:
         """Keywords of the module's ``update_h``, ``update_w`` and ``h_from_stats``."""
@@ -68,6 +71,10 @@ class MURule(Rule):
     def __init__(self, beta: float = 2.0):
         self.beta = float(beta)
 
+    @property
+    def gram_form(self) -> bool:  # noqa: D102
+        return self.beta == 2
+
     def options(self) -> dict:  # noqa: D102
         return {"beta": self.beta}
 
@@ -82,6 +89,7 @@ class HALSRule(Rule):
     """
 
     module = hals
+    gram_form = True
 
     def __init__(self, sweeps: int = 1):
         if isinstance(sweeps, bool) or int(sweeps) < 1:
@@ -96,6 +104,7 @@ class ALSRule(Rule):
     """Projected alternating least squares with a small ridge."""
 
     module = als
+    gram_form = True
 
     def __init__(self, ridge: float = 1e-6):
         if ridge < 0:

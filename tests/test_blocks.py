@@ -99,3 +99,44 @@ def test_products_agree_across_layouts():
         torch.testing.assert_close(t.Wt_model(W, H), W.T @ (mask * (W @ H)))
         torch.testing.assert_close(t.col_grams(W), torch.einsum("nk,nm,nl->mkl", W, mask.double(), W))
         assert t.n_obs == int(mask.sum())
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sparse_block_without_its_transpose_multiplies_as_with_it(restarts, dtype, monkeypatch):
+    """A CPU row block comes without X^T: W^T X read in X's layout equals the product with X^T, kernel or not."""
+    from nmf_lightning import linalg
+
+    X, _ = _x("sparse")
+    W, _ = _factors(restarts)
+    T, W = X.to(dtype).to_sparse_csr(), W.to(dtype)
+    lazy, formed = SparseBlock(T), SparseBlock(T, linalg.transpose_sparse(T))
+    assert lazy._Xt is None and len(lazy.tensors()) == 3  # nothing formed yet
+    want = W.mT @ X.to(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(lazy.WtX(W), want, **tol)
+    torch.testing.assert_close(formed.WtX(W), want, **tol)
+    assert lazy._Xt is None  # the product did not form X^T
+    torch.testing.assert_close(lazy.Xt.to_dense(), X.to(dtype).mT)  # formed when read (scipy on a CPU)
+    monkeypatch.setattr(linalg, "_csc_matvecs", None)  # without scipy's private kernel: its public product
+    torch.testing.assert_close(linalg.t_matmul(T, W), want.mT, **tol)
+
+
+def test_streamed_csr_rows_are_views_with_or_without_transposes():
+    """RowBlocks over a CSR X in memory: the same block with and without the transposes a GPU reads."""
+    import scipy.sparse as sp
+
+    from nmf_lightning.data.rows import RowBlocks, scan
+    from nmf_lightning.engine import from_batch
+
+    X = sp.random(40, 30, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    summary = scan(X, 7)
+    W = torch.rand(7, 4)
+    for a, b in zip(RowBlocks(X, 7, summary), RowBlocks(X, 7, summary, transposes=False), strict=True):
+        assert "t_indptr" in a and "t_indptr" not in b
+        ta, tb = from_batch(a, torch.float32, False), from_batch(b, torch.float32, False)
+        torch.testing.assert_close(tb.X.to_dense(), ta.X.to_dense(), rtol=0, atol=0)
+        w = W[: tb.shape[0]]
+        torch.testing.assert_close(tb.WtX(w), ta.WtX(w))
+    b = RowBlocks(X, 7, summary, transposes=False)[1]
+    assert np.shares_memory(b["data"].numpy(), X.data)  # rows of X in memory are read in place

@@ -164,13 +164,17 @@ class NMFDataModule(L.LightningDataModule):
         rows = None if shard is None else shard.rows  # this rank's rows of W
         return dataclasses.replace(self.summarized(1 if shard is None else shard.world), blocks=blocks, rows=rows)
 
-    def row_blocks(self) -> RowBlocks:
-        """The row blocks of X in order (a map-style dataset: item i is block i); under DDP, this rank's."""
+    def row_blocks(self, transposes: bool = True) -> RowBlocks:
+        """The row blocks of X in order (a map-style dataset: item i is block i); under DDP, this rank's.
+
+        ``transposes``: CSR blocks come with their transposes (read ahead for a GPU).
+        """
         rows = length = None
         if self.shard is not None:
             rows, length = (self.shard.start, self.shard.stop), self.shard.blocks_per_rank
         X, missing = self.matrix.X, self.matrix.unstored_missing
-        return RowBlocks(X, self.batch_rows, self.summary, self.dtype, missing, rows=rows, length=length)
+        options = {"rows": rows, "length": length, "transposes": transposes}
+        return RowBlocks(X, self.batch_rows, self.summary, self.dtype, missing, **options)
 
     def block_loader(self) -> Iterable[dict[str, Any]]:
         """The row blocks of a pass, read ahead by ``num_workers`` and pinned for a GPU (made once, reused).
@@ -184,10 +188,10 @@ class NMFDataModule(L.LightningDataModule):
             if workers == "auto":
                 workers = 1 if on_gpu else 0
             if not workers and not on_gpu:
-                self._loader = self.row_blocks()
+                self._loader = self.row_blocks(transposes=False)
                 return self._loader
             self._loader = DataLoader(
-                self.row_blocks(),
+                self.row_blocks(transposes=on_gpu),  # a CPU multiplies by X^T in X's layout
                 batch_size=None,
                 shuffle=False,  # exact passes: the same order every time, sequential reads
                 num_workers=workers,

@@ -39,6 +39,7 @@ from nmf_lightning.linalg import (
     scatter_rows,
     sq_error_observed,
     sq_error_residual,
+    t_matmul,
     transpose_sparse,
 )
 
@@ -362,13 +363,26 @@ class MaskedBlock(DenseBlock):
 
 
 class SparseBlock(Block):
-    """A CSR X (``Xt``: its transpose as CSR, so both products run row-major); unstored entries are 0."""
+    """A CSR X; unstored entries are 0.
+
+    ``Xt``, its transpose as CSR, lets both products run row-major on any device. It is
+    formed when first needed: a row block streamed to a CPU multiplies by X^T in X's own
+    layout instead (:func:`~nmf_lightning.linalg.t_matmul`), which costs less than a
+    transpose per block per pass.
+    """
 
     sparse = True
 
     def __init__(self, X: Tensor, Xt: Tensor | None = None, start: int = 0, x_sq: Tensor | None = None):
         super().__init__(tuple(X.shape), start, x_sq)
-        self.X, self.Xt = X, Xt if Xt is not None else transpose_sparse(X)
+        self.X, self._Xt = X, Xt
+
+    @property
+    def Xt(self) -> Tensor:
+        """X^T as a CSR tensor (formed once, when first read)."""
+        if self._Xt is None:
+            self._Xt = transpose_sparse(self.X)
+        return self._Xt
 
     def _sum_sq(self) -> Tensor:
         return frobenius_sq(self.X)
@@ -376,22 +390,24 @@ class SparseBlock(Block):
     def values_sum(self) -> Tensor:  # noqa: D102
         return self.X.values().sum(dtype=torch.float64)
 
-    def tensors(self) -> tuple[Tensor, ...]:  # noqa: D102
-        X, Xt = self.X, self.Xt
-        return (X.crow_indices(), X.col_indices(), Xt.crow_indices(), Xt.col_indices(), Xt.values(), X.values())
+    def tensors(self) -> tuple[Tensor, ...]:
+        """X's parts (and X^T's, once formed); X's values last."""
+        X, Xt = self.X, self._Xt
+        held = () if Xt is None else (Xt.crow_indices(), Xt.col_indices(), Xt.values())
+        return (X.crow_indices(), X.col_indices(), *held, X.values())
 
     def transposed(self) -> SparseBlock:  # noqa: D102
         return SparseBlock(self.Xt, self.X, x_sq=self._x_sq)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SparseBlock:  # noqa: D102
-        X, Xt = self.X.to(device, dtype), self.Xt.to(device, dtype)
-        return SparseBlock(X, Xt, self.start, self._kept_x_sq(dtype))
+        Xt = None if self._Xt is None else self._Xt.to(device, dtype)
+        return SparseBlock(self.X.to(device, dtype), Xt, self.start, self._kept_x_sq(dtype))
 
     def XHt(self, H: Tensor) -> Tensor:  # noqa: D102
         return matmul(self.X, H.mT)
 
     def WtX(self, W: Tensor) -> Tensor:  # noqa: D102
-        return matmul(self.Xt, W).mT
+        return (matmul(self.Xt, W) if self._Xt is not None else t_matmul(self.X, W)).mT
 
     def dense_rows(self, idx: Tensor) -> Tensor:  # noqa: D102
         return csr_rows(self.X, idx)
@@ -631,5 +647,7 @@ def from_batch(batch: dict[str, Any], dtype: torch.dtype, unstored_missing: bool
         rows = torch.repeat_interleave(torch.arange(shape[0], device=vals.device), counts, output_size=vals.numel())
         return ObservedBlock(rows, batch["indices"], vals, shape, start, x_sq)
     X = csr_from_parts(batch["indptr"], batch["indices"], vals, shape)
-    Xt = csr_from_parts(batch["t_indptr"], batch["t_indices"], batch["t_data"].to(dtype), shape[::-1])
+    Xt = None  # (read for a GPU by the loader's workers; a CPU block multiplies by X^T in X's layout)
+    if "t_indptr" in batch:
+        Xt = csr_from_parts(batch["t_indptr"], batch["t_indices"], batch["t_data"].to(dtype), shape[::-1])
     return SparseBlock(X, Xt, start, x_sq)

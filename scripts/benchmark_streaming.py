@@ -5,6 +5,9 @@ Three parts, each a table row set in ``streaming.md`` and ``streaming.json`` und
 - ``overhead``: the same dense matrix trained whole and streamed in row blocks through the
   real ``nmf-train`` path, one process, back to back: updates/s and their ratio, with X
   held in host memory (blocks are views) and read from a ``.npy`` every pass.
+- ``grid``: the same Poisson counts as a dense ``.npy``, a CSR ``.npz`` and an AnnData
+  ``.h5ad``, at each of ``--grid-ranks`` and ``--grid-blocks`` (row blocks per pass):
+  updates/s streamed against the whole run of the same file and rank.
 - ``memory``: a dense memory-mapped ``.npy`` of ``--gb`` GB (generated into ``--dir``) trained
   with ``data.batch_rows``; peak RSS from ``/usr/bin/time -v`` against a tiny run's.
 - ``online``: all 20 newsgroups TF-IDF (k = 20): scikit-learn's ``MiniBatchNMF`` against
@@ -108,6 +111,74 @@ def overhead(args, work: Path) -> list[dict]:
             )
         for row in rows[-2:]:
             row["cost_vs_whole"] = rows[-3]["updates_per_sec"] / row["updates_per_sec"]
+    return rows
+
+
+def _counts(n: int, m: int, k: int, seed: int = 0) -> np.ndarray:
+    """Poisson counts of a rank-k rate, about a tenth of them non-zero (cells by genes, words by documents)."""
+    rng = np.random.default_rng(seed)
+    rate = rng.gamma(0.3, 1.0, (n, k)) @ rng.gamma(0.3, 1.0, (k, m))
+    rate *= 0.12 / float(rate.mean())
+    return rng.poisson(rate).astype(np.float32)
+
+
+def _write_h5ad(path: Path, X) -> None:
+    """X as AnnData writes a CSR ``X``: a group with data, indices, indptr and a shape attribute."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        g = f.create_group("X")
+        g.attrs["encoding-type"], g.attrs["encoding-version"], g.attrs["shape"] = "csr_matrix", "0.1.0", X.shape
+        for name in ("data", "indices", "indptr"):
+            g.create_dataset(name, data=getattr(X, name))
+
+
+def grid(args, work: Path) -> list[dict]:
+    """Whole against streamed, per file layout, rank and blocks per pass: one process, back to back.
+
+    Dense ``.npy`` (read from disk every pass), CSR ``.npz`` (held in host memory, blocks
+    sliced from it) and AnnData ``.h5ad`` (CSR read from disk every pass), of the same
+    Poisson counts; each streamed run against the whole run of the same file and rank.
+    """
+    import scipy.sparse as sp
+
+    n, m = args.grid_rows, args.grid_cols
+    X = _counts(n, m, 20)
+    S = sp.csr_matrix(X)
+    files = {"dense .npy": work / "grid.npy", "CSR .npz": work / "grid.npz", "CSR .h5ad": work / "grid.h5ad"}
+    np.save(files["dense .npy"], X)
+    sp.save_npz(files["CSR .npz"], S, compressed=False)
+    _write_h5ad(files["CSR .h5ad"], S)
+    problem = f"Poisson counts {n}x{m} ({S.nnz / X.size:.0%} non-zero)"
+    rows = []
+    for layout, path in files.items():
+        if not any(word in layout for word in args.grid_layouts.split(",")):
+            continue
+        for k in (int(r) for r in args.grid_ranks.split(",")):
+            common = ("data=file", f"data.path={path}", f"threads={args.threads}", f"model.rank={k}", "optimizer=hals")
+            runs = [("whole", ())] + [
+                (f"{b} blocks/pass", (f"data.batch_rows={-(-n // b)}", f"data.num_workers={args.grid_workers}"))
+                for b in map(int, args.grid_blocks.split(","))
+            ]
+            whole = None
+            for label, extra in runs:
+                out = work / f"grid-{len(rows)}"
+                metrics = train(_cfg(out, *common, f"trainer.max_steps={args.grid_steps}", *extra))
+                row = {
+                    "part": "grid",
+                    "problem": f"{problem}, {layout}, k={k}",
+                    "method": f"hals {label}"
+                    + (f", {args.grid_workers} workers" if "blocks" in label and args.grid_workers != "auto" else ""),
+                    "updates": metrics["steps"],
+                    "updates_per_sec": metrics["updates_per_sec"],
+                    "relative_error": metrics["relative_error"],
+                }
+                if whole is None:
+                    whole = row
+                else:
+                    row["cost_vs_whole"] = whole["updates_per_sec"] / row["updates_per_sec"]
+                rows.append(row)
+                print(row, flush=True)
     return rows
 
 
@@ -336,6 +407,13 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=4.0)
     ap.add_argument("--big-batch-rows", type=int, default=25_000)
     ap.add_argument("--big-steps", type=int, default=3)
+    ap.add_argument("--grid-rows", type=int, default=30_000)
+    ap.add_argument("--grid-cols", type=int, default=2000)
+    ap.add_argument("--grid-ranks", default="10,50")
+    ap.add_argument("--grid-blocks", default="6,50", help="row blocks per pass")
+    ap.add_argument("--grid-steps", type=int, default=10)
+    ap.add_argument("--grid-layouts", default="npy,npz,h5ad", help="which files of the grid to run")
+    ap.add_argument("--grid-workers", default="auto", help="data.num_workers of the streamed runs")
     ap.add_argument("--online-rank", type=int, default=20)
     ap.add_argument("--online-batch-rows", type=int, default=1024)
     ap.add_argument("--online-passes", type=int, default=10)
@@ -344,7 +422,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
-    parts = {"overhead": overhead, "memory": memory, "online": online}
+    parts = {"overhead": overhead, "grid": grid, "memory": memory, "online": online}
     rows = []
     for part in args.parts.split(","):
         rows += parts[part](args, work)

@@ -303,6 +303,7 @@ def online(args, work: Path) -> list[dict]:
     sp.save_npz(path, X)
     for method, extra in (
         ("hals online", ("model.online=true",)),
+        ("mu online", ("model.online=true",)),  # MiniBatchNMF's own rule
         ("hals exact passes", ()),
     ):
         curve = _ExactCurve()
@@ -312,7 +313,7 @@ def online(args, work: Path) -> list[dict]:
             f"data.path={path}",
             f"data.batch_rows={args.online_batch_rows}",
             f"model.rank={k}",
-            "optimizer=hals",
+            f"optimizer={method.split()[0]}",
             f"trainer.max_steps={args.online_passes}",
             "model.inner_steps=1",  # a point per pass: the time to the target is read to the pass
             *extra,

@@ -96,4 +96,4 @@ def _denominator(den: Tensor, H: Tensor, l1: float, l2: float | Tensor) -> Tenso
         den = den.add_(H * l2) if den.shape == H.shape else den + H * l2
     elif l2:  # a broadcast den (KL's sums) grows to H's shape here
         den = den.add_(H, alpha=l2) if den.shape == H.shape else torch.add(den, H, alpha=l2)
-    return torch.maximum(den, floor_for(den, dims=(-2, -1)), out=den)  # eps of its largest: any scale of X
+    return torch.maximum(den, floor_for(den, (-2, -1), nonnegative=True), out=den)  # eps of its largest: any scale

@@ -412,7 +412,7 @@ def main() -> None:
     ap.add_argument("--grid-cols", type=int, default=2000)
     ap.add_argument("--grid-ranks", default="10,50")
     ap.add_argument("--grid-blocks", default="6,50", help="row blocks per pass")
-    ap.add_argument("--grid-steps", type=int, default=10)
+    ap.add_argument("--grid-steps", type=int, default=20)
     ap.add_argument("--grid-layouts", default="npy,npz,h5ad", help="which files of the grid to run")
     ap.add_argument("--grid-workers", default="auto", help="data.num_workers of the streamed runs")
     ap.add_argument("--online-rank", type=int, default=20)

@@ -347,7 +347,7 @@ def _csr_parts(X: sp.csr_matrix, prefix: str) -> dict[str, torch.Tensor]:
 def _parts(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dtype: Any, prefix: str = "") -> dict:
     """A CSR block's arrays as tensors: int64 indices, values in ``dtype`` (views where they are already)."""
     return {
-        f"{prefix}indptr": torch.from_numpy(indptr.astype(np.int64)),
-        f"{prefix}indices": torch.from_numpy(indices.astype(np.int64)),
+        f"{prefix}indptr": torch.from_numpy(indptr.astype(np.int64, copy=False)),
+        f"{prefix}indices": torch.from_numpy(indices.astype(np.int64, copy=False)),
         f"{prefix}data": torch.from_numpy(data.astype(dtype, copy=False)),
     }

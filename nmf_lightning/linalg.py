@@ -249,8 +249,7 @@ def t_matmul(X: Tensor, B: Tensor) -> Tensor:
     where transposing it first took 4.6 ms and the product 1.6 ms), called on X's arrays
     directly (building scipy matrices around them cost 0.2 ms a block). Elsewhere X^T is formed.
     """
-    tracked = B.requires_grad and torch.is_grad_enabled()
-    if not _host_csr(X) or tracked or B.dtype not in (torch.float32, torch.float64):
+    if not scipy_multiplies(X, B):
         return matmul(transpose_sparse(X), B)
     n, m = X.shape
     crow, col, val = (t.numpy() for t in (X.crow_indices(), X.col_indices(), X.values()))
@@ -263,6 +262,12 @@ def t_matmul(X: Tensor, B: Tensor) -> Tensor:
         out = scipy_csr(X).T @ other
     out = torch.from_numpy(out).to(B.dtype)
     return out if B.dim() == 2 else out.reshape(m, B.shape[0], -1).permute(1, 0, 2)
+
+
+def scipy_multiplies(X: Tensor, B: Tensor) -> bool:
+    """Whether :func:`t_matmul` reads X^T @ B from X's arrays (else it forms X^T): host floats, no autograd."""
+    tracked = B.requires_grad and torch.is_grad_enabled()
+    return _host_csr(X) and not tracked and B.device.type == "cpu" and B.dtype in (torch.float32, torch.float64)
 
 
 def _host_csr(X: Tensor) -> bool:

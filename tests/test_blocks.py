@@ -120,6 +120,10 @@ def test_a_sparse_block_without_its_transpose_multiplies_as_with_it(restarts, dt
     torch.testing.assert_close(lazy.Xt.to_dense(), X.to(dtype).mT)  # formed when read (scipy on a CPU)
     monkeypatch.setattr(linalg, "_csc_matvecs", None)  # without scipy's private kernel: its public product
     torch.testing.assert_close(linalg.t_matmul(T, W), want.mT, **tol)
+    tracked = SparseBlock(T)  # a product autograd follows forms X^T, once, and keeps it
+    torch.testing.assert_close(tracked.WtX(W.clone().requires_grad_()), want, **tol)
+    kept = tracked._Xt
+    assert kept is not None and tracked.WtX(W.clone().requires_grad_()) is not None and tracked._Xt is kept
 
 
 def test_streamed_csr_rows_are_views_with_or_without_transposes():

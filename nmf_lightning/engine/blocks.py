@@ -37,6 +37,7 @@ from nmf_lightning.linalg import (
     predict_observed,
     rows_at,
     scatter_rows,
+    scipy_multiplies,
     sq_error_observed,
     sq_error_residual,
     t_matmul,
@@ -407,7 +408,9 @@ class SparseBlock(Block):
         return matmul(self.X, H.mT)
 
     def WtX(self, W: Tensor) -> Tensor:  # noqa: D102
-        return (matmul(self.Xt, W) if self._Xt is not None else t_matmul(self.X, W)).mT
+        if self._Xt is None and scipy_multiplies(self.X, W):  # (elsewhere X^T is formed once and kept)
+            return t_matmul(self.X, W).mT
+        return matmul(self.Xt, W).mT
 
     def dense_rows(self, idx: Tensor) -> Tensor:  # noqa: D102
         return csr_rows(self.X, idx)

@@ -254,7 +254,7 @@ def t_matmul(X: Tensor, B: Tensor) -> Tensor:
     n, m = X.shape
     crow, col, val = (t.numpy() for t in (X.crow_indices(), X.col_indices(), X.values()))
     batch = B.detach().permute(1, 0, 2).reshape(n, -1) if B.dim() == 3 else B.detach()  # one pass serves all restarts
-    other = np.ascontiguousarray(batch.numpy(), dtype=val.dtype)
+    other = np.ascontiguousarray(batch.numpy())
     if _csc_matvecs is not None and crow.dtype == col.dtype:  # X^T is X's arrays read as CSC
         out = np.zeros((m, other.shape[1]), dtype=val.dtype)
         _csc_matvecs(m, n, other.shape[1], crow, col, val, other.ravel(), out.ravel())
@@ -267,7 +267,7 @@ def t_matmul(X: Tensor, B: Tensor) -> Tensor:
 def scipy_multiplies(X: Tensor, B: Tensor) -> bool:
     """Whether :func:`t_matmul` reads X^T @ B from X's arrays (else it forms X^T): host floats, no autograd."""
     tracked = B.requires_grad and torch.is_grad_enabled()
-    return _host_csr(X) and not tracked and B.device.type == "cpu" and B.dtype in (torch.float32, torch.float64)
+    return _host_csr(X) and not tracked and B.device.type == "cpu" and B.dtype == X.dtype
 
 
 def _host_csr(X: Tensor) -> bool:

@@ -144,3 +144,23 @@ def test_streamed_csr_rows_are_views_with_or_without_transposes():
         torch.testing.assert_close(tb.WtX(w), ta.WtX(w))
     b = RowBlocks(X, 7, summary, transposes=False)[1]
     assert np.shares_memory(b["data"].numpy(), X.data)  # rows of X in memory are read in place
+
+
+def test_streaming_a_csr_with_duplicates_leaves_x_as_it_was():
+    """Blocks of a non-canonical CSR X are made canonical in a copy: X itself is never summed or sorted."""
+    import scipy.sparse as sp
+
+    from nmf_lightning.data.rows import RowBlocks, scan
+
+    parts = (np.array([1.0, 2.0, 3.0, 4.0]), np.array([1, 0, 0, 1], dtype=np.int32), np.array([0, 3, 4, 4]))
+    X = sp.csr_matrix(parts, shape=(3, 2))  # row 0 holds column 0 twice (duplicates), unsorted
+    kept = (X.data.copy(), X.indices.copy(), X.indptr.copy())
+    blocks = RowBlocks(X, 2, scan(X, 2), torch.float64, transposes=False)
+    for _ in range(2):  # every pass reads the same rows
+        b = blocks[0]
+        torch.testing.assert_close(
+            torch.sparse_csr_tensor(b["indptr"], b["indices"], b["data"], size=b["shape"]).to_dense(),
+            torch.tensor([[5.0, 1.0], [0.0, 4.0]], dtype=torch.float64),
+        )
+    for now, before in zip((X.data, X.indices, X.indptr), kept, strict=True):
+        np.testing.assert_array_equal(now, before)

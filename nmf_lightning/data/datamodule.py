@@ -184,14 +184,15 @@ class NMFDataModule(L.LightningDataModule):
         """
         if self._loader is None:
             workers = self.num_workers
-            on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+            device = self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
+            on_gpu = device == "cuda"
             if workers == "auto":
                 workers = 1 if on_gpu else 0
-            if not workers and not on_gpu:
+            if not workers and device == "cpu":
                 self._loader = self.row_blocks(transposes=False)
                 return self._loader
             self._loader = DataLoader(
-                self.row_blocks(transposes=on_gpu),  # a CPU multiplies by X^T in X's layout
+                self.row_blocks(transposes=device != "cpu"),  # a CPU multiplies by X^T in X's layout
                 batch_size=None,
                 shuffle=False,  # exact passes: the same order every time, sequential reads
                 num_workers=workers,

@@ -192,17 +192,17 @@ def _text(value: Any) -> str:
 def row_block(X: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
     """Rows ``start .. stop - 1`` of X (array, memory map, CSR matrix or :class:`OnDisk`), read alone.
 
-    Rows of a CSR matrix in memory are views of its arrays: scipy's slicing copied them
-    (4 ms for a block of 1.07 M entries, every block of every pass).
+    Rows of a canonical CSR matrix in memory (sorted, no duplicates) are views of its
+    arrays: scipy's slicing copied them (4 ms for a block of 1.07 M entries, every block of
+    every pass). Others are copied, as the reader makes a block canonical in place.
     """
     if isinstance(X, OnDisk):
         return X.rows(start, stop)
-    if sp.issparse(X) and X.format == "csr":
+    if sp.issparse(X) and X.format == "csr" and X.has_canonical_format:  # (checked once, cached by scipy)
         block = sp.csr_matrix(csr_rows(X, start, stop)[::-1], shape=(stop - start, X.shape[1]), copy=False)
-        if X.has_canonical_format:  # (checked once for X, cached by scipy): so are its rows
-            block.has_canonical_format = True
+        block.has_canonical_format = True  # so are its rows: nothing sorts or sums them in place, in X
         return block
-    return X[start:stop]
+    return X[start:stop]  # a copy: a block's duplicates are summed, its indices sorted, in place
 
 
 def csr_rows(X: sp.csr_matrix, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

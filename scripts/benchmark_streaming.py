@@ -16,6 +16,8 @@ Three parts, each a table row set in ``streaming.md`` and ``streaming.json`` und
   X count; the exact error measured after every pass does not).
 
     python scripts/benchmark_streaming.py --parts overhead,memory,online --out results/cpu-streaming
+    python scripts/benchmark_streaming.py --parts grid --threads 1 --out results/cpu-streaming-grid
+    python scripts/benchmark_streaming.py --parts grid --accelerator gpu --grid-rows 50000 --out results/gpu-streaming
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ ARCHIVE = os.environ.get(
 )
 
 
+#: the trainer's accelerator for every run (``--accelerator``; ``gpu`` measures the host-to-device copies too)
+ACCELERATOR = ["cpu"]
+
+
 def _cfg(out: Path, *overrides: str):
     out.mkdir(parents=True, exist_ok=True)
     GlobalHydra.instance().clear()
@@ -55,7 +61,7 @@ def _cfg(out: Path, *overrides: str):
                 f"paths.output_dir={out}",
                 "logger=none",
                 "callbacks=none",
-                "trainer.accelerator=cpu",
+                f"trainer.accelerator={ACCELERATOR[0]}",
                 "overwrite=true",  # a re-run of the benchmark replaces its runs
                 *overrides,
             ],
@@ -146,14 +152,13 @@ def grid(args, work: Path) -> list[dict]:
     X = _counts(n, m, 20)
     S = sp.csr_matrix(X)
     files = {"dense .npy": work / "grid.npy", "CSR .npz": work / "grid.npz", "CSR .h5ad": work / "grid.h5ad"}
-    np.save(files["dense .npy"], X)
-    sp.save_npz(files["CSR .npz"], S, compressed=False)
-    _write_h5ad(files["CSR .h5ad"], S)
+    files = {k: v for k, v in files.items() if any(word in k for word in args.grid_layouts.split(","))}
+    writers = {".npy": lambda p: np.save(p, X), ".npz": lambda p: sp.save_npz(p, S, compressed=False)}
+    for path in files.values():
+        writers.get(path.suffix, lambda p: _write_h5ad(p, S))(path)
     problem = f"Poisson counts {n}x{m} ({S.nnz / X.size:.0%} non-zero)"
     rows = []
     for layout, path in files.items():
-        if not any(word in layout for word in args.grid_layouts.split(",")):
-            continue
         for k in (int(r) for r in args.grid_ranks.split(",")):
             common = ("data=file", f"data.path={path}", f"threads={args.threads}", f"model.rank={k}", "optimizer=hals")
             runs = [("whole", ())] + [
@@ -371,11 +376,17 @@ def _holder():
     return _holder.callback
 
 
+def _device() -> str:
+    if ACCELERATOR[0] == "gpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 def _md(rows: list[dict], command: str) -> str:
     head = "| part | problem | method | updates | updates/s | cost vs whole | rel. error | time to target (s) | wall (s) | peak RSS MB | bound MB |"
     lines = [
         f"Command: `{command}`  ",
-        f"Device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, {platform.machine()}, {date.today()}.",
+        f"Device: {_device()}, torch {torch.__version__}, {platform.machine()}, {date.today()}.",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),
@@ -415,10 +426,12 @@ def main() -> None:
     ap.add_argument("--grid-steps", type=int, default=20)
     ap.add_argument("--grid-layouts", default="npy,npz,h5ad", help="which files of the grid to run")
     ap.add_argument("--grid-workers", default="auto", help="data.num_workers of the streamed runs")
+    ap.add_argument("--accelerator", default="cpu", help="trainer.accelerator of the runs (gpu: blocks are copied)")
     ap.add_argument("--online-rank", type=int, default=20)
     ap.add_argument("--online-batch-rows", type=int, default=1024)
     ap.add_argument("--online-passes", type=int, default=10)
     args = ap.parse_args()
+    ACCELERATOR[0] = args.accelerator
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.dir)

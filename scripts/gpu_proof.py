@@ -4,9 +4,9 @@ Made for a machine lent for minutes (Python 3.12 with torch and CUDA, no network
 installs the project without touching the machine's torch, the packages it lacks from the
 wheels in ``.whl/`` (``bash scripts/gpu_wheels.sh`` fetches them where pip can), then runs
 each step under its share of one time budget, killing a step that outlasts it and going
-on, and prints a short table last. Everything lands in ``--out`` (eight files at most):
-``env.json``, ``log.txt``, ``junit.xml``, ``benchmark.md``/``.json``, ``profile.md``/``.json``,
-``summary.md``.
+on, and prints a short table last. Everything lands in ``--out`` (ten files at most):
+``env.json``, ``log.txt``, ``junit.xml``, ``benchmark.md``/``.json``, ``streaming.md``/``.json``
+(streamed passes against whole-X updates), ``profile.md``/``.json``, ``summary.md``.
 
     python scripts/gpu_proof.py --out "$OUT"               # on the GPU machine
     python scripts/gpu_proof.py --dry-run --out /tmp/proof  # here: every step, on the CPU, in under 2 minutes
@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: each step's share of the budget (they add to 1); a step that ends early leaves its time to the next
-SHARES = {"install": 0.12, "tests": 0.45, "benchmark": 0.35, "profile": 0.08}
+SHARES = {"install": 0.12, "tests": 0.4, "benchmark": 0.3, "streaming": 0.1, "profile": 0.08}
 GPU_BENCH = [
     "--device", "cuda", "--problems", "sparse-33m,dense-large", "--restarts", "8,32",
     "--steps", "100", "--sk-max-iter", "100",
@@ -139,6 +139,9 @@ def summary(out: Path, info: dict, steps: list[dict]) -> str:
             cells = [f"{rate:.1f}" if rate else "-", f"{1000 / rate:.2f}" if rate else "-"]
             cells.append(f"{error:.4f}" if error is not None else "-")
             lines.append(f"| {r['problem']} | {r['method']} | {' | '.join(cells)} | {r.get('status')} |")
+    streaming = out / "streaming.md"
+    if streaming.is_file():
+        lines += ["", *(line for line in streaming.read_text().splitlines() if line.startswith("|"))]
     profile = out / "profile.json"
     if profile.is_file():
         rows = json.loads(profile.read_text())
@@ -183,6 +186,13 @@ def main() -> None:
     steps.append(step(log, "tests", tests, budget, env))
     bench = [sys.executable, "scripts/benchmark.py", *(CPU_BENCH if args.dry_run else GPU_BENCH), "--out", str(out)]
     steps.append(step(log, "benchmark", bench, left("benchmark"), env))
+    # streamed passes against whole-X updates on the device: each block copied from pinned host memory
+    grid = ["--grid-rows", "3000", "--grid-cols", "200", "--grid-ranks", "10", "--grid-steps", "3"]
+    accelerator = ["--accelerator", "cpu" if args.dry_run else "gpu"]
+    stream = [sys.executable, "scripts/benchmark_streaming.py", "--parts", "grid", *accelerator, "--out", str(out)]
+    stream += grid if args.dry_run else ["--grid-rows", "50000", "--grid-steps", "10", "--grid-layouts", "npy,npz"]
+    steps.append(step(log, "streaming", stream + ["--dir", str(out / "streaming-work")], left("streaming"), env))
+    shutil.rmtree(out / "streaming-work", ignore_errors=True)  # the generated files do not come back
     device = "cpu" if args.dry_run else "cuda"
     profile = [sys.executable, "scripts/profile_update.py", "--device", device, "--out", str(out)]
     steps.append(step(log, "profile", profile + (["--updates", "3"] if args.dry_run else []), left("profile"), env))

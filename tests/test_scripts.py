@@ -37,18 +37,20 @@ def test_the_penalty_schedule_script_runs_the_readmes_digits_commands(tmp_path):
 
 
 @pytest.mark.slow  # a subprocess or a multirun: -m slow (and CI) runs it
-def test_the_gpu_proof_dry_run_runs_every_step_and_writes_its_eight_files(tmp_path):
+def test_the_gpu_proof_dry_run_runs_every_step_and_writes_its_ten_files(tmp_path):
     out = tmp_path / "proof"
     command = [sys.executable, str(ROOT / "scripts/gpu_proof.py"), "--dry-run", "--out", str(out), "--budget", "240"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     names = {"env.json", "log.txt", "junit.xml", "benchmark.md", "benchmark.json", "profile.md", "profile.json"}
+    names |= {"streaming.md", "streaming.json"}
     assert {p.name for p in out.iterdir()} == names | {"summary.md"}
     summary = (out / "summary.md").read_text()
-    for name in ("tests", "benchmark", "profile"):
+    for name in ("tests", "benchmark", "streaming", "profile"):
         assert f"| {name} | 0 |" in summary, name
     assert "'skipped': " in summary and "dry_run True" in summary
     assert "| digits | nmf-lightning hals (tol 1e-4) |" in summary
+    assert "CSR .npz, k=10 | hals 50 blocks/pass |" in summary  # streamed passes against whole updates
     assert done.stdout.rstrip().splitlines()[-1].startswith("total ")  # the table comes last, then the time
 
 

@@ -91,7 +91,8 @@ def check_sparse(X: sp.spmatrix | sp.sparray, name: str = "X", first_row: int = 
         indptr, indices = np.asarray(X.indptr).astype(np.int64, copy=False), np.asarray(X.indices)
         check_indptr(indptr, major, min(len(indices), len(X.data)), damaged, fix, unit, offset)
         stored = indices[: indptr[-1]]
-        bad = np.flatnonzero((stored < 0) | (stored >= minor))
+        inside = not stored.size or (stored.min() >= 0 and stored.max() < minor)  # (no temporaries: every block read)
+        bad = np.array([]) if inside else np.flatnonzero((stored < 0) | (stored >= minor))
         if bad.size:
             where = offset + int(np.searchsorted(indptr, bad[0], side="right")) - 1
             raise NMFInputError(

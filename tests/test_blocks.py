@@ -138,10 +138,13 @@ def test_streamed_csr_rows_are_views_with_or_without_transposes():
     W = torch.rand(7, 4)
     for a, b in zip(RowBlocks(X, 7, summary), RowBlocks(X, 7, summary, transposes=False), strict=True):
         assert "t_indptr" in a and "t_indptr" not in b
+        assert a["indices"].dtype == torch.int64 and b["indices"].dtype == b["indptr"].dtype == torch.int32  # as X's
         ta, tb = from_batch(a, torch.float32, False), from_batch(b, torch.float32, False)
         torch.testing.assert_close(tb.X.to_dense(), ta.X.to_dense(), rtol=0, atol=0)
-        w = W[: tb.shape[0]]
+        w, h = W[: tb.shape[0]], torch.rand(3, 30)
         torch.testing.assert_close(tb.WtX(w), ta.WtX(w))
+        torch.testing.assert_close(tb.XHt(h), ta.XHt(h))
+        torch.testing.assert_close(tb.transposed().XHt(w.mT[:3]), ta.transposed().XHt(w.mT[:3]))
     b = RowBlocks(X, 7, summary, transposes=False)[1]
     assert np.shares_memory(b["data"].numpy(), X.data)  # rows of X in memory are read in place
 

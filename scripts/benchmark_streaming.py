@@ -7,7 +7,8 @@ Three parts, each a table row set in ``streaming.md`` and ``streaming.json`` und
   held in host memory (blocks are views) and read from a ``.npy`` every pass.
 - ``grid``: the same Poisson counts as a dense ``.npy``, a CSR ``.npz`` and an AnnData
   ``.h5ad``, at each of ``--grid-ranks`` and ``--grid-blocks`` (row blocks per pass):
-  updates/s streamed against the whole run of the same file and rank.
+  updates/s streamed against the whole run of the same file and rank (each the best of
+  ``--grid-repeats`` runs: on a shared machine one run in a busy moment moved a ratio by 15 %).
 - ``memory``: a dense memory-mapped ``.npy`` of ``--gb`` GB (generated into ``--dir``) trained
   with ``data.batch_rows``; peak RSS from ``/usr/bin/time -v`` against a tiny run's.
 - ``online``: all 20 newsgroups TF-IDF (k = 20): scikit-learn's ``MiniBatchNMF`` against
@@ -168,7 +169,9 @@ def grid(args, work: Path) -> list[dict]:
             whole = None
             for label, extra in runs:
                 out = work / f"grid-{len(rows)}"
-                metrics = train(_cfg(out, *common, f"trainer.max_steps={args.grid_steps}", *extra))
+                cfg = _cfg(out, *common, f"trainer.max_steps={args.grid_steps}", *extra)
+                tries = [train(cfg) for _ in range(args.grid_repeats)]  # the best: a busy moment slows one run
+                metrics = max(tries, key=lambda m: m["updates_per_sec"])
                 row = {
                     "part": "grid",
                     "problem": f"{problem}, {layout}, k={k}",
@@ -425,6 +428,7 @@ def main() -> None:
     ap.add_argument("--grid-blocks", default="6,50", help="row blocks per pass")
     ap.add_argument("--grid-steps", type=int, default=20)
     ap.add_argument("--grid-layouts", default="npy,npz,h5ad", help="which files of the grid to run")
+    ap.add_argument("--grid-repeats", type=int, default=2, help="runs of each cell; its best updates/s is kept")
     ap.add_argument("--grid-workers", default="auto", help="data.num_workers of the streamed runs")
     ap.add_argument("--accelerator", default="cpu", help="trainer.accelerator of the runs (gpu: blocks are copied)")
     ap.add_argument("--online-rank", type=int, default=20)

@@ -393,3 +393,30 @@ def test_svd_inits_of_a_streamed_x_are_the_in_memory_ones(make_cfg, tmp_path, in
     _, W_rows, H_rows = _run(make_cfg, tmp_path, "rows", path, *args, "data.batch_rows=64")
     np.testing.assert_allclose(H_rows, H_whole, rtol=1e-9, atol=1e-12 * np.abs(H_whole).max())
     np.testing.assert_allclose(W_rows, W_whole, rtol=1e-9, atol=1e-12 * np.abs(W_whole).max())
+
+
+@pytest.mark.parametrize("stored", ["contiguous", "chunked"])
+def test_h5ad_rows_read_alike_mapped_or_not_and_the_file_is_never_changed(tmp_path, stored):
+    """Contiguous CSR arrays are memory-mapped, chunked (compressed) ones read by h5py: the same blocks.
+
+    A block with duplicates is made canonical in a copy: every pass reads the file's values.
+    """
+    h5py = pytest.importorskip("h5py")
+    data, indices, indptr = np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([1, 0, 0, 1, 2]), np.array([0, 3, 4, 5])
+    options = {"chunks": True, "compression": "gzip"} if stored == "chunked" else {}
+    path = tmp_path / "x.h5ad"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("X")
+        g.attrs["encoding-type"], g.attrs["shape"] = "csr_matrix", (3, 3)
+        for name, values in (("data", data), ("indices", indices), ("indptr", indptr)):
+            g.create_dataset(name, data=values, **options)
+    before = path.read_bytes()
+    h5 = H5Matrix(path)
+    want = np.array([[5.0, 1.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 5.0]])  # row 0 holds column 0 twice
+    for _ in range(2):
+        blocks = list(RowBlocks(h5, 2, scan(h5, 2), torch.float64, transposes=False))
+        got = [torch.sparse_csr_tensor(b["indptr"], b["indices"], b["data"], b["shape"]).to_dense() for b in blocks]
+        np.testing.assert_array_equal(torch.cat(got).numpy(), want)
+    assert isinstance(h5._csr[0], np.memmap) == (stored == "contiguous")
+    h5.close()
+    assert path.read_bytes() == before

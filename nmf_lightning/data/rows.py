@@ -119,7 +119,7 @@ class H5Matrix(OnDisk):
         self._file: Any = None
         self._pid = os.getpid()
         self.sparse, self.indptr = False, None
-        self._csr: tuple[Any, Any] | None = None  # the CSR group's data and indices (memory maps or datasets)
+        self._csr: tuple[Any, Any] | None = None  # the open CSR group's data and indices datasets
         try:
             self._read_header(self._node())
         finally:
@@ -164,31 +164,15 @@ class H5Matrix(OnDisk):
         """Rows ``start .. stop - 1`` as a dense array or a CSR matrix."""
         if not self.sparse:
             return np.asarray(self._node()[start:stop])
-        if self._csr is None or self._pid != os.getpid():  # the group's arrays, opened once per handle
+        if self._csr is None or self._pid != os.getpid():  # the group's datasets, looked up once per handle
             node = self._node()
-            self._csr = (self._mapped(node["data"]), self._mapped(node["indices"]))
+            self._csr = (node["data"], node["indices"])
         data, indices = self._csr
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         indptr = self.indptr[start : stop + 1] - lo
         block = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr), shape=(stop - start, self.shape[1]))
         check_sparse(block, f"data.path={self.path!r} ({self.key!r})", first_row=start)  # its column indices, as read
-        if isinstance(data, np.memmap) and not block.has_canonical_format:
-            block = block.copy()  # made canonical in place later: never in the mapped pages a later pass reads
         return block
-
-    def _mapped(self, dataset: Any) -> Any:
-        """A dataset the file stores contiguous (unchunked, so unfiltered) as a memory map of its bytes; else itself.
-
-        A block's rows are then views of the page cache, read when used: an h5py read
-        copied them (3.2 ms for the data and indices of 1.07 M entries) and cost 0.15 ms
-        of calls per block. The map is copy-on-write: nothing reaches the file.
-        """
-        offset = dataset.id.get_offset() if dataset.chunks is None else None
-        if offset is None or dataset.dtype.hasobject or dataset.size == 0:
-            return dataset
-        if offset + dataset.size * dataset.dtype.itemsize > Path(self.path).stat().st_size:  # cut short: h5py says so
-            return dataset
-        return np.memmap(self.path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None, "_csr": None}  # a worker process opens the file again

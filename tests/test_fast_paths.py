@@ -195,3 +195,22 @@ def test_row_major_copies_a_transposed_view_and_keeps_autograd():
     torch.testing.assert_close(P.grad, torch.full((3, 5), 2.0))
     with torch.no_grad():
         assert torch.equal(row_major(P.mT), P.mT)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+@pytest.mark.parametrize("rule", ["hals", "mu", "als"])
+def test_a_w_solve_for_fixed_h_reuses_its_sums_and_gives_the_rules_w(layout, rule):
+    """With H held fixed, X H^T and H H^T are formed once for every pass: the W of the rule's own update."""
+    from nmf_lightning.engine import SolverUpdate, fit
+    from nmf_lightning.solvers.rules import ALSRule, HALSRule, MURule
+
+    t, W0, H, *_ = _problem(layout=layout)
+    make = {"hals": HALSRule, "mu": MURule, "als": ALSRule}[rule]
+    W = W0.clone()
+    step = SolverUpdate(make(), l1=(0.01, 0.0), l2=(0.02, 0.0), update_H=False)
+    fit(t, W, H, step, 5)
+    assert step._sums_of is not None and step._sums_of[0] is t  # kept for the next pass
+    Wr = W0.clone()
+    for _ in range(5):
+        Wr = make().update_w(t, Wr, H, 0.01, 0.02)
+    torch.testing.assert_close(W, Wr)

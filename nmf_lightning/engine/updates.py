@@ -133,6 +133,7 @@ class SolverUpdate:
         self._before: Tensor | None = None  # measure: masked blocks' errors before the update
         self._Hv: Tensor | None = None
         self._HHt: Tensor | None = None
+        self._sums_of: tuple[Block, dict[str, Tensor]] | None = None  # H fixed: X held in memory's W-sums
 
     @property
     def stats(self) -> dict[str, Tensor] | None:
@@ -145,7 +146,8 @@ class SolverUpdate:
 
     def begin(self, W: Tensor, H: Tensor) -> None:  # noqa: D102
         self._H = None
-        self._Hv = self._HHt = None  # H's forms the W-updates of this pass share
+        if self.update_H:  # H's forms the W-updates of this pass share (H held fixed: of every pass)
+            self._Hv = self._HHt = self._sums_of = None
         self._x_sq = None
         self._before = None
         if not self.online:
@@ -196,14 +198,21 @@ class SolverUpdate:
         H is the same for every block of a pass, so H H^T (and, for sparse blocks, H^T
         laid out by rows) is formed once per pass: on a 101 322-column H each costs
         1-2 ms, once per block before. Online, H changes after every block; its H H^T
-        serves the block's error as it was fit too.
+        serves the block's error as it was fit too. With H held fixed (``update_H=False``:
+        W solved for given components), H H^T serves every pass, and so does X H^T of a
+        block held in memory.
         """
         if not (self.rule.gram_form and not t.masked):
             return None
+        if self._sums_of is not None and self._sums_of[0] is t:  # H fixed, the same block: the same sums
+            return self._sums_of[1]
         if self.online or self._HHt is None:
             self._Hv = row_major(H.mT).mT if t.sparse else H  # (a view of H: the same values)
             self._HHt = gram(H, left=False)
-        return {"WtX": t.XHt(self._Hv).mT, "WtW": self._HHt}
+        sums = {"WtX": t.XHt(self._Hv).mT, "WtW": self._HHt}
+        if not self.update_H:  # solving W for a fixed H: X held in memory gives the same sums every pass
+            self._sums_of = (t, sums)
+        return sums
 
     def _fade(self, stats: dict[str, Tensor], decay: float) -> None:
         """Running sums <- decay * running sums + this block's, in place in sums the update owns.

@@ -252,7 +252,7 @@ def t_matmul(X: Tensor, B: Tensor) -> Tensor:
     if not scipy_multiplies(X, B):
         return matmul(transpose_sparse(X), B)
     n, m = X.shape
-    crow, col, val = (t.numpy() for t in (X.crow_indices(), X.col_indices(), X.values()))
+    crow, col, val = _csr_arrays(X)
     batch = B.detach().permute(1, 0, 2).reshape(n, -1) if B.dim() == 3 else B.detach()  # one pass serves all restarts
     other = np.ascontiguousarray(batch.numpy())
     if _csc_matvecs is not None and crow.dtype == col.dtype:  # X^T is X's arrays read as CSC
@@ -280,9 +280,14 @@ def _host_csr(X: Tensor) -> bool:
     )
 
 
+def _csr_arrays(X: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A CPU CSR tensor's (indptr, indices, data) as numpy arrays over the same memory."""
+    return X.crow_indices().numpy(), X.col_indices().numpy(), X.values().numpy()
+
+
 def scipy_csr(X: Tensor) -> sp.csr_matrix:
     """A CPU CSR tensor as a scipy CSR matrix over the same memory (no copy)."""
-    crow, col, val = (t.numpy() for t in (X.crow_indices(), X.col_indices(), X.values()))
+    crow, col, val = _csr_arrays(X)
     return sp.csr_matrix((val, col, crow), shape=tuple(X.shape), copy=False)
 
 

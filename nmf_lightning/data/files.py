@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from nmf_lightning.data.rows import H5Matrix, NpyFile, OnDisk
 from nmf_lightning.data.sources import Matrix
+from nmf_lightning.linalg import scipy_csr
 from nmf_lightning.validation import MissingFileError, NMFInputError, check_sparse
 
 #: text files are read as UTF-8, a leading byte-order mark (Excel's "CSV UTF-8") skipped
@@ -327,11 +328,7 @@ def _pt(p: Path, key: str | None = None, **_) -> np.ndarray | sp.csr_matrix:
     if not isinstance(obj, torch.Tensor):
         raise TypeError(f"expected a tensor, found {type(obj).__name__}")
     if obj.layout != torch.strided:
-        csr = obj.to_sparse_csr().to(torch.float64)
-        return sp.csr_matrix(
-            (csr.values().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()),
-            shape=tuple(obj.shape),
-        )
+        return scipy_csr(obj.to_sparse_csr().to(torch.float64))
     return obj.detach().to(torch.float64).numpy()
 
 

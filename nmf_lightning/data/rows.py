@@ -198,11 +198,16 @@ def row_block(X: Any, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
     """
     if isinstance(X, OnDisk):
         return X.rows(start, stop)
-    if sp.issparse(X) and X.format == "csr" and X.has_canonical_format:  # (checked once, cached by scipy)
+    if _rows_are_views(X):
         block = sp.csr_matrix(csr_rows(X, start, stop)[::-1], shape=(stop - start, X.shape[1]), copy=False)
         block.has_canonical_format = True  # so are its rows: nothing sorts or sums them in place, in X
         return block
     return X[start:stop]  # a copy: a block's duplicates are summed, its indices sorted, in place
+
+
+def _rows_are_views(X: Any) -> bool:
+    """Whether rows of X are read as views of its arrays: a canonical CSR matrix in memory (scipy caches the check)."""
+    return sp.issparse(X) and X.format == "csr" and X.has_canonical_format
 
 
 def csr_rows(X: sp.csr_matrix, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -318,9 +323,10 @@ class RowBlocks(Dataset):
         stop = min(start + self.batch_rows, self.rows[1])
         item = {"start": start, "x_sq": self.summary.block_sq[start // self.batch_rows]}
         X = self.X
-        if sp.issparse(X) and X.format == "csr" and X.has_canonical_format and not self.transposes:
-            indptr, indices, data = csr_rows(X, start, stop)  # checked X in memory: its rows as they are
-            narrow = not self.unstored_missing
+        # int32 indices for a CPU's sparse kernels (ratings' indices are gathered and counted: int64)
+        narrow = not self.unstored_missing and not self.transposes
+        if _rows_are_views(X) and not self.transposes:  # checked X in memory: its rows as they are, no scipy matrix
+            indptr, indices, data = csr_rows(X, start, stop)
             return {**item, "shape": (stop - start, X.shape[1]), **_parts(indptr, indices, data, self.dtype, narrow)}
         block = row_block(X, start, stop)
         if not sp.issparse(block):
@@ -331,8 +337,6 @@ class RowBlocks(Dataset):
             return {**item, "X": torch.from_numpy(block), "missing": self.summary.masked}
         block = (block if block.format == "csr" else sp.csr_matrix(block)).astype(self.dtype, copy=False)
         block.sum_duplicates()
-        # int32 indices for a CPU's sparse kernels (ratings' indices are gathered and counted: int64)
-        narrow = not self.unstored_missing and not self.transposes
         item.update(shape=tuple(block.shape), **_csr_parts(block, "", narrow))  # ints: no device copy to read back
         if self.transposes and not self.unstored_missing:
             item.update(_csr_parts(block.T.tocsr(), "t_"))

@@ -336,8 +336,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return Biases.of(self.intercept_, b, self.col_bias_, like)
 
     def inverse_transform(self, X) -> np.ndarray:
-        """The data ``W @ components_`` that rows W of the transformed space stand for."""
+        """The data ``W @ components_`` that rows W of the transformed space stand for.
+
+        A biased model's X is ``mu + b + c + W H``, and W does not carry each row's b:
+        refused there, rather than returning ``W H`` as if it were X.
+        """
         check_is_fitted(self)
+        if self.biases:
+            raise ValueError(
+                "inverse_transform cannot restore X from W alone with biases=True: X ~ mu + b + c + W H, and each "
+                "row's bias b is not in W. Use predict_entries(rows, cols) for the fitted rows' values."
+            )
         W = X.toarray() if sp.issparse(X) else np.asarray(X)
         if W.ndim != 2 or W.shape[1] != self.n_components_:
             raise ValueError(

@@ -306,6 +306,8 @@ def test_the_estimator_predicts_entries_with_its_biases_within_the_rating_range(
         est.predict_entries([0, 1], [0])
     with pytest.raises(ValueError, match=r"cols must be a 1-D sequence of integers"):
         est.predict_entries([0], [0.5])
+    with pytest.raises(ValueError, match=r"inverse_transform cannot restore X from W alone with biases=True"):
+        est.inverse_transform(W)  # W H without mu + b + c is not X
 
 
 # ------------------------------------------------------------------------- refused settings

@@ -32,7 +32,15 @@ from nmf_lightning.solvers import registry
 from nmf_lightning.validation import NMFInputError, check_matrix
 
 #: how ``transform`` and ``nmf-transform`` name their parameters in messages
-WORDS = Words(params={"loss": "beta"}, quote=True, solver_key="solver", blocks=None, gradient=False, kl=1.0)
+WORDS = Words(
+    params={"loss": "beta"},
+    quote=True,
+    solver_key="solver",
+    blocks=None,
+    gradient=False,
+    kl=1.0,
+    unstored="pass unstored_missing=True (nmf-transform --unstored missing) to read them as missing (ratings)",
+)
 
 
 def transform(
@@ -47,6 +55,7 @@ def transform(
     return_n_iter: bool = False,
     beta: float = 2.0,
     biases: tuple[float, np.ndarray] | None = None,
+    unstored_missing: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """Return W (n, k) >= 0 with X ~ W H for the fixed components H (k, m).
 
@@ -60,9 +69,11 @@ def transform(
     returns the passes run. ``beta`` != 2 fits that beta-divergence instead (1 KL, 0 IS),
     with ``solver="mu"`` (the default then; HALS otherwise). ``biases`` (mu, c (m,)) are a
     biased model's, held fixed with H: X ~ mu + b + c + W H, each new row's bias b solved
-    with its W (MU by default, or ALS); W and b (n,) are returned then.
+    with its W (MU by default, or ALS); W and b (n,) are returned then. ``unstored_missing``
+    reads a sparse X's unstored entries as missing, as a run with ``data.unstored=missing`` did.
     """
-    solver = solver or registry.for_fixed_components(beta == 2, observed=biases is not None).name
+    observed = biases is not None or (unstored_missing and sp.issparse(X))
+    solver = solver or registry.for_fixed_components(beta == 2, observed=observed).name
     closed_form = registry.names(closed_form=True)
     if solver not in closed_form:
         raise NMFInputError(f"solver={solver!r} is not one of {closed_form}.")
@@ -81,7 +92,7 @@ def transform(
     H = H if H.dtype in (np.float32, np.float64) else H.astype(np.float64)
     options = {"max_iter": max_iter, "tol": tol, "device": device, "l1_W": l1_W, "l2_W": l2_W, "beta": beta}
     words = dataclasses.replace(WORDS, values={"loss": beta})
-    W, steps, converged, b = solve_w(X, H, solver, words, biases=biases, **options)
+    W, steps, converged, b = solve_w(X, H, solver, words, biases=biases, unstored_missing=unstored_missing, **options)
     if not converged and tol > 0:
         warnings.warn(
             f"solving W stopped at max_iter={max_iter} before tol={tol:g}; W may be far from the best fit: "
@@ -94,31 +105,54 @@ def transform(
     return out if len(out) > 1 else W
 
 
-def predictions(W: np.ndarray, H: np.ndarray, fitted: dict[str, np.ndarray], b: np.ndarray | None) -> np.ndarray:
-    """The model's value at every entry of the rows W stands for, (n, m): W H, plus mu + b + c, clipped.
+def predictions(
+    W: np.ndarray,
+    H: np.ndarray,
+    fitted: dict[str, np.ndarray],
+    b: np.ndarray | None,
+    entries: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The model's values W H, plus mu + b + c, clipped: at every entry of the rows W stands for, (n, m).
 
-    ``fitted`` is what a run's factors.npz holds beside W and H (``mu``, ``c``, ``rating_range``).
+    ``fitted`` is what a run's factors.npz holds beside W and H (``mu``, ``c``,
+    ``rating_range``); ``entries`` (rows, cols) asks for those entries only, (len(rows),).
     """
-    rows, cols = (torch.from_numpy(A.ravel()) for A in np.indices((W.shape[0], H.shape[1])))
+    shape = (W.shape[0], H.shape[1])
+    every = entries is None
+    rows, cols = (torch.from_numpy(np.asarray(A, dtype=np.int64)) for A in (np.indices(shape) if every else entries))
     like = torch.from_numpy(W)
     biases = None if b is None else Biases.of(fitted["mu"], b, fitted["c"], like)
     clip = tuple(fitted["rating_range"]) if "rating_range" in fitted else None
-    values = predict(rows, cols, like, torch.from_numpy(H).to(like.dtype), biases, clip)
-    return values.reshape(W.shape[0], H.shape[1]).numpy()
+    values = predict(rows.ravel(), cols.ravel(), like, torch.from_numpy(H).to(like.dtype), biases, clip).numpy()
+    return values.reshape(shape) if every else values
 
 
-def run_beta(run: Path) -> float:
-    """The beta of the loss a run trained (its ``.hydra/config.yaml``'s model.loss): 2 where it says none."""
+def observed_entries(X: np.ndarray | sp.spmatrix, unstored_missing: bool) -> tuple[np.ndarray, ...]:
+    """(rows, cols, values) of X's observed entries: not NaN, or stored when unstored entries are missing."""
+    if sp.issparse(X) and unstored_missing:
+        C = X.tocoo()
+        return C.row, C.col, C.data
+    dense = X.toarray() if sp.issparse(X) else np.asarray(X)
+    rows, cols = np.nonzero(~np.isnan(dense))
+    return rows, cols, dense[rows, cols]
+
+
+def run_settings(run: Path) -> tuple[float, str]:
+    """How a run read X, from its ``.hydra/config.yaml``: its loss's beta (2 where none) and ``data.unstored``."""
     config = run / ".hydra" / "config.yaml"
     if not config.is_file():
-        return 2.0
+        return 2.0, "zero"
     from omegaconf import OmegaConf  # here: the estimator imports this module, and no config library
 
-    model = OmegaConf.load(config).get("model", {})
+    cfg = OmegaConf.load(config)
+    model, data = cfg.get("model", {}), cfg.get("data", {})
     beta = loss_beta(str(model.get("loss", "fro")), model.get("beta"))
     if beta is not None:
         print(f"the run trained model.loss={model.get('loss')}: solving W on the beta={beta:g} divergence")
-    return 2.0 if beta is None else beta
+    unstored = str(data.get("unstored", "zero"))
+    if unstored == "missing":
+        print("the run read data.unstored=missing: a sparse matrix's unstored entries are missing, not zeros")
+    return 2.0 if beta is None else beta, unstored
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +180,13 @@ def main(argv: list[str] | None = None) -> None:
         "objective changes by less (default: %(default)s)",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--unstored",
+        default=None,
+        choices=("zero", "missing"),
+        help="a sparse matrix's unstored entries: observed zeros, or missing (ratings) (default: the run's "
+        "data.unstored, else zero)",
+    )
     ap.add_argument("--key", default=None, help="array name in a multi-array .npz or a .pt dict")
     ap.add_argument("--skip-header", type=int, default=0)
     ap.add_argument(
@@ -173,13 +214,17 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
         ap.error(f"could not read {factors} ({err}); a run's factors.npz holds W and H as numeric arrays.")
     try:
-        beta = args.beta if args.beta is not None else run_beta(factors.parent)
-        X = materialize(from_file(args.matrix, key=args.key, skip_header=args.skip_header).X)
+        beta, unstored = run_settings(factors.parent)
+        beta = args.beta if args.beta is not None else beta
+        matrix = from_file(args.matrix, key=args.key, skip_header=args.skip_header, unstored=args.unstored or unstored)
+        X, missing = materialize(matrix.X), matrix.unstored_missing
         biases = (fitted["mu"], fitted["c"]) if "mu" in fitted else None
-        solved = transform(X, H, args.solver, args.max_iter, args.tol, args.device, beta=beta, biases=biases)
+        options = {"beta": beta, "biases": biases, "unstored_missing": missing}
+        solved = transform(X, H, args.solver, args.max_iter, args.tol, args.device, **options)
         W, b = solved if biases is not None else (solved, None)
     except (ValueError, FileNotFoundError) as err:  # in this command's own words, exit code 2 as argparse's
         flags = {"data.skip_header=": "--skip-header ", "data.key=": "--key ", "data.key": "--key"}
+        flags.update({"data.unstored=": "--unstored ", "data.unstored": "--unstored"})
         text = str(err)
         for key, flag in flags.items():
             text = text.replace(key, flag)
@@ -187,18 +232,23 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     save_npy(out, W)  # written whole, then renamed: never a truncated W
     if args.predictions is not None or fitted:  # the model's values: with its biases, in its rating range
-        values = predictions(W, H, fitted, b)
+        rows, cols, truth = observed_entries(X, missing)
         if args.predictions is not None:
+            values = predictions(W, H, fitted, b)
             save_npy(Path(args.predictions), values)
-        dense = X.toarray() if sp.issparse(X) else X
-        obs = ~np.isnan(dense)
-        rmse = math.sqrt(float(np.square((dense - values)[obs]).mean())) if obs.any() else math.nan
+            at = values[rows, cols]
+        else:
+            at = predictions(W, H, fitted, b, (rows, cols))
+        rmse = math.sqrt(float(np.square(truth - at).mean())) if len(truth) else math.nan
         clip = f", predictions within {fitted['rating_range'].tolist()}" if "rating_range" in fitted else ""
-        print(f"wrote {out}: W {W.shape[0]} x {W.shape[1]}; RMSE {rmse:.6g} at the {int(obs.sum())} entries{clip}")
+        print(f"wrote {out}: W {W.shape[0]} x {W.shape[1]}; RMSE {rmse:.6g} at the {len(truth)} entries{clip}")
         return
-    if sp.issparse(X):  # Gram form: no dense copy of a large sparse X
+    if sp.issparse(X) and not missing:  # Gram form: no dense copy of a large sparse X
         x2 = float((X.data**2).sum())
         sq = x2 - 2 * float((X @ H.T * W).sum()) + float(((W.T @ W) * (H @ H.T)).sum())
+    elif sp.issparse(X):  # ratings: the stored entries alone
+        rows, cols, truth = observed_entries(X, missing)
+        x2, sq = float(np.square(truth).sum()), float(np.square(truth - (W[rows] * H[:, cols].T).sum(1)).sum())
     else:
         obs = ~np.isnan(X)
         x2, sq = float(np.square(X[obs]).sum()), float(np.square((np.nan_to_num(X) - W @ H)[obs]).sum())

@@ -459,6 +459,38 @@ def test_transform_solves_new_rows_and_their_biases_with_the_fitted_ones_held(ma
     assert rmse < 1.1 * np.sqrt(np.nanmean((trained - X) ** 2))  # the training rows, solved again: as good a fit
 
 
+def test_nmf_transform_reads_a_sparse_matrix_of_ratings_as_the_run_read_x(tmp_path, capsys):
+    """A run with data.unstored=missing: new rows in a sparse .npz (stored = rated) solve as the same rows with NaN."""
+    X, _ = _ratings(60, 40, observed=0.3)
+    rng = np.random.default_rng(1)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    np.savez(run / "factors.npz", W=np.ones((60, 3)), H=rng.gamma(2.0, 0.5, (3, 40)), mu=3.0, b=np.zeros(60),
+             c=rng.normal(0, 0.3, 40))  # fmt: skip
+    (run / ".hydra" / "config.yaml").write_text("data:\n  unstored: missing\nmodel:\n  loss: fro\n")
+    np.save(tmp_path / "dense.npy", X)
+    sp.save_npz(tmp_path / "sparse.npz", sp.csr_matrix(np.nan_to_num(X)))  # (no rating is exactly 0)
+    outputs = {}
+    for name in ("dense.npy", "sparse.npz"):
+        main([str(run), str(tmp_path / name), "--out", str(tmp_path / f"W_{name}.npy"), "--solver", "als"])
+        said = capsys.readouterr().out
+        rmse = re.search(r"RMSE (\S+) at the (\d+) entries", said).groups()
+        outputs[name] = np.load(tmp_path / f"W_{name}.npy"), rmse
+    np.testing.assert_allclose(outputs["sparse.npz"][0], outputs["dense.npy"][0], rtol=1e-10, atol=1e-12)
+    assert outputs["sparse.npz"][1] == outputs["dense.npy"][1]
+    assert int(outputs["dense.npy"][1][1]) == (~np.isnan(X)).sum()
+    assert "the run read data.unstored=missing" in said
+    with pytest.raises(SystemExit) as exit_:  # the same file read with zeros observed: a biased model refuses it
+        main([str(run), str(tmp_path / "sparse.npz"), "--out", str(tmp_path / "W.npy"), "--unstored", "zero"])
+    assert exit_.value.code == 2 and "(nmf-transform --unstored missing)" in capsys.readouterr().err
+    np.savez(run / "factors.npz", W=np.ones((60, 3)), H=rng.gamma(2.0, 0.5, (3, 40)))  # no biases: relative error
+    errors = []
+    for name in ("dense.npy", "sparse.npz"):
+        main([str(run), str(tmp_path / name), "--out", str(tmp_path / "W.npy"), "--solver", "mu"])
+        errors.append(re.search(r"relative error (\S+)", capsys.readouterr().out)[1])
+    assert errors[0] == errors[1]
+
+
 def test_the_ratings_experiment_beats_the_mean_rating_on_a_rating_list_as_it_comes(make_cfg, tmp_path):
     """experiment=ratings on a u.data-like list of 1-5 stars (a header line, timestamps): better than the mean."""
     X, _ = _ratings(300, 200, observed=0.15, k=4)

@@ -902,12 +902,14 @@ def solve_w(
     beta: float = 2.0,
     biases: tuple[float, np.ndarray] | None = None,
     l2_bias: float = 0.0,
+    unstored_missing: bool = False,
 ) -> tuple[np.ndarray, int, bool, np.ndarray | None]:
     """W >= 0 with X ~ W H for fixed components H (k, m), in H's dtype: what ``transform`` computes everywhere.
 
     ``solver`` names a closed-form rule (its W-update runs); ``beta`` the loss the
     components were trained on. NaN entries of a dense X are missing. ``biases`` (mu, c (m,))
-    are a biased model's, held fixed with H: each row's bias b is solved with its W. Returns
+    are a biased model's, held fixed with H: each row's bias b is solved with its W.
+    ``unstored_missing``: a sparse X's unstored entries are missing (ratings). Returns
     W (n, k) as numpy, the passes run, whether ``tol`` was met (see :meth:`Problem.solve_w`)
     and b (n,) (None without ``biases``).
     """
@@ -924,7 +926,8 @@ def solve_w(
         l2_bias=l2_bias,
     )
     biased = biases is not None
-    problem = Problem(spec, Source.in_memory(X, dtype, device, observed=biased, biased=biased), dtype, device)
+    options = {"unstored_missing": unstored_missing, "observed": biased or unstored_missing, "biased": biased}
+    problem = Problem(spec, Source.in_memory(X, dtype, device, **options), dtype, device)
     problem.check_solver(words)
     if biased:
         problem.start_biases(*biases)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -28,38 +29,89 @@ class RunDirError(NMFInputError):
     """The run folder belongs to another run (finished or live); nothing in it is touched."""
 
 
+#: run folders this process holds already (the Hydra callback takes one before Hydra writes into it)
+_HELD: dict[str, int] = {}
+
+
+def _key(out: Path) -> str:
+    return os.path.realpath(out)
+
+
+def _take(out: Path, overwrite: bool, resume: bool) -> tuple[int, str | None]:
+    """Lock ``out`` for this process (``flock``, PID written) after checking it is free; the descriptor and status.
+
+    Refused, nothing in the folder is changed but a lock file this process made.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(
+            f"{out} is in use by a run (PID {holder}); wait for it, stop it, or pick another hydra.run.dir."
+        ) from None
+    try:
+        finish_pending(out)  # a run killed while writing its results: they are whole, finish renaming them
+        status = check_finished(out, overwrite, resume)
+    except BaseException:
+        _release(out, fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd, status
+
+
+def _release(out: Path, fd: int) -> None:
+    (out / LOCK).unlink(missing_ok=True)
+    os.close(fd)  # releases the lock
+
+
+def hold_run_dir(out: Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Take ``out`` for this process until :func:`claim_run_dir` (or :func:`let_go`) is done with it.
+
+    Hydra writes ``.hydra/`` and ``train.log`` before the run starts: held first, of two
+    runs started at once into one folder the second is refused before it writes a byte.
+    """
+    out = Path(out)
+    if _key(out) not in _HELD:
+        _HELD[_key(out)] = _take(out, overwrite, resume)[0]
+
+
+def let_go(out: Path) -> None:
+    """Release a folder :func:`hold_run_dir` took, if the run never claimed it."""
+    fd = _HELD.pop(_key(Path(out)), None)
+    if fd is not None:
+        _release(Path(out), fd)
+
+
 @contextmanager
 def claim_run_dir(out: Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """Hold ``out`` for this run, refusing a folder with a live run or (unless asked) a finished one.
 
     The lock is the kernel's (``flock``), released when the process ends however it ends;
     the file names the holder's PID. A finished run's folder is taken only with
-    ``overwrite`` (its results are removed first) or to continue it (``resume``).
+    ``overwrite`` (its results are removed first) or to continue it (``resume``). A folder
+    this process holds already (:func:`hold_run_dir`) is checked again and kept.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
+    fd = _HELD.pop(_key(out), None)
+    if fd is None:
+        fd, status = _take(out, overwrite, resume)
+    else:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            raise RunDirError(
-                f"{out} is in use by a run (PID {holder}); wait for it, stop it, or pick another hydra.run.dir."
-            ) from None
-        finish_pending(out)  # a run killed while writing its results: they are whole, finish renaming them
-        status = check_finished(out, overwrite, resume)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            status = check_finished(out, overwrite, resume)
+        except BaseException:
+            _release(out, fd)
+            raise
+    try:
         if status in FINISHED and overwrite and not resume:  # old results must not outlive a failed re-run
             for name in RESULTS:
                 (out / name).unlink(missing_ok=True)
-        try:
-            yield out
-        finally:
-            (out / LOCK).unlink(missing_ok=True)
+        yield out
     finally:
-        os.close(fd)  # releases the lock
+        _release(out, fd)
 
 
 def check_finished(out: Path, overwrite: bool = False, resume: bool = False) -> str | None:
@@ -115,19 +167,18 @@ class RunFolderGuard(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Check ``hydra.run.dir`` as :func:`claim_run_dir` will, before anything is written."""
+        """Take ``hydra.run.dir`` as :func:`claim_run_dir` will, before anything is written."""
         if not is_main_process():  # a DDP rank of rank 0's run, which holds the folder
             return
+        HydraConfig.instance().set_config(config)  # (the folder's name reads ${hydra:runtime.choices...})
         out = Path(str(config.hydra.run.dir))
-        resume = continues(config.get("ckpt_path"), out)
         try:
-            holder = in_use(out)
-            if holder is not None:
-                raise RunDirError(
-                    f"{out} is in use by a run (PID {holder}); wait for it, stop it, or pick another hydra.run.dir."
-                )
-            finish_pending(out)
-            check_finished(out, bool(config.get("overwrite")), resume)
+            hold_run_dir(out, bool(config.get("overwrite")), continues(config.get("ckpt_path"), out))
         except RunDirError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Let go of the folder if the run never claimed it (it failed first, or wrote its results elsewhere)."""
+        if is_main_process():
+            let_go(Path(str(config.hydra.run.dir)))

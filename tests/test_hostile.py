@@ -266,11 +266,11 @@ def test_a_folder_in_use_or_finished_is_refused_before_hydra_writes_into_it(tmp_
 
     from conftest import run_cli
 
-    run = tmp_path / "run"
-    first = run_cli("data=toy", "model.rank=2", "trainer.max_steps=5", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    run, named = tmp_path / "toy", "hydra.run.dir=${hydra:runtime.choices.data}"  # as the default name reads Hydra's
+    first = run_cli("data=toy", "model.rank=2", "trainer.max_steps=5", named, cwd=tmp_path)
+    assert first.returncode == 0 and "RunFolderGuard" not in first.stderr, first.stderr  # it ran, and checked
     record = {p: p.read_bytes() for p in (run / ".hydra" / "config.yaml", run / "train.log")}
-    refused = run_cli("data=toy", "model.loss=kl", "optimizer=mu", f"hydra.run.dir={run}", cwd=tmp_path)
+    refused = run_cli("data=toy", "model.loss=kl", "optimizer=mu", named, cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "holds a finished run" in refused.stderr
     lock = os.open(run / ".nmf-lightning.lock", os.O_CREAT | os.O_RDWR)
     fcntl.flock(lock, fcntl.LOCK_EX)  # a live run holds the folder

@@ -131,10 +131,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     Beyond and beside scikit-learn's ``NMF``: ``score`` (minus the reconstruction error of
     ``transform``, so model selection needs no scorer); ``transform`` computes in the
-    dtype of ``components_`` (X of another float dtype is converted); ``init=None`` with
-    ``restarts > 1`` means random starts; random inits draw from torch's generator, so a
-    ``random_state`` gives other numbers than scikit-learn's (and the same as ``nmf-train``'s
-    ``seed``); ``shuffle`` is not offered (coordinates are swept in order).
+    dtype of ``components_`` (X of another float dtype is converted); with ``restarts > 1``
+    an SVD init (``init=None``'s nndsvda) starts the first restart and the others draw
+    random starts, so the best is never a worse start than one fit's; random inits draw
+    from torch's generator, so a ``random_state`` gives other numbers than scikit-learn's
+    (and the same as ``nmf-train``'s ``seed``); ``shuffle`` is not offered (coordinates are
+    swept in order).
     """
 
     def __init__(
@@ -423,7 +425,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 "is closed-form and keeps W, H >= 0 by itself: leave them at their defaults."
             )
         words, beta = self._words(), self._beta()
-        check_restarts(self.init or "random", self.restarts, words)  # init=None with restarts: random starts
+        check_restarts(self.init or "random", self.restarts, words)
         check_biases(bool(self.biases), None if beta == 2 else beta, self.restarts, online, words)
         if self.biases and self.n_components == "auto":
             raise ValueError("n_components='auto' chooses the rank of an unbiased model; with biases=True give it.")
@@ -463,7 +465,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _init_name(self, n: int, m: int, W, H, rank: int | None = None) -> str:
         if self.init is None:
             k = rank or (self.n_components if isinstance(self.n_components, (int, np.integer)) else m)
-            return "nndsvda" if k <= min(n, m) and self.restarts == 1 else "random"
+            return "nndsvda" if k <= min(n, m) else "random"
         if self.init == "custom" and H is None:
             raise ValueError("init='custom' starts from the W and H you pass: fit(X, W=W0, H=H0).")
         if self.init != "custom" and (W is not None or H is not None):

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 INITS = ("random", "normal_abs", "nndsvd", "nndsvda", "nndsvdar")
 #: inits that read X's singular vectors and so need rank <= min(n, m)
 SVD_INITS = ("nndsvd", "nndsvda", "nndsvdar")
+#: inits that give the same start for every seed: with restarts, only the first starts from one
+DETERMINISTIC_INITS = ("nndsvd", "nndsvda")
 
 
 def initial_factors(

@@ -469,11 +469,14 @@ def check_schedule(growth: float, lam: float, clamps: bool, words: Words) -> Non
 
 
 def check_restarts(init: str, restarts: int, words: Words) -> None:
-    """Restarts need starts that differ: a deterministic init (or the user's own factors) gives one start."""
-    if restarts > 1 and init in ("nndsvd", "nndsvda", "custom"):
+    """Restarts need starts that differ: the user's own factors are one start.
+
+    (A deterministic SVD init starts restart 0 and the others draw random starts.)
+    """
+    if restarts > 1 and init == "custom":
         raise NMFInputError(
             f"{words.show('init', init)} gives the same start every time, so {words.show('restarts', restarts)} "
-            f"would train identical copies; use {words.show('init', 'random')} or nndsvdar."
+            f"would train identical copies; use {words.show('init', 'random')}, nndsvda or nndsvdar."
         )
 
 

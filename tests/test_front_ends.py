@@ -75,11 +75,6 @@ def test_lr_auto_is_the_same_step_in_both_and_scales_with_x(make_cfg, tmp_path):
 @pytest.mark.parametrize(
     ("cli", "params", "message"),
     [
-        (
-            ["model.init=nndsvda", "model.restarts=3"],
-            {"init": "nndsvda", "restarts": 3},
-            "would train identical copies",
-        ),
         (["optimizer=kaczmarz", "model.l1_W=0.1"], {"solver": "kaczmarz", "alpha_W": 0.1}, "takes no L1/L2 penalty"),
         (["optimizer=hals", "model.loss=kl"], {"beta_loss": "kullback-leibler"}, "fits the Frobenius loss only"),
     ],

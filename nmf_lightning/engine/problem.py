@@ -6,7 +6,7 @@ estimator and ``nmf-transform``. Every decision that changes the arithmetic is t
 from the spec and the update number alone, so the same settings and seed give the same
 factors whichever front end runs them, and a resumed run repeats a straight one:
 
-- the initial factors (:meth:`Problem.initial_factors`; deterministic inits refuse restarts);
+- the initial factors (:meth:`Problem.initial_factors`; a deterministic init starts restart 0 alone);
 - ``lr=auto`` (:meth:`Problem.auto_lr`);
 - the Gram or residual form of gradient updates (:class:`~nmf_lightning.engine.updates.GramForm`);
 - the clamp penalty's weight, when it grows (:class:`~nmf_lightning.engine.updates.PenaltySchedule`);
@@ -45,7 +45,7 @@ from nmf_lightning.engine.updates import (
     Update,
     fused_optimizer,
 )
-from nmf_lightning.init import SVD_INITS, draw_factors, initial_factors, streamed_nndsvd
+from nmf_lightning.init import DETERMINISTIC_INITS, SVD_INITS, draw_factors, initial_factors, streamed_nndsvd
 from nmf_lightning.linalg import to_numpy
 from nmf_lightning.objective import Objective, reconstruction
 from nmf_lightning.params import (
@@ -587,37 +587,44 @@ class Problem:
         """W (this process's rows) and H to start from: restart r draws from seed ``seed + r``.
 
         The random inits read X's shape and mean only; the SVD inits read all of X (a
-        streamed X in a few passes, :func:`~nmf_lightning.init.streamed_nndsvd`). Under
+        streamed X in a few passes, :func:`~nmf_lightning.init.streamed_nndsvd`). A
+        deterministic init (nndsvd, nndsvda) starts restart 0 and the others draw random
+        starts: the best of the restarts is then never a worse start than one run's. Under
         DDP each process draws W for the whole X and keeps its rows, so a run starts where
         one process starts.
         """
+        spec = self.spec
+        if spec.init in DETERMINISTIC_INITS and spec.restarts > 1:
+            W0, H0 = self._starts(spec.init, spec.seed, 1)
+            W, H = self._starts("random", spec.seed + 1, spec.restarts - 1)
+            W, H = (torch.cat([A0[None], A if A.dim() == 3 else A[None]]) for A0, A in ((W0, W), (H0, H)))
+        else:
+            W, H = self._starts(spec.init, spec.seed, spec.restarts)
+        if self.source.rows is not None:
+            W = W[..., self.source.rows, :].clone()
+        return W, H
+
+    def _starts(self, init: str, seed: int, restarts: int) -> tuple[Tensor, Tensor]:
+        """``restarts`` starts of ``init`` from seeds ``seed``, ``seed + 1``, ... (stacked when several), all of W."""
         spec, source = self.spec, self.source
-        options = {"seed": spec.seed, "restarts": spec.restarts, "scale": spec.init_scale}
-        if spec.init in SVD_INITS and source.whole is None and source.rows is None:
-            like = torch.empty((), dtype=self.dtype, device=self.device)  # X in row blocks: products pass by pass
-            mean = self._init_mean()
+        like = torch.empty((), dtype=self.dtype, device=self.device)
+        if init in SVD_INITS and source.whole is None and source.rows is None:  # X in row blocks: pass by pass
             return streamed_nndsvd(
                 lambda: passes(source.blocks),
                 source.shape,
                 spec.rank,
-                spec.init,
-                mean=mean,
+                init,
+                mean=self._init_mean(),
                 sparse=source.layout.sparse,
-                seed=spec.seed,
-                restarts=spec.restarts,
+                seed=seed,
+                restarts=restarts,
                 like=like,
             )
-        if spec.init in SVD_INITS:
-            whole = source.whole_block()
-            W, H = initial_factors(whole, spec.rank, spec.init, **options)
-            W, H = W.to(self.device, self.dtype), H.to(self.device, self.dtype)
-        else:
-            like = torch.empty((), dtype=self.dtype, device=self.device)
-            mean = self._init_mean()
-            W, H = draw_factors(source.shape, spec.rank, spec.init, mean=mean, like=like, **options)
-        if source.rows is not None:
-            W = W[..., source.rows, :].clone()
-        return W, H
+        options = {"seed": seed, "restarts": restarts, "scale": spec.init_scale}
+        if init in SVD_INITS:
+            W, H = initial_factors(source.whole_block(), spec.rank, init, **options)
+            return W.to(self.device, self.dtype), H.to(self.device, self.dtype)
+        return draw_factors(source.shape, spec.rank, init, mean=self._init_mean(), like=like, **options)
 
     def _init_mean(self) -> float:
         """What the random inits scale W H to: X's mean; a biased model's W H fits X's spread about it."""

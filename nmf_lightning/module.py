@@ -117,9 +117,9 @@ class NMFModule(L.LightningModule):
     ):
         super().__init__()
         own = {"inner_steps": INNER_STEPS, "rank": RANK}
-        check_params({"inner_steps": inner_steps, "rank": rank}, own, CLI_WORDS.name)
+        check_params({"inner_steps": inner_steps, "rank": rank}, own, CLI_WORDS)
         search = {"rank_min": rank_min, "rank_max": rank_max, "rank_holdout": rank_holdout, "rank_rule": rank_rule}
-        check_params(search, name=CLI_WORDS.name)
+        check_params(search, name=CLI_WORDS)
         #: rank=auto: where to look for the rank (chosen by :meth:`choose_rank` before training)
         self.rank_search = RankSearch(rank_min, rank_max, rank_holdout, rank_rule, seed) if rank == "auto" else None
         self.rank_result: RankResult | None = None

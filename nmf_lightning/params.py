@@ -214,18 +214,22 @@ PURPOSE = {name: "a penalty weight" for name in ("lam", "l1_W", "l1_H", "l2_W", 
 def check_params(
     values: Mapping[str, Any],
     constraints: Mapping[str, Constraint] = CONSTRAINTS,
-    name: Callable[[str], str] = str,
+    name: Callable[[str], str] | Words = str,
 ) -> None:
     """Raise on the first value not allowed by its constraint; ``name`` spells a parameter as the user does.
 
-    The message reads ``<name> must be <allowed> (<purpose>), got <value>.``
+    The message reads ``<name> must be <allowed> (<purpose>), got <value>.``; a front end's
+    :class:`Words` for a config (not Python's literals) writes None as YAML's ``null``.
     """
+    yaml = isinstance(name, Words) and not name.quote
+    spell = name.name if isinstance(name, Words) else name
     for key, value in values.items():
         rule = constraints.get(key)
         if rule is None or rule.ok(value):
             continue
         purpose = f" ({PURPOSE[key]})" if key in PURPOSE else ""
-        raise NMFInputError(f"{name(key)} must be {rule.describe()}{purpose}, got {value!r}.")
+        allowed = rule.describe().replace("None", "null") if yaml else rule.describe()
+        raise NMFInputError(f"{spell(key)} must be {allowed}{purpose}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,9 @@ CLI_WORDS = Words(
         "batch_rows": "data.batch_rows",
         "rating_range": "data.rating_range",
         "precision": "trainer.precision",
+        "seed": "seed",  # (model.seed is ${seed}: the user sets seed)
+        "holdout_seed": "data.holdout_seed",
+        "num_workers": "data.num_workers",
     },
 )
 

@@ -18,6 +18,7 @@ import signal
 import sys
 import warnings
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,8 @@ from nmf_lightning.distributed import ShardedDDP, check_shardable, global_rank, 
 from nmf_lightning.engine import DivergenceError
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import data_name, run_hparams, short_overrides, swept_keys
-from nmf_lightning.module import NMFModule
-from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
+from nmf_lightning.module import INNER_STEPS, RANK, NMFModule
+from nmf_lightning.params import CLI_WORDS, CONSTRAINTS, Integer, check_params, one_of
 from nmf_lightning.recorder import metric_key, metric_tag
 from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir, continues
 from nmf_lightning.solvers import registry
@@ -216,9 +217,14 @@ def check_config(cfg: DictConfig) -> int | None:
     values = {"steps": cfg.trainer.get("max_steps")}
     if "lr" in cfg.optimizer:
         values["lr"] = cfg.optimizer.lr
-    check_params(values, name=CLI_WORDS.name)
+    check_params(values, name=CLI_WORDS)
     check_every(cfg.trainer.get("log_every_n_steps", 10))
-    check_params({"threads": cfg.get("threads")}, {"threads": one_of("auto", None, Integer(1))})
+    check_params({"threads": cfg.get("threads")}, {"threads": one_of("auto", None, Integer(1))}, CLI_WORDS)
+    top = {"seed": CONSTRAINTS["seed"], "gpu": one_of(None, Integer(0))}
+    check_params({"seed": cfg.get("seed"), "gpu": cfg.get("gpu")}, top, CLI_WORDS)
+    model = cfg.get("model") or {}
+    constraints = {**CONSTRAINTS, "rank": RANK, "inner_steps": INNER_STEPS}  # the model's keys, as its build checks
+    check_params({k: model[k] for k in model if k in constraints}, constraints, CLI_WORDS)
     matmul = cfg.get("matmul_precision", "highest")
     if matmul not in ("highest", "high", "medium"):
         raise NMFInputError(f"matmul_precision={matmul!r} must be highest, high or medium.")
@@ -297,7 +303,9 @@ def _instantiate(cfg: DictConfig, datamodule: Any) -> tuple[NMFModule, L.Trainer
     callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
     callbacks.append(GracefulStop())  # SIGTERM, SIGINT, SIGUSR1: finish the update, save, report
     _check_early_stopping(callbacks, held_out)
-    model: NMFModule = _build(_model_config(cfg, callbacks), "model", optimizer=_build_optimizer(cfg))
+    optimizer = _build_optimizer(cfg)
+    _check_optimizer(optimizer, _choice("optimizer", str(cfg.optimizer.get("_target_")).rsplit(".", 1)[-1]))
+    model: NMFModule = _build(_model_config(cfg, callbacks), "model", optimizer=optimizer)
     _check_optimized_metric(cfg, model, held_out)
     loggers = [_build(c, "logger") for c in cfg.get("logger", {}).values() if c is not None]
     choices, overrides, swept = _command_line()
@@ -526,6 +534,23 @@ def _build_optimizer(cfg: DictConfig) -> Any:
         )
         node = OmegaConf.create({k: v for k, v in node.items() if k not in extra})
     return _build(node, "optimizer", _convert_="all")
+
+
+def _check_optimizer(factory: Any, name: str) -> None:
+    """Build the optimizer once over stand-in factors: a setting it refuses (``optimizer.betas=abc``) is named now.
+
+    (Training builds it again over W and H; the first build in a process is the slow one.)
+    """
+    if not callable(factory):
+        return
+    keywords = factory.keywords if isinstance(factory, partial) else {}
+    if "lr" in keywords and keywords["lr"] in ("auto", None):  # lr=auto is set from the factors at the start
+        factory = partial(factory, lr=1e-3)
+    try:
+        factory([torch.zeros(2, 1, requires_grad=True), torch.zeros(1, 2, requires_grad=True)])
+    except (TypeError, ValueError) as err:
+        shown = ", ".join(f"optimizer.{k}={v!r}" for k, v in keywords.items())
+        raise NMFInputError(f"optimizer={name} cannot be built from its settings ({shown or 'none'}): {err}") from None
 
 
 def _locate(target: Any) -> Any:

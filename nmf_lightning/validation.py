@@ -332,6 +332,23 @@ def check_precision(
         )
 
 
+def _devices_ok(devices: object) -> bool:
+    """Whether ``trainer.devices`` is a value Lightning reads: auto, N >= 1 or -1, "0,1", or a list of indices."""
+    if devices is None:
+        return True
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        text = devices.strip()
+        return text == "auto" or text == "-1" or all(d.strip().isdigit() for d in text.split(",") if d.strip())
+    try:
+        return all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices) and len(devices) > 0
+    except TypeError:
+        return False
+
+
 def _several_devices(devices: object, gpus: bool = True) -> bool:
     """Whether ``trainer.devices`` asks for more than one device: N > 1, a list of several, -1 or "auto" (all).
 
@@ -359,6 +376,11 @@ def check_accelerator(accelerator: str | None, devices: int | str | list | None 
 
     ``sharded``: the trainer runs the row-sharded DDP strategy, which takes several devices.
     """
+    if not _devices_ok(devices):
+        raise NMFInputError(
+            f"trainer.devices must be auto, an integer >= 1 (-1: every GPU) or a list of GPU indices such as [0,1], "
+            f"got {devices!r}."
+        )
     acc = str(accelerator or "auto").lower()
     several = _several_devices(devices, gpus=acc in ("auto", "gpu", "cuda"))
     if several and not sharded:

@@ -420,7 +420,7 @@ def test_a_key_or_choice_that_is_not_there_is_one_line_naming_the_nearest(monkey
     ("override", "message"),
     [
         ("callbacks.model_checkpoint.every_n_updates=-5", r"every_n_updates and every_n_minutes must be >= 0"),
-        ("model.tol=nan", r"model.tol must be None or a finite number >= 0, got nan"),
+        ("model.tol=nan", r"model.tol must be null or a finite number >= 0, got nan"),
         ("model.lam_growth=10", r"model.lam_growth=10 grows the clamp penalty .* needs model.project=false"),
         ("model.lam_growth=0.5", r"model.lam_growth must be a finite number >= 1 \(the factor lam is multiplied"),
     ],

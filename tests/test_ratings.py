@@ -321,9 +321,9 @@ def test_the_estimator_predicts_entries_with_its_biases_within_the_rating_range(
         (("model.restarts=2",), r"model.biases=true trains one start, but model.restarts=2; set model.restarts=1"),
         (("model.online=true", "data.batch_rows=10"), r"model.biases=true takes its column biases' step from a whole"),
         (("model.rank=auto",), r"model.rank=auto chooses the rank of an unbiased model"),
-        (("data.rating_range=[5,1]",), r"data.rating_range must be None or a pair \[low, high\] of finite numbers "
+        (("data.rating_range=[5,1]",), r"data.rating_range must be null or a pair \[low, high\] of finite numbers "
                                        r"with low < high \(the scale predictions are clipped to\), got \[5, 1\]"),
-        (("data.rating_range=[1,2,5]",), r"data.rating_range must be None or a pair"),
+        (("data.rating_range=[1,2,5]",), r"data.rating_range must be null or a pair"),
         (("model.l2_bias=-1",), r"model.l2_bias must be a finite number >= 0 \(the biases' shrinkage"),
         (("model.l2_scale=rows",), r"model.l2_scale must be one of 'none', 'count'"),
         (("data.unstored=zero",), r"model.biases=true predicts ratings at the observed entries, but X is sparse with "

@@ -302,6 +302,19 @@ def test_divergence_stops_with_the_step_and_keeps_last_finite_factors(make_cfg, 
         (("ckpt_path=/nowhere/last.ckpt",), NMFInputError, r"ckpt_path=/nowhere/last.ckpt is not found"),
         (("ckpt_path=last",), NMFInputError, r"ckpt_path=last continues the run in .* holds no last.ckpt"),
         (("model.init=nndsvd", "model.rank=50"), NMFInputError, r"needs model.rank <= min\(n, m\) = 30"),
+        # values that are not numbers, named before any work (each had raised Python's own error)
+        (("model.rank=abc",), NMFInputError, r"model.rank must be 'auto' or an integer >= 1, got 'abc'"),
+        (("seed=abc",), NMFInputError, r"^seed must be an integer, got 'abc'"),
+        (("gpu=abc",), NMFInputError, r"gpu must be null or an integer >= 0, got 'abc'"),
+        (("data.batch_rows=abc",), NMFInputError, r"data.batch_rows must be an integer >= 1 or null \(rows"),
+        (("data.holdout=abc",), NMFInputError, r"data.holdout must be a fraction in \(0, 1\), got 'abc'"),
+        (("data.num_workers=-1",), NMFInputError, r"data.num_workers must be 'auto' or an integer >= 0, got -1"),
+        (("trainer.devices=abc",), NMFInputError, r"trainer.devices must be auto, an integer >= 1"),
+        (
+            ("optimizer.betas=abc",),
+            NMFInputError,
+            r"optimizer=Adam cannot be built from its settings \(.*optimizer.betas='abc'.*\): '<=' not supported",
+        ),
     ],
 )
 def test_bad_configuration_fails_before_training(make_cfg, tmp_path, overrides, error, message):
@@ -736,5 +749,5 @@ def test_threads_auto_takes_one_for_small_problems_and_the_cores_for_large(make_
     train(make_cfg(*big))  # 12e6 multiply-adds a product: every core
     train(make_cfg(*big, "data.batch_rows=200"))  # streamed, a block's product is 1.2e6: one thread
     assert chosen[1:] == [max(1, len(os.sched_getaffinity(0))), 1]
-    with pytest.raises(NMFInputError, match="threads must be 'auto', None or an integer >= 1, got 0"):
+    with pytest.raises(NMFInputError, match="threads must be 'auto', null or an integer >= 1, got 0"):
         train(make_cfg("data=toy", "threads=0"))

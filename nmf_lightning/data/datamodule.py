@@ -20,11 +20,11 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
-from nmf_lightning.data.holdout import Holdout, split_holdout
+from nmf_lightning.data.holdout import Holdout, check_holdout, split_holdout
 from nmf_lightning.data.rows import OnDisk, RowBlocks, RowSummary, in_memory, materialize, scan
 from nmf_lightning.data.sources import Matrix
 from nmf_lightning.engine import Block, Source, Spec, from_batch
-from nmf_lightning.params import CLI_WORDS, check_params
+from nmf_lightning.params import CLI_WORDS, Integer, check_params, one_of
 from nmf_lightning.validation import NMFInputError, check_matrix, require_memory
 
 if TYPE_CHECKING:
@@ -81,13 +81,10 @@ class NMFDataModule(L.LightningDataModule):
         **options: Any,
     ):
         super().__init__()
-        check_params({"rating_range": rating_range}, name=CLI_WORDS.name)
-        if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 1):
-            raise NMFInputError(
-                f"data.batch_rows must be an integer >= 1 (rows per block) or null, got {batch_rows!r}."
-            )
-        if num_workers != "auto" and (isinstance(num_workers, bool) or int(num_workers) < 0):
-            raise NMFInputError(f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}.")
+        check_params({"rating_range": rating_range, "batch_rows": batch_rows}, name=CLI_WORDS)
+        own = {"holdout_seed": Integer(), "num_workers": one_of("auto", Integer(0))}
+        check_params({"holdout_seed": holdout_seed, "num_workers": num_workers}, own, CLI_WORDS)
+        check_holdout(holdout)
         self.loader = loader
         self.options = options
         self.holdout_fraction = holdout

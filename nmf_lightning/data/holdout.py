@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,13 @@ def check_resumed(saved: dict[str, Any], now: dict[str, Any]) -> None:
         )
 
 
+def check_holdout(fraction: Any, allow_zero: bool = True) -> None:
+    """``data.holdout`` must be a fraction in (0, 1) (or 0, none held out, where ``allow_zero``)."""
+    number = isinstance(fraction, numbers.Real) and not isinstance(fraction, bool) and math.isfinite(fraction)
+    if not number or not (0 < fraction < 1 or allow_zero and fraction == 0):
+        raise NMFInputError(f"data.holdout must be a fraction in (0, 1), got {fraction!r}; e.g. data.holdout=0.1.")
+
+
 def split_holdout(matrix: Matrix, fraction: float, seed: int = 0) -> tuple[Matrix, Holdout]:
     """Hide ``fraction`` of the observed entries of ``matrix.X``, drawn with ``seed``.
 
@@ -56,8 +65,7 @@ def split_holdout(matrix: Matrix, fraction: float, seed: int = 0) -> tuple[Matri
     A sparse X whose zeros are observed values (TF-IDF) is made dense with NaN, since a
     held-out zero cannot be marked missing in a sparse matrix.
     """
-    if isinstance(fraction, bool) or not 0 < float(fraction) < 1:
-        raise NMFInputError(f"data.holdout must be a fraction in (0, 1), got {fraction!r}; e.g. data.holdout=0.1.")
+    check_holdout(fraction, allow_zero=False)
     rng = np.random.default_rng(seed)
     X = matrix.X
     if sp.issparse(X) and matrix.unstored_missing:

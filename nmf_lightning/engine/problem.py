@@ -145,10 +145,10 @@ class Spec:
     def check(self, words: Words) -> None:
         """Every field against the constraints table, then the loss's beta; before any data is read."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in CONSTRAINTS}
-        check_params(values, name=words.name)
+        check_params(values, name=words)
         lr = _keywords(self.optimizer).get("lr")
         if not self.info.closed_form and lr is not None:
-            check_params({"lr": lr}, name=words.name)
+            check_params({"lr": lr}, name=words)
         check_restarts(self.init, self.restarts, words)
         check_consensus(self.consensus, self.restarts, words)
         check_biases(self.biases, self.data_loss()[1], self.restarts, self.online, words)

@@ -669,6 +669,14 @@ def explain_override_error(err: Exception) -> str:
         choices = ", ".join(sorted(str(o) for o in err.options))
         return f"{group}={name} is not one of the {group} configs: {choices}."
     text = str(err).strip()
+    override = str(getattr(err, "override", "") or "")
+    key, _, value = override.partition("=")
+    if isinstance(err, OverrideParseException) and value.startswith("~"):  # the shell expands ~ only at a word's start
+        rest = value[1:].lstrip("/")
+        return (
+            f"{override}: a value cannot start with ~ on Hydra's command line (the shell left it unexpanded); "
+            f"write {key}=$HOME/{rest}, or quote it: '{key}=\"{value}\"'."
+        )
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if key and "not in struct" in str(cause):

@@ -400,6 +400,11 @@ def test_files_cut_short_or_ragged_are_named_with_the_fix(make_cfg, tmp_path):
     [
         (["model.rnak=5"], r"error: model.rnak is not a key of the config; did you mean model.rank\?"),
         (["optimizer=nope"], r"error: optimizer=nope is not one of the optimizer configs: adam, adamw, als, hals"),
+        (
+            ["data=file", "data.path=~/x.npy"],  # (the shell expands ~ only at a word's start)
+            r"""error: data.path=~/x.npy: a value cannot start with ~ .* write data.path=\$HOME/x.npy, or quote it: """
+            r"""'data.path="~/x.npy"'""",
+        ),
     ],
 )
 def test_a_key_or_choice_that_is_not_there_is_one_line_naming_the_nearest(monkeypatch, capsys, tmp_path, args, message):

@@ -89,6 +89,22 @@ def save_npy(path: str | Path, array: np.ndarray) -> Path:
     return write_atomic(path, lambda f: np.save(f, array))
 
 
+#: what :func:`save_matrix` writes, by the path's extension: numpy's binary, or text with this delimiter
+MATRIX_SUFFIXES = {".npy": None, ".csv": ",", ".tsv": "\t", ".txt": " "}
+
+
+def save_matrix(path: str | Path, array: np.ndarray) -> Path:
+    """``array`` to ``path`` as its extension says (:data:`MATRIX_SUFFIXES`), atomically; text rounds trip exactly."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in MATRIX_SUFFIXES:
+        raise ValueError(f"{path}: a matrix is written as {', '.join(MATRIX_SUFFIXES)}, not {suffix or 'no extension'}")
+    delimiter = MATRIX_SUFFIXES[suffix]
+    if delimiter is None:
+        return save_npy(path, array)
+    digits = 9 if array.dtype == np.float32 else 17  # (enough to read back the same float)
+    return write_atomic(path, lambda f: np.savetxt(f, array, fmt=f"%.{digits}g", delimiter=delimiter))
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path``, atomically."""
     return write_atomic(path, lambda f: f.write(text.encode()))

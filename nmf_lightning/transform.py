@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from nmf_lightning.atomic import finish_pending, save_npy
+from nmf_lightning.atomic import MATRIX_SUFFIXES, finish_pending, save_matrix
 from nmf_lightning.console import NMFWarning
 from nmf_lightning.data.files import from_file
 from nmf_lightning.data.rows import materialize
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="nmf-transform", description=main.__doc__)
     ap.add_argument("factors", help="factors.npz of a run (or the run directory)")
     ap.add_argument("matrix", help="new rows: .npy .npz .csv .tsv .mtx .pt, same columns as the training X")
-    ap.add_argument("--out", default=None, help="output .npy (default: <matrix stem>_W.npy here)")
+    ap.add_argument("--out", default=None, help="output .npy, .csv, .tsv or .txt (default: <matrix stem>_W.npy here)")
     ap.add_argument(
         "--solver", default=None, choices=registry.names(closed_form=True), help="default: hals, or mu with --beta"
     )
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--predictions",
         default=None,
-        help="also write the model's value at every entry of the new rows here (.npy): a biased model's "
+        help="also write the model's value at every entry of the new rows here (.npy, .csv, ...): a biased model's "
         "mu + b + c + W H, clipped to the run's data.rating_range (what a recommender ranks)",
     )
     args = ap.parse_args(argv)
@@ -203,8 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     if not factors.is_file():
         ap.error(f"{factors} does not exist: give a run's factors.npz or its directory.")
     out = Path(args.out) if args.out else Path(f"{Path(args.matrix).stem}_W.npy")
-    if not out.parent.is_dir():
-        ap.error(f"--out {out}: the folder {out.parent} does not exist; create it or pick another path.")
+    for flag, path in (("--out", out), ("--predictions", args.predictions)):
+        if path is None:
+            continue
+        if Path(path).suffix.lower() not in MATRIX_SUFFIXES:
+            ap.error(f"{flag} {path}: write a matrix as {', '.join(MATRIX_SUFFIXES)} (numpy's binary, or text).")
+        if not Path(path).parent.is_dir():
+            ap.error(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it or pick another path.")
     try:
         with np.load(factors, allow_pickle=False) as f:
             if "H" not in f:
@@ -230,12 +235,12 @@ def main(argv: list[str] | None = None) -> None:
             text = text.replace(key, flag)
         print(f"error: {text}", file=sys.stderr)
         raise SystemExit(2) from None
-    save_npy(out, W)  # written whole, then renamed: never a truncated W
+    save_matrix(out, W)  # written whole, then renamed: never a truncated W
     if args.predictions is not None or fitted:  # the model's values: with its biases, in its rating range
         rows, cols, truth = observed_entries(X, missing)
         if args.predictions is not None:
             values = predictions(W, H, fitted, b)
-            save_npy(Path(args.predictions), values)
+            save_matrix(Path(args.predictions), values)
             at = values[rows, cols]
         else:
             at = predictions(W, H, fitted, b, (rows, cols))

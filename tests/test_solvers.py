@@ -318,6 +318,7 @@ def test_transform_solves_the_nnls_of_features_of_very_different_scales():
         ("objects", "w.npy", r"Object arrays cannot be loaded"),
         ("nan", "w.npy", r"H must hold finite numbers >= 0"),
         ("good", "nowhere/w.npy", r"the folder .*nowhere does not exist"),
+        ("good", "w.xlsx", r"--out .*w.xlsx: write a matrix as .npy, .csv, .tsv, .txt"),
     ],
 )
 def test_transform_cli_refuses_bad_factors_and_outputs_in_one_line(tmp_path, capsys, factors, out, message):
@@ -336,7 +337,7 @@ def test_transform_cli_refuses_bad_factors_and_outputs_in_one_line(tmp_path, cap
         main([str(path), str(tmp_path / "new.npy"), "--out", str(tmp_path / out), "--device", "cpu"])
     text = f"{exit_.value.code} {capsys.readouterr().err}"
     assert re.search(message, text), text
-    assert not list(tmp_path.rglob("w.npy")) and not list(tmp_path.rglob("*.part"))
+    assert not list(tmp_path.rglob("w.*")) and not list(tmp_path.rglob("*.part"))
 
 
 def test_transform_cli_solves_on_the_loss_the_run_trained_and_names_its_own_flags(tmp_path, capsys):
@@ -352,6 +353,9 @@ def test_transform_cli_solves_on_the_loss_the_run_trained_and_names_its_own_flag
     main([str(run), str(tmp_path / "new.npy"), "--out", str(tmp_path / "w.npy"), "--device", "cpu"])
     assert "model.loss=kl: solving W on the beta=1 divergence" in capsys.readouterr().out
     np.testing.assert_allclose(np.load(tmp_path / "w.npy"), transform(X, H, beta=1.0))
+    for name, delimiter in (("w.csv", ","), ("w.tsv", "\t")):  # W as text, as the extension says: the same numbers
+        main([str(run), str(tmp_path / "new.npy"), "--out", str(tmp_path / name), "--device", "cpu"])
+        np.testing.assert_array_equal(np.loadtxt(tmp_path / name, delimiter=delimiter), np.load(tmp_path / "w.npy"))
     (tmp_path / "new.csv").write_text("a,b,c,d,e,f\n" + "1,2,3,4,5,6\n")
     with pytest.raises(SystemExit) as exit_:
         main([str(run), str(tmp_path / "new.csv"), "--out", str(tmp_path / "w2.npy"), "--device", "cpu"])

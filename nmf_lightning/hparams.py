@@ -63,16 +63,19 @@ def data_name(choice: str, path: str | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", stem)
 
 
-def short_overrides(override_dirname: str, sweep_dir: str | None = None) -> str:
+def short_overrides(override_dirname: str, sweep_dir: str | None = None, path: str | None = None) -> str:
     """A sweep job's name from Hydra's ``key=value,...``: ``model.rank=8,optimizer.lr=0.01`` -> ``rank=8,lr=0.01``.
 
     With the ``sweep_dir``, only the keys the sweep varies (what tells its jobs apart);
-    the keys every job shares are in the sweep's ``multirun.yaml``.
+    the keys every job shares are in the sweep's ``multirun.yaml``. A swept ``data.path``
+    (left out of Hydra's name: a path) shows as its file's name (``path=cells``).
     """
     items = re.split(r",(?=[+~]*[\w.]+=)", override_dirname) if override_dirname else []
     pairs = [(k.lstrip("+~"), v) for k, _, v in (item.partition("=") for item in items)]
     pairs = [(k, v) for k, v in pairs if not _NOT_HPARAMS.match(k)]
     swept = swept_keys(sweep_dir) if sweep_dir else set()
+    if path and "data.path" in swept:
+        pairs = [("data.path", data_name("file", path)), *pairs]
     if any(k in swept for k, _ in pairs):
         pairs = [(k, v) for k, v in pairs if k in swept]
     return ",".join(f"{short_name(k)}={_short_value(v)}" for k, v in pairs) or "defaults"

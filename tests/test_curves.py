@@ -94,6 +94,11 @@ def test_short_names_and_hparams_put_what_changed_first(tmp_path):
     sweep = OmegaConf.create({"hydra": {"overrides": {"task": ["data=digits", "model.rank=4,8", "optimizer.lr=0.01"]}}})
     OmegaConf.save(sweep, tmp_path / "multirun.yaml")
     assert short_overrides(dirname, str(tmp_path)) == "rank=8"  # only what tells the jobs apart
+    files = tmp_path / "files"
+    files.mkdir()
+    sweep = OmegaConf.create({"hydra": {"overrides": {"task": ["data=file", "data.path=a/cells.h5ad,b/genes.npy"]}}})
+    OmegaConf.save(sweep, files / "multirun.yaml")
+    assert short_overrides("data=file,model.rank=2", str(files), "b/genes.npy") == "path=genes"  # (not in its dirname)
     cfg = OmegaConf.create(
         {
             "model": {"rank": 8, "lam": 0.0, "loss": "fro", "init": "random", "project": True, "l21_H": 0.5},

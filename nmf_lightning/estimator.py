@@ -398,7 +398,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             reset=reset,
         )
         values = X.data if sp.issparse(X) else X
-        if values.size and np.nanmin(values) < 0:
+        if values.size and (values < 0).any():  # (NaN compares False: all-NaN X is check_matrix's to name)
             raise ValueError(
                 f"Negative values in data passed to {type(self).__name__} (input X): "
                 f"{int((values < 0).sum())} entries below 0 (min {np.nanmin(values):.4g}); "

@@ -426,3 +426,15 @@ def test_restarts_with_the_default_init_keep_its_start_and_add_random_ones():
     torch.testing.assert_close((W[0], H[0]), (W0, H0))
     W_r, H_r = NMF(4, init="random", restarts=2, random_state=1)._problem(X).initial_factors()
     torch.testing.assert_close((W[1:], H[1:]), (W_r, H_r))  # seeds 1 and 2: random draws
+
+
+def test_a_read_only_or_all_missing_x_gives_no_warning_of_the_libraries_underneath():
+    """A pandas frame's values are a read-only view: the fit copies them (torch warned); all-NaN X is one error."""
+    X = _low_rank(30, 12, 3, 0)
+    X.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the fit
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        NMF(3, max_iter=20, random_state=0).fit(X)
+        with pytest.raises(ValueError, match=r"X has no observed entries: all 20 are missing"):
+            NMF(3).fit(np.full((5, 4), np.nan))

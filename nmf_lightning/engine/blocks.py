@@ -620,6 +620,8 @@ def to_block(
         T = T.to(device)
         return SparseBlock(T, transpose_sparse(T), start)
     Xn = np.asarray(X, dtype=np.float64)
+    if not Xn.flags.writeable:  # a read-only view (a pandas frame's values): the block must not alias it
+        Xn = Xn.copy()
     missing = np.isnan(Xn)
     if not missing.any() and not masked and not triplets:
         return DenseBlock(torch.from_numpy(Xn).to(dtype).to(device), start)

@@ -116,6 +116,7 @@ class NMFModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        self._checked = False  # check() ran against the data: setup need not warn again
         own = {"inner_steps": INNER_STEPS, "rank": RANK}
         check_params({"inner_steps": inner_steps, "rank": rank}, own, CLI_WORDS)
         search = {"rank_min": rank_min, "rank_max": rank_max, "rank_holdout": rank_holdout, "rank_rule": rank_rule}
@@ -182,7 +183,7 @@ class NMFModule(L.LightningModule):
         matrix = self.matrix = dm.matrix
         if self.trainer.world_size > 1:
             self.shard = dm.shard = RowShard.of_rows(matrix.shape[0], dm.batch_rows)
-        check_rank(self.spec.rank, matrix.shape)
+        check_rank(self.spec.rank, None if self._checked else matrix.shape)  # (warned by check() already)
         self.streamed = dm.streamed
         source = dm.source(self.spec, dtype, device, self.shard)
         self.problem = Problem(self.spec, source, dtype, device, self.shard)
@@ -207,6 +208,7 @@ class NMFModule(L.LightningModule):
         """
         dtype = PRECISIONS.get(str(precision), torch.float32)
         check_rank(self.spec.rank, datamodule.matrix.shape)
+        self._checked = True
         Problem(self.spec, datamodule.summarized(ranks), dtype).check(CLI_WORDS, str(precision))
         if ranks > 1 and (self.rank_search is not None or self.spec.consensus):
             raise NMFInputError(

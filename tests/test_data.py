@@ -253,8 +253,14 @@ def test_broken_and_unsafe_files_are_errors_that_say_what_the_file_must_hold(tmp
     good = tmp_path / "x.npz"
     np.savez(good, X=np.ones((5, 4)))
     (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:100])
-    with pytest.raises(ValueError, match=r"could not read data.path=.*cut.npz.* as .npz: File is not a zip file"):
+    with pytest.raises(ValueError, match=r"data.path=.*cut.npz.* is not a whole .npz archive .*: it is cut short"):
         from_file(str(tmp_path / "cut.npz"))
+    (tmp_path / "text.npz").write_text("a,b\n1,2\n")  # not numpy's (read as a pickle, it asked for allow_pickle)
+    with pytest.raises(ValueError, match=r"text.npz.* is not a whole .npz archive"):
+        from_file(str(tmp_path / "text.npz"))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.npy.* is empty \(0 bytes\): it holds no matrix"):
+        from_file(str(tmp_path / "empty.npy"))
     torch.save(collections.OrderedDict(X=np.ones((5, 4))), tmp_path / "numpy.pt")
     with pytest.raises(ValueError, match=r"must hold a tensor .* other Python objects, which are not loaded") as err:
         from_file(str(tmp_path / "numpy.pt"), key="X")

@@ -71,6 +71,13 @@ def from_file(
         raise NMFInputError(f"data.layout=triplets reads a text file, and data.path is a {suffix} file.")
     if not p.is_file():
         raise MissingFileError(f"data.path={str(path)!r} does not exist or is not a file.")
+    if p.stat().st_size == 0:
+        raise NMFInputError(f"data.path={str(path)!r} is empty (0 bytes): it holds no matrix; write it again.")
+    if suffix == ".npz" and layout != "triplets" and not zipfile.is_zipfile(p):
+        raise NMFInputError(
+            f"data.path={str(path)!r} is not a whole .npz archive (numpy's zip of arrays, from np.savez or "
+            "scipy.sparse.save_npz): it is cut short or holds other bytes; write it again."
+        )
     reader = _triplets if layout == "triplets" else _READERS[suffix]
     try:
         X = reader(p, key=key, skip_header=skip_header, delimiter=delimiter, na_values=na_values)

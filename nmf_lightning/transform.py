@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         W, b = solved if biases is not None else (solved, None)
     except (ValueError, FileNotFoundError) as err:  # in this command's own words, exit code 2 as argparse's
         flags = {"data.skip_header=": "--skip-header ", "data.key=": "--key ", "data.key": "--key"}
-        flags.update({"data.unstored=": "--unstored ", "data.unstored": "--unstored"})
+        flags.update({"data.unstored=": "--unstored ", "data.unstored": "--unstored", "data.path=": ""})
         text = str(err)
         for key, flag in flags.items():
             text = text.replace(key, flag)

@@ -360,6 +360,9 @@ def test_transform_cli_solves_on_the_loss_the_run_trained_and_names_its_own_flag
     with pytest.raises(SystemExit) as exit_:
         main([str(run), str(tmp_path / "new.csv"), "--out", str(tmp_path / "w2.npy"), "--device", "cpu"])
     assert exit_.value.code == 2 and "set --skip-header 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # in this command's words: it has no data.path
+        main([str(run), str(tmp_path / "nope.npy"), "--out", str(tmp_path / "w3.npy"), "--device", "cpu"])
+    assert re.match(r"error: '.*nope.npy' does not exist or is not a file", capsys.readouterr().err)
 
 
 def test_l2_penalty_matches_scikit_learn_folding():

@@ -18,10 +18,12 @@ from tqdm import tqdm
 log = logging.getLogger("nmf_lightning")
 
 #: library chatter that says nothing about the run (Lightning's pytree deprecation; its logging interval
-#: counts batches, where nmf-lightning's counts updates)
+#: counts batches, where nmf-lightning's counts updates; its checkpoint folder is this run's own, whose
+#: folder was claimed before it started: a resumed run's, or one replaced with overwrite=true)
 _NOISE = (
     r".*isinstance\(treespec, LeafSpec\).*",
     r"The number of training batches .* is smaller than the logging interval",
+    r"Checkpoint directory .* exists and is not empty",
 )
 #: Lightning's info lines (GPU available, tips, "fit stopped"): the run's own log says these
 _QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")

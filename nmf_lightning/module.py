@@ -277,7 +277,8 @@ class NMFModule(L.LightningModule):
         """The configured optimizer (or closed-form solver) over W and H, from the engine."""
         self._update = None
         optimizer = self.problem.optimizer(self.W, self.H)
-        if getattr(self.spec.optimizer, "keywords", {}).get("lr") == "auto":
+        resumed = self._trainer is not None and self.trainer.ckpt_path is not None  # (its lr comes with the checkpoint)
+        if getattr(self.spec.optimizer, "keywords", {}).get("lr") == "auto" and not resumed:
             lr, scale = optimizer.param_groups[0]["lr"], self.problem.scale(self.W, self.H)
             log.info("optimizer.lr=auto: %.3g (the factors' scale is %.3g)", lr, scale)
         return optimizer
@@ -412,6 +413,9 @@ class NMFModule(L.LightningModule):
         self._last_point = self._last_val_point = self.global_step  # a resumed run's curves go on from here
         if self.global_step:
             restart_curves(self.loggers, self.global_step + 1)
+            if getattr(self.spec.optimizer, "keywords", {}).get("lr") == "auto":
+                lr = self.optimizers().optimizer.param_groups[0].get("lr")
+                log.info("optimizer.lr=auto: %.3g, as the checkpoint's run chose it at its start", lr)
         if self.rank_result is not None:  # a plot against the rank: one point per candidate, at step = rank
             for row in self.rank_result.rows:
                 values = {f"rank_search/{k}": v for k, v in row.as_dict().items() if k != "rank"}

@@ -76,6 +76,11 @@ def test_hparams_show_the_step_lr_auto_chose(make_cfg, tmp_path, caplog):
     content = ea.summary_metadata["_hparams_/session_start_info"].plugin_data.content
     lr = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams["lr"].number_value
     assert lr == pytest.approx(chosen, rel=1e-2)  # the value used, not "auto"
+    caplog.clear()
+    with caplog.at_level("INFO"):  # resumed: the lr comes with the checkpoint, not from the factors reached
+        train(make_cfg(*SMALL, "trainer.max_steps=30", "ckpt_path=last"))
+    said = re.findall(r"optimizer.lr=auto: ([0-9.e-]+)(.*)", caplog.text)
+    assert len(said) == 1 and float(said[0][0]) == chosen and "the checkpoint's run chose it" in said[0][1]
 
 
 def test_checkpoint_restores_the_factors(make_cfg, tmp_path):

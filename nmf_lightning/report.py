@@ -80,6 +80,43 @@ def read_job(job: Path) -> dict[str, Any]:
     return row
 
 
+def fill_defaults(rows: Sequence[dict[str, Any]]) -> None:
+    """Give every job a value for every key some job overrode: its own run's, where its command line set none.
+
+    A job that kept a default (``optimizer``, ``model.rank``) has no override for it; its
+    ``.hydra`` record says what it ran with (a group's choice, or the config's value).
+    """
+    keys = list(dict.fromkeys(k for row in rows for k in row["params"]))
+    for row in rows:
+        missing = [k for k in keys if k not in row["params"]]
+        if missing:
+            row["params"].update(_ran_with(row["dir"], missing))
+
+
+def _ran_with(job: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """The values ``job`` ran with for ``keys`` (config groups by their choice), from its ``.hydra`` files."""
+
+    def load(name: str) -> dict:
+        try:
+            return yaml.safe_load((job / ".hydra" / name).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return {}
+
+    choices = (load("hydra.yaml").get("hydra") or {}).get("runtime", {}).get("choices") or {}
+    config = load("config.yaml")
+    found = {}
+    for key in keys:
+        if key in choices:
+            found[key] = choices[key]
+            continue
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not (isinstance(node, str) and "${" in node):  # (an interpolation says nothing)
+            found[key] = node
+    return found
+
+
 def _parse(value: str) -> Any:
     """An override value as YAML reads it (``8`` -> 8, ``1e-3`` -> 0.001, ``adam`` -> 'adam')."""
     try:
@@ -328,6 +365,7 @@ def report(sweep_dir: str | Path, metric: str | None = None, mode: str = "min", 
     if not jobs:
         raise FileNotFoundError(f"{sweep} holds no job directories (folders with .hydra/); is it a multirun folder?")
     rows = [read_job(job) for job in jobs]
+    fill_defaults(rows)
     metric = metric or default_metric(rows)
     if not any(metric in r["metrics"] for r in rows) and any(r["status"] == "completed" for r in rows):
         known = sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float))})

@@ -66,6 +66,21 @@ def test_report_has_one_row_per_job_sorted_with_failures_last_and_plots(sweep, t
     assert by_divergence["metric"] == "val_divergence" and values == sorted(values) and values[0] > 0
 
 
+def test_report_shows_the_value_a_job_kept_by_default(tmp_path):
+    """Runs gathered in one folder, one with the defaults: its optimizer and rank come from its .hydra record."""
+    for name, overrides, choice, rank, error in (("a", [], "adam", 16, 0.15), ("b", ["optimizer=hals", "model.rank=3"],
+                                                  "hals", 3, 0.03)):  # fmt: skip
+        hydra = tmp_path / name / ".hydra"
+        hydra.mkdir(parents=True)
+        (hydra / "overrides.yaml").write_text("".join(f"- {o}\n" for o in ["data=toy", *overrides]))
+        (hydra / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      optimizer: {choice}\n")
+        (hydra / "config.yaml").write_text(f"model:\n  rank: {rank}\n  seed: ${{seed}}\n")
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"relative_error": error, "status": "completed"}))
+    with open(report(tmp_path)["written"]["csv"]) as f:
+        got = {row["job"]: (row["optimizer"], row["model.rank"]) for row in csv.DictReader(f)}
+    assert got == {"a": ("adam", "16"), "b": ("hals", "3")}
+
+
 def test_report_console_script_and_its_errors(sweep, tmp_path, capsys):
     exe = shutil.which("nmf-sweep-report")
     assert exe, "the nmf-sweep-report console script is not installed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,11 @@ class RunDirError(NMFInputError):
 
 #: run folders this process holds already (the Hydra callback takes one before Hydra writes into it)
 _HELD: dict[str, int] = {}
+#: run folders this process made (none was there), with the folders made to hold them: a refused run takes
+#: its own away
+_MADE: dict[str, list[Path]] = {}
+#: what a run folder holds before its run trains: Hydra's record of the run, its log and the lock
+_BEFORE_TRAINING = {".hydra", "train.log", LOCK}
 
 
 def _key(out: Path) -> str:
@@ -42,6 +48,8 @@ def _take(out: Path, overwrite: bool, resume: bool) -> tuple[int, str | None]:
 
     Refused, nothing in the folder is changed but a lock file this process made.
     """
+    if not out.exists():
+        _MADE[_key(out)] = [p for p in (out, *out.parents) if not p.exists()]  # the folder, then its new parents
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
     try:
@@ -77,6 +85,25 @@ def hold_run_dir(out: Path, overwrite: bool = False, resume: bool = False) -> No
     out = Path(out)
     if _key(out) not in _HELD:
         _HELD[_key(out)] = _take(out, overwrite, resume)[0]
+
+
+def discard_refused(out: Path) -> bool:
+    """Remove the folder a run refused before training made for itself: outputs/ keeps no empty runs.
+
+    Only a folder this process made, holding nothing but Hydra's record and the log (the
+    error was said on the console); whether it was removed.
+    """
+    out = Path(out)
+    if _key(out) not in _MADE or not out.is_dir() or any(p.name not in _BEFORE_TRAINING for p in out.iterdir()):
+        return False
+    let_go(out)
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in _MADE.pop(_key(out))[1:]:  # outputs/<date>/ made for it, unless another run's folder is in it
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+    return True
 
 
 def let_go(out: Path) -> None:

@@ -53,7 +53,7 @@ from nmf_lightning.hparams import data_name, run_hparams, short_overrides, swept
 from nmf_lightning.module import INNER_STEPS, RANK, NMFModule
 from nmf_lightning.params import CLI_WORDS, CONSTRAINTS, Integer, check_params, one_of
 from nmf_lightning.recorder import metric_key, metric_tag
-from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir, continues
+from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir, continues, discard_refused
 from nmf_lightning.solvers import registry
 from nmf_lightning.status import SUCCEEDED
 from nmf_lightning.validation import NMFInputError, check_accelerator, check_checkpoint_factors, check_precision
@@ -734,6 +734,7 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
     except StoppedAtOnceError as err:  # a second Ctrl+C: no consistent state to save
         _fail(130, str(err))
     except KeyboardInterrupt:  # Ctrl+C before training started (the data's scan): nothing was written
+        _discard_refused(single)
         _fail(130, "interrupted before training started (Ctrl+C): nothing was written")
     except RunDirError as err:  # the folder is another run's: report, and write nothing into it
         if single:
@@ -747,6 +748,7 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
         return _record_failure(cfg, err)
     except CONFIG_ERRORS as err:  # the configuration or input: 2, in one line
         if single:
+            _discard_refused(single)
             _fail(2, str(err))
         log.error("%s: %s", type(err).__name__, err)
         return _record_failure(cfg, err)
@@ -755,6 +757,12 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
         if single:
             raise
         return _record_failure(cfg, err)
+
+
+def _discard_refused(single: bool) -> None:
+    """A single run refused before it trained leaves no folder of its own behind (its error is on the console)."""
+    if single and HydraConfig.initialized():
+        discard_refused(Path(HydraConfig.get().runtime.output_dir))
 
 
 def _fail(code: int, message: str) -> None:

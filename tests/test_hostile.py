@@ -395,6 +395,26 @@ def test_files_cut_short_or_ragged_are_named_with_the_fix(make_cfg, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_run_refused_before_training_leaves_no_folder_of_its_own(monkeypatch, capsys, tmp_path):
+    """Its error is on the console; outputs/ keeps no folder holding only Hydra's record of it."""
+    import sys
+
+    from nmf_lightning.train import main
+
+    np.save(tmp_path / "neg.npy", -np.ones((4, 3)))
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("the user's")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for folder in ("runs/2026-12-05/neg", "kept"):
+        monkeypatch.setattr(sys, "argv", ["nmf-train", "data=file", "data.path=neg.npy", f"hydra.run.dir={folder}"])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 2 and "negative entries" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # the folder and the parents made for it
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "the user's"  # a folder that was there stays
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

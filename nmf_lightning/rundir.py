@@ -197,8 +197,12 @@ class RunFolderGuard(Callback):
         """Take ``hydra.run.dir`` as :func:`claim_run_dir` will, before anything is written."""
         if not is_main_process():  # a DDP rank of rank 0's run, which holds the folder
             return
-        HydraConfig.instance().set_config(config)  # (the folder's name reads ${hydra:runtime.choices...})
-        out = Path(str(config.hydra.run.dir))
+        hydra, before = HydraConfig.instance(), HydraConfig.instance().cfg
+        hydra.set_config(config)  # the folder's name reads ${hydra:runtime.choices...}
+        try:
+            out = Path(str(config.hydra.run.dir))
+        finally:
+            hydra.cfg = before  # (Hydra sets it for the run itself, and puts this back after it)
         try:
             hold_run_dir(out, bool(config.get("overwrite")), continues(config.get("ckpt_path"), out))
         except RunDirError as err:

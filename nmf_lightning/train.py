@@ -761,8 +761,9 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
 
 def _discard_refused(single: bool) -> None:
     """A single run refused before it trained leaves no folder of its own behind (its error is on the console)."""
-    if single and HydraConfig.initialized():
-        discard_refused(Path(HydraConfig.get().runtime.output_dir))
+    out = OmegaConf.select(HydraConfig.get(), "runtime.output_dir") if single and HydraConfig.initialized() else None
+    if out:
+        discard_refused(Path(out))
 
 
 def _fail(code: int, message: str) -> None:

@@ -397,6 +397,7 @@ def test_files_cut_short_or_ragged_are_named_with_the_fix(make_cfg, tmp_path):
 
 def test_a_run_refused_before_training_leaves_no_folder_of_its_own(monkeypatch, capsys, tmp_path):
     """Its error is on the console; outputs/ keeps no folder holding only Hydra's record of it."""
+    import logging
     import sys
 
     from nmf_lightning.train import main
@@ -406,11 +407,19 @@ def test_a_run_refused_before_training_leaves_no_folder_of_its_own(monkeypatch, 
     (tmp_path / "kept" / "notes.txt").write_text("the user's")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    for folder in ("runs/2026-12-05/neg", "kept"):
-        monkeypatch.setattr(sys, "argv", ["nmf-train", "data=file", "data.path=neg.npy", f"hydra.run.dir={folder}"])
-        with pytest.raises(SystemExit) as exit_:
-            main()
-        assert exit_.value.code == 2 and "negative entries" in capsys.readouterr().err
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    try:
+        for folder in ("runs/2026-12-05/neg", "kept"):
+            monkeypatch.setattr(sys, "argv", ["nmf-train", "data=file", "data.path=neg.npy", f"hydra.run.dir={folder}"])
+            with pytest.raises(SystemExit) as exit_:
+                main()
+            assert exit_.value.code == 2 and "negative entries" in capsys.readouterr().err
+    finally:  # Hydra's job logging (to this test's captured stderr) is the run's, not the next test's
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
     assert not (tmp_path / "runs").exists()  # the folder and the parents made for it
     assert (tmp_path / "kept" / "notes.txt").read_text() == "the user's"  # a folder that was there stays
 

@@ -208,8 +208,10 @@ class RunFolderGuard(Callback):
         except RunDirError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        self._held = out
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Let go of the folder if the run never claimed it (it failed first, or wrote its results elsewhere)."""
-        if is_main_process():
-            let_go(Path(str(config.hydra.run.dir)))
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            let_go(held)

@@ -42,15 +42,16 @@ def make_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the real entry point in a subprocess, as a user would."""
+def run_cli(*args: str, cwd: Path, timeout: int = 300, warnings: bool = False) -> subprocess.CompletedProcess:
+    """Run the real entry point in a subprocess, as a user would (``warnings``: Python's shown, as a user sees them)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "default" if warnings else "ignore"}
     return subprocess.run(
         [sys.executable, "-m", "nmf_lightning.train", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"},
+        env=env,
     )
 
 

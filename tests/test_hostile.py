@@ -267,7 +267,7 @@ def test_a_folder_in_use_or_finished_is_refused_before_hydra_writes_into_it(tmp_
     from conftest import run_cli
 
     run, named = tmp_path / "toy", "hydra.run.dir=${hydra:runtime.choices.data}"  # as the default name reads Hydra's
-    first = run_cli("data=toy", "model.rank=2", "trainer.max_steps=5", named, cwd=tmp_path)
+    first = run_cli("data=toy", "model.rank=2", "trainer.max_steps=5", named, cwd=tmp_path, warnings=True)
     assert first.returncode == 0 and "RunFolderGuard" not in first.stderr, first.stderr  # it ran, and checked
     record = {p: p.read_bytes() for p in (run / ".hydra" / "config.yaml", run / "train.log")}
     refused = run_cli("data=toy", "model.loss=kl", "optimizer=mu", named, cwd=tmp_path)

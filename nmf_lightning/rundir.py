@@ -169,21 +169,6 @@ def continues(ckpt_path: str | None, out: Path) -> bool:
     return ckpt_path == "last" or Path(str(ckpt_path)).expanduser().resolve().is_relative_to(Path(out).resolve())
 
 
-def in_use(out: Path) -> str | None:
-    """The PID of a live run holding ``out`` (its lock), or None; takes nothing."""
-    path = Path(out) / LOCK
-    if not path.is_file():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-    finally:
-        os.close(fd)  # (a shared lock taken is released with the descriptor)
-    return None
-
-
 class RunFolderGuard(Callback):
     """Hydra callback: refuse a run folder that is another run's before Hydra writes into it.
 

@@ -46,10 +46,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DivergenceError", "NMFModule"]
 
-#: inner_steps: a fixed number of updates per training_step, or auto (blocks of about a second)
-INNER_STEPS = one_of("auto", Integer(1))
-#: model.rank: a number, or auto (chosen by held-out error, :mod:`nmf_lightning.rank`)
-RANK = one_of("auto", Integer(1))
+#: the model's keys whose values differ from the engine's table (:data:`~nmf_lightning.params.CONSTRAINTS`):
+#: inner_steps, a fixed number of updates per training_step or auto (blocks of about a second); rank, a
+#: number or auto (chosen by held-out error, :mod:`nmf_lightning.rank`)
+MODEL_CONSTRAINTS = {"inner_steps": one_of("auto", Integer(1)), "rank": one_of("auto", Integer(1))}
 #: the 20 newsgroups notebook's optimizer, the default when none is given
 DEFAULT_OPTIMIZER = partial(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.9))
 
@@ -117,8 +117,7 @@ class NMFModule(L.LightningModule):
     ):
         super().__init__()
         self._checked = False  # check() ran against the data: setup need not warn again
-        own = {"inner_steps": INNER_STEPS, "rank": RANK}
-        check_params({"inner_steps": inner_steps, "rank": rank}, own, CLI_WORDS)
+        check_params({"inner_steps": inner_steps, "rank": rank}, MODEL_CONSTRAINTS, CLI_WORDS)
         search = {"rank_min": rank_min, "rank_max": rank_max, "rank_holdout": rank_holdout, "rank_rule": rank_rule}
         check_params(search, name=CLI_WORDS)
         #: rank=auto: where to look for the rank (chosen by :meth:`choose_rank` before training)

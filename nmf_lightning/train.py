@@ -50,7 +50,7 @@ from nmf_lightning.distributed import ShardedDDP, check_shardable, global_rank, 
 from nmf_lightning.engine import DivergenceError
 from nmf_lightning.gpus import claimed_gpu
 from nmf_lightning.hparams import data_name, run_hparams, short_overrides, swept_keys
-from nmf_lightning.module import INNER_STEPS, RANK, NMFModule
+from nmf_lightning.module import MODEL_CONSTRAINTS, NMFModule
 from nmf_lightning.params import CLI_WORDS, CONSTRAINTS, Integer, check_params, one_of
 from nmf_lightning.recorder import metric_key, metric_tag
 from nmf_lightning.rundir import RunDirError, check_finished, claim_run_dir, continues, discard_refused
@@ -223,7 +223,7 @@ def check_config(cfg: DictConfig) -> int | None:
     top = {"seed": CONSTRAINTS["seed"], "gpu": one_of(None, Integer(0))}
     check_params({"seed": cfg.get("seed"), "gpu": cfg.get("gpu")}, top, CLI_WORDS)
     model = cfg.get("model") or {}
-    constraints = {**CONSTRAINTS, "rank": RANK, "inner_steps": INNER_STEPS}  # the model's keys, as its build checks
+    constraints = {**CONSTRAINTS, **MODEL_CONSTRAINTS}  # the model's keys, as its build checks them
     check_params({k: model[k] for k in model if k in constraints}, constraints, CLI_WORDS)
     matmul = cfg.get("matmul_precision", "highest")
     if matmul not in ("highest", "high", "medium"):

@@ -734,7 +734,7 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
     except StoppedAtOnceError as err:  # a second Ctrl+C: no consistent state to save
         _fail(130, str(err))
     except KeyboardInterrupt:  # Ctrl+C before training started (the data's scan): nothing was written
-        _discard_refused(single)
+        _discard_refused()
         _fail(130, "interrupted before training started (Ctrl+C): nothing was written")
     except RunDirError as err:  # the folder is another run's: report, and write nothing into it
         if single:
@@ -748,7 +748,7 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
         return _record_failure(cfg, err)
     except CONFIG_ERRORS as err:  # the configuration or input: 2, in one line
         if single:
-            _discard_refused(single)
+            _discard_refused()
             _fail(2, str(err))
         log.error("%s: %s", type(err).__name__, err)
         return _record_failure(cfg, err)
@@ -759,9 +759,13 @@ def _main(cfg: DictConfig, single: bool) -> float | None:
         return _record_failure(cfg, err)
 
 
-def _discard_refused(single: bool) -> None:
-    """A single run refused before it trained leaves no folder of its own behind (its error is on the console)."""
-    out = OmegaConf.select(HydraConfig.get(), "runtime.output_dir") if single and HydraConfig.initialized() else None
+def _discard_refused() -> None:
+    """A run refused before it trained leaves no folder of its own behind (its error is on the console).
+
+    Only a single run's guard makes folders (:func:`~nmf_lightning.rundir.discard_refused`
+    removes no other), so a sweep's job folders stay.
+    """
+    out = OmegaConf.select(HydraConfig.get(), "runtime.output_dir") if HydraConfig.initialized() else None
     if out:
         discard_refused(Path(out))
 

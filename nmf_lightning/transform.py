@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         sq = x2 - 2 * float((X @ H.T * W).sum()) + float(((W.T @ W) * (H @ H.T)).sum())
     elif sp.issparse(X):  # ratings: the stored entries alone
         rows, cols, truth = observed_entries(X, missing)
-        x2, sq = float(np.square(truth).sum()), float(np.square(truth - (W[rows] * H[:, cols].T).sum(1)).sum())
+        model = predictions(W, H, {}, None, (rows, cols))  # (W H at them: no biases, no clip)
+        x2, sq = float(np.square(truth).sum()), float(np.square(truth - model).sum())
     else:
         obs = ~np.isnan(X)
         x2, sq = float(np.square(X[obs]).sum()), float(np.square((np.nan_to_num(X) - W @ H)[obs]).sum())

@@ -620,11 +620,11 @@ def to_block(
         T = T.to(device)
         return SparseBlock(T, transpose_sparse(T), start)
     Xn = np.asarray(X, dtype=np.float64)
-    if not Xn.flags.writeable:  # a read-only view (a pandas frame's values): the block must not alias it
-        Xn = Xn.copy()
     missing = np.isnan(Xn)
     if not missing.any() and not masked and not triplets:
-        return DenseBlock(torch.from_numpy(Xn).to(dtype).to(device), start)
+        # a read-only view (a pandas frame's values) is copied, once, rather than aliased by the block
+        T = torch.from_numpy(Xn).to(dtype) if Xn.flags.writeable else torch.tensor(Xn, dtype=dtype)
+        return DenseBlock(T.to(device), start)
     values, mask = torch.from_numpy(np.where(missing, 0.0, Xn)).to(dtype), torch.from_numpy(~missing)
     if triplets if triplets is not None else float(mask.float().mean()) <= OBSERVED_FRACTION:
         rows, cols = mask.nonzero(as_tuple=True)
